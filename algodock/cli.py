@@ -1,0 +1,155 @@
+"""The ``algodock`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from algodock.errors import AlgodockError, InvalidInput, InvalidManifest, StepFailure
+
+log = logging.getLogger("algodock")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so running containers are removed on the way out."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_errors(exc: AlgodockError) -> None:
+    lines = getattr(exc, "errors", None) or [str(exc)]
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def main(verbose: bool) -> None:
+    """algodock: run containerized algorithms in a strict sandbox, alone or as Prefect pipelines.
+
+    \b
+    algodock validate FILE            check a manifest or pipeline spec
+    algodock run-step MANIFEST ...    run one algorithm container on local data
+    algodock run PIPELINE ...         run a pipeline as a Prefect flow
+    algodock lineage RUN_ID           show what produced what in a run
+
+    The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
+    CONTRACT.md; JSON Schemas for editors are in schemas/.
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check manifests or pipeline specs (JSON or YAML); print each error with file and field.
+
+    A file with a top-level `pipeline_version` is read as a pipeline, else as a manifest.
+    Exit 0 when every file is valid, 1 otherwise.
+    """
+    from algodock.contract import load_manifest, read_document
+
+    failed = False
+    for path in files:
+        try:
+            doc = read_document(path)
+            if isinstance(doc, dict) and "pipeline_version" in doc:
+                from algodock.pipeline import load_pipeline
+
+                pipeline = load_pipeline(path)
+                click.echo(f"{path}: valid pipeline {pipeline.spec.name!r} ({len(pipeline.spec.steps)} steps)")
+            else:
+                m = load_manifest(path)
+                click.echo(f"{path}: valid manifest {m.name} {m.version} (image {m.container_parameters.image})")
+        except (InvalidManifest, InvalidInput) as exc:
+            failed = True
+            _print_errors(exc)
+    sys.exit(1 if failed else 0)
+
+
+def _parse_inputs(items: tuple[str, ...]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInput(f"--input {item!r}: expected NAME=PATH")
+        if name in out:
+            raise InvalidInput(f"--input {name}: given twice")
+        out[name] = Path(path)
+    return out
+
+
+@main.command("run-step")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=PATH", help="Data for input slot NAME: a file or a folder. Repeat per slot.")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="A parameter; VALUE is JSON when it parses (n=5 is 5), else a string.")
+@click.option("--output", "-o", "output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Empty or new folder where the outputs land.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Also keep the container's whole log here.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout (logs go to stderr).")
+def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...], output: Path, log_file: Path | None, as_json: bool) -> None:
+    """Run one algorithm container on local data, in the sandbox of CONTRACT.md.
+
+    \b
+    Example:
+      algodock run-step examples/device-visits/manifest.json \\
+          --input pings=data/pings --param look_back_time=7200 --output out/visits
+
+    Exit 0 only when the step succeeded; 1 when it failed (the failure kind and message are
+    printed, or are in the JSON document).
+    """
+    from algodock.contract import load_manifest
+    from algodock.params import parse_assignments
+    from algodock.results import StepResult
+    from algodock.runner import run_step
+
+    _terminate_on_sigterm()
+    image = "?"
+    try:
+        m = load_manifest(manifest)
+        image = m.container_parameters.image
+        result = run_step(
+            m,
+            inputs=_parse_inputs(inputs),
+            parameters=parse_assignments(params),
+            output_dir=output,
+            on_log=lambda line: print(f"[{m.name}] {line}", file=sys.stderr, flush=False),
+            log_path=log_file,
+        )
+    except StepFailure as exc:  # caught before the runner: manifest or command-line input
+        result = StepResult(status="failed", image=image, failure=exc)
+    sys.stderr.flush()
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2))
+    if result.ok:
+        if not as_json:
+            for o in result.outputs:
+                rows = f", {o.rows} rows" if o.rows is not None else ""
+                click.echo(f"{o.name}: {o.path} ({o.format}{rows}) sha256:{o.sha256}")
+            click.echo(f"succeeded: image {result.image} = {result.image_id}", err=True)
+        sys.exit(0)
+    assert result.failure is not None
+    _print_errors(result.failure) if not as_json else None
+    click.echo(f"failed ({result.failure.kind})", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

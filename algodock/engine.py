@@ -1,0 +1,153 @@
+"""The Docker engine: connecting, resolving images to their immutable ids, sweeping leftovers.
+
+Every container algodock starts carries the labels of :func:`container_labels`; a container
+whose owning process is gone (a crashed or killed earlier run on this host) is removed by
+:func:`sweep_orphans`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from algodock.errors import ImageNotFound, InfrastructureError
+from algodock.results import ResolvedImage
+
+if TYPE_CHECKING:
+    import docker
+
+log = logging.getLogger("algodock.engine")
+
+LABEL = "io.algodock"
+MANAGED_LABEL = f"{LABEL}.managed"
+ENGINE_HINT = (
+    "Start one (`make engine` in the algodock checkout, or `sudo systemctl start docker`), "
+    "or point DOCKER_HOST at a running engine."
+)
+
+
+def docker_client(base_url: str | None = None, timeout: int = 120) -> docker.DockerClient:
+    """A client for ``base_url`` (default: ``DOCKER_HOST`` or the local socket) that answers ping."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=timeout) if base_url else docker.from_env(timeout=timeout)
+        client.ping()
+    except DockerException as exc:
+        where = base_url or os.environ.get("DOCKER_HOST") or "the local socket"
+        raise InfrastructureError(f"No Docker engine answers at {where}: {exc}. {ENGINE_HINT}") from exc
+    return client
+
+
+def _process_start(pid: int) -> str:
+    """Start time of a process in clock ticks since boot ('' when unknown): tells pid reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+@lru_cache(maxsize=1)
+def _owner() -> tuple[str, str, str]:
+    pid = os.getpid()
+    return socket.gethostname(), str(pid), _process_start(pid)
+
+
+def container_labels(run_id: str, step_id: str, attempt: int) -> dict[str, str]:
+    """Labels stamped on every container: what it runs for, and which process owns it."""
+    host, pid, start = _owner()
+    return {
+        MANAGED_LABEL: "true",
+        f"{LABEL}.run_id": run_id,
+        f"{LABEL}.step_id": step_id,
+        f"{LABEL}.attempt": str(attempt),
+        f"{LABEL}.host": host,
+        f"{LABEL}.pid": pid,
+        f"{LABEL}.pid_start": start,
+    }
+
+
+def _owner_alive(labels: dict[str, str]) -> bool:
+    host, _, _ = _owner()
+    if labels.get(f"{LABEL}.host") != host:
+        return True  # another host's container: not ours to judge
+    try:
+        pid = int(labels.get(f"{LABEL}.pid", ""))
+    except ValueError:
+        return False
+    start = _process_start(pid)
+    return bool(start) and start == labels.get(f"{LABEL}.pid_start", start)
+
+
+def sweep_orphans(client: docker.DockerClient) -> list[str]:
+    """Remove algodock containers on this host whose owning process is gone; return their names."""
+    from docker.errors import APIError, NotFound
+
+    removed = []
+    for c in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
+        if _owner_alive(c.labels):
+            continue
+        try:
+            c.remove(force=True)
+            removed.append(c.name)
+            log.warning("removed container %s left by a crashed run (%s)", c.name, c.labels.get(f"{LABEL}.run_id"))
+        except NotFound:
+            pass
+        except APIError as exc:
+            log.warning("could not remove leftover container %s: %s", c.name, exc)
+    return removed
+
+
+def kill_run_containers(client: docker.DockerClient, run_id: str) -> list[str]:
+    """Kill and remove every container of ``run_id`` (used when a flow run is cancelled)."""
+    from docker.errors import APIError, NotFound
+
+    killed = []
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL}.run_id={run_id}"}):
+        try:
+            c.remove(force=True)
+            killed.append(c.name)
+        except (NotFound, APIError):
+            pass
+    return killed
+
+
+def _repo_of(ref: str) -> str:
+    if "@" in ref:
+        return ref.split("@", 1)[0]
+    last = ref.rsplit("/", 1)[-1]
+    return ref.rsplit(":", 1)[0] if ":" in last else ref
+
+
+def resolve_image(client: docker.DockerClient, ref: str, *, pull: bool = True) -> ResolvedImage:
+    """Resolve ``ref`` (tag, digest or id) to its immutable id, pulling only when not present."""
+    from docker.errors import APIError, DockerException, ImageNotFound as DockerImageNotFound
+
+    try:
+        try:
+            image = client.images.get(ref)
+        except DockerImageNotFound:
+            if not pull or ref.startswith("sha256:"):
+                raise ImageNotFound(f"image {ref!r} is not present on the engine and cannot be pulled by id") from None
+            try:
+                image = client.images.pull(ref if ("@" in ref or ":" in ref.rsplit("/", 1)[-1]) else f"{ref}:latest")
+            except (APIError, DockerImageNotFound) as exc:
+                raise ImageNotFound(
+                    f"image {ref!r} is not present on the engine and pulling it failed: {exc.explanation or exc}. "
+                    "Build it (`docker build -t …`) or check the registry name and that the engine can reach it."
+                ) from exc
+    except DockerException as exc:
+        raise InfrastructureError(f"the Docker engine failed while resolving image {ref!r}: {exc}") from exc
+    digests: list[str] = image.attrs.get("RepoDigests") or []
+    if "@sha256:" in ref:
+        repo_digest: str | None = ref
+    else:
+        repo = _repo_of(ref)
+        repo_digest = next((d for d in digests if d.split("@", 1)[0] == repo), digests[0] if digests else None)
+    user = (image.attrs.get("Config") or {}).get("User") or ""
+    return ResolvedImage(ref=ref, id=image.id, repo_digest=repo_digest, user=user)

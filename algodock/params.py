@@ -1,0 +1,66 @@
+"""Algorithm parameters: validation against the manifest's JSON Schema, with defaults filled.
+
+>>> schema = {"type": "object", "properties": {"n": {"type": "integer", "default": 3}}}
+>>> resolve_parameters(schema, {})
+{'n': 3}
+>>> parse_value("5"), parse_value("abc"), parse_value('{"a": 1}')
+(5, 'abc', {'a': 1})
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from algodock.errors import InvalidInput
+
+
+def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """Fill ``default`` of object properties, recursively, without touching given values."""
+    if not isinstance(value, dict) or not isinstance(schema, Mapping):
+        return value
+    for key, sub in (schema.get("properties") or {}).items():
+        if not isinstance(sub, Mapping):
+            continue
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            value[key] = _fill_defaults(sub, value[key])
+    return value
+
+
+def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], source: str = "parameters") -> dict[str, Any]:
+    """Defaults filled, then validated (draft 2020-12); raises :class:`InvalidInput` listing every error."""
+    from jsonschema import Draft202012Validator
+
+    value = _fill_defaults(schema, copy.deepcopy(dict(given)))
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            where = ".".join(str(p) for p in err.absolute_path)
+            lines.append(f"{source}{'.' + where if where else ''}: {err.message}")
+        raise InvalidInput("\n".join(lines), errors=lines)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A parameter given on a command line: JSON when it parses (``5`` is 5), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_assignments(items: Iterable[str], what: str = "--param") -> dict[str, Any]:
+    """``["a=1", "b=x"]`` into ``{"a": 1, "b": "x"}``; ``KEY=VALUE`` is required."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{what} {item!r}: expected KEY=VALUE")
+        out[key] = parse_value(raw)
+    return out

@@ -1,0 +1,108 @@
+"""The sandbox of CONTRACT.md §2 as one pure function from a manifest to engine arguments.
+
+Everything that restricts an algorithm lives here, so a reader can audit it in one place:
+no network, read-only root, a ``/tmp`` tmpfs, never uid 0, no capabilities,
+``no-new-privileges``, a pids limit, a CPU quota, memory with swap equal to it, GPUs only
+when asked for, and the engine's own log bounded (the runner reads output as it comes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from algodock.contract import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, ContainerParameters
+
+UNPRIVILEGED_UID = int(os.environ.get("ALGODOCK_UID", "10001"))
+"""The uid an image runs as when it names no non-root USER."""
+PIDS_LIMIT = int(os.environ.get("ALGODOCK_PIDS_LIMIT", "512"))
+ROOT_NAMES = {"", "0", "root"}
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Who the container runs as."""
+
+    user: str
+    """Passed to the engine: ``uid:gid`` or the image's user name."""
+    uid: int | None
+    """Numeric uid that must own the output folder; None until a named user is looked up."""
+    gid: int | None
+
+
+def run_as(image_user: str) -> RunAs:
+    """Decide the user from the image's ``USER``: its own when non-root, else the unprivileged uid.
+
+    >>> run_as("0").user, run_as("root:root").user, run_as("1000").user, run_as("app").uid
+    ('10001:10001', '10001:10001', '1000:1000', None)
+    """
+    name, _, group = image_user.partition(":")
+    if name in ROOT_NAMES:
+        return RunAs(f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+    if name.isdigit():
+        gid = int(group) if group.isdigit() and group != "0" else int(name)
+        return RunAs(f"{name}:{gid}", int(name), gid)
+    return RunAs(image_user, None, None)
+
+
+def lookup_user(passwd: str, image_user: str) -> RunAs | None:
+    """Resolve a named ``USER`` with the image's ``/etc/passwd``; None when unknown or root."""
+    name, _, group = image_user.partition(":")
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
+            uid, gid = int(fields[2]), int(fields[3])
+            if uid == 0:
+                return None
+            if group.isdigit() and group != "0":
+                gid = int(group)
+            return RunAs(f"{uid}:{gid}", uid, gid)
+    return None
+
+
+def container_config(
+    params: ContainerParameters,
+    *,
+    image_id: str,
+    user: str,
+    work_dir: Path,
+    output_dir: Path,
+    labels: dict[str, str],
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``client.containers.create`` (docker SDK) of a sandboxed step."""
+    from docker.types import DeviceRequest, LogConfig, Mount
+
+    rr = params.resource_request
+    memory = rr.memory_bytes
+    config: dict[str, Any] = {
+        "image": image_id,
+        "command": list(params.command),
+        "user": user,
+        "environment": {**params.env, "ALGORITHM_INPUT_PATH": ALGO_INPUT_PATH, "HOME": "/tmp"},
+        "labels": labels,
+        "name": name,
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={params.scratch_mb}m,mode=1777"},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": PIDS_LIMIT,
+        "nano_cpus": rr.cpu_millicore * 1_000_000,
+        "mem_limit": memory,
+        "memswap_limit": memory,
+        "ipc_mode": "private",
+        "mounts": [
+            Mount(ALGO_INPUT_PATH, str(work_dir / "algo_input.json"), type="bind", read_only=True),
+            Mount(INPUT_DIR, str(work_dir / "input"), type="bind", read_only=True),
+            Mount(OUTPUT_DIR, str(output_dir), type="bind", read_only=False),
+        ],
+        # The runner reads output through attach as it comes; the engine's copy stays small.
+        "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"}),
+        "detach": True,
+    }
+    if rr.gpu > 0:
+        config["device_requests"] = [DeviceRequest(count=rr.gpu, capabilities=[["gpu"]])]
+    return config
