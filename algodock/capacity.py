@@ -166,10 +166,10 @@ class ResourcePool:
     def release(self, request: Request) -> None:
         """Give back what :meth:`acquire` granted; waiters that now fit start."""
         with self._cond:
-            for i, n in enumerate(_units(request)):
-                self._free[i] += n
-            if any(f > c for f, c in zip(self._free, _units(self.capacity))):
+            free = [f + n for f, n in zip(self._free, _units(request))]
+            if any(f > c for f, c in zip(free, _units(self.capacity))):
                 raise ValueError(f"released {_describe(request)} that was never acquired")
+            self._free = free
             self._dispatch()
 
     @contextmanager

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
 from algodock.errors import InvalidManifest
 
@@ -71,7 +71,10 @@ class ContainerParameters(_Strict):
     resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
     timeout_seconds: float = Field(3600, gt=0, description="Wall-clock limit; the container is killed after it.")
     env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
-        default_factory=dict, description="Extra environment variables."
+        default_factory=dict,
+        description="Extra environment variables.",
+        # What the validators below enforce, said in the exported JSON Schema too.
+        json_schema_extra={"additionalProperties": False, "not": {"required": ["ALGORITHM_INPUT_PATH"]}},
     )
     scratch_mb: int = Field(64, gt=0, description="Size of the /tmp tmpfs in MiB; counts against memory.")
 
@@ -114,6 +117,7 @@ class Manifest(_Strict):
     parameters: dict[str, Any] = Field(
         default_factory=lambda: {"type": "object"},
         description="JSON Schema (draft 2020-12) of config.parameters.",
+        json_schema_extra={"$ref": "https://json-schema.org/draft/2020-12/schema"},
     )
     inputs: list[InputSlot] = Field(default_factory=list)
     outputs: list[OutputSlot] = Field(default_factory=list)
@@ -131,15 +135,15 @@ class Manifest(_Strict):
             raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
         return schema
 
-    @model_validator(mode="after")
-    def _unique_slots(self) -> Manifest:
-        for kind, slots in (("inputs", self.inputs), ("outputs", self.outputs)):
-            seen: set[str] = set()
-            for slot in slots:
-                if slot.name in seen:
-                    raise ValueError(f"{kind}: slot name {slot.name!r} is used twice")
-                seen.add(slot.name)
-        return self
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _unique_slots(cls, slots: list[InputSlot] | list[OutputSlot], info: ValidationInfo) -> list:
+        seen: dict[str, int] = {}
+        for i, slot in enumerate(slots):
+            if slot.name in seen:
+                raise ValueError(f"slot name {slot.name!r} is used twice ({info.field_name}.{seen[slot.name]} and {info.field_name}.{i})")
+            seen[slot.name] = i
+        return slots
 
     def input_slot(self, name: str) -> InputSlot | None:
         return next((s for s in self.inputs if s.name == name), None)
@@ -206,6 +210,8 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
             msg = "unknown key (not part of the contract; check the spelling)"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"{source}: {where}: {msg}")
     return lines
 

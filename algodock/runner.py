@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from algodock.contract import ALGO_OUTPUT_NAME, Manifest
+from algodock.contract import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
 from algodock.engine import container_labels, docker_client, resolve_image, sweep_orphans
 from algodock.errors import ExitCodeFailure, InfrastructureError, InvalidInput, OomFailure, StepFailure, TimeoutFailure
 from algodock.logstream import LogPump
@@ -33,7 +33,7 @@ from algodock.outputs import collect_outputs, read_algo_output
 from algodock.params import resolve_parameters
 from algodock.results import InputBinding, ResolvedImage, StepResult
 from algodock.sandbox import RunAs, container_config, lookup_user, run_as
-from algodock.staging import prepare_work_dir
+from algodock.staging import plan_inputs, prepare_work_dir
 
 if TYPE_CHECKING:
     import docker
@@ -153,6 +153,7 @@ def run_step(
         if not parameters_resolved:
             result.parameters = resolve_parameters(manifest.parameters, parameters or {})
         bindings = as_bindings(inputs or {})
+        plan_inputs(manifest, bindings, Path(INPUT_DIR))  # a check only: bad inputs fail before the engine is asked anything
         client = client or docker_client()
         if id(client) not in _swept:
             _swept.add(id(client))

@@ -1,0 +1,77 @@
+# algodock: developer and CI entry points.  `make` (or `make help`) lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PY ?= python3
+VENV = .venv
+BASE_IMAGE ?= python:3.11-slim
+BUILD = .build
+# The legacy builder works with any client/engine pair here (a newer CLI without the
+# buildx plugin cannot use BuildKit); set DOCKER_BUILDKIT=1 to use BuildKit instead.
+DOCKER_BUILDKIT ?= 0
+PYTEST_ARGS ?=
+
+VENV_STAMP = $(VENV)/.algodock-installed
+EXAMPLE_IMAGES = device-visits dwell-stats
+EXAMPLE_VERSION = 1.0.0
+
+.PHONY: help venv engine base-image wheels images schemas test demo bench clean
+
+help: ## list the targets
+	@echo "make targets:"
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+	@echo "variables: PY=$(PY) BASE_IMAGE=$(BASE_IMAGE) PYTEST_ARGS='$(PYTEST_ARGS)'"
+
+venv: $(VENV_STAMP) ## create .venv and install the project with test extras
+
+$(VENV_STAMP): pyproject.toml
+	@if [ ! -x $(VENV)/bin/python ]; then echo "creating $(VENV) with $(PY)"; $(PY) -m venv $(VENV); fi
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	@touch $@
+
+engine: ## make sure a Docker engine answers (installs/starts dockerd)
+	bash scripts/ensure-docker.sh
+
+# Always re-checked (cheap when the image exists), so a removed image is rebuilt; the
+# resolved name is written to $(BUILD)/base-image only when it changes.
+base-image: engine ## make sure the base image exists (pull, else offline build); name in .build/base-image
+	@mkdir -p $(BUILD)
+	@name=$$(bash scripts/ensure-base-image.sh '$(BASE_IMAGE)' | tail -n1); \
+	  if [ -z "$$name" ]; then echo "base-image: no image name resolved" >&2; exit 1; fi; \
+	  if [ ! -f $(BUILD)/base-image ] || [ "$$(cat $(BUILD)/base-image)" != "$$name" ]; then \
+	    echo "$$name" > $(BUILD)/base-image; fi; \
+	  echo "base image: $$name"
+
+wheels: venv ## install the examples' Python deps (pyarrow) on the host into examples/*/.wheels
+	bash scripts/build-wheels.sh
+
+images: base-image wheels ## build algodock/device-visits:1.0.0 and algodock/dwell-stats:1.0.0
+	@for algo in $(EXAMPLE_IMAGES); do \
+	  echo "building algodock/$$algo:$(EXAMPLE_VERSION) FROM $$(cat $(BUILD)/base-image)"; \
+	  DOCKER_BUILDKIT=$(DOCKER_BUILDKIT) docker build -q \
+	    --build-arg BASE_IMAGE="$$(cat $(BUILD)/base-image)" \
+	    -t algodock/$$algo:$(EXAMPLE_VERSION) examples/$$algo; \
+	done
+
+schemas: venv ## regenerate the JSON schemas (python -m algodock.schemas)
+	$(VENV)/bin/python -m algodock.schemas
+
+test: venv engine base-image images ## run the test suite (PYTEST_ARGS=... to pass options)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+demo: venv engine base-image images ## generate sample pings and run the demo pipeline
+	$(VENV)/bin/python examples/generate_pings.py --out .algodock/demo/pings --devices 50 --hours 24 --parts 4 --seed 7
+	bash scripts/demo.sh
+
+bench: venv engine base-image images ## run every bench/*.py
+	@shopt -s nullglob; files=(bench/*.py); \
+	  if [ $${#files[@]} -eq 0 ]; then echo "no bench/*.py"; exit 0; fi; \
+	  for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
+
+clean: ## remove .build, .algodock, example wheels and leftover algodock containers (keeps .venv)
+	rm -rf $(BUILD) .algodock $(addprefix examples/,$(addsuffix /.wheels,$(EXAMPLE_IMAGES)))
+	rm -f $(VENV_STAMP)
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+	  docker ps -aq --filter label=io.algodock.managed=true | xargs -r docker rm -f; fi

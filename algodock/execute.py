@@ -1,0 +1,221 @@
+"""One step of a pipeline run, end to end, against a store (no Prefect here).
+
+:class:`RunContext` holds what the steps of one run share: the pipeline, the store, the
+engine, the resource pool, the run's scratch folder and the external inputs fetched once.
+:func:`execute_step` binds a step's inputs (upstream outputs or external inputs, fetched
+from S3 when the store is remote, used in place when local), asks the cache, reserves
+resources, runs the container through :func:`algodock.runner.run_step`, and commits the
+outputs and the full container log to the store. On a local store the container writes
+straight into the store's folder for the step (a hidden temporary name, renamed into place
+once the step succeeded), so no output byte is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from algodock.capacity import Cancelled, ResourcePool
+from algodock.engine import resolve_image
+from algodock.errors import InfrastructureError, InvalidInput, StepFailure
+from algodock.hashing import parquet_rows, sha256_path
+from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
+from algodock.results import InputBinding, OutputRecord, StepResult
+from algodock.runner import run_step
+from algodock.store import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
+
+if TYPE_CHECKING:
+    import docker
+
+    from algodock.pipeline import Pipeline
+
+log = logging.getLogger("algodock.execute")
+
+EMIT_LIMIT = 1024 * 1024
+"""Bytes of container log a step sends to its logger (the Prefect task-run logs); the rest is only in the store."""
+
+
+@dataclass
+class RunContext:
+    """What the steps of one pipeline run share."""
+
+    pipeline: Pipeline
+    store: Store
+    run_id: str
+    client: docker.DockerClient
+    pool: ResourcePool
+    scratch: Path
+    """A local folder for this run's downloads and temporaries (removed at the end)."""
+    use_cache: bool = True
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cache: Any = None
+    """An object with ``lookup(record, key) -> StepRecord | None`` and ``remember(record)`` (see algodock.cache)."""
+    _external: dict[str, InputBinding] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def external_input(self, name: str) -> InputBinding:
+        """An external pipeline input, fetched (S3) and hashed once per run."""
+        with self._lock:
+            if name in self._external:
+                return self._external[name]
+            uri = self.pipeline.inputs[name]
+            local = local_path_of(uri)
+            if local is None:
+                local = fetch_uri(uri, self.scratch / "external" / name)
+            elif not local.exists():
+                raise InvalidInput(f"pipeline input {name!r}: {uri} does not exist")
+            binding = InputBinding(slot=name, path=local, uri=uri, sha256=sha256_path(local), rows=parquet_rows(local) if _looks_parquet(local) else None)
+            self._external[name] = binding
+            return binding
+
+
+def _looks_parquet(path: Path) -> bool:
+    if path.is_dir():
+        return any(p.suffix == ".parquet" for p in path.rglob("*.parquet"))
+    return path.suffix == ".parquet"
+
+
+def _filename(o: OutputRecord) -> str:
+    return o.name if o.multiple else f"{o.name}.{o.format}"
+
+
+def bind_inputs(ctx: RunContext, step_id: str, upstream: Mapping[str, StepRecord], dest: Path) -> dict[str, InputBinding]:
+    """Turn a step's input references into local bindings (fetching from a remote store)."""
+    bindings: dict[str, InputBinding] = {}
+    for slot, ref in ctx.pipeline.bindings[step_id].items():
+        if ref.kind == "input":
+            ext = ctx.external_input(ref.name)
+            bindings[slot] = InputBinding(slot=slot, path=ext.path, uri=ext.uri, sha256=ext.sha256, rows=ext.rows)
+            continue
+        producer = upstream[ref.name]
+        out = next(o for o in producer.outputs if o.name == ref.output)
+        local = local_path_of(out.uri)
+        if local is None:
+            local = ctx.store.fetch(out.uri, dest / slot)
+        bindings[slot] = InputBinding(slot=slot, path=local, uri=out.uri, sha256=out.sha256, produced_by=ref.name, rows=out.rows)
+    return bindings
+
+
+def execute_step(
+    ctx: RunContext,
+    step_id: str,
+    upstream: Mapping[str, StepRecord],
+    *,
+    attempt: int = 1,
+    on_log: Callable[[str], None] | None = None,
+    task_run_id: str | None = None,
+) -> StepRecord:
+    """Run one step of ``ctx.pipeline``; returns its record (never raises a StepFailure)."""
+    manifest = ctx.pipeline.manifests[step_id]
+    record = StepRecord(
+        id=step_id,
+        status="running",
+        algorithm=manifest.name,
+        algorithm_version=manifest.version,
+        image=manifest.container_parameters.image,
+        command=list(manifest.container_parameters.command),
+        parameters=ctx.pipeline.parameters[step_id],
+        resource_request=manifest.container_parameters.resource_request.model_dump(),
+        attempts=attempt,
+        task_run_id=task_run_id,
+    )
+    scratch = ctx.scratch / f"{step_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        return _execute(ctx, step_id, upstream, record, scratch, attempt, on_log)
+    except StepFailure as failure:
+        record.status = "failed"
+        record.failure = Failure(**failure.as_dict())
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _execute(
+    ctx: RunContext,
+    step_id: str,
+    upstream: Mapping[str, StepRecord],
+    record: StepRecord,
+    scratch: Path,
+    attempt: int,
+    on_log: Callable[[str], None] | None,
+) -> StepRecord:
+    manifest = ctx.pipeline.manifests[step_id]
+    bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
+    image = resolve_image(ctx.client, manifest.container_parameters.image)
+    record.image_id, record.repo_digest = image.id, image.repo_digest
+
+    if ctx.cache is not None:
+        hit = ctx.cache.lookup(record, bindings, use=ctx.use_cache)
+        if hit is not None:
+            return hit
+
+    step_dir = ctx.store.local_path(step_rel(ctx.run_id, step_id))
+    if step_dir is not None:  # local store: the container writes into the store itself
+        step_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = step_dir / f".tmp-outputs-{attempt}-{uuid.uuid4().hex[:6]}"
+    else:
+        output_dir = scratch / "outputs"
+    log_path = scratch / "container.log"
+
+    rr = manifest.container_parameters.resource_request
+    try:
+        ctx.pool.acquire(rr, ctx.cancel, on_wait=lambda: on_log and on_log(f"[algodock] waiting for resources ({rr.cpu_millicore} millicores, {rr.memory_gb:g} GB)"))
+    except Cancelled as exc:
+        raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc
+    try:
+        result: StepResult = run_step(
+            manifest,
+            inputs=bindings,
+            parameters=ctx.pipeline.parameters[step_id],
+            parameters_resolved=True,
+            output_dir=output_dir,
+            run_id=ctx.run_id,
+            step_id=step_id,
+            attempt=attempt,
+            client=ctx.client,
+            image=image,
+            on_log=on_log,
+            log_path=log_path,
+            emit_limit=EMIT_LIMIT,
+            work_dir=scratch / "work",
+        )
+    finally:
+        ctx.pool.release(rr)
+
+    record_from_result(record, result)
+    record.attempts = attempt
+    if log_path.exists():
+        record.log_uri = ctx.store.put_output(log_path, log_rel(ctx.run_id, step_id), move=True)
+    if result.ok:
+        record.outputs = [
+            OutputLineage(**{**o.as_dict(), "uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
+            for o in result.outputs
+        ]
+        _discard(output_dir)
+        if ctx.cache is not None:
+            ctx.cache.remember(ctx.run_id, record)
+    else:
+        _keep_failed(ctx, step_id, attempt, output_dir)
+    return record
+
+
+def _discard(output_dir: Path) -> None:
+    if output_dir.exists():
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _keep_failed(ctx: RunContext, step_id: str, attempt: int, output_dir: Path) -> None:
+    """Whatever a failed attempt wrote is kept beside the step for a post-mortem, never lost."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        try:
+            ctx.store.put_output(output_dir, f"{step_rel(ctx.run_id, step_id)}/failed-attempt-{attempt}", move=True)
+        except Exception as exc:  # a post-mortem copy must not hide the step's own failure
+            log.warning("could not keep the outputs of failed step %s: %s", step_id, exc)
+    _discard(output_dir)

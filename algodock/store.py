@@ -1,0 +1,493 @@
+"""Where runs keep their data and records: a local folder or an S3 prefix.
+
+Layout under the store's root (see the ``*_rel`` helpers)::
+
+    runs/<run_id>/run.json
+    runs/<run_id>/lineage.json
+    runs/<run_id>/steps/<step_id>/outputs/<name>.<ext> | <name>/
+    runs/<run_id>/steps/<step_id>/container.log
+    cache/<key>.json
+
+A crash never leaves a half-written output that looks complete. The local store writes
+into a hidden ``.tmp-…`` name beside the destination and renames it into place (atomic on
+one filesystem). S3 has no atomic rename of a prefix, so :class:`S3Store` uploads the data
+first and a ``<rel>._COMMITTED.json`` marker (file list and sizes) last; readers
+(:meth:`Store.output_exists`, :meth:`Store.fetch`) treat an output under ``runs/`` without
+its marker as absent. JSON records are one PUT on S3, which is atomic.
+
+>>> import tempfile
+>>> store = open_store(tempfile.mkdtemp())
+>>> store.write_json(run_json_rel("r1"), {"status": "running"})
+>>> store.read_json("runs/r1/run.json"), store.list("runs")
+({'status': 'running'}, ['r1'])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from algodock.contract import safe_relative
+from algodock.errors import InfrastructureError, InvalidInput
+from algodock.hashing import list_files
+
+if TYPE_CHECKING:
+    import s3fs
+
+DEFAULT_STORE = Path(".algodock/store")
+"""The store used when none is given, relative to the working directory."""
+
+MARKER_SUFFIX = "._COMMITTED.json"
+"""An S3 output ``rel`` is complete once ``rel + MARKER_SUFFIX`` exists."""
+
+_TMP = ".tmp-"
+_OLD = ".old-"
+
+
+# ---------------------------------------------------------------- layout
+
+
+def run_rel(run_id: str) -> str:
+    """``runs/<run_id>``."""
+    return f"runs/{run_id}"
+
+
+def run_json_rel(run_id: str) -> str:
+    """``runs/<run_id>/run.json``: the run's summary."""
+    return f"runs/{run_id}/run.json"
+
+
+def lineage_rel(run_id: str) -> str:
+    """``runs/<run_id>/lineage.json``."""
+    return f"runs/{run_id}/lineage.json"
+
+
+def step_rel(run_id: str, step_id: str) -> str:
+    """``runs/<run_id>/steps/<step_id>``."""
+    return f"runs/{run_id}/steps/{step_id}"
+
+
+def output_rel(run_id: str, step_id: str, filename: str) -> str:
+    """``runs/<run_id>/steps/<step_id>/outputs/<filename>`` (``<name>.<ext>`` or a folder ``<name>``)."""
+    return f"runs/{run_id}/steps/{step_id}/outputs/{filename}"
+
+
+def log_rel(run_id: str, step_id: str) -> str:
+    """``runs/<run_id>/steps/<step_id>/container.log``: the step's full container log."""
+    return f"runs/{run_id}/steps/{step_id}/container.log"
+
+
+def cache_rel(key: str) -> str:
+    """``cache/<key>.json``."""
+    return f"cache/{key}.json"
+
+
+# ---------------------------------------------------------------- URIs
+
+
+def local_path_of(uri: str) -> Path | None:
+    """The local path of a plain path or ``file://`` URI; None for ``s3://``.
+
+    >>> local_path_of("file:///data/x.parquet"), local_path_of("s3://b/k")
+    (PosixPath('/data/x.parquet'), None)
+    """
+    if uri.startswith("s3://"):
+        return None
+    if uri.startswith("file:"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise InvalidInput(f"{uri}: file:// URIs on another host are not supported")
+        return Path(unquote(parsed.path))
+    if "://" in uri:
+        raise InvalidInput(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
+    return Path(uri)
+
+
+def _s3_path(uri: str) -> str:
+    """``s3://bucket/key/`` to ``bucket/key``."""
+    path = uri.removeprefix("s3://").strip("/")
+    if not path:
+        raise InvalidInput(f"{uri}: an s3:// URI needs a bucket")
+    return path
+
+
+def s3_filesystem(**kwargs: Any) -> s3fs.S3FileSystem:
+    """An s3fs filesystem configured by the standard AWS environment, ``AWS_ENDPOINT_URL`` included.
+
+    Listings are not cached: other processes write to the same store.
+    """
+    import s3fs
+
+    client_kwargs = dict(kwargs.pop("client_kwargs", {}))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client_kwargs.setdefault("endpoint_url", endpoint)
+    kwargs.setdefault("use_listings_cache", False)
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, **kwargs)
+
+
+@contextmanager
+def _infra(what: str) -> Iterator[None]:
+    """Turn S3/network failures into :class:`InfrastructureError` (retryable); FileNotFoundError passes."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, BotoCoreError, ClientError, asyncio.TimeoutError) as exc:
+        raise InfrastructureError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- local file helpers
+
+
+def _link_or_copy_file(src: str, dst: str) -> None:
+    """Hardlink (no bytes copied) when the filesystem allows it, else copy."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest`` by rename; a folder already at ``dest`` is set aside first."""
+    if (dest.is_dir() and not dest.is_symlink()) or (tmp.is_dir() and os.path.lexists(dest)):
+        old = dest.with_name(f"{_OLD}{dest.name}-{uuid.uuid4().hex}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        _remove(old)
+    else:
+        os.replace(tmp, dest)
+
+
+def _tmp_beside(dest: Path) -> Path:
+    return dest.with_name(f"{_TMP}{dest.name}-{uuid.uuid4().hex}")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((_TMP, _OLD)) or name.endswith(MARKER_SUFFIX)
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def fetch_uri(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None) -> Path:
+    """Make the file or folder at ``uri`` available locally, for staging.
+
+    A local path or ``file://`` URI is returned as is (no copy at all). An ``s3://`` file or
+    prefix is downloaded, its files concurrently, to ``dest/<base name>`` (replaced whole,
+    via a temporary name) and that path is returned. Missing data raises
+    :class:`InvalidInput`; S3 failures :class:`InfrastructureError`.
+    """
+    local = local_path_of(uri)
+    if local is not None:
+        if not local.exists():
+            raise InvalidInput(f"{uri}: no such file or folder")
+        return local
+    fs = fs or s3_filesystem()
+    path = _s3_path(uri)
+    with _infra(f"cannot download {uri}"):
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise InvalidInput(f"{uri}: no such S3 object or prefix") from None
+        if info["type"] == "directory":
+            found = fs.find(path, detail=True)
+            rels = sorted(
+                key[len(path) + 1 :]
+                for key, meta in found.items()
+                if meta.get("type") != "directory" and not key.endswith("/") and key.startswith(path + "/")
+            )
+        else:
+            rels = []
+        return _download(fs, path, rels, info["type"] == "directory", dest)
+
+
+def _download(fs: s3fs.S3FileSystem, path: str, rels: list[str], is_dir: bool, dest: Path) -> Path:
+    """Download ``path`` (a key, or a prefix with the files ``rels``) to ``dest/<base name>``."""
+    for rel in rels:
+        if not safe_relative(rel):
+            raise InvalidInput(f"s3://{path}: key {rel!r} would land outside the staging folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / posixpath.basename(path)
+    tmp = _tmp_beside(target)
+    try:
+        if is_dir:
+            tmp.mkdir()
+            if rels:
+                fs.get([f"{path}/{r}" for r in rels], [str(tmp / r) for r in rels])
+        else:
+            fs.get_file(path, str(tmp))
+        _replace(tmp, target)
+    finally:
+        _remove(tmp)
+    return target
+
+
+# ---------------------------------------------------------------- stores
+
+
+class Store(ABC):
+    """Where a run keeps its outputs, logs and records. ``rel`` paths are POSIX, relative to the root."""
+
+    is_local: bool = False
+    """True when the store is a folder on this host (outputs can be mounted without copying)."""
+
+    @abstractmethod
+    def uri(self, *parts: str) -> str:
+        """Where ``parts`` lives: an absolute local path, or ``s3://bucket/prefix/…``."""
+
+    def local_path(self, *parts: str) -> Path | None:
+        """The local path of ``parts`` (local store only; None otherwise)."""
+        return None
+
+    @abstractmethod
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Write a JSON record atomically: readers see the old record or the new one, never half."""
+
+    @abstractmethod
+    def read_json(self, rel: str) -> Any | None:
+        """The JSON record at ``rel``, or None when there is none."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """True when anything (a file or a folder) is at ``rel``."""
+
+    @abstractmethod
+    def list(self, rel_prefix: str) -> list[str]:
+        """Names of the entries directly under ``rel_prefix``, sorted; temporaries and markers hidden."""
+
+    @abstractmethod
+    def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
+        """Store a local file or folder at ``rel``, committed only once complete; return its URI.
+
+        ``move=True`` lets a local store rename the source into place instead of hardlinking
+        or copying it (the source is gone afterwards); S3 always uploads and leaves it.
+        """
+
+    @abstractmethod
+    def output_exists(self, rel: str) -> bool:
+        """True when a complete (committed) output is at ``rel``."""
+
+    def fetch(self, uri: str, dest: Path) -> Path:
+        """Make data at ``uri`` (local path, file:// or s3://) available locally; see :func:`fetch_uri`."""
+        return fetch_uri(uri, dest)
+
+    def _rel(self, *parts: str) -> str:
+        rel = posixpath.join(*parts) if parts else ""
+        if rel and not safe_relative(rel):
+            raise ValueError(f"store path {rel!r} must be relative without '..'")
+        return rel
+
+
+class LocalStore(Store):
+    """A folder on this host (default ``./.algodock/store``)."""
+
+    is_local = True
+
+    def __init__(self, root: str | Path = DEFAULT_STORE) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def local_path(self, *parts: str) -> Path:
+        rel = self._rel(*parts)
+        return self.root / rel if rel else self.root
+
+    def uri(self, *parts: str) -> str:
+        return str(self.local_path(*parts))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        dest = self.local_path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_beside(dest)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(obj, fh, indent=2, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_json(self, rel: str) -> Any | None:
+        try:
+            return json.loads(self.local_path(rel).read_text())
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(self.local_path(rel))
+
+    def output_exists(self, rel: str) -> bool:
+        return self.exists(rel)  # the rename is the commit
+
+    def list(self, rel_prefix: str) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.local_path(rel_prefix)) if not _hidden(n))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
+        src = Path(local_path)
+        dest = self.local_path(rel)
+        if not os.path.lexists(src):
+            raise FileNotFoundError(f"{src}: nothing to store")
+        if src.absolute() == dest or (dest.exists() and os.path.samefile(src, dest)):
+            return str(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_beside(dest)
+        try:
+            if move:
+                try:
+                    os.rename(src, tmp)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    move = False
+            if not move:
+                if src.is_dir():
+                    shutil.copytree(src, tmp, symlinks=True, copy_function=_link_or_copy_file)
+                else:
+                    _link_or_copy_file(str(src), str(tmp))
+            _replace(tmp, dest)
+        finally:
+            _remove(tmp)
+        return str(dest)
+
+
+class S3Store(Store):
+    """An ``s3://bucket/prefix`` through s3fs (credentials and endpoint from the AWS environment)."""
+
+    def __init__(self, uri: str, fs: s3fs.S3FileSystem | None = None) -> None:
+        if not uri.startswith("s3://"):
+            raise InvalidInput(f"{uri}: an S3 store URI starts with s3://")
+        self.root = _s3_path(uri)
+        self.fs = fs or s3_filesystem()
+
+    def __repr__(self) -> str:
+        return f"S3Store('s3://{self.root}')"
+
+    def _key(self, *parts: str) -> str:
+        rel = self._rel(*parts)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self._key(*parts)}"
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        with _infra(f"cannot write {self.uri(rel)}"):
+            try:
+                self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode())
+            except FileNotFoundError as exc:
+                raise InfrastructureError(f"cannot write {self.uri(rel)}: does the bucket exist? ({exc})") from exc
+
+    def read_json(self, rel: str) -> Any | None:
+        with _infra(f"cannot read {self.uri(rel)}"):
+            try:
+                return json.loads(self.fs.cat_file(self._key(rel)))
+            except FileNotFoundError:
+                return None
+
+    def exists(self, rel: str) -> bool:
+        with _infra(f"cannot look at {self.uri(rel)}"):
+            return bool(self.fs.exists(self._key(rel)))
+
+    def output_exists(self, rel: str) -> bool:
+        return self.exists(rel + MARKER_SUFFIX)
+
+    def list(self, rel_prefix: str) -> list[str]:
+        with _infra(f"cannot list {self.uri(rel_prefix)}"):
+            try:
+                entries = self.fs.ls(self._key(rel_prefix), detail=False)
+            except FileNotFoundError:
+                return []
+        names = {posixpath.basename(e.rstrip("/")) for e in entries}
+        return sorted(n for n in names if n and not _hidden(n))
+
+    def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
+        src = Path(local_path)
+        key, marker = self._key(rel), self._key(rel) + MARKER_SUFFIX
+        if not os.path.lexists(src):
+            raise FileNotFoundError(f"{src}: nothing to store")
+        rels = list_files(src) if src.is_dir() else []
+        sizes = {r: (src / r).stat().st_size for r in rels} if src.is_dir() else {"": src.stat().st_size}
+        with _infra(f"cannot upload {src} to {self.uri(rel)}"):
+            # Uncommit first, and drop what an earlier attempt left (stale parquet parts).
+            try:
+                self.fs.rm_file(marker)
+            except FileNotFoundError:
+                pass
+            if self.fs.exists(key):
+                self.fs.rm(key, recursive=True)
+            try:
+                if src.is_dir():
+                    if rels:
+                        self.fs.put([str(src / r) for r in rels], [f"{key}/{r}" for r in rels])
+                else:
+                    self.fs.put_file(str(src), key)
+            except FileNotFoundError as exc:
+                raise InfrastructureError(f"cannot upload to {self.uri(rel)}: does the bucket exist? ({exc})") from exc
+            record = {
+                "uri": self.uri(rel),
+                "kind": "folder" if src.is_dir() else "file",
+                "files": [{"path": r, "size": n} for r, n in sizes.items()],
+                "committed_at": datetime.now(timezone.utc).isoformat(),
+            }
+            self.fs.pipe_file(marker, json.dumps(record, indent=2).encode())
+        return self.uri(rel)
+
+    def fetch(self, uri: str, dest: Path) -> Path:
+        """As :func:`fetch_uri`; an output of this store's ``runs/`` must be committed, and only
+        the files its marker lists are downloaded."""
+        if not uri.startswith(f"s3://{self.root}/runs/"):
+            return fetch_uri(uri, dest, fs=self.fs if uri.startswith("s3://") else None)
+        path = _s3_path(uri)
+        marker = self.read_json(path[len(self.root) + 1 :] + MARKER_SUFFIX)
+        if marker is None:
+            raise InvalidInput(f"{uri}: not committed (no {MARKER_SUFFIX} marker); the step that wrote it did not finish")
+        is_dir = marker.get("kind") == "folder"
+        rels = [f["path"] for f in marker.get("files", [])] if is_dir else []
+        with _infra(f"cannot download {uri}"):
+            try:
+                return _download(self.fs, path, rels, is_dir, dest)
+            except FileNotFoundError as exc:
+                raise InvalidInput(f"{uri}: a committed file is missing: {exc}") from exc
+
+
+def open_store(uri: str | None = None) -> Store:
+    """The store at ``uri``: None for ``./.algodock/store``, a path or ``file://`` URI, or ``s3://bucket/prefix``.
+
+    >>> open_store("file:///tmp/st"), open_store("s3://bucket/prefix").uri("runs")
+    (LocalStore('/tmp/st'), 's3://bucket/prefix/runs')
+    """
+    if not uri:
+        return LocalStore(DEFAULT_STORE)
+    if uri.startswith("s3://"):
+        return S3Store(uri)
+    local = local_path_of(uri)
+    assert local is not None
+    return LocalStore(local)

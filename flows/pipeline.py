@@ -1,0 +1,304 @@
+"""The Prefect flow that runs a pipeline: one task per step, named after the step.
+
+A step is submitted as soon as every step it depends on succeeded (or was cached); it then
+waits in the engine's :class:`~algodock.capacity.ResourcePool` until its resource request
+fits, so independent steps run concurrently and the host is packed tightly. A failed step's
+dependents are ``skipped`` while independent branches finish; the flow run fails when any
+step failed. The lineage document in the store is rewritten as each step ends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from algodock.capacity import Capacity, ResourcePool
+from algodock.engine import docker_client, kill_run_containers
+from algodock.errors import StepFailure
+from algodock.execute import RunContext, execute_step
+from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
+from algodock.records import Failure, LineageDocument, StepRecord
+from algodock.store import Store, lineage_rel, open_store, run_json_rel
+
+INFRA_RETRIES = 2
+"""How often an ``infrastructure`` failure is retried, whatever the step says."""
+USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
+"""Failure kinds retried only when the step sets ``retries``."""
+CANCEL_WATCH_SECONDS = 2.0
+
+
+LISTENERS: list[Any] = []
+"""Callables ``(record: StepRecord) -> None`` told of every step change (the CLI's live view)."""
+
+
+def _notify(record: StepRecord) -> None:
+    for listener in list(LISTENERS):
+        try:
+            listener(record)
+        except Exception:  # a broken view must not break the run
+            pass
+
+
+class StepFailed(Exception):
+    """Raised by a step task so that Prefect records the failure (and may retry it)."""
+
+    def __init__(self, record: StepRecord) -> None:
+        failure = record.failure or Failure(kind="infrastructure", message="unknown failure")
+        super().__init__(f"step {record.id} failed ({failure.kind}): {failure.message}")
+        self.record = record
+        self.kind = failure.kind
+
+
+def _retry_condition(max_user_retries: int):
+    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+        exc = state.result(raise_on_failure=False)
+        kind = getattr(exc, "kind", "infrastructure")
+        if kind == "infrastructure":
+            return True
+        return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
+
+    return should_retry
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger) -> StepRecord:
+    """Run one step; raise :class:`StepFailed` on failure so Prefect can retry it."""
+    from prefect.runtime import task_run
+
+    logger = get_run_logger()
+    attempt = int(task_run.run_count or 1)
+    record = execute_step(
+        ctx,
+        step_id,
+        upstream,
+        attempt=attempt,
+        on_log=logger.info,
+        task_run_id=str(task_run.id) if task_run.id else None,
+    )
+    ledger.update(record)
+    if record.status == "failed":
+        assert record.failure is not None
+        logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
+        raise StepFailed(record)
+    logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
+    return record
+
+
+class Ledger:
+    """The run's lineage document, rewritten in the store whenever a step changes."""
+
+    def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
+        self.doc = doc
+        self.store = store
+        self.on_change = on_change
+        self._lock = threading.Lock()
+
+    def update(self, record: StepRecord) -> None:
+        with self._lock:
+            self.doc.steps = [record if s.id == record.id else s for s in self.doc.steps]
+            self._write()
+        if self.on_change:
+            self.on_change(record)
+
+    def start(self) -> None:
+        with self._lock:
+            self._write()
+        for s in self.doc.steps:
+            self.on_change and self.on_change(s)
+
+    def finish(self, status: str) -> None:
+        with self._lock:
+            self.doc.status = status  # type: ignore[assignment]
+            self.doc.finished_at = datetime.now(timezone.utc)
+            self._write()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.doc.run_id,
+            "status": self.doc.status,
+            "flow_run_id": self.doc.flow_run_id,
+            "lineage_uri": self.store.uri(lineage_rel(self.doc.run_id)),
+            "steps": [s.summary() for s in self.doc.steps],
+        }
+
+    def _write(self) -> None:
+        self.store.write_json(lineage_rel(self.doc.run_id), self.doc.model_dump(mode="json"))
+        self.store.write_json(run_json_rel(self.doc.run_id), self.summary())
+
+
+def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
+    from blocks import manifest_from_block
+
+    if isinstance(spec, dict):
+        return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
+    return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
+
+
+def default_run_id(flow_run_id: str | None = None) -> str:
+    """A new run id; inside a flow run, one derived from it, so a retried flow run keeps its run id."""
+    if flow_run_id:
+        return f"{runtime_flow_run.name or 'run'}-{flow_run_id.replace('-', '')[:8]}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.urandom(4).hex()}"
+
+
+def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook: when a worker cancels or crashes the run, remove its containers by label."""
+    run_id = (flow_run.parameters or {}).get("run_id") or flow_run.id
+    try:
+        kill_run_containers(docker_client(), str(run_id))
+    except Exception as exc:  # the hook must not mask the cancellation itself
+        logging.getLogger("algodock").warning("could not remove containers of run %s: %s", run_id, exc)
+
+
+def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event) -> None:
+    """Cancelling a local run from the UI changes only its state; this makes it kill containers."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not stop.wait(CANCEL_WATCH_SECONDS):
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except Exception:
+                continue
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                ctx.cancel.set()
+                ctx.pool.wake_all()
+                kill_run_containers(ctx.client, ctx.run_id)
+                return
+
+
+@flow(
+    name="algodock-pipeline",
+    task_runner=ThreadPoolTaskRunner(max_workers=64),
+    on_cancellation=[_kill_on_cancel],
+    on_crashed=[_kill_on_cancel],
+    validate_parameters=True,
+)
+def run_pipeline(
+    spec: str | dict[str, Any],
+    store: str | None = None,
+    run_id: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    capacity: str | None = None,
+    no_cache: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
+
+    ``store``: local folder or ``s3://bucket/prefix`` (default ``./.algodock/store``);
+    ``overrides``: ``{step_id: {param: value}}``; ``capacity``: ``cpu_millicore=N,memory_gb=M``
+    (default: the engine's CPUs and memory); ``no_cache``: run every step.
+    """
+    logger = get_run_logger()
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
+    client = docker_client()
+    cap = Capacity.parse(capacity) if capacity else Capacity.from_engine(client)
+    pipeline = _load(spec, overrides, cap)
+    the_store = open_store(store)
+    run_id = run_id or default_run_id(flow_run_id)
+    scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache)
+    try:
+        from algodock.cache import StoreCache
+
+        ctx.cache = StoreCache(the_store)
+    except ImportError:
+        pass
+    order = pipeline.topological_order()
+    doc = LineageDocument(
+        run_id=run_id,
+        pipeline=pipeline.spec.name,
+        spec_sha256=pipeline.spec_sha256,
+        flow_run_id=flow_run_id,
+        started_at=datetime.now(timezone.utc),
+        store=the_store.uri(),
+        steps=[StepRecord(id=s) for s in order],
+    )
+    ledger = Ledger(doc, the_store, on_change=_notify)
+    ledger.start()
+    logger.info("run %s of pipeline %s: %d steps, capacity %s, store %s", run_id, pipeline.spec.name, len(order), cap, the_store.uri())
+
+    stop_watch = threading.Event()
+    if flow_run_id:
+        threading.Thread(target=_watch_cancellation, args=(flow_run_id, ctx, stop_watch), daemon=True).start()
+    try:
+        status = _schedule(ctx, pipeline, order, ledger)
+    finally:
+        stop_watch.set()
+        shutil.rmtree(scratch, ignore_errors=True)
+    ledger.finish(status)
+    summary = ledger.summary()
+    if status != "succeeded":
+        failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
+        return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)  # type: ignore[return-value]
+    return summary
+
+
+def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger) -> str:
+    """Submit each step when its dependencies are done; skip dependents of failures."""
+    records: dict[str, StepRecord] = {}
+    running: dict[concurrent.futures.Future, str] = {}
+    prefect_futures: dict[str, Any] = {}
+    waiting = list(order)
+    specs = {s.id: s for s in pipeline.spec.steps}
+
+    def submit_ready() -> None:
+        for step_id in list(waiting):
+            deps = pipeline.dependencies[step_id]
+            if any(records.get(d) is None for d in deps):
+                continue
+            waiting.remove(step_id)
+            if any(records[d].status not in ("succeeded", "cached") for d in deps) or ctx.cancel.is_set():
+                records[step_id] = StepRecord(id=step_id, status="skipped")
+                ledger.update(records[step_id])
+                continue
+            retries = specs[step_id].retries
+            task_fn = run_step_task.with_options(
+                name=step_id,
+                task_run_name=step_id,
+                retries=max(retries, INFRA_RETRIES),
+                retry_condition_fn=_retry_condition(retries),
+            )
+            upstream = {d: records[d] for d in deps}
+            fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger))
+            prefect_futures[step_id] = fut
+            running[fut.wrapped_future] = step_id
+            ledger.update(StepRecord(id=step_id, status="running"))
+
+    submit_ready()
+    while running:
+        done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done:
+            step_id = running.pop(f)
+            try:
+                value = prefect_futures[step_id].result(raise_on_failure=True)
+                records[step_id] = value
+            except StepFailed as exc:
+                records[step_id] = exc.record
+            except BaseException as exc:  # a crash of the task itself, not of the algorithm
+                records[step_id] = StepRecord(
+                    id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
+                )
+                ledger.update(records[step_id])
+        submit_ready()
+    for step_id in waiting:  # only reachable when a dependency never finished
+        records[step_id] = StepRecord(id=step_id, status="skipped")
+        ledger.update(records[step_id])
+    if ctx.cancel.is_set():
+        return "cancelled"
+    return "succeeded" if all(r.status in ("succeeded", "cached") for r in records.values()) else "failed"

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real Docker engine, tiny test images, the moto S3 server, Prefect's harness.
+
+A test that needs the engine skips on a developer machine without one, but FAILS when the
+``CI`` environment variable is set: CI must exercise the sandbox for real.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.s3server import s3_endpoint  # noqa: F401  (session fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+BUSYBOX_IMAGE = "algodock-test/busybox:1"
+
+
+def _need_engine(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason}; the Docker tests must run in CI (`make engine`)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    from algodock.engine import docker_client as connect
+    from algodock.errors import InfrastructureError
+
+    try:
+        client = connect()
+    except InfrastructureError as exc:
+        _need_engine(f"no Docker engine answers: {exc}")
+    yield client
+    from algodock.engine import MANAGED_LABEL
+
+    left = client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})
+    for c in left:
+        c.remove(force=True)
+    assert not left, f"containers left behind by the suite: {[c.name for c in left]}"
+
+
+def build_image(client, tag: str, dockerfile: str, files: dict[str, bytes | Path] | None = None) -> str:
+    """Build ``tag`` from an in-memory context; returns the image id."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        entries: dict[str, bytes | Path] = {"Dockerfile": dockerfile.encode(), **(files or {})}
+        for name, content in entries.items():
+            if isinstance(content, Path):
+                tar.add(str(content), arcname=name)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o755
+            tar.addfile(info, io.BytesIO(content))
+    buf.seek(0)
+    image, _ = client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True)
+    return image.id
+
+
+def _busybox_binary() -> Path:
+    path = Path("/bin/busybox")
+    if not path.exists():
+        _need_engine("the static busybox (Debian's busybox-static, /bin/busybox) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client) -> str:
+    """``FROM scratch`` plus a static busybox: builds in about a second; runs as root by default."""
+    return build_image(
+        docker_client,
+        BUSYBOX_IMAGE,
+        'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n',
+        {"busybox": _busybox_binary()},
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect test server for the whole session (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_manifest(path: Path, *, image: str, command: list[str], **extra) -> Path:
+    """A small manifest file for tests."""
+    import json
+
+    doc = {
+        "manifest_version": "0.1",
+        "name": extra.pop("name", "t"),
+        "version": "1.0.0",
+        "container_parameters": {"image": image, "command": command, **extra.pop("container", {})},
+        **extra,
+    }
+    path.write_text(json.dumps(doc))
+    return path

@@ -1,0 +1,339 @@
+"""The contract models (CONTRACT.md §1) against a table of bad manifests, `algodock validate`,
+and parameters: validation with defaults filled, and values parsed from the command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from algodock.contract import Manifest, load_manifest, parse_manifest, safe_relative
+from algodock.errors import InvalidInput, InvalidManifest
+from algodock.params import parse_assignments, parse_value, resolve_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD: dict[str, Any] = {
+    "manifest_version": "0.1",
+    "name": "device-visits",
+    "version": "1.0.0",
+    "description": "Turns GPS pings into visits.",
+    "container_parameters": {
+        "image": "myorg/device-visits:1.0.0",
+        "command": ["python", "/app/device_visits.py"],
+        "resource_request": {"cpu_millicore": 2000, "memory_gb": 4, "gpu": 0},
+        "timeout_seconds": 3600,
+        "env": {"LOG_LEVEL": "info"},
+        "scratch_mb": 256,
+    },
+    "parameters": {
+        "type": "object",
+        "properties": {"look_back_time": {"type": "integer", "minimum": 1, "default": 3600}},
+        "required": [],
+        "additionalProperties": False,
+    },
+    "inputs": [{"name": "pings", "format": "parquet", "required": True, "multiple": False}],
+    "outputs": [{"name": "visits", "format": "parquet", "required": True}],
+}
+
+
+def changed(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    edit(doc)
+    return doc
+
+
+def _cp(**kw: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d["container_parameters"].update(kw)
+
+
+def _rr(**kw: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d["container_parameters"]["resource_request"].update(kw)
+
+
+# (id, document, expected substring: the field path and what is wrong)
+BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
+    ("unknown-top-level-key", changed(lambda d: d.update(desciption="typo")), "desciption: unknown key"),
+    ("unknown-nested-key", changed(_rr(cpus=2)), "container_parameters.resource_request.cpus: unknown key"),
+    ("unknown-slot-key", changed(lambda d: d["inputs"][0].update(optional=True)), "inputs.0.optional: unknown key"),
+    ("missing-command", changed(lambda d: d["container_parameters"].pop("command")), "container_parameters.command: required field is missing"),
+    ("missing-image", changed(lambda d: d["container_parameters"].pop("image")), "container_parameters.image: required field is missing"),
+    ("missing-container-parameters", changed(lambda d: d.pop("container_parameters")), "container_parameters: required field is missing"),
+    ("empty-command", changed(_cp(command=[])), "container_parameters.command: List should have at least 1 item"),
+    ("command-as-string", changed(_cp(command="python x.py")), "container_parameters.command: Input should be a valid list"),
+    ("cpu-millicore-0", changed(_rr(cpu_millicore=0)), "container_parameters.resource_request.cpu_millicore: Input should be greater than 0"),
+    ("memory-gb-negative", changed(_rr(memory_gb=-1)), "container_parameters.resource_request.memory_gb: Input should be greater than 0"),
+    ("gpu-negative", changed(_rr(gpu=-1)), "container_parameters.resource_request.gpu: Input should be greater than or equal to 0"),
+    ("timeout-0", changed(_cp(timeout_seconds=0)), "container_parameters.timeout_seconds: Input should be greater than 0"),
+    ("scratch-0", changed(_cp(scratch_mb=0)), "container_parameters.scratch_mb: Input should be greater than 0"),
+    ("bad-image", changed(_cp(image="my image")), "container_parameters.image: String should match pattern"),
+    ("bad-env-name", changed(_cp(env={"1X": "y"})), "container_parameters.env.1X.[key]: String should match pattern"),
+    (
+        "env-overrides-input-path",
+        changed(_cp(env={"ALGORITHM_INPUT_PATH": "/elsewhere.json"})),
+        "container_parameters.env: ALGORITHM_INPUT_PATH is set by the platform and cannot be overridden",
+    ),
+    ("bad-name-pattern", changed(lambda d: d.update(name="Device Visits")), "name: String should match pattern '^[a-z0-9][a-z0-9_-]{0,62}$'"),
+    ("name-too-long", changed(lambda d: d.update(name="a" * 64)), "name: String should match pattern"),
+    ("bad-input-slot-name", changed(lambda d: d["inputs"][0].update(name="-pings")), "inputs.0.name: String should match pattern"),
+    ("bad-output-slot-name", changed(lambda d: d["outputs"][0].update(name="Visits")), "outputs.0.name: String should match pattern"),
+    (
+        "duplicate-output-slot",
+        changed(lambda d: d["outputs"].append({"name": "visits", "format": "csv"})),
+        "outputs: slot name 'visits' is used twice (outputs.0 and outputs.1)",
+    ),
+    (
+        "duplicate-input-slot",
+        changed(lambda d: d["inputs"].append({"name": "pings", "format": "csv"})),
+        "inputs: slot name 'pings' is used twice (inputs.0 and inputs.1)",
+    ),
+    ("bad-format", changed(lambda d: d["inputs"][0].update(format="xlsx")), "inputs.0.format: Input should be 'parquet', 'csv', 'json' or 'binary'"),
+    (
+        "invalid-json-schema",
+        changed(lambda d: d["parameters"]["properties"].update(n={"type": "int"})),
+        "parameters: not a valid JSON Schema at properties/n/type",
+    ),
+    ("wrong-manifest-version", changed(lambda d: d.update(manifest_version="1.0")), "manifest_version: Input should be '0.1'"),
+    ("missing-manifest-version", changed(lambda d: d.pop("manifest_version")), "manifest_version: required field is missing"),
+    ("non-mapping-root", ["a", "list"], "(root): expected a mapping, got list"),
+    ("null-root", None, "(root): expected a mapping, got NoneType"),
+]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [(d, e) for _, d, e in BAD_DOCUMENTS], ids=[i for i, _, _ in BAD_DOCUMENTS])
+def test_bad_manifest_is_rejected_with_file_and_field(doc: Any, expected: str) -> None:
+    with pytest.raises(InvalidManifest) as info:
+        parse_manifest(doc, "algo/manifest.json")
+    assert any(line.startswith("algo/manifest.json: ") and expected in line for line in info.value.errors), info.value.errors
+    assert info.value.kind == "invalid_manifest"
+
+
+def test_the_table_is_big_enough_and_the_good_manifest_passes() -> None:
+    assert len(BAD_DOCUMENTS) >= 15
+    m = parse_manifest(GOOD)
+    assert m.container_parameters.resource_request.cpu_millicore == 2000
+    assert m.input_slot("pings") and m.output_slot("visits") and m.input_slot("nope") is None
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    doc = changed(lambda d: (d.update(nmae=1), _rr(gpu=-1)(d), d["outputs"][0].update(format="xls")))
+    with pytest.raises(InvalidManifest) as info:
+        parse_manifest(doc, "m.json")
+    joined = "\n".join(info.value.errors)
+    assert len(info.value.errors) == 3
+    for part in ("m.json: nmae:", "m.json: container_parameters.resource_request.gpu:", "m.json: outputs.0.format:"):
+        assert part in joined
+
+
+def test_defaults_of_the_contract() -> None:
+    m = Manifest.model_validate(
+        {"manifest_version": "0.1", "name": "x", "version": "1", "container_parameters": {"image": "sha256:" + "a" * 64, "command": ["run"]}}
+    )
+    rr = m.container_parameters.resource_request
+    assert (rr.cpu_millicore, rr.memory_gb, rr.gpu) == (1000, 1, 0)
+    assert rr.memory_bytes == 1024**3
+    assert m.parameters == {"type": "object"} and m.inputs == [] and m.outputs == []
+
+
+@pytest.mark.parametrize(
+    ("image", "ok"),
+    [
+        ("myorg/device-visits:1.0.0", True),
+        ("registry.example.com:5000/a/b@sha256:" + "0" * 64, True),
+        ("sha256:" + "f" * 64, True),
+        ("busybox", True),
+        ("busy box", False),
+        ("-rm", False),
+        ("", False),
+    ],
+)
+def test_image_reference_forms(image: str, ok: bool) -> None:
+    doc = changed(_cp(image=image))
+    if ok:
+        assert parse_manifest(doc).container_parameters.image == image
+    else:
+        with pytest.raises(InvalidManifest, match="container_parameters.image"):
+            parse_manifest(doc)
+
+
+# ------------------------------------------------------------------ files: JSON and YAML
+
+
+def test_yaml_and_json_files_load_the_same(tmp_path: Path) -> None:
+    import yaml
+
+    (tmp_path / "m.json").write_text(json.dumps(GOOD))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(GOOD))
+    assert load_manifest(tmp_path / "m.json") == load_manifest(tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("m.json", '{"manifest_version": "0.1",, }', "m.json: not valid JSON: Expecting property name"),
+        ("m.yaml", "name: [unclosed\nversion: 1\n", "m.yaml: not valid YAML"),
+        ("m.yml", "a: b\n  c: d\n", "m.yml: not valid YAML"),
+        ("m.yaml", "- just\n- a list\n", "m.yaml: (root): expected a mapping, got list"),
+        ("m.yaml", "", "m.yaml: (root): expected a mapping, got NoneType"),
+    ],
+    ids=["invalid-json", "invalid-yaml-flow", "invalid-yaml-indent", "yaml-list-root", "empty-yaml"],
+)
+def test_unparseable_files_name_the_file(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(InvalidManifest) as info:
+        load_manifest(path)
+    assert expected in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_missing_file_is_invalid_manifest(tmp_path: Path) -> None:
+    with pytest.raises(InvalidManifest, match="nope.json: cannot read"):
+        load_manifest(tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------ algodock validate
+
+
+def _validate(*files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "algodock.cli", "validate", *map(str, files)], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_validate_command_prints_file_and_field_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(changed(lambda d: (_rr(cpu_millicore=0)(d), d.update(colour="red")))))
+    proc = _validate(bad)
+    assert proc.returncode == 1
+    assert f"{bad}: container_parameters.resource_request.cpu_millicore: Input should be greater than 0" in proc.stderr
+    assert f"{bad}: colour: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_command_reports_yaml_syntax_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    proc = _validate(bad)
+    assert proc.returncode == 1
+    assert f"{bad}: not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_command_accepts_a_good_manifest(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    import yaml
+
+    good.write_text(yaml.safe_dump(GOOD))
+    proc = _validate(good)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{good}: valid manifest device-visits 1.0.0" in proc.stdout
+
+
+def test_validate_command_exits_1_when_any_file_is_bad(tmp_path: Path) -> None:
+    (tmp_path / "good.json").write_text(json.dumps(GOOD))
+    (tmp_path / "bad.json").write_text(json.dumps(changed(lambda d: d.pop("outputs") and d.update(outputs="x"))))
+    proc = _validate(tmp_path / "good.json", tmp_path / "bad.json")
+    assert proc.returncode == 1
+    assert "good.json: valid manifest" in proc.stdout
+    assert "bad.json: outputs: Input should be a valid list" in proc.stderr
+
+
+# ------------------------------------------------------------------ parameters
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "look_back_time": {"type": "integer", "minimum": 1, "default": 3600},
+        "mode": {"type": "string", "enum": ["fast", "exact"], "default": "fast"},
+        "grid": {
+            "type": "object",
+            "default": {},
+            "properties": {
+                "cell_m": {"type": "number", "default": 50.0},
+                "snap": {"type": "object", "default": {}, "properties": {"enabled": {"type": "boolean", "default": True}}},
+            },
+            "additionalProperties": False,
+        },
+        "label": {"type": "string"},
+    },
+    "required": ["label"],
+    "additionalProperties": False,
+}
+
+
+def test_defaults_are_filled_recursively() -> None:
+    got = resolve_parameters(NESTED, {"label": "x"})
+    assert got == {"label": "x", "look_back_time": 3600, "mode": "fast", "grid": {"cell_m": 50.0, "snap": {"enabled": True}}}
+
+
+def test_given_values_win_over_defaults_and_nested_defaults_still_fill() -> None:
+    given = {"label": "x", "look_back_time": 60, "grid": {"snap": {"enabled": False}}}
+    got = resolve_parameters(NESTED, given)
+    assert got == {"label": "x", "look_back_time": 60, "mode": "fast", "grid": {"cell_m": 50.0, "snap": {"enabled": False}}}
+    assert given == {"label": "x", "look_back_time": 60, "grid": {"snap": {"enabled": False}}}, "the caller's dict was modified"
+
+
+def test_defaults_are_not_shared_between_calls() -> None:
+    a = resolve_parameters(NESTED, {"label": "a"})
+    a["grid"]["snap"]["enabled"] = False
+    assert resolve_parameters(NESTED, {"label": "b"})["grid"]["snap"]["enabled"] is True
+    assert NESTED["properties"]["grid"]["default"] == {}
+
+
+def test_every_parameter_error_is_listed_with_its_path() -> None:
+    with pytest.raises(InvalidInput) as info:
+        resolve_parameters(NESTED, {"look_back_time": 0, "mode": "slow", "grid": {"cell_m": "big", "x": 1}})
+    errors = info.value.errors
+    assert info.value.kind == "invalid_input"
+    assert any(e.startswith("parameters: 'label' is a required property") for e in errors), errors
+    assert any(e.startswith("parameters.look_back_time: 0 is less than the minimum of 1") for e in errors), errors
+    assert any(e.startswith("parameters.mode: 'slow' is not one of") for e in errors), errors
+    assert any(e.startswith("parameters.grid.cell_m: 'big' is not of type 'number'") for e in errors), errors
+    assert any(e.startswith("parameters.grid: Additional properties are not allowed ('x'") for e in errors), errors
+
+
+def test_unknown_parameter_is_rejected_when_the_schema_forbids_it() -> None:
+    with pytest.raises(InvalidInput, match="Additional properties are not allowed"):
+        resolve_parameters(GOOD["parameters"], {"look_back": 5})
+    assert resolve_parameters(GOOD["parameters"], {}) == {"look_back_time": 3600}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("5", 5),
+        ("-2.5", -2.5),
+        ("true", True),
+        ("null", None),
+        ('"5"', "5"),
+        ("[1, 2]", [1, 2]),
+        ('{"a": {"b": 1}}', {"a": {"b": 1}}),
+        ("abc", "abc"),
+        ("", ""),
+        ("2026-11-27", "2026-11-27"),
+        ("{not json", "{not json"),
+    ],
+)
+def test_parse_value(text: str, value: Any) -> None:
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_parse_assignments() -> None:
+    assert parse_assignments(["n=5", "name=x=y", "empty="]) == {"n": 5, "name": "x=y", "empty": ""}
+    with pytest.raises(InvalidInput, match="--param 'n': expected KEY=VALUE"):
+        parse_assignments(["n"])
+    with pytest.raises(InvalidInput, match="expected KEY=VALUE"):
+        parse_assignments(["=5"])
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [("visits.parquet", True), ("a/b/c.csv", True), ("a/..b", True), ("/etc/passwd", False), ("../x", False), ("a/../../x", False), ("a\\..\\x", False), ("C:x", False), ("", False)],
+)
+def test_safe_relative(path: str, ok: bool) -> None:
+    assert safe_relative(path) is ok

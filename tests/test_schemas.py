@@ -1,0 +1,153 @@
+"""The JSON Schemas in schemas/ are exactly what the pydantic models export, and they work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from algodock.contract import CONTRACT_VERSION, parse_manifest
+from algodock.schemas import DRAFT, build_schemas, export_schemas, render, stale_schemas
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = REPO / "schemas"
+EXAMPLE_MANIFESTS = sorted((REPO / "examples").glob("*/manifest.json"))
+
+GOOD = {
+    "manifest_version": "0.1",
+    "name": "device-visits",
+    "version": "1.0.0",
+    "container_parameters": {
+        "image": "myorg/device-visits:1.0.0",
+        "command": ["python", "/app/device_visits.py"],
+        "resource_request": {"cpu_millicore": 2000, "memory_gb": 4, "gpu": 0},
+        "timeout_seconds": 3600,
+        "env": {"LOG_LEVEL": "info"},
+        "scratch_mb": 256,
+    },
+    "parameters": {
+        "type": "object",
+        "properties": {"look_back_time": {"type": "integer", "minimum": 1, "default": 3600}},
+        "required": [],
+        "additionalProperties": False,
+    },
+    "inputs": [{"name": "pings", "format": "parquet", "required": True, "multiple": False}],
+    "outputs": [{"name": "visits", "format": "parquet", "required": True}],
+}
+
+
+def _validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads((SCHEMAS / name).read_text()))
+
+
+def test_committed_schemas_equal_a_fresh_export(tmp_path: Path) -> None:
+    written = export_schemas(tmp_path)
+    assert {p.name for p in written} >= {"manifest.schema.json", "algo_input.schema.json", "algo_output.schema.json"}
+    for path in written:
+        committed = SCHEMAS / path.name
+        assert committed.exists(), f"{committed} is missing: run `python -m algodock.schemas`"
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `python -m algodock.schemas`"
+    assert stale_schemas(SCHEMAS) == []
+
+
+def test_export_is_deterministic_and_well_formed(tmp_path: Path) -> None:
+    first = {p.name: p.read_text() for p in export_schemas(tmp_path / "a")}
+    second = {p.name: p.read_text() for p in export_schemas(tmp_path / "b")}
+    assert first == second
+    for name, text in first.items():
+        assert text.endswith("}\n") and not text.endswith("\n\n")
+        doc = json.loads(text)
+        assert text == render(doc)  # sorted keys, indent 2
+        assert doc["$schema"] == DRAFT
+        assert CONTRACT_VERSION in doc["$id"] and CONTRACT_VERSION in doc["title"]
+        Draft202012Validator.check_schema(doc)
+
+
+def test_optional_schemas_join_when_their_module_imports() -> None:
+    names = set(build_schemas())
+    for module, attr, name in (("algodock.pipeline", "PipelineSpec", "pipeline.schema.json"), ("algodock.lineage", "LineageDocument", "lineage.schema.json")):
+        try:
+            available = hasattr(__import__(module, fromlist=[attr]), attr)
+        except Exception:
+            available = False
+        assert (name in names) == available, f"{name} exported={name in names} but {module}.{attr} importable={available}"
+
+
+def test_check_names_stale_files_and_exits_1(tmp_path: Path) -> None:
+    export_schemas(tmp_path)
+    cmd = [sys.executable, "-m", "algodock.schemas", "--check", "--dest", str(tmp_path)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+
+    (tmp_path / "manifest.schema.json").write_text("{}\n")
+    (tmp_path / "algo_input.schema.json").unlink()
+    (tmp_path / "old.schema.json").write_text("{}\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1
+    assert "manifest.schema.json: differs" in bad.stderr
+    assert "algo_input.schema.json: missing" in bad.stderr
+    assert "old.schema.json: no model exports it" in bad.stderr
+
+    fix = subprocess.run([sys.executable, "-m", "algodock.schemas", "--dest", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert fix.returncode == 0 and "manifest.schema.json" in fix.stdout
+    assert stale_schemas(tmp_path) == [f"{tmp_path / 'old.schema.json'}: no model exports it any more"]
+
+
+def test_manifest_schema_accepts_the_contract_example_and_rejects_what_the_model_rejects() -> None:
+    v = _validator("manifest.schema.json")
+    assert list(v.iter_errors(GOOD)) == []
+    parse_manifest(GOOD)  # the model agrees
+    bad_cases = [
+        {**GOOD, "nmae": "typo"},
+        {**GOOD, "name": "Bad Name"},
+        {**GOOD, "manifest_version": "0.2"},
+        {**GOOD, "container_parameters": {**GOOD["container_parameters"], "command": []}},
+        {**GOOD, "container_parameters": {**GOOD["container_parameters"], "env": {"ALGORITHM_INPUT_PATH": "/x"}}},
+        {**GOOD, "container_parameters": {**GOOD["container_parameters"], "resource_request": {"cpu_millicore": 0}}},
+        {**GOOD, "parameters": {"type": "nope"}},
+        {**GOOD, "outputs": [{"name": "v", "format": "xlsx"}]},
+    ]
+    for doc in bad_cases:
+        assert list(v.iter_errors(doc)), f"schema accepted {doc}"
+
+
+def test_algo_io_schemas_accept_what_the_contract_shows() -> None:
+    algo_input = {
+        "version": "0.1.0",
+        "input_data_path": "/work/input",
+        "output_path": "/work/output",
+        "config": {"parameters": {"look_back_time": 3600}},
+        "input_data": [
+            {
+                "name": "pings",
+                "format": "parquet",
+                "path": "/work/input/pings",
+                "files": ["/work/input/pings/part-000.parquet"],
+                "source_uri": "s3://raw/pings/2026-11-27/",
+                "sha256": "0" * 64,
+            }
+        ],
+    }
+    algo_output = {
+        "version": "0.1.0",
+        "status": "success",
+        "output_data": [{"name": "visits", "format": "parquet", "path": "visits.parquet"}],
+        "metrics": {"rows_in": 1000000, "visits": 5231},
+        "message": "optional human-readable text",
+    }
+    assert list(_validator("algo_input.schema.json").iter_errors(algo_input)) == []
+    out = _validator("algo_output.schema.json")
+    assert list(out.iter_errors(algo_output)) == []
+    assert list(out.iter_errors({**algo_output, "output_data": [{"name": "v", "format": "parquet"}]}))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_MANIFESTS, ids=lambda p: p.parent.name)
+def test_example_manifests_validate_against_the_schema(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator("manifest.schema.json").iter_errors(doc)]
+    assert errors == []
+    parse_manifest(doc, str(path))
