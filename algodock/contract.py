@@ -216,21 +216,52 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
     return lines
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _yaml_loader() -> Any:
+    """A safe YAML loader that rejects duplicate keys (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in out:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            out[key] = loader.construct_object(value_node, deep=deep)
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
 def read_document(path: Path) -> Any:
-    """Parse a JSON or YAML file; raise :class:`InvalidManifest` naming the file."""
+    """Parse a JSON or YAML file (duplicate keys rejected); raise :class:`InvalidManifest` naming the file."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise InvalidManifest(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text)
-        import yaml
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text, object_pairs_hook=_no_duplicates)
+        except ValueError as exc:
+            raise InvalidManifest(f"{path}: not valid JSON: {exc}") from exc
+    import yaml
 
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise InvalidManifest(f"{path}: not valid JSON: {exc}") from exc
-    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
         raise InvalidManifest(f"{path}: not valid YAML: {exc}") from exc
 
 

@@ -37,22 +37,30 @@ else
     for f in examples/*/Dockerfile; do dirs+=("$(dirname "$f")"); done
 fi
 
+done_dir=""  # a folder already holding "$want": copy it instead of installing again
 for d in "${dirs[@]}"; do
     target="$d/.wheels"
     marker="$target/.algodock-reqs"
     want="${REQS[*]} $PLATFORM cp$PYVER"
     if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then
         say "$target is up to date ($want)"
+        done_dir=$target
         continue
     fi
-    say "installing ${REQS[*]} into $target ($PLATFORM, cp$PYVER)"
     rm -rf "$target.tmp"
-    # shellcheck disable=SC2086
-    $PIP install --quiet --disable-pip-version-check --no-warn-script-location \
-        --target "$target.tmp" --platform "$PLATFORM" --only-binary=:all: \
-        --python-version "$PYVER" --implementation cp "${REQS[@]}" >&2
-    rm -rf "$target.tmp/bin"
-    echo "$want" >"$target.tmp/.algodock-reqs"
+    if [ -n "$done_dir" ]; then
+        say "copying $done_dir to $target"
+        cp -a "$done_dir" "$target.tmp"
+    else
+        say "installing ${REQS[*]} into $target ($PLATFORM, cp$PYVER)"
+        # shellcheck disable=SC2086
+        $PIP install --quiet --disable-pip-version-check --no-warn-script-location \
+            --target "$target.tmp" --platform "$PLATFORM" --only-binary=:all: \
+            --python-version "$PYVER" --implementation cp "${REQS[@]}" >&2
+        rm -rf "$target.tmp/bin"
+        echo "$want" >"$target.tmp/.algodock-reqs"
+    fi
     rm -rf "$target"
     mv "$target.tmp" "$target"
+    done_dir=$target
 done

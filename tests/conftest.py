@@ -39,7 +39,14 @@ def docker_client():
     yield client
     from algodock.engine import MANAGED_LABEL
 
-    left = client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})
+    from algodock.engine import _owner_alive
+
+    # Ours, or orphaned by a process that is gone (a concurrent session's live containers are not ours).
+    left = [
+        c
+        for c in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})
+        if c.labels.get("io.algodock.pid") == str(os.getpid()) or not _owner_alive(c.labels)
+    ]
     for c in left:
         c.remove(force=True)
     assert not left, f"containers left behind by the suite: {[c.name for c in left]}"

@@ -1,4 +1,7 @@
-"""Stores: a local folder, and S3 through a real moto server over HTTP (no mocks)."""
+"""Stores: a local folder, and S3 through a real moto server over HTTP (no mocks).
+
+The ``s3_endpoint`` session fixture comes from tests/s3server.py through tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ from algodock.store import (
     run_json_rel,
     s3_filesystem,
 )
-from tests.s3server import s3_endpoint  # noqa: F401  (session fixture)
 
 
 def parquet_parts(folder: Path, parts: int = 3, rows: int = 4) -> Path:
@@ -57,7 +59,7 @@ def test_layout() -> None:
 # ---------------------------------------------------------------- open_store and URIs
 
 
-def test_open_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> None:  # noqa: F811
+def test_open_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> None:
     monkeypatch.chdir(tmp_path)
     default = open_store(None)
     assert isinstance(default, LocalStore) and default.root == tmp_path / DEFAULT_STORE
@@ -167,7 +169,7 @@ def test_local_fetch_of_local_uris_copies_nothing(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> str:  # noqa: F811
+def bucket(s3_endpoint: str) -> str:
     name = f"algodock-{uuid.uuid4().hex[:12]}"
     s3_filesystem().mkdir(name)
     return name
@@ -178,7 +180,7 @@ def s3_store(bucket: str) -> S3Store:
     return S3Store(f"s3://{bucket}/stores/main")
 
 
-def test_s3_filesystem_uses_the_aws_environment(s3_endpoint: str) -> None:  # noqa: F811
+def test_s3_filesystem_uses_the_aws_environment(s3_endpoint: str) -> None:
     assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
     assert s3_filesystem().client_kwargs["endpoint_url"] == s3_endpoint
 
@@ -278,7 +280,7 @@ def test_fetch_uri_of_external_s3_inputs(bucket: str, tmp_path: Path) -> None:
             fetch_uri(missing, tmp_path / "in3")
 
 
-def test_s3_missing_bucket_is_an_infrastructure_error(s3_endpoint: str, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_missing_bucket_is_an_infrastructure_error(s3_endpoint: str, tmp_path: Path) -> None:
     store: Store = S3Store(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/p")
     with pytest.raises(InfrastructureError, match="does the bucket exist"):
         store.write_json("runs/r/run.json", {})

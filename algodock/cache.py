@@ -1,0 +1,246 @@
+"""Step caching: reuse the outputs of an identical earlier step instead of starting a container.
+
+A step is *identical* to an earlier one when its cache key is equal. The key is the sha256
+of the canonical JSON (sorted keys, no spaces) of::
+
+    {"cache_version": "1",
+     "image_id":   "sha256:…",             # the resolved immutable id, never the tag
+     "command":    [...],
+     "env":        {...},                   # the manifest's container env: it can change behaviour
+     "parameters": {...},                   # after defaults
+     "inputs":     [[slot, sha256], ...],   # sorted by slot; content only, never the URI
+     "input_slots":  [[name, format, multiple], ...],   # what algo_input.json declares
+     "output_slots": [[name, format, multiple, required], ...]}
+
+Left out on purpose: the tag (a moved tag resolves to a new image id, so it misses by
+itself), resource requests, timeouts and scratch size (they bound a run, they do not change
+its result; a run they break fails and is never cached), the input URIs and file names (the
+same bytes from another place are the same input), and the algorithm's name and version (the
+image id already pins the code).
+
+Entries live in the store as ``cache/<key>.json``, written atomically once the step's outputs
+are committed, so every process and host that shares the store shares the cache. An entry
+names the run that produced the outputs and their store-relative paths; a hit reuses those
+outputs in place (nothing is copied) after checking that each is still there and committed.
+
+A retried flow run keeps its run id. :class:`StoreCache` built with that ``run_id`` reads the
+run's lineage document as the earlier attempt left it, and hands back a step that already
+succeeded there (same key, outputs still committed) unchanged, even with ``use=False``:
+a retry re-runs only what failed or was skipped.
+
+>>> import tempfile
+>>> from algodock.store import open_store
+>>> cache = StoreCache(open_store(tempfile.mkdtemp()))
+>>> rec = StepRecord(id="a", image_id="sha256:" + "0" * 64, command=["true"])
+>>> cache.lookup(rec, {}) is None, len(rec.cache_key)
+(True, 64)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from algodock.records import InputLineage, LineageDocument, OutputLineage, StepRecord
+from algodock.results import InputBinding
+from algodock.store import Store, cache_rel, lineage_rel
+
+if TYPE_CHECKING:
+    from algodock.contract import Manifest
+
+log = logging.getLogger("algodock.cache")
+
+CACHE_VERSION = "1"
+"""Bumped whenever the key's definition changes, so old entries simply miss."""
+
+REUSABLE = ("succeeded", "cached")
+
+
+class CachedOutput(BaseModel):
+    """One output of a cache entry, by its path relative to the store root."""
+
+    name: str
+    rel: str
+    sha256: str
+    format: str
+    rows: int | None = None
+
+
+class CacheEntry(BaseModel):
+    """``cache/<key>.json``: where the outputs of a finished step with this key are."""
+
+    cache_version: str = CACHE_VERSION
+    key: str
+    run_id: str = Field(description="The run whose step produced (ran for) these outputs.")
+    step_id: str
+    image: str | None = None
+    image_id: str
+    repo_digest: str | None = None
+    outputs: list[CachedOutput]
+    log_rel: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    exit_code: int | None = None
+    created_at: datetime
+
+
+def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest: Manifest | None = None) -> str:
+    """The step's cache key (see the module docstring); ``record.image_id`` must be resolved."""
+    if not record.image_id:
+        raise ValueError(f"step {record.id}: the image must be resolved to its id before the cache key is computed")
+    missing = sorted(slot for slot, b in bindings.items() if not b.sha256)
+    if missing:
+        raise ValueError(f"step {record.id}: inputs {', '.join(missing)} have no sha256 yet")
+    doc: dict[str, Any] = {
+        "cache_version": CACHE_VERSION,
+        "image_id": record.image_id,
+        "command": list(record.command),
+        "parameters": record.parameters,
+        "inputs": sorted([slot, b.sha256] for slot, b in bindings.items()),
+    }
+    if manifest is not None:
+        cp = manifest.container_parameters
+        doc["env"] = dict(cp.env)
+        doc["input_slots"] = sorted([s.name, s.format, s.multiple] for s in manifest.inputs)
+        doc["output_slots"] = sorted([s.name, s.format, s.multiple, s.required] for s in manifest.outputs)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def store_rel(store: Store, uri: str) -> str | None:
+    """``uri`` relative to the store's root, or None when it lives elsewhere."""
+    root = store.uri().rstrip("/")
+    if uri.startswith(root + "/"):
+        return uri[len(root) + 1 :]
+    local = store.local_path()
+    if local is not None and uri.startswith("file://"):
+        from algodock.store import local_path_of
+
+        path = local_path_of(uri)
+        if path is not None and str(path).startswith(str(local) + "/"):
+            return str(path)[len(str(local)) + 1 :]
+    return None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StoreCache:
+    """The cache of one store; ``run_id`` (optional) is the current run, for retried flow runs."""
+
+    def __init__(self, store: Store, run_id: str | None = None) -> None:
+        self.store = store
+        self.run_id = run_id
+        self._earlier: dict[str, StepRecord] = self._earlier_attempt(run_id) if run_id else {}
+
+    def __repr__(self) -> str:
+        return f"StoreCache({self.store!r}, run_id={self.run_id!r})"
+
+    def _earlier_attempt(self, run_id: str) -> dict[str, StepRecord]:
+        """Finished steps of an earlier attempt of this run (read now, before the run rewrites its document)."""
+        raw = self.store.read_json(lineage_rel(run_id))
+        if raw is None:
+            return {}
+        try:
+            doc = LineageDocument.model_validate(raw)
+        except ValidationError as exc:
+            log.warning("run %s: ignoring an unreadable earlier lineage document: %s", run_id, exc)
+            return {}
+        return {s.id: s for s in doc.steps if s.status in REUSABLE and s.cache_key}
+
+    def lookup(
+        self,
+        record: StepRecord,
+        bindings: Mapping[str, InputBinding],
+        *,
+        use: bool = True,
+        manifest: Manifest | None = None,
+    ) -> StepRecord | None:
+        """The record to use instead of running the step, or None (run it).
+
+        Always sets ``record.cache_key``. With ``use=False`` only an earlier attempt of the
+        same run is reused (a retry), never another run's outputs.
+        """
+        record.cache_key = cache_key(record, bindings, manifest)
+        earlier = self._earlier.get(record.id)
+        if earlier is not None and earlier.cache_key == record.cache_key and self._committed(o.uri for o in earlier.outputs):
+            log.info("step %s: kept from the earlier attempt of run %s", record.id, self.run_id)
+            return earlier.model_copy(deep=True)
+        if not use:
+            return None
+        entry = self._entry(record.cache_key)
+        if entry is None:
+            return None
+        uris = [self.store.uri(o.rel) for o in entry.outputs]
+        if not all(self.store.output_exists(o.rel) for o in entry.outputs):
+            log.info("step %s: cache entry %s names outputs of run %s that are gone; running it", record.id, record.cache_key[:12], entry.run_id)
+            return None
+        now = _now()
+        hit = record.model_copy(deep=True)
+        hit.status = "cached"
+        hit.cached_from = entry.run_id
+        hit.inputs = [
+            InputLineage(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
+            for slot, b in sorted(bindings.items())
+        ]
+        hit.outputs = [OutputLineage(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
+        hit.metrics = dict(entry.metrics)
+        hit.log_uri = self.store.uri(entry.log_rel) if entry.log_rel else None
+        hit.exit_code = None  # no container ran for this record
+        hit.failure = None
+        hit.started_at = hit.finished_at = now
+        log.info("step %s: cached, reusing the outputs of run %s", record.id, entry.run_id)
+        return hit
+
+    def remember(self, run_id: str, record: StepRecord) -> None:
+        """Record a succeeded step's committed outputs under its cache key (atomically)."""
+        if record.status != "succeeded" or not record.cache_key or not record.image_id:
+            return
+        outputs = []
+        for o in record.outputs:
+            rel = store_rel(self.store, o.uri)
+            if rel is None:
+                log.warning("step %s: output %s is outside the store; not caching the step", record.id, o.uri)
+                return
+            outputs.append(CachedOutput(name=o.name, rel=rel, sha256=o.sha256, format=o.format, rows=o.rows))
+        entry = CacheEntry(
+            key=record.cache_key,
+            run_id=run_id,
+            step_id=record.id,
+            image=record.image,
+            image_id=record.image_id,
+            repo_digest=record.repo_digest,
+            outputs=outputs,
+            log_rel=store_rel(self.store, record.log_uri) if record.log_uri else None,
+            metrics=record.metrics,
+            exit_code=record.exit_code,
+            created_at=_now(),
+        )
+        self.store.write_json(cache_rel(record.cache_key), entry.model_dump(mode="json"))
+
+    def _entry(self, key: str) -> CacheEntry | None:
+        raw = self.store.read_json(cache_rel(key))
+        if raw is None:
+            return None
+        try:
+            entry = CacheEntry.model_validate(raw)
+        except ValidationError as exc:
+            log.warning("ignoring unreadable cache entry %s: %s", cache_rel(key), exc)
+            return None
+        return entry if entry.cache_version == CACHE_VERSION and entry.key == key else None
+
+    def _committed(self, uris: Any) -> bool:
+        for uri in uris:
+            rel = store_rel(self.store, uri)
+            if rel is None or not self.store.output_exists(rel):
+                return False
+        return True
+
+
+__all__ = ["CACHE_VERSION", "CacheEntry", "CachedOutput", "StoreCache", "cache_key", "store_rel"]

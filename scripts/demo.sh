@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# `make demo`: a Prefect server with its UI (started here when none answers), the example
+# pipeline registered as a scheduled deployment, and one run of it through that server.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${VENV:-.venv}
+PREFECT="$VENV/bin/prefect"
+export PREFECT_API_URL=${PREFECT_API_URL:-http://127.0.0.1:4200/api}
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+UI=${PREFECT_API_URL%/api}
+mkdir -p .algodock
+
+if curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
+  echo "Prefect server answers at $UI"
+else
+  echo "starting a Prefect server with its UI at $UI (log: .algodock/prefect-server.log)"
+  host=$(echo "$UI" | sed -E 's|https?://([^:/]+).*|\1|'); port=$(echo "$UI" | sed -E 's|.*:([0-9]+).*|\1|')
+  setsid nohup "$PREFECT" server start --host "$host" --port "$port" > .algodock/prefect-server.log 2>&1 < /dev/null &
+  echo $! > .algodock/prefect-server.pid
+  for _ in $(seq 1 120); do
+    curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  curl -fsS "$PREFECT_API_URL/health" >/dev/null || { echo "the Prefect server did not start; see .algodock/prefect-server.log" >&2; tail -20 .algodock/prefect-server.log >&2; exit 1; }
+fi
+
+# The scheduled deployment of prefect.yaml (a process work pool; `prefect worker start
+# --pool algodock-local` runs its scheduled runs).
+"$PREFECT" work-pool inspect algodock-local >/dev/null 2>&1 || "$PREFECT" work-pool create algodock-local --type process >/dev/null
+ALGODOCK_HOME="$PWD" "$PREFECT" --no-prompt deploy --all >/dev/null 2>&1 && echo "deployment algodock-pipeline/device-visits-daily registered (daily at 03:00 UTC)" \
+  || echo "note: could not register the deployment (see 'prefect deploy --all')" >&2
+
+echo "running deployments/device-visits-daily.yaml ..."
+set +e
+"$VENV/bin/algodock" run deployments/device-visits-daily.yaml --json > .algodock/demo/run.json
+rc=$?
+set -e
+"$VENV/bin/python" - <<'PY'
+import json, os
+s = json.load(open(".algodock/demo/run.json"))
+ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+print(f"\nrun {s['run_id']}: {s['status']}")
+for step in s["steps"]:
+    outs = ", ".join(f"{o['name']} ({o['rows']} rows) {o['uri']}" for o in step.get("outputs") or [])
+    print(f"  {step['id']:<8} {step['status']:<10} {(step.get('image_id') or '')[:19]}  {outs}")
+print(f"\nWhere to look in the Prefect UI ({ui}):")
+if s.get("flow_run_id"):
+    print(f"  this run, its step tasks, logs and artifacts: {ui}/runs/flow-run/{s['flow_run_id']}")
+print(f"  all runs:        {ui}/runs")
+print(f"  the deployment:  {ui}/deployments  (algodock-pipeline/device-visits-daily)")
+print(f"  assets (lineage): {ui}/assets")
+print(f"Lineage document: {s.get('lineage_uri')}   (algodock lineage {s['run_id']})")
+print("Stop the server with: kill $(cat .algodock/prefect-server.pid)")
+PY
+exit $rc

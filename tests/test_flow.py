@@ -1,0 +1,210 @@
+"""Pipelines through the real Prefect flow, a real Docker engine and real stores.
+
+The algorithms are small Python scripts run in the example image (it has python3 and
+pyarrow), so the parquet hand-off between steps is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, write_manifest
+
+pytestmark = [pytest.mark.docker, pytest.mark.prefect]
+
+PY_IMAGE = "algodock/device-visits:1.0.0"
+
+SCALE = r"""
+import json, os, sys, pyarrow.parquet as pq, pyarrow.compute as pc, pyarrow as pa
+cfg = json.load(open(os.environ["ALGORITHM_INPUT_PATH"]))
+k = cfg["config"]["parameters"]["factor"]
+if k < 0:
+    print("negative factor", file=sys.stderr); sys.exit(3)
+files = [f for d in cfg["input_data"] for f in d["files"]]
+t = pa.concat_tables([pq.read_table(f) for f in files])
+out = pa.table({"x": pc.multiply(t["x"], k)})
+pq.write_table(out, "/work/output/scaled.parquet")
+json.dump({"version": "0.1.0", "status": "success", "output_data": [{"name": "scaled", "format": "parquet", "path": "scaled.parquet"}], "metrics": {"rows": out.num_rows}}, open("/work/output/algo_output.json", "w"))
+print("scaled", out.num_rows)
+"""
+
+SQUARE_PARTS = r"""
+import json, os, pyarrow.parquet as pq, pyarrow.compute as pc
+cfg = json.load(open(os.environ["ALGORITHM_INPUT_PATH"]))
+os.makedirs("/work/output/squared")
+for i, f in enumerate(cfg["input_data"][0]["files"]):
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(0, "x", pc.multiply(t["x"], t["x"])), f"/work/output/squared/part-{i}.parquet")
+print("squared")  # no algo_output.json: the output is found as the folder squared/
+"""
+
+MERGE = r"""
+import json, os, pyarrow.parquet as pq, pyarrow as pa, pyarrow.compute as pc
+cfg = json.load(open(os.environ["ALGORITHM_INPUT_PATH"]))
+by = {d["name"]: pa.concat_tables([pq.read_table(f) for f in d["files"]]) for d in cfg["input_data"]}
+total = pc.sum(by["a"]["x"]).as_py() + pc.sum(by["b"]["x"]).as_py()
+pq.write_table(pa.table({"total": [total], "rows_a": [by["a"].num_rows], "rows_b": [by["b"].num_rows]}), "/work/output/merged.parquet")
+"""
+
+
+def _manifests(d: Path) -> dict[str, Path]:
+    rr = {"cpu_millicore": 500, "memory_gb": 0.5}
+    return {
+        "scale": write_manifest(
+            d / "scale.json", name="scale", image=PY_IMAGE, command=["python3", "-c", SCALE],
+            container={"resource_request": rr, "timeout_seconds": 120},
+            parameters={"type": "object", "properties": {"factor": {"type": "integer", "default": 2}}, "additionalProperties": False},
+            inputs=[{"name": "numbers", "format": "parquet", "multiple": True}],
+            outputs=[{"name": "scaled", "format": "parquet"}],
+        ),
+        "square": write_manifest(
+            d / "square.json", name="square", image=PY_IMAGE, command=["python3", "-c", SQUARE_PARTS],
+            container={"resource_request": rr, "timeout_seconds": 120},
+            inputs=[{"name": "numbers", "format": "parquet", "multiple": True}],
+            outputs=[{"name": "squared", "format": "parquet", "multiple": True}],
+        ),
+        "merge": write_manifest(
+            d / "merge.json", name="merge", image=PY_IMAGE, command=["python3", "-c", MERGE],
+            container={"resource_request": rr, "timeout_seconds": 120},
+            inputs=[{"name": "a", "format": "parquet"}, {"name": "b", "format": "parquet", "multiple": True}],
+            outputs=[{"name": "merged", "format": "parquet"}],
+        ),
+    }
+
+
+def _numbers(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": list(range(1, 51))}), folder / "part-000.parquet")
+    pq.write_table(pa.table({"x": list(range(51, 101))}), folder / "part-001.parquet")
+    return folder
+
+
+def _spec(d: Path, numbers_uri: str, *, factor: int = 2) -> Path:
+    _manifests(d)
+    spec = d / "pipeline.yaml"
+    spec.write_text(
+        f"""
+pipeline_version: "0.1"
+name: fan
+inputs: {{numbers: "{numbers_uri}"}}
+steps:
+  - {{id: double, manifest: scale.json, inputs: {{numbers: inputs.numbers}}, parameters: {{factor: {factor}}}}}
+  - {{id: square, manifest: square.json, inputs: {{numbers: inputs.numbers}}}}
+  - {{id: merge, manifest: merge.json, inputs: {{a: double.scaled, b: square.squared}}}}
+"""
+    )
+    return spec
+
+
+EXPECTED_TOTAL = 2 * sum(range(1, 101)) + sum(x * x for x in range(1, 101))
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    import fsspec
+
+    with fsspec.open(uri, "rb") as fh:
+        return pq.read_table(fh)
+
+
+@pytest.fixture
+def example_image(docker_client) -> str:
+    from algodock.engine import resolve_image
+    from algodock.errors import ImageNotFound
+
+    try:
+        return resolve_image(docker_client, PY_IMAGE, pull=False).id
+    except ImageNotFound:
+        if os.environ.get("CI"):
+            pytest.fail(f"{PY_IMAGE} is missing: `make images` builds it")
+        pytest.skip(f"{PY_IMAGE} is missing: `make images` builds it")
+
+
+def test_fan_out_fan_in_local_store(tmp_path, prefect_harness, example_image):
+    from flows.pipeline import run_pipeline
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
+    store = tmp_path / "store"
+    state = run_pipeline(spec=str(spec), store=str(store), run_id="r1", no_cache=True, return_state=True)
+    assert state.is_completed(), state.message
+    summary = json.loads((store / "runs/r1/run.json").read_text())
+    by = {s["id"]: s for s in summary["steps"]}
+    assert {k: v["status"] for k, v in by.items()} == {"double": "succeeded", "square": "succeeded", "merge": "succeeded"}
+    assert by["double"]["image_id"] == example_image
+    merged = _read_parquet(by["merge"]["outputs"][0]["uri"]).to_pylist()
+    assert merged == [{"total": EXPECTED_TOTAL, "rows_a": 100, "rows_b": 100}]
+    squared = by["square"]["outputs"][0]
+    assert squared["rows"] == 100 and Path(squared["uri"]).is_dir()  # found without algo_output.json
+    assert (store / "runs/r1/steps/double/container.log").read_text().strip() == "scaled 100"
+    # Downstream read upstream outputs in place: the stored file and the staged one were one inode.
+    lineage = json.loads((store / "runs/r1/lineage.json").read_text())
+    merge = next(s for s in lineage["steps"] if s["id"] == "merge")
+    assert {i["name"]: i["produced_by"] for i in merge["inputs"]} == {"a": "double", "b": "square"}
+
+
+def test_failing_middle_step_skips_dependents_keeps_the_rest(tmp_path, prefect_harness, example_image):
+    from flows.pipeline import run_pipeline
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")), factor=-1)
+    store = tmp_path / "store"
+    state = run_pipeline(spec=str(spec), store=str(store), run_id="r2", no_cache=True, return_state=True)
+    assert state.is_failed()
+    summary = json.loads((store / "runs/r2/run.json").read_text())
+    by = {s["id"]: s for s in summary["steps"]}
+    assert by["double"]["status"] == "failed" and by["double"]["failure"]["kind"] == "exit_code"
+    assert "negative factor" in by["double"]["failure"]["message"]
+    assert by["square"]["status"] == "succeeded"  # the independent branch finished
+    assert by["merge"]["status"] == "skipped"
+    assert Path(by["square"]["outputs"][0]["uri"]).is_dir()  # its outputs are kept
+
+
+def test_s3_store_and_s3_input(tmp_path, prefect_harness, example_image, s3_endpoint):
+    import boto3
+
+    from flows.pipeline import run_pipeline
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for bucket in ("raw", "lake"):
+        s3.create_bucket(Bucket=bucket)
+    for part in sorted(_numbers(tmp_path / "numbers").iterdir()):
+        s3.upload_file(str(part), "raw", f"numbers/{part.name}")
+    spec = _spec(tmp_path, "s3://raw/numbers/")
+    state = run_pipeline(spec=str(spec), store="s3://lake/algodock", run_id="r3", no_cache=True, return_state=True)
+    assert state.is_completed(), state.message
+    summary = json.loads(s3.get_object(Bucket="lake", Key="algodock/runs/r3/run.json")["Body"].read())
+    by = {s["id"]: s for s in summary["steps"]}
+    assert all(s["status"] == "succeeded" for s in by.values())
+    merged_uri = by["merge"]["outputs"][0]["uri"]
+    assert merged_uri.startswith("s3://lake/algodock/runs/r3/steps/merge/outputs/")
+    assert _read_parquet(merged_uri).to_pylist() == [{"total": EXPECTED_TOTAL, "rows_a": 100, "rows_b": 100}]
+
+
+def test_cli_run_json_and_bad_spec(tmp_path, prefect_harness, example_image):
+    from prefect.settings import PREFECT_API_URL
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cmd = [sys.executable, "-m", "algodock.cli", "run", str(spec), "--store", str(tmp_path / "store"), "--run-id", "cli1",
+           "--set", "double.factor=3", "--capacity", "cpu_millicore=1000,memory_gb=2", "--json", "--no-cache"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert set(summary) >= {"run_id", "status", "flow_run_id", "lineage_uri", "steps"}
+    assert summary["status"] == "succeeded" and summary["run_id"] == "cli1"
+    merge = next(s for s in summary["steps"] if s["id"] == "merge")
+    total = _read_parquet(merge["outputs"][0]["uri"]).column("total")[0].as_py()
+    assert total == 3 * sum(range(1, 101)) + sum(x * x for x in range(1, 101))
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace("double.scaled", "double.nope"))
+    proc = subprocess.run([sys.executable, "-m", "algodock.cli", "run", str(bad), "--json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    assert "bad.yaml" in proc.stderr and "step merge" in proc.stderr and "nope" in proc.stderr
+    assert json.loads(proc.stdout)["status"] == "failed"

@@ -1,0 +1,645 @@
+"""The sandboxed runner against a real Docker engine (CONTRACT.md §2-4).
+
+Every restriction of §2 is proved from inside the container: a probe script prints what it
+sees as ``PROBE key=value`` lines, and the tests assert on them. Every failure kind of §4 is
+produced through :func:`algodock.runner.run_step`. After each test no container of this
+process is left (the autouse fixture below), whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from algodock import sandbox
+from algodock.contract import Manifest, parse_manifest
+from algodock.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
+from algodock.errors import InfrastructureError
+from algodock.hashing import list_files, sha256_file
+from algodock.results import InputBinding, StepResult
+from algodock.runner import run_step
+from tests.conftest import build_image
+
+pytestmark = pytest.mark.docker
+
+MY_PID_LABEL = f"{LABEL}.pid={os.getpid()}"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def manifest(
+    image: str,
+    script: str | list[str],
+    *,
+    outputs: list[dict[str, Any]] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    parameters: dict[str, Any] | None = None,
+    name: str = "t",
+    **container: Any,
+) -> Manifest:
+    """A manifest running ``script`` with busybox ``sh -c`` (or an argv list as is)."""
+    command = ["sh", "-c", script] if isinstance(script, str) else script
+    doc: dict[str, Any] = {
+        "manifest_version": "0.1",
+        "name": name,
+        "version": "1.0.0",
+        "container_parameters": {"image": image, "command": command, **container},
+        "inputs": inputs or [],
+        "outputs": outputs or [],
+    }
+    if parameters is not None:
+        doc["parameters"] = parameters
+    return parse_manifest(doc)
+
+
+class Run:
+    """One run_step call with its log lines collected."""
+
+    def __init__(self, client: Any, m: Manifest, out: Path, **kw: Any) -> None:
+        self.lines: list[str] = []
+        user_on_log: Callable[[str], None] | None = kw.pop("on_log", None)
+
+        def on_log(line: str) -> None:
+            self.lines.append(line)
+            if user_on_log:
+                user_on_log(line)
+
+        self.out = out
+        t0 = time.monotonic()
+        self.result: StepResult = run_step(m, output_dir=out, client=client, on_log=on_log, **kw)
+        self.elapsed = time.monotonic() - t0
+
+    @property
+    def kind(self) -> str | None:
+        return self.result.failure.kind if self.result.failure else None
+
+    @property
+    def message(self) -> str:
+        return self.result.failure.message if self.result.failure else ""
+
+    def probe(self) -> dict[str, str]:
+        facts = {}
+        for line in self.lines:
+            if line.startswith("PROBE "):
+                key, _, value = line[len("PROBE ") :].partition("=")
+                facts[key] = value.strip()
+        return facts
+
+
+def assert_gone(client: Any, result: StepResult) -> None:
+    from docker.errors import NotFound
+
+    assert result.container_id, "no container was created"
+    with pytest.raises(NotFound):
+        client.containers.get(result.container_id)
+
+
+@pytest.fixture(autouse=True)
+def no_container_left(docker_client: Any) -> Iterator[None]:
+    """Every container this process started is removed, after success and after every failure."""
+    yield
+    left = docker_client.containers.list(all=True, filters={"label": [f"{MANAGED_LABEL}=true", MY_PID_LABEL]})
+    for c in left:
+        c.remove(force=True)
+    assert not left, f"containers left behind: {[c.name for c in left]}"
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+# ------------------------------------------------------------------ the probe
+
+PROBE = r"""
+p() { echo "PROBE $1=$2"; }
+p uid "$(id -u)"; p gid "$(id -g)"
+p sysnet "$(ls /sys/class/net | tr '\n' ' ')"
+p netdev "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
+p route "$(tail -n +2 /proc/net/route | wc -l)"
+nc -w 2 127.0.0.1 "$PORT" </dev/null >/dev/null 2>&1; p nc_localhost $?
+nc -w 2 "$GATEWAY" "$PORT" </dev/null >/dev/null 2>&1; p nc_gateway $?
+wget -q -T 2 -O /dev/null "http://$GATEWAY:$PORT/" >/dev/null 2>&1; p wget_gateway $?
+for t in /probe /etc/probe /bin/probe /work/probe /work/input/probe /work/input/data/probe /work/output/probe /tmp/probe; do
+  (echo x > "$t") 2>/dev/null; p "write:$t" $?
+done
+(echo x > /work/algo_input.json) 2>/dev/null; p write:/work/algo_input.json $?
+(echo x >> /work/input/data/data.csv) 2>/dev/null; p append:/work/input/data/data.csv $?
+rm -f /work/input/data/data.csv 2>/dev/null; p rm:/work/input/data/data.csv $?
+mkdir /work/newdir 2>/dev/null; p mkdir:/work/newdir $?
+(echo x > /bin/busybox) 2>/dev/null; p write:/bin/busybox $?
+p tmp_kb "$(df -k /tmp | tail -1 | awk '{print $2}')"
+dd if=/dev/zero of=/tmp/fill bs=1M count=$((SCRATCH + 4)) 2>/dev/null; p tmp_fill $?
+p tmp_fill_kb "$(du -k /tmp/fill | cut -f1)"
+rm -f /tmp/fill
+p output_owner "$(stat -c %u:%g /work/output)"
+grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status | while read -r k v; do p "${k%:}" "$v"; done
+p pids_max "$(cat /sys/fs/cgroup/pids/pids.max)"
+p cfs_quota "$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)"
+p cfs_period "$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+p mem_limit "$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
+p memsw_limit "$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null || echo absent)"
+p input_path "$ALGORITHM_INPUT_PATH"
+p algo_input "$(tr -d '\n ' < "$ALGORITHM_INPUT_PATH")"
+p data_inode "$(stat -c %i /work/input/data/data.csv)"
+p data "$(tr '\n' ';' < /work/input/data/data.csv)"
+for m in / /work/algo_input.json /work/input /work/output /tmp; do
+  p "mount:$m" "$(awk -v m="$m" '$2 == m {print $4}' /proc/mounts | cut -d, -f1)"
+done
+"""
+
+SCRATCH_MB = 8
+
+
+class Listener:
+    """A TCP server on every host address, counting connections (none may come from the sandbox)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("0.0.0.0", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def listener() -> Iterator[Listener]:
+    server = Listener()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(docker_client: Any, busybox_image: str) -> str:
+    """The host's address as a container on the default bridge network sees it."""
+    route = docker_client.containers.run(busybox_image, ["sh", "-c", "ip route | awk '/^default/ {print $3}'"], network_mode="bridge", remove=True)
+    address = route.decode().strip()
+    assert address, "no default route on the bridge network"
+    return address
+
+
+@pytest.fixture(scope="module")
+def probe(docker_client: Any, busybox_image: str, listener: Listener, gateway: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One sandboxed run of the probe (image without USER, i.e. root): what it saw, and the host side."""
+    base = tmp_path_factory.mktemp("probe")
+    data = base / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    m = manifest(
+        busybox_image,
+        PROBE,
+        inputs=[{"name": "data", "format": "csv"}],
+        parameters={"type": "object", "properties": {"n": {"type": "integer", "default": 7}}},
+        env={"PORT": str(listener.port), "GATEWAY": gateway, "SCRATCH": str(SCRATCH_MB)},
+        resource_request={"cpu_millicore": 500, "memory_gb": 0.25},
+        scratch_mb=SCRATCH_MB,
+    )
+    run = Run(docker_client, m, base / "out", inputs={"data": data}, run_id="probe-run", step_id="probe-step", attempt=3)
+    return {
+        "facts": run.probe(),
+        "run": run,
+        "data": data,
+        "data_inode": data.stat().st_ino,
+        "out": base / "out",
+        "accepted": listener.accepted,
+        "lines": run.lines,
+    }
+
+
+def test_probe_run_succeeded(probe: dict[str, Any], busybox_image: str) -> None:
+    r = probe["run"].result
+    assert r.ok, r.failure
+    assert r.image_id == busybox_image and r.repo_digest is None
+    assert len(probe["facts"]) > 40, probe["lines"]
+
+
+def test_no_network(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert f["sysnet"].split() == ["lo"]
+    assert f["netdev"].split() == ["lo"]
+    assert f["route"] == "0", "a network without routes"
+    assert f["nc_localhost"] != "0", "the host's listener must not be reachable as 127.0.0.1"
+    assert f["nc_gateway"] != "0" and f["wget_gateway"] != "0", "the host must not be reachable through the bridge"
+    assert probe["accepted"] == 0
+
+
+def test_the_network_probe_would_notice_a_network(docker_client: Any, busybox_image: str, listener: Listener, gateway: str) -> None:
+    """Control: the same probe with the default bridge network does reach the host listener."""
+    before = listener.accepted
+    output = docker_client.containers.run(
+        busybox_image,
+        ["sh", "-c", f'nc -w 2 {gateway} {listener.port} </dev/null >/dev/null; echo "nc=$?"'],
+        network_mode="bridge",
+        remove=True,
+    )
+    assert b"nc=0" in output
+    assert listener.accepted == before + 1
+
+
+@pytest.mark.parametrize("path", ["/probe", "/etc/probe", "/bin/probe", "/bin/busybox", "/work/probe", "/work/input/probe", "/work/input/data/probe", "/work/algo_input.json"])
+def test_read_only_everywhere_but_output_and_tmp(probe: dict[str, Any], path: str) -> None:
+    assert probe["facts"][f"write:{path}"] != "0", f"{path} was writable"
+
+
+def test_output_and_tmp_are_writable(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert f["write:/work/output/probe"] == "0" and f["write:/tmp/probe"] == "0"
+    assert (probe["out"] / "probe").read_text() == "x\n"
+    assert f["mount:/"] == "ro"
+    assert f["mount:/work/algo_input.json"] == "ro" and f["mount:/work/input"] == "ro"
+    assert f["mount:/work/output"] == "rw" and f["mount:/tmp"] == "rw"
+    assert f["mkdir:/work/newdir"] != "0"
+
+
+def test_inputs_are_hardlinked_and_read_only_inside(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert f["append:/work/input/data/data.csv"] != "0" and f["rm:/work/input/data/data.csv"] != "0"
+    assert int(f["data_inode"]) == probe["data_inode"], "same inode: hardlinked, not copied"
+    assert f["data"] == "a,b;1,2;", "readable"
+    assert probe["data"].read_text() == "a,b\n1,2\n", "the source is untouched"
+    [rec] = probe["run"].result.inputs
+    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest() and rec.files == ("/work/input/data/data.csv",)
+
+
+def test_algo_input_as_the_container_reads_it(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert f["input_path"] == "/work/algo_input.json"
+    doc = json.loads(f["algo_input"])
+    assert doc["config"] == {"parameters": {"n": 7}}, "defaults filled before the run"
+    assert doc["input_data"][0]["files"] == ["/work/input/data/data.csv"]
+    assert doc["output_path"] == "/work/output" and doc["input_data_path"] == "/work/input"
+
+
+def test_tmp_is_a_tmpfs_of_scratch_mb(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert int(f["tmp_kb"]) == SCRATCH_MB * 1024
+    assert f["tmp_fill"] != "0", "writing past scratch_mb must fail"
+    assert int(f["tmp_fill_kb"]) <= SCRATCH_MB * 1024
+
+
+def test_never_root_and_owns_the_output(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert (f["uid"], f["gid"]) == (str(sandbox.UNPRIVILEGED_UID), str(sandbox.UNPRIVILEGED_UID))
+    assert f["output_owner"] == f"{f['uid']}:{f['gid']}"
+    st = probe["out"].stat()
+    assert (st.st_uid, st.st_gid) == (sandbox.UNPRIVILEGED_UID, sandbox.UNPRIVILEGED_UID)
+
+
+def test_no_capabilities_and_no_new_privileges(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(f[cap], 16) == 0, f"{cap}={f[cap]}"
+    assert f["NoNewPrivs"] == "1"
+
+
+def test_cgroup_limits(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    assert int(f["pids_max"]) == sandbox.PIDS_LIMIT
+    assert int(f["cfs_quota"]) / int(f["cfs_period"]) == 500 / 1000
+    assert int(f["mem_limit"]) == int(0.25 * 1024**3)
+    if f["memsw_limit"] != "absent":  # swap accounting is off on some kernels
+        assert int(f["memsw_limit"]) == int(0.25 * 1024**3), "swap equal to memory: no swap beyond the limit"
+
+
+def test_pids_limit_stops_a_fork_bomb(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "PIDS_LIMIT", 16)
+    script = "p=0; for i in $(seq 1 40); do sleep 30 & p=$((p+1)); done; echo spawned=$p; exit 0"
+    run = Run(docker_client, manifest(busybox_image, script, timeout_seconds=20), out)
+    assert run.kind == "exit_code", run.lines
+    assert "can't fork" in run.message
+    assert not any(line.startswith("spawned=") for line in run.lines)
+    assert run.elapsed < 15
+
+
+def test_labels_identity_and_engine_settings_while_running(docker_client: Any, busybox_image: str, out: Path) -> None:
+    """Seen from a log callback while the container exists: labels, the image id, the host config."""
+    seen: dict[str, Any] = {}
+
+    def on_log(line: str) -> None:
+        if line == "MARKER":
+            found = docker_client.containers.list(all=True, filters={"label": f"{LABEL}.run_id=run-labels"})
+            seen["containers"] = found
+            if found:
+                found[0].reload()
+                seen["attrs"] = found[0].attrs
+
+    m = manifest(busybox_image, "echo MARKER", resource_request={"cpu_millicore": 1500, "memory_gb": 0.5}, scratch_mb=16)
+    run = Run(docker_client, m, out, run_id="run-labels", step_id="label-step", attempt=2, on_log=on_log)
+    assert run.result.ok, run.result.failure
+    assert len(seen["containers"]) == 1
+    attrs = seen["attrs"]
+    labels = attrs["Config"]["Labels"]
+    assert labels[f"{LABEL}.run_id"] == "run-labels"
+    assert labels[f"{LABEL}.step_id"] == "label-step"
+    assert labels[f"{LABEL}.attempt"] == "2"
+    assert labels[MANAGED_LABEL] == "true" and labels[f"{LABEL}.pid"] == str(os.getpid())
+    assert attrs["Image"] == busybox_image and attrs["Config"]["Image"] == busybox_image, "run by id, not by tag"
+    hc = attrs["HostConfig"]
+    assert hc["NetworkMode"] == "none" and hc["ReadonlyRootfs"] is True
+    assert hc["CapDrop"] == ["ALL"] and "no-new-privileges" in hc["SecurityOpt"]
+    assert hc["NanoCpus"] == 1_500_000_000 and hc["Memory"] == hc["MemorySwap"] == 512 * 1024**2
+    assert hc["PidsLimit"] == sandbox.PIDS_LIMIT and not hc.get("Privileged")
+    assert "size=16m" in hc["Tmpfs"]["/tmp"]
+    assert not hc.get("DeviceRequests"), "no GPU unless asked for"
+    mounts = {mt["Target"]: mt for mt in hc["Mounts"]}
+    assert mounts["/work/algo_input.json"]["ReadOnly"] and mounts["/work/input"]["ReadOnly"]
+    assert not mounts["/work/output"].get("ReadOnly") and mounts["/work/output"]["Source"] == str(out)
+    assert_gone(docker_client, run.result)
+
+
+def test_gpu_becomes_a_device_request_only_when_asked(tmp_path: Path) -> None:
+    cp = manifest("x:1", "true", resource_request={"gpu": 2}).container_parameters
+    cfg = sandbox.container_config(cp, image_id="sha256:" + "0" * 64, user="1:1", work_dir=tmp_path, output_dir=tmp_path, labels={})
+    [req] = cfg["device_requests"]
+    assert req["Count"] == 2 and req["Capabilities"] == [["gpu"]]
+    cp0 = manifest("x:1", "true").container_parameters
+    assert "device_requests" not in sandbox.container_config(cp0, image_id="x", user="1:1", work_dir=tmp_path, output_dir=tmp_path, labels={})
+
+
+# ------------------------------------------------------------------ who the container runs as
+
+USER_PROBE = 'echo "PROBE uid=$(id -u)"; echo "PROBE gid=$(id -g)"; echo "PROBE owner=$(stat -c %u:%g /work/output)"; touch /work/output/ok'
+PASSWD = b"root:x:0:0:root:/root:/bin/sh\ntoor:x:0:0:another root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n"
+
+
+@pytest.fixture(scope="module")
+def user_images(docker_client: Any, busybox_image: str) -> dict[str, str]:
+    images = {}
+    for tag, user in [("user-0", "0"), ("user-root", "root"), ("user-1000", "1000"), ("user-1000-0", "1000:0"), ("user-app", "app"), ("user-toor", "toor"), ("user-ghost", "ghost")]:
+        images[user] = build_image(
+            docker_client,
+            f"algodock-test/{tag}:1",
+            f"FROM {busybox_image}\nCOPY passwd /etc/passwd\nUSER {user}\n",
+            {"passwd": PASSWD},
+        )
+    return images
+
+
+@pytest.mark.parametrize(
+    ("user", "uid", "gid"),
+    [
+        ("0", 10001, 10001),
+        ("root", 10001, 10001),
+        ("1000", 1000, 1000),
+        ("1000:0", 1000, 1000),
+        ("app", 1234, 2345),
+        ("toor", 10001, 10001),
+        ("ghost", 10001, 10001),
+    ],
+    ids=["USER-0", "USER-root", "USER-1000", "USER-1000-group-0", "USER-named", "USER-name-of-uid-0", "USER-unknown-name"],
+)
+def test_never_uid_0_whatever_the_image_says(docker_client: Any, user_images: dict[str, str], out: Path, user: str, uid: int, gid: int) -> None:
+    run = Run(docker_client, manifest(user_images[user], USER_PROBE), out)
+    assert run.result.ok, (run.result.failure, run.lines)
+    f = run.probe()
+    assert (int(f["uid"]), int(f["gid"])) == (uid, gid)
+    assert f["owner"] == f"{uid}:{gid}", "the output folder belongs to the container's user"
+    assert (out.stat().st_uid, out.stat().st_gid) == (uid, gid)
+    assert (out / "ok").stat().st_uid == uid
+
+
+# ------------------------------------------------------------------ failure kinds (§4)
+
+
+def _create_events(client: Any, since: float, run_id: str) -> list[dict[str, Any]]:
+    """The engine's own record of containers created for ``run_id`` between ``since`` and now."""
+    filters = {"type": "container", "event": "create", "label": f"{LABEL}.run_id={run_id}"}
+    return list(client.events(since=f"{since:.6f}", until=f"{time.time():.6f}", decode=True, filters=filters))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "params", "expected"),
+    [
+        ({"data": "data.csv"}, {"n": "five"}, "parameters.n: 'five' is not of type 'integer'"),
+        ({"data": "data.csv"}, {"m": 1}, "Additional properties are not allowed ('m' was unexpected)"),
+        ({}, {}, "inputs.data: required input is missing"),
+        ({"data": "data.csv", "other": "data.csv"}, {}, "inputs.other: the manifest declares no input slot 'other'"),
+        ({"data": "absent.csv"}, {}, "inputs.data: "),
+    ],
+    ids=["param-type", "param-unknown", "required-input-missing", "unknown-slot", "input-path-absent"],
+)
+def test_invalid_input_starts_no_container(
+    docker_client: Any, busybox_image: str, tmp_path: Path, inputs: dict[str, str], params: dict[str, Any], expected: str
+) -> None:
+    (tmp_path / "data.csv").write_text("a\n")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "default": 1}}, "additionalProperties": False}
+    bindings = {k: tmp_path / v for k, v in inputs.items()}
+    run_id = f"invalid-{os.urandom(4).hex()}"
+    since = time.time()
+    def step(image: str) -> Manifest:
+        return manifest(image, "touch /work/output/ran", inputs=[{"name": "data", "format": "csv"}], parameters=schema)
+
+    for image in (busybox_image, "algodock-test/does-not-exist:1"):  # the missing image is never even looked up
+        run = Run(docker_client, step(image), tmp_path / f"out-{len(image)}", inputs=bindings, parameters=params, run_id=run_id)
+        assert run.kind == "invalid_input", run.result.failure
+        assert expected in run.message
+        assert run.result.container_id is None and run.result.image_id is None
+        assert not (tmp_path / f"out-{len(image)}" / "ran").exists()
+    assert _create_events(docker_client, since, run_id) == []
+    # Control: a valid run of the same step is seen by the same query.
+    ok = Run(docker_client, step(busybox_image), tmp_path / "out-ok", inputs={"data": tmp_path / "data.csv"}, run_id=run_id)
+    assert ok.result.ok, ok.result.failure
+    assert len(_create_events(docker_client, since, run_id)) == 1
+
+
+def test_non_empty_output_folder_is_invalid_input(docker_client: Any, busybox_image: str, out: Path) -> None:
+    out.mkdir()
+    (out / "stale.csv").write_text("old")
+    run = Run(docker_client, manifest(busybox_image, "true"), out)
+    assert run.kind == "invalid_input" and "is not empty" in run.message
+    assert run.result.container_id is None
+
+
+@pytest.mark.parametrize("image", ["algodock-test/does-not-exist:1", "sha256:" + "0" * 64, "localhost:1/none/such@sha256:" + "1" * 64])
+def test_image_not_found(docker_client: Any, out: Path, image: str) -> None:
+    run = Run(docker_client, manifest(image, "true"), out)
+    assert run.kind == "image_not_found", run.result.failure
+    assert image in run.message
+    assert run.result.container_id is None
+
+
+def test_exit_code_carries_the_log_tail(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = 'for i in $(seq 1 100); do echo "noise $i"; done; echo "fatal: the disk is on fire" >&2; exit 3'
+    run = Run(docker_client, manifest(busybox_image, script), out)
+    assert run.kind == "exit_code"
+    assert run.result.exit_code == 3 and run.result.failure.exit_code == 3
+    assert "exited with code 3" in run.message and "fatal: the disk is on fire" in run.message
+    assert "noise 100" in run.message and "noise 1\n" not in run.message, "only the tail"
+    assert run.result.log_tail[-1] == "fatal: the disk is on fire"
+    assert run.lines[0] == "noise 1" and run.lines[-1] == "fatal: the disk is on fire", "streamed to the logger in order"
+    assert run.result.started_at and run.result.finished_at and run.result.started_at <= run.result.finished_at
+    assert_gone(docker_client, run.result)
+
+
+def test_exit_0_with_a_failure_status_is_a_failure(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = 'echo \'{"status": "failure", "message": "no pings in range"}\' > /work/output/algo_output.json'
+    run = Run(docker_client, manifest(busybox_image, script), out)
+    assert run.kind == "exit_code" and "no pings in range" in run.message
+    assert run.result.exit_code == 0
+
+
+def test_timeout_kills_the_container(docker_client: Any, busybox_image: str, out: Path) -> None:
+    run = Run(docker_client, manifest(busybox_image, "echo started; sleep 60; echo never", timeout_seconds=1), out)
+    assert run.kind == "timeout", run.result.failure
+    assert "timeout_seconds=1" in run.message
+    assert run.elapsed < 15, f"took {run.elapsed:.1f}s: the container was not killed"
+    assert run.result.exit_code == 137, "killed, not stopped politely"
+    assert run.lines == ["started"]
+    assert_gone(docker_client, run.result)
+
+
+@pytest.mark.parametrize(
+    "hog",
+    ["tail /dev/zero", "yes 0123456789abcdef | head -c 200000000 | sh -c 'x=$(cat); echo ${#x}'"],
+    ids=["tail-dev-zero", "pipe-into-a-variable"],
+)
+def test_oom(docker_client: Any, busybox_image: str, out: Path, hog: str) -> None:
+    run = Run(docker_client, manifest(busybox_image, hog, resource_request={"memory_gb": 0.0625}, timeout_seconds=60), out)
+    assert run.kind == "oom", (run.result.failure, run.lines[-5:])
+    assert "memory limit of 0.0625 GB" in run.message
+    assert run.elapsed < 50
+    assert_gone(docker_client, run.result)
+
+
+ESCAPES = {
+    "absolute-path": ('echo x > /work/output/v.csv; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "/etc/passwd"}]}\' > /work/output/algo_output.json', "must be relative"),
+    "dotdot": ('echo \'{"output_data": [{"name": "v", "format": "csv", "path": "../algo_input.json"}]}\' > /work/output/algo_output.json', "without '..'"),
+    "symlink-to-etc-passwd": ('ln -s /etc/passwd /work/output/v.csv; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "v.csv"}]}\' > /work/output/algo_output.json', "leads outside"),
+    "symlink-to-root": ('ln -s / /work/output/v; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "v"}]}\' > /work/output/algo_output.json', "leads outside"),
+    "symlinked-folder-leading-out": ('ln -s /etc /work/output/d; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "d/passwd"}]}\' > /work/output/algo_output.json', "leads outside"),
+    "symlink-inside-a-folder-output": ("mkdir /work/output/v; echo a > /work/output/v/a.csv; ln -s /etc/shadow /work/output/v/b.csv", "v/b.csv is a symlink leading outside"),
+    "malformed-json": ('echo \'{"output_data": [\' > /work/output/algo_output.json', "not valid JSON"),
+    "algo-output-is-a-symlink": ("echo x > /work/output/v.csv; ln -s /work/algo_input.json /work/output/algo_output.json", "must be a regular file"),
+    "wrong-shape": ('echo x > /work/output/v.csv; echo \'{"output_data": [{"name": "v", "format": "csv"}]}\' > /work/output/algo_output.json', "output_data.0.path"),
+}
+
+
+@pytest.mark.parametrize(("script", "expected"), list(ESCAPES.values()), ids=list(ESCAPES))
+def test_invalid_output(docker_client: Any, busybox_image: str, out: Path, script: str, expected: str) -> None:
+    run = Run(docker_client, manifest(busybox_image, script, outputs=[{"name": "v", "format": "csv"}]), out)
+    assert run.kind == "invalid_output", (run.result.failure, run.lines)
+    assert expected in run.message
+    assert run.result.outputs == []
+    assert_gone(docker_client, run.result)
+
+
+def test_missing_output(docker_client: Any, busybox_image: str, out: Path) -> None:
+    m = manifest(busybox_image, "echo x > /work/output/v.json", outputs=[{"name": "v", "format": "csv"}])
+    run = Run(docker_client, m, out)
+    assert run.kind == "missing_output"
+    assert "required output 'v' was not produced" in run.message and "v.csv nor v/" in run.message
+    assert_gone(docker_client, run.result)
+
+
+def test_outputs_found_by_name_without_algo_output(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = "echo a,b > /work/output/table.csv; mkdir -p /work/output/parts/sub; echo 1 > /work/output/parts/p0; echo 2 > /work/output/parts/sub/p1"
+    outputs = [{"name": "table", "format": "csv"}, {"name": "parts", "format": "binary", "multiple": True}, {"name": "opt", "format": "json", "required": False}]
+    run = Run(docker_client, manifest(busybox_image, script, outputs=outputs), out)
+    assert run.result.ok, run.result.failure
+    table, parts = run.result.outputs
+    assert table.path == out / "table.csv" and table.sha256 == hashlib.sha256(b"a,b\n").hexdigest()
+    assert parts.path == out / "parts" and parts.multiple
+    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()}  {r}\n" for r in ["p0", "sub/p1"])
+    assert list_files(out / "parts") == ["p0", "sub/p1"]
+    assert parts.sha256 == hashlib.sha256(listing.encode()).hexdigest(), "the folder hash of algodock/hashing.py"
+
+
+def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in" / "pings.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.table({"device": ["a"] * 321, "t": list(range(321))}), src)
+    script = 'cp /work/input/pings/pings.parquet /work/output/visits-x.parquet && echo \'{"status": "success", "output_data": [{"name": "visits", "format": "parquet", "path": "visits-x.parquet"}], "metrics": {"rows": 321}, "message": "done"}\' > /work/output/algo_output.json'
+    m = manifest(busybox_image, script, inputs=[{"name": "pings", "format": "parquet"}], outputs=[{"name": "visits", "format": "parquet"}])
+    run = Run(docker_client, m, tmp_path / "out", inputs={"pings": InputBinding(slot="pings", path=src, uri="s3://raw/pings.parquet", produced_by="up")})
+    assert run.result.ok, run.result.failure
+    [o] = run.result.outputs
+    assert o.rows == 321 and o.format == "parquet"
+    assert o.sha256 == hashlib.sha256((tmp_path / "out" / "visits-x.parquet").read_bytes()).hexdigest() == sha256_file(src)
+    assert run.result.metrics == {"rows": 321} and run.result.message == "done"
+    [i] = run.result.inputs
+    assert (i.uri, i.produced_by, i.sha256) == ("s3://raw/pings.parquet", "up", sha256_file(src))
+    summary = run.result.summary()
+    assert summary["outputs"] == [{"name": "visits", "uri": str(o.path), "sha256": o.sha256, "format": "parquet", "rows": 321}]
+
+
+def test_infrastructure_when_the_engine_is_unreachable(busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from algodock.engine import docker_client as connect
+
+    with pytest.raises(InfrastructureError, match="No Docker engine answers at unix:///nonexistent.sock"):
+        connect("unix:///nonexistent.sock")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    result = run_step(manifest(busybox_image, "true"), output_dir=out)
+    assert result.failure is not None and result.failure.kind == "infrastructure"
+    assert result.failure.retryable
+    assert "nonexistent.sock" in result.failure.message
+
+
+# ------------------------------------------------------------------ cleanup and logs
+
+
+def test_sweep_removes_containers_of_dead_processes_only(docker_client: Any, busybox_image: str) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan_labels = {**container_labels("crashed-run", "s", 1), f"{LABEL}.pid": str(dead.pid), f"{LABEL}.pid_start": "1"}
+    live_labels = container_labels("live-run", "s", 1)
+    orphan = docker_client.containers.create(busybox_image, ["true"], labels=orphan_labels)
+    live = docker_client.containers.create(busybox_image, ["true"], labels=live_labels)
+    try:
+        removed = sweep_orphans(docker_client)
+        assert orphan.name in removed and live.name not in removed
+        names = {c.name for c in docker_client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})}
+        assert orphan.name not in names and live.name in names
+    finally:
+        for c in (orphan, live):
+            try:
+                c.remove(force=True)
+            except Exception:
+                pass
+
+
+def test_log_flood_is_bounded_in_memory_and_whole_on_disk(docker_client: Any, busybox_image: str, tmp_path: Path) -> None:
+    size = 50_000_000
+    line = b"0123456789012345678901234567890123456789\n"
+    script = f"yes 0123456789012345678901234567890123456789 | head -c {size}; echo; echo the-end"
+    log_path = tmp_path / "logs" / "step.log"
+    emit_limit = 256 * 1024
+    run = Run(docker_client, manifest(busybox_image, script), tmp_path / "out", log_path=log_path, emit_limit=emit_limit)
+    assert run.result.ok, run.result.failure
+    shown = sum(len(s) + 1 for s in run.lines[:-1])
+    assert shown <= emit_limit + len(line) and len(run.lines) < emit_limit // len(line) + 10
+    assert run.lines[-1].startswith(f"[algodock] log output past {emit_limit} bytes is not shown here; the full log is in {log_path}")
+    assert run.result.log_tail[-1] == "the-end", "the tail is still kept"
+    expected = hashlib.sha256()
+    whole, rest = divmod(size, len(line))
+    for _ in range(whole // 1000):
+        expected.update(line * 1000)
+    expected.update(line * (whole % 1000) + line[:rest] + b"\nthe-end\n")
+    assert log_path.stat().st_size == size + len(b"\nthe-end\n")
+    assert sha256_file(log_path) == expected.hexdigest(), "the log file has every byte"
