@@ -61,7 +61,7 @@ class StepFailed(Exception):
         failure = record.failure or Failure(kind="infrastructure", message="unknown failure")
         super().__init__(f"step {record.id} failed ({failure.kind}): {failure.message}")
         self.record = record
-        self.kind = failure.kind
+        self.kind = "cancelled" if failure.message.startswith("cancelled:") else failure.kind
 
 
 def _retry_condition(max_user_retries: int):
@@ -90,6 +90,9 @@ def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord]
         on_log=logger.info,
         task_run_id=str(task_run.id) if task_run.id else None,
     )
+    if record.status == "failed" and ctx.cancel.is_set():
+        assert record.failure is not None
+        record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
     if record.status == "failed":
         assert record.failure is not None
