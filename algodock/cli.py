@@ -261,5 +261,10 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     sys.exit(0 if summary["status"] == "succeeded" else 1)
 
 
+from algodock.lineage import lineage_cli  # noqa: E402  (the `algodock lineage` group)
+
+main.add_command(lineage_cli)
+
+
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from algodock import openlineage
 from algodock.capacity import Cancelled, ResourcePool
 from algodock.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
@@ -55,7 +56,9 @@ class RunContext:
     use_cache: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
     cache: Any = None
-    """An object with ``lookup(record, key) -> StepRecord | None`` and ``remember(record)`` (see algodock.cache)."""
+    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.cache)."""
+    flow_run_id: str | None = None
+    """The Prefect flow-run id, when there is one (the parent run of the steps' OpenLineage events)."""
     _external: dict[str, InputBinding] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -127,14 +130,17 @@ def execute_step(
     )
     scratch = ctx.scratch / f"{step_id}-{attempt}-{uuid.uuid4().hex[:6]}"
     scratch.mkdir(parents=True, exist_ok=True)
+    events = openlineage.step_started(ctx, record, upstream)  # START now, COMPLETE/FAIL below; a no-op when unconfigured
     try:
-        return _execute(ctx, step_id, upstream, record, scratch, attempt, on_log)
+        record = _execute(ctx, step_id, upstream, record, scratch, attempt, on_log)
+        return record
     except StepFailure as failure:
         record.status = "failed"
         record.failure = Failure(**failure.as_dict())
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        events.finished(record)
 
 
 def _execute(
@@ -152,7 +158,7 @@ def _execute(
     record.image_id, record.repo_digest = image.id, image.repo_digest
 
     if ctx.cache is not None:
-        hit = ctx.cache.lookup(record, bindings, use=ctx.use_cache)
+        hit = ctx.cache.lookup(record, bindings, use=ctx.use_cache, manifest=manifest)
         if hit is not None:
             return hit
 

@@ -428,6 +428,13 @@ _store_option = click.option("--store", metavar="URI", help="Local folder or s3:
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)  # piped: do not squeeze hashes into 80 columns
+
+
 def _fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(1)
@@ -457,9 +464,7 @@ def show_cmd(run_id: str, store: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc.model_dump(mode="json"), indent=2))
         return
-    from rich.console import Console
-
-    render_document(doc, Console(soft_wrap=False))
+    render_document(doc, _console())
 
 
 @lineage_cli.command("trace")
@@ -479,9 +484,7 @@ def trace_cmd(path_or_uri: str, store: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from rich.console import Console
-
-    render_trace(result, Console(soft_wrap=False))
+    render_trace(result, _console())
 
 
 @lineage_cli.command("verify")

@@ -3,7 +3,9 @@
 The container's stdout and stderr are read through the engine's attach stream in large
 chunks. The full bytes go to ``log_path`` (when given); complete lines go to ``on_line``
 until ``emit_limit`` bytes were emitted (then one notice); the last ``tail_bytes`` are kept
-for the failure message. Memory stays bounded whatever the container prints.
+for the failure message, and those of stderr apart: the engine copies the two streams
+independently, so a last word on stderr can arrive before the last lines of stdout.
+Memory stays bounded whatever the container prints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ MAX_LINE = 16 * 1024
 
 
 class LogPump:
-    """Consumes an iterable of byte chunks in a thread."""
+    """Consumes an iterable of byte chunks, or ``(stdout, stderr)`` pairs with one None, in a thread."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class LogPump:
         self._emit_limit = emit_limit
         self._tail_bytes = tail_bytes
         self._tail = bytearray()
+        self._err_tail = bytearray()
         self._partial = bytearray()
         self.emitted = 0
         self.total = 0
@@ -69,14 +72,17 @@ class LogPump:
                 self._log_path.parent.mkdir(parents=True, exist_ok=True)
                 sink = open(self._log_path, "wb")
             for chunk in self._chunks:
+                if isinstance(chunk, tuple):  # demultiplexed: (stdout, None) or (None, stderr)
+                    out, err = chunk
+                    chunk = out or err
+                    if err:
+                        self._keep(self._err_tail, err)
                 if not chunk:
                     continue
                 self.total += len(chunk)
                 if sink is not None:
                     sink.write(chunk)
-                self._tail += chunk
-                if len(self._tail) > 2 * self._tail_bytes:
-                    del self._tail[: -self._tail_bytes]
+                self._keep(self._tail, chunk)
                 self._emit(chunk)
             if self._partial and self._on_line is not None and self.emitted < self._emit_limit:
                 self._on_line(self._partial.decode("utf-8", "replace"))
@@ -86,7 +92,17 @@ class LogPump:
             if sink is not None:
                 sink.close()
 
+    def _keep(self, buf: bytearray, data: bytes) -> None:
+        buf += data
+        if len(buf) > 2 * self._tail_bytes:
+            del buf[: -self._tail_bytes]
+
     def tail(self, lines: int = 20) -> list[str]:
         """The last ``lines`` lines the container printed."""
         text = bytes(self._tail[-self._tail_bytes :]).decode("utf-8", "replace")
+        return text.splitlines()[-lines:]
+
+    def stderr_tail(self, lines: int = 5) -> list[str]:
+        """The last ``lines`` lines on stderr (empty unless the stream was demultiplexed)."""
+        text = bytes(self._err_tail[-self._tail_bytes :]).decode("utf-8", "replace")
         return text.splitlines()[-lines:]

@@ -169,7 +169,7 @@ def run_step(
         container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id)
         result.container_id = container.id
         _give_to(output_dir, who)
-        stream = container.attach(stdout=True, stderr=True, stream=True, logs=False)
+        stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
         pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit)
         result.started_at = _now()
         pump.start()
@@ -182,6 +182,9 @@ def run_step(
         result.exit_code = state.get("ExitCode", status)
         result.log_tail = pump.tail()
         tail = "\n".join(result.log_tail)
+        missed = [line for line in pump.stderr_tail() if line not in result.log_tail]
+        if missed:  # stderr's last words arrived before the end of stdout: say them anyway
+            tail += "\nlast lines on stderr:\n" + "\n".join(missed)
         if timed_out:
             raise TimeoutFailure(f"the container ran past timeout_seconds={cp.timeout_seconds:g} and was killed", exit_code=result.exit_code)
         if state.get("OOMKilled"):

@@ -3,7 +3,7 @@
 Everything that restricts an algorithm lives here, so a reader can audit it in one place:
 no network, read-only root, a ``/tmp`` tmpfs, never uid 0, no capabilities,
 ``no-new-privileges``, a pids limit, a CPU quota, memory with swap equal to it, GPUs only
-when asked for, and the engine's own log bounded (the runner reads output as it comes).
+when asked for, and no log kept by the engine (the runner reads output as it comes).
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def container_config(
             Mount(INPUT_DIR, str(work_dir / "input"), type="bind", read_only=True),
             Mount(OUTPUT_DIR, str(output_dir), type="bind", read_only=False),
         ],
-        # The runner reads output through attach as it comes; the engine's copy stays small.
-        "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"}),
+        # The runner reads output through attach as it comes and keeps it (log_path); a second
+        # copy by the engine's json-file driver would slow a log flood about sevenfold.
+        "log_config": LogConfig(type="none"),
         "detach": True,
     }
     if rr.gpu > 0:

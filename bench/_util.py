@@ -40,8 +40,8 @@ def quick() -> bool:
 
 
 def work_root() -> Path:
-    """A scratch folder on the same filesystem as the repository (so hardlinks work)."""
-    for candidate in (REPO.parent, Path(tempfile.gettempdir())):
+    """A scratch folder on the same filesystem as the repository (so hardlinks work): /tmp when it is."""
+    for candidate in (Path(tempfile.gettempdir()), REPO.parent):
         if os.access(candidate, os.W_OK) and os.stat(candidate).st_dev == os.stat(REPO).st_dev:
             return candidate
     return Path(tempfile.gettempdir())
@@ -154,6 +154,22 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> tuple[dict[str, Any], float]:
+    """Run ``flows.pipeline.run_pipeline`` (inside :func:`prefect_server`); the run summary and wall seconds."""
+    import json
+
+    from flows.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    state = run_pipeline(spec=spec, store=str(store), run_id=run_id, capacity=capacity, no_cache=True, return_state=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads((store / "runs" / run_id / "run.json").read_text())
+    if not state.is_completed():
+        failed = [(s["id"], s.get("failure")) for s in summary["steps"] if s["status"] != "succeeded"]
+        sys.exit(f"bench: run {run_id} did not succeed: {state.message}; {failed[:3]}")
+    return summary, wall
 
 
 def step_times(summary: dict[str, Any]) -> list[tuple[str, datetime, datetime]]:

@@ -34,6 +34,7 @@ from algodock.execute import RunContext, execute_step
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.store import Store, lineage_rel, open_store, run_json_rel
+from flows.artifacts import emit_step_assets, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
@@ -94,6 +95,7 @@ def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord]
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
+    emit_step_assets(record, ctx.run_id)  # Prefect asset materializations of a succeeded step's outputs
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
@@ -215,11 +217,11 @@ def run_pipeline(
     the_store = open_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache)
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
     try:
         from algodock.cache import StoreCache
 
-        ctx.cache = StoreCache(the_store)
+        ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     except ImportError:
         pass
     order = pipeline.topological_order()
@@ -245,6 +247,7 @@ def run_pipeline(
         stop_watch.set()
         shutil.rmtree(scratch, ignore_errors=True)
     ledger.finish(status)
+    publish_run_artifacts(ledger.doc, pipeline)
     summary = ledger.summary()
     if status != "succeeded":
         failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]

@@ -1,0 +1,116 @@
+"""S3 staging: ``algodock.store.fetch_uri`` of a prefix of parts against s3fs's own ``get``.
+
+A moto server (``tests/s3server.start_moto_server``, over HTTP on loopback) runs in a child
+process, so its request handling does not share this process's GIL with the client being
+timed. A prefix of N parquet-like parts (incompressible bytes) is uploaded once, then
+downloaded alternately by:
+
+* ``fetch_uri``: what a step does for an ``s3://`` input (info, list, concurrent get,
+  into a temporary folder renamed into place);
+* ``s3fs get``: ``fs.get(prefix, dest, recursive=True)`` on the same filesystem object.
+
+The upload of a step's output folder is timed the same way: ``S3Store.put_output`` (data,
+then the commit marker) against ``fs.put(folder, prefix, recursive=True)``.
+
+    .venv/bin/python bench/s3_staging.py [--quick]
+"""
+
+from __future__ import annotations
+
+import _util  # noqa: F401  (environment and sys.path first)
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from _util import best_and_median, fmt_s, print_table, quick, scratch_dir, timed
+
+MB = 1024 * 1024
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _serve(conn) -> None:  # child process
+    import logging
+
+    from tests.s3server import start_moto_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+
+    endpoint, stop = start_moto_server()
+    conn.send(endpoint)
+    conn.recv()  # until the parent says stop
+    stop()
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    nparts, part_mb, reps = (8, 4, 3) if quick() else (16, 8, 5)
+    total = nparts * part_mb * MB
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    os.environ.update(AWS_ENV)
+    server = ctx.Process(target=_serve, args=(child,), daemon=True)
+    server.start()
+    try:
+        endpoint = parent.recv()
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        return _run(endpoint, nparts, part_mb, reps, total)
+    finally:
+        parent.send("stop")
+        server.join(10)
+        if server.is_alive():
+            server.terminate()
+
+
+def _run(endpoint: str, nparts: int, part_mb: int, reps: int, total: int) -> int:
+    from algodock.store import S3Store, fetch_uri, s3_filesystem
+
+    fs = s3_filesystem()
+    fs.mkdir("bench")
+    print(f"moto server {endpoint}; prefix s3://bench/parts/ of {nparts} x {part_mb} MB = {total // MB} MB")
+    rows = []
+    with scratch_dir("s3") as root:
+        src = root / "parts"
+        src.mkdir()
+        for i in range(nparts):
+            (src / f"part-{i:05d}.parquet").write_bytes(os.urandom(part_mb * MB))
+        fs.put(str(src), "bench/parts", recursive=True)
+        assert len(fs.find("bench/parts")) == nparts
+
+        ours, theirs = [], []
+        for i in range(reps):  # alternate, so drift in the server affects both alike
+            dest = root / f"fetch-{i}"
+            ours.append(timed(lambda: fetch_uri("s3://bench/parts/", dest, fs=fs)))
+            assert _tree_bytes(dest / "parts") == total
+            shutil.rmtree(dest)
+            dest = root / f"get-{i}"
+            theirs.append(timed(lambda: fs.get("bench/parts/", str(dest) + "/", recursive=True)))
+            assert _tree_bytes(dest) == total, "s3fs get did not fetch everything"
+            shutil.rmtree(dest)
+        rows.append(_row("download", ours, theirs, total, "fetch_uri", "fs.get(recursive)"))
+
+        store = S3Store("s3://bench/store", fs=fs)
+        ours, theirs = [], []
+        for i in range(reps):
+            ours.append(timed(lambda: store.put_output(src, f"runs/r/steps/s{i}/outputs/parts")))
+            theirs.append(timed(lambda: fs.put(str(src), f"bench/plain/p{i}", recursive=True)))
+        rows.append(_row("upload", ours, theirs, total, "S3Store.put_output", "fs.put(recursive)"))
+
+    print()
+    print_table(["direction", "ours", "best", "median", "rate", "s3fs", "best", "median", "ours/s3fs (median)"], rows)
+    return 0
+
+
+def _row(direction: str, ours: list[float], theirs: list[float], total: int, ours_name: str, theirs_name: str) -> list[object]:
+    ob, om = best_and_median(ours)
+    tb, tm = best_and_median(theirs)
+    return [direction, ours_name, fmt_s(ob), fmt_s(om), f"{total / om / MB:,.0f} MB/s", theirs_name, fmt_s(tb), fmt_s(tm), f"{om / tm:.2f}x"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
