@@ -134,7 +134,8 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
             inputs=_parse_inputs(inputs),
             parameters=parse_assignments(params),
             output_dir=output,
-            on_log=lambda line: print(f"[{m.name}] {line}", file=sys.stderr, flush=False),
+            # Flushed per line: a piped stderr is block-buffered, and logs must show as they come.
+            on_log=lambda line: print(f"[{m.name}] {line}", file=sys.stderr, flush=True),
             log_path=log_file,
         )
     except StepFailure as exc:  # caught before the runner: manifest or command-line input

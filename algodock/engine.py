@@ -100,6 +100,14 @@ def sweep_orphans(client: docker.DockerClient) -> list[str]:
             pass
         except APIError as exc:
             log.warning("could not remove leftover container %s: %s", c.name, exc)
+    for v in client.volumes.list(filters={"label": f"{MANAGED_LABEL}=true"}):  # named-volume staging
+        if _owner_alive(v.attrs.get("Labels") or {}):
+            continue
+        try:
+            v.remove(force=True)
+            removed.append(v.name)
+        except (NotFound, APIError):
+            pass
     return removed
 
 

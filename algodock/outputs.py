@@ -42,7 +42,7 @@ def read_algo_output(output_dir: Path) -> AlgoOutput | None:
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is {st.st_size} bytes; the limit is {MAX_ALGO_OUTPUT_BYTES}")
     try:
         data = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested past any sense
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME}: expected a JSON object, got {type(data).__name__}")
@@ -73,10 +73,13 @@ def _checked_path(root: Path, rel: str, name: str) -> Path:
         raise InvalidOutput(f"output {name!r}: path {rel!r} leads outside the output folder (through a symlink)")
     try:
         st = path.lstat()
-    except FileNotFoundError:
-        raise MissingOutput(f"output {name!r}: {ALGO_OUTPUT_NAME} names {rel!r}, which does not exist") from None
-    if stat.S_ISLNK(st.st_mode):
-        st = path.stat()
+        if stat.S_ISLNK(st.st_mode):
+            st = path.stat()
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and not path.is_symlink():
+            raise MissingOutput(f"output {name!r}: {ALGO_OUTPUT_NAME} names {rel!r}, which does not exist") from None
+        # A dangling or looping symlink is the algorithm's fault, not the platform's (not retryable).
+        raise InvalidOutput(f"output {name!r}: {rel!r} cannot be read: {exc.strerror} (a dangling or looping symlink?)") from None
     if stat.S_ISDIR(st.st_mode):
         _check_tree(root, path, name)
     elif not stat.S_ISREG(st.st_mode):

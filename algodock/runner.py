@@ -34,6 +34,7 @@ from algodock.params import resolve_parameters
 from algodock.results import InputBinding, ResolvedImage, StepResult
 from algodock.sandbox import RunAs, container_config, lookup_user, run_as
 from algodock.staging import plan_inputs, prepare_work_dir
+from algodock.volumes import VolumeWorkspace, read_only_mounts, staging_mode
 
 if TYPE_CHECKING:
     import docker
@@ -88,7 +89,7 @@ def _read_passwd(container: Container) -> str:
         return ""
 
 
-def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImage, work: Path, output_dir: Path, labels: dict[str, str], step_id: str) -> tuple[Container, RunAs]:
+def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImage, work: Path, output_dir: Path, labels: dict[str, str], step_id: str, mounts: list | None = None) -> tuple[Container, RunAs]:
     """Create the container as a non-root user, resolving a named USER with the image's passwd."""
     who = run_as(image.user)
 
@@ -101,6 +102,7 @@ def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImag
             output_dir=output_dir,
             labels=labels,
             name=f"algodock-{step_id}-{uuid.uuid4().hex[:10]}",
+            mounts=mounts,
         )
         return client.containers.create(**cfg)
 
@@ -149,6 +151,8 @@ def run_step(
     own_work = work_dir is None
     work: Path | None = None
     pump: LogPump | None = None
+    workspace: VolumeWorkspace | None = None
+    mounts: list | None = None
     try:
         if not parameters_resolved:
             result.parameters = resolve_parameters(manifest.parameters, parameters or {})
@@ -166,9 +170,15 @@ def run_step(
         result.inputs = prepare_work_dir(work, manifest, bindings, result.parameters)
 
         labels = container_labels(run_id, step_id, attempt)
-        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id)
+        if staging_mode(client) == "volume":  # the engine cannot see our folders: go through its archive API
+            workspace = VolumeWorkspace(client, labels)
+            mounts = read_only_mounts(workspace.work.name, workspace.output.name)
+        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id, mounts)
         result.container_id = container.id
-        _give_to(output_dir, who)
+        if workspace is not None:
+            workspace.fill(resolved.id, work, who.uid, who.gid)  # type: ignore[arg-type]
+        else:
+            _give_to(output_dir, who)
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
         pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit)
         result.started_at = _now()
@@ -196,6 +206,8 @@ def run_step(
         if result.exit_code != 0:
             raise ExitCodeFailure(f"the container exited with code {result.exit_code}; last log lines:\n{tail}", exit_code=result.exit_code)
 
+        if workspace is not None:
+            workspace.export_output(container, output_dir)
         algo_output = read_algo_output(output_dir)
         if algo_output is not None:
             result.metrics, result.message = algo_output.metrics, algo_output.message
@@ -218,6 +230,8 @@ def run_step(
     finally:
         if container is not None:
             _remove(container)
+        if workspace is not None:
+            workspace.remove()
         if pump is not None:
             pump.join(5)
         if own_work and work is not None:

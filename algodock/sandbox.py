@@ -71,8 +71,12 @@ def container_config(
     output_dir: Path,
     labels: dict[str, str],
     name: str | None = None,
+    mounts: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.create`` (docker SDK) of a sandboxed step."""
+    """Keyword arguments for ``client.containers.create`` (docker SDK) of a sandboxed step.
+
+    ``mounts`` replaces the bind mounts of ``work_dir`` and ``output_dir`` (named-volume staging).
+    """
     from docker.types import DeviceRequest, LogConfig, Mount
 
     rr = params.resource_request
@@ -94,7 +98,8 @@ def container_config(
         "mem_limit": memory,
         "memswap_limit": memory,
         "ipc_mode": "private",
-        "mounts": [
+        "mounts": mounts
+        or [
             Mount(ALGO_INPUT_PATH, str(work_dir / "algo_input.json"), type="bind", read_only=True),
             Mount(INPUT_DIR, str(work_dir / "input"), type="bind", read_only=True),
             Mount(OUTPUT_DIR, str(output_dir), type="bind", read_only=False),

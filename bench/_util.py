@@ -147,13 +147,78 @@ def write_manifest(path: Path, *, image: str, command: list[str], **extra: Any) 
 # ---------------------------------------------------------------- Prefect
 
 
-@contextmanager
-def prefect_server() -> Iterator[None]:
-    """Prefect's test harness: a temporary server and database, for this process only."""
-    from prefect.testing.utilities import prefect_test_harness
+def _template_db() -> Path:
+    """A migrated Prefect sqlite database, built once per Prefect version and copied per bench.
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    Migrating a fresh database takes 20-50 s on a busy 2-core machine; the benches would
+    spend most of their time there. The template is built in a child process and renamed
+    into place, so concurrent benches never see half of it.
+    """
+    import subprocess
+
+    import prefect
+
+    template = Path(tempfile.gettempdir()) / f"algodock-bench-prefect-{prefect.__version__}-v2.db"
+    if template.exists():
+        return template
+    tmp = template.with_name(f".{template.name}-{os.getpid()}")
+    code = (
+        "import asyncio, sqlite3, sys\n"
+        "from prefect.server.database import provide_database_interface\n"
+        "from prefect.server.models.block_registration import run_block_auto_registration\n"
+        "async def build():\n"
+        "    db = provide_database_interface()\n"
+        "    await db.create_db()\n"
+        "    async with await db.session() as session:\n"
+        "        await run_block_auto_registration(session=session)\n"
+        "        await session.commit()\n"
+        "asyncio.run(build())\n"
+        "con = sqlite3.connect(sys.argv[1]); con.execute('PRAGMA wal_checkpoint(TRUNCATE)'); con.close()\n"
+    )
+    env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"}
+    print("bench: building a migrated Prefect database template (once per Prefect version) ...", flush=True)
+    subprocess.run([sys.executable, "-c", code, str(tmp)], env=env, check=True)
+    os.replace(tmp, template)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    return template
+
+
+@contextmanager
+def prefect_server() -> Iterator[str]:
+    """A temporary Prefect server (as ``prefect_test_harness`` starts) on a private copy of
+    a migrated database; yields its API URL. Flows run in this process report to it."""
+    import socket
+
+    import prefect.settings as ps
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    db = Path(_PREFECT_HOME) / "server.db"
+    shutil.copyfile(_template_db(), db)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ready = {  # the copy is migrated and has the block types: skip both at start-up
+        ps.PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}",
+        ps.PREFECT_API_DATABASE_MIGRATE_ON_START: False,
+        ps.PREFECT_API_BLOCKS_REGISTER_ON_START: False,
+    }
+    with ps.temporary_settings(updates=ready):
+        server = SubprocessASGIServer(port=port)
+        server.start(timeout=120)
+    try:
+        with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+            # Drain the workers before the server goes (as the test harness does).
+            try:
+                APILogWorker.instance().drain()
+            except RuntimeError:
+                pass
+            EventsWorker.drain_all()
+    finally:
+        server.stop()
 
 
 def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> tuple[dict[str, Any], float]:
@@ -189,6 +254,122 @@ def max_overlap(intervals: Sequence[tuple[datetime, datetime]]) -> int:
         cur += delta
         best = max(best, cur)
     return best
+
+
+# ---------------------------------------------------------------- profiling
+
+
+class StepProfiler:
+    """Where a pipeline step's time goes: wraps the engine's phases and every HTTP call to
+    the Prefect API with timers (bench-only monkeypatching; nothing in the code changes).
+
+    ``install()`` before a run, ``uninstall()`` after, ``report(steps)`` prints the sum of
+    each phase divided by the number of steps. Phases nest (indented), so children are
+    included in their parent's time.
+    """
+
+    PHASES: list[tuple[str, str, str, int]] = [  # (label, module, attribute, depth)
+        ("task submit (Prefect)", "prefect.tasks", "Task.submit", 0),
+        ("execute_step", "flows.pipeline", "execute_step", 0),
+        ("bind_inputs", "algodock.execute", "bind_inputs", 1),
+        ("resolve_image", "algodock.execute", "resolve_image", 1),
+        ("cache lookup", "algodock.cache", "StoreCache.lookup", 1),
+        ("pool acquire", "algodock.capacity", "ResourcePool.acquire", 1),
+        ("run_step", "algodock.execute", "run_step", 1),
+        ("plan_inputs (check)", "algodock.runner", "plan_inputs", 2),
+        ("prepare_work_dir (staging)", "algodock.runner", "prepare_work_dir", 2),
+        ("container create", "algodock.runner", "_create", 2),
+        ("container attach", "docker.models.containers", "Container.attach", 2),
+        ("container start", "docker.models.containers", "Container.start", 2),
+        ("container wait", "algodock.runner", "_wait", 2),
+        ("container reload", "docker.models.containers", "Container.reload", 2),
+        ("collect_outputs (hash)", "algodock.runner", "collect_outputs", 2),
+        ("container remove", "algodock.runner", "_remove", 2),
+        ("store put_output", "algodock.store", "LocalStore.put_output", 1),
+        ("cache remember", "algodock.cache", "StoreCache.remember", 1),
+        ("ledger update", "flows.pipeline", "Ledger.update", 0),
+        ("ledger write", "flows.pipeline", "Ledger._write", 1),
+    ]
+
+    def __init__(self) -> None:
+        import threading
+
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.api: dict[str, list[float]] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._lock = threading.Lock()
+
+    def _add(self, label: str, seconds: float) -> None:
+        with self._lock:
+            self.totals[label] = self.totals.get(label, 0.0) + seconds
+            self.counts[label] = self.counts.get(label, 0) + 1
+
+    def _wrap(self, owner: Any, attr: str, label: str) -> None:
+        import functools
+
+        own = isinstance(owner, type) and attr in owner.__dict__
+        original = owner.__dict__[attr] if own else getattr(owner, attr)
+        func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+
+        @functools.wraps(func)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._add(label, time.perf_counter() - t0)
+
+        # An inherited method is shadowed, then the shadow deleted again on uninstall.
+        self._saved.append((owner, attr, original if own or not isinstance(owner, type) else None))
+        setattr(owner, attr, timed_call)
+
+    def install(self) -> StepProfiler:
+        import importlib
+
+        import httpx
+
+        for label, module, attr, _ in self.PHASES:
+            owner: Any = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            self._wrap(owner, name, label)
+        # Every synchronous call to the Prefect API (the async ones are background workers).
+        for client_cls in (httpx.Client,):
+            original = client_cls.send
+
+            def send(client: Any, request: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _original(client, request, *args, **kwargs)
+                finally:
+                    if "/api/" in str(request.url):
+                        key = f"{request.method} {request.url.path.split('/api/', 1)[1]}"
+                        with self._lock:
+                            self.api.setdefault(key, []).append(time.perf_counter() - t0)
+
+            self._saved.append((client_cls, "send", original))
+            client_cls.send = send  # type: ignore[method-assign]
+        return self
+
+    def uninstall(self) -> None:
+        while self._saved:
+            owner, attr, original = self._saved.pop()
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+
+    def report(self, steps: int, step_wall: float | None = None) -> None:
+        print(f"where a step's time goes (totals / {steps} steps; nested phases are part of their parent):")
+        rows = []
+        for label, _, _, depth in self.PHASES:
+            if label in self.totals:
+                rows.append(["  " * depth + label, fmt_s(self.totals[label] / steps), f"{self.counts[label] / steps:g}"])
+        for key, samples in sorted(self.api.items(), key=lambda kv: -sum(kv[1])):
+            rows.append([f"API {key}", fmt_s(sum(samples) / steps), f"{len(samples) / steps:g}"])
+        print_table(["phase", "per step", "calls/step"], rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Target (issue 3, item 10): flow marginal <= 1.25x raw marginal.
 
     .venv/bin/python bench/chain.py [--quick] [--profile]
 
-``--profile`` adds, for the long chain, where a step's time goes (see bench/_profile.py).
+``--profile`` adds, for the long chain, where a step's time goes (``_util.StepProfiler``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from _util import (
+    StepProfiler,
     busybox_image,
     docker_run_argv,
     fmt_s,
@@ -114,8 +115,6 @@ def main() -> int:
         for rep in range(reps):
             for n in (short, long_):  # interleaved, so drift affects both alike
                 if profile and n == long_ and rep == reps - 1:
-                    from _profile import StepProfiler
-
                     profiler = StepProfiler().install()
                 summary, wall = run_flow(_spec(n, manifest, seed), root / "store", f"chain{n}-{rep}", CAPACITY)
                 if profiler is not None:

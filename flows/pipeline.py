@@ -281,10 +281,11 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
                 retry_condition_fn=_retry_condition(retries),
             )
             upstream = {d: records[d] for d in deps}
+            # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
+            ledger.update(StepRecord(id=step_id, status="running"))
             fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger))
             prefect_futures[step_id] = fut
             running[fut.wrapped_future] = step_id
-            ledger.update(StepRecord(id=step_id, status="running"))
 
     submit_ready()
     while running:

@@ -190,6 +190,29 @@ def test_fifo_in_a_folder_output_is_rejected(out: Path) -> None:
         collect(out, {"name": "v", "format": "binary"})
 
 
+@pytest.mark.parametrize(("target", "rel"), [("v.csv", "v.csv"), ("nowhere.csv", "v.csv"), ("d", "d/x.csv")], ids=["self-loop", "dangling", "looping-folder"])
+def test_broken_symlinks_are_the_algorithms_fault(out: Path, target: str, rel: str) -> None:
+    """Not an infrastructure failure (that would be retried): invalid output."""
+    link = out / rel.split("/")[0]
+    link.symlink_to(target)
+    algo_output(out, ("v", "csv", rel))
+    with pytest.raises(InvalidOutput, match="dangling or looping symlink"):
+        collect(out, {"name": "v", "format": "csv"})
+
+
+def test_path_below_a_file_is_missing(out: Path) -> None:
+    (out / "f").write_text("x")
+    algo_output(out, ("v", "csv", "f/v.csv"))
+    with pytest.raises(MissingOutput, match="which does not exist"):
+        collect(out, {"name": "v", "format": "csv"})
+
+
+def test_absurdly_nested_algo_output_is_invalid_not_a_crash(out: Path) -> None:
+    (out / "algo_output.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidOutput, match="not valid JSON"):
+        read_algo_output(out)
+
+
 def test_symlink_that_stays_inside_is_accepted(out: Path) -> None:
     (out / "data").mkdir()
     (out / "data" / "v.csv").write_text("a,b\n1,2\n")

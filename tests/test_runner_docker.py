@@ -183,8 +183,10 @@ class Listener:
             conn.close()
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.sock.close()
         self._thread.join(5)
+        assert not self._thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -532,6 +534,8 @@ ESCAPES = {
     "symlink-to-root": ('ln -s / /work/output/v; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "v"}]}\' > /work/output/algo_output.json', "leads outside"),
     "symlinked-folder-leading-out": ('ln -s /etc /work/output/d; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "d/passwd"}]}\' > /work/output/algo_output.json', "leads outside"),
     "symlink-inside-a-folder-output": ("mkdir /work/output/v; echo a > /work/output/v/a.csv; ln -s /etc/shadow /work/output/v/b.csv", "v/b.csv is a symlink leading outside"),
+    "symlink-loop": ("ln -s v.csv /work/output/v.csv", "dangling or looping symlink"),
+    "nested-past-sense": ("for i in $(seq 1 3000); do printf '['; done > /work/output/algo_output.json", "not valid JSON"),
     "malformed-json": ('echo \'{"output_data": [\' > /work/output/algo_output.json', "not valid JSON"),
     "algo-output-is-a-symlink": ("echo x > /work/output/v.csv; ln -s /work/algo_input.json /work/output/algo_output.json", "must be a regular file"),
     "wrong-shape": ('echo x > /work/output/v.csv; echo \'{"output_data": [{"name": "v", "format": "csv"}]}\' > /work/output/algo_output.json', "output_data.0.path"),
@@ -643,3 +647,45 @@ def test_log_flood_is_bounded_in_memory_and_whole_on_disk(docker_client: Any, bu
     expected.update(line * (whole % 1000) + line[:rest] + b"\nthe-end\n")
     assert log_path.stat().st_size == size + len(b"\nthe-end\n")
     assert sha256_file(log_path) == expected.hexdigest(), "the log file has every byte"
+
+
+# ------------------------------------------------------------------ the log pump, without an engine
+
+
+def _pump(chunks: list[Any], **kw: Any) -> tuple[Any, list[str]]:
+    from algodock.logstream import LogPump
+
+    lines: list[str] = []
+    pump = LogPump(iter(chunks), on_line=lines.append, **kw).start()
+    assert pump.join(10)
+    assert pump.error is None
+    return pump, lines
+
+
+def test_log_pump_keeps_stderr_apart_for_the_failure_message() -> None:
+    chunks: list[Any] = [(None, b"fatal: bad input\n")] + [(f"line {i}\n".encode(), None) for i in range(50)]
+    pump, lines = _pump(chunks)
+    assert lines[0] == "fatal: bad input" and lines[-1] == "line 49"
+    assert "fatal: bad input" not in pump.tail(20), "arrived early: out of the combined tail"
+    assert pump.stderr_tail() == ["fatal: bad input"]
+    assert pump.total == len(b"fatal: bad input\n") + sum(len(f"line {i}\n") for i in range(50))
+
+
+def test_log_pump_splits_lines_across_chunks_and_bounds_long_ones(tmp_path: Path) -> None:
+    from algodock.logstream import MAX_LINE
+
+    huge = b"x" * (3 * MAX_LINE)
+    pump, lines = _pump([b"hel", b"lo\nwor", b"ld\n", huge[: MAX_LINE + 5], huge[MAX_LINE + 5 :], b"\nend"], log_path=tmp_path / "l.log")
+    assert lines[:2] == ["hello", "world"]
+    assert len(lines[2]) <= MAX_LINE
+    assert lines[3] == "end", "a last line without newline is still emitted"
+    assert (tmp_path / "l.log").read_bytes() == b"hello\nworld\n" + huge + b"\nend"
+
+
+def test_log_pump_stops_emitting_at_the_limit_but_keeps_the_tail() -> None:
+    chunks = [b"0123456789\n" * 100 for _ in range(100)]  # 110 kB
+    pump, lines = _pump([*chunks, b"last words\n"], emit_limit=5_000)
+    assert len(lines) <= 5_000 // 11 + 2
+    assert lines[-1].startswith("[algodock] log output past 5000 bytes is not shown here")
+    assert pump.tail(1) == ["last words"]
+    assert pump.total == 110_000 + len(b"last words\n")
