@@ -44,7 +44,24 @@ def _print_errors(exc: AlgodockError) -> None:
         click.echo(f"error: {line}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """Command groups defined in other modules are imported only when used: `run-step` starts lean."""
+
+    LAZY = {"lineage": ("algodock.lineage", "lineage_cli")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def main(verbose: bool) -> None:
     """algodock: run containerized algorithms in a strict sandbox, alone or as Prefect pipelines.
@@ -243,7 +260,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             live.start()
         state = flows_pipeline.run_pipeline(
             spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
-            capacity=str(cap.cpu_millicore and f"cpu_millicore={cap.cpu_millicore},memory_gb={cap.memory_gb},gpu={cap.gpu}"),
+            capacity=str(cap),
             no_cache=no_cache, return_state=True,
         )
     finally:
@@ -260,11 +277,6 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
         click.echo(f"run {run_id}: {summary['status']}; lineage at {summary.get('lineage_uri')}", err=True)
     sys.exit(0 if summary["status"] == "succeeded" else 1)
-
-
-from algodock.lineage import lineage_cli  # noqa: E402  (the `algodock lineage` group)
-
-main.add_command(lineage_cli)
 
 
 if __name__ == "__main__":

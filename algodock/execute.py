@@ -171,10 +171,19 @@ def _execute(
     log_path = scratch / "container.log"
 
     rr = manifest.container_parameters.resource_request
-    try:
+    held = False
+
+    def acquire() -> None:  # run_step calls it with the container created: only the start waits
+        nonlocal held
         ctx.pool.acquire(rr, ctx.cancel, on_wait=lambda: on_log and on_log(f"[algodock] waiting for resources ({rr.cpu_millicore} millicores, {rr.memory_gb:g} GB)"))
-    except Cancelled as exc:
-        raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc
+        held = True
+
+    def release() -> None:  # as soon as the container exited, before its clean-up
+        nonlocal held
+        if held:
+            held = False
+            ctx.pool.release(rr)
+
     try:
         result: StepResult = run_step(
             manifest,
@@ -191,9 +200,13 @@ def _execute(
             log_path=log_path,
             emit_limit=EMIT_LIMIT,
             work_dir=scratch / "work",
+            before_start=acquire,
+            on_exit=release,
         )
+    except Cancelled as exc:
+        raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc
     finally:
-        ctx.pool.release(rr)
+        release()
 
     record_from_result(record, result)
     record.attempts = attempt

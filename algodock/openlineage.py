@@ -282,9 +282,9 @@ def _dataset_facets(uri: str, fmt: str | None, sha256: str | None, store: Any) -
     if fmt == "parquet":
         schema = _parquet_schema(uri, store)
         if schema is not None:
-            facets["schema"] = SchemaDatasetFacet(fields=_schema_fields(schema))
+            facets["schema"] = SchemaDatasetFacet(fields=_schema_fields(schema), producer=PRODUCER)
     if sha256:
-        facets["version"] = DatasetVersionDatasetFacet(datasetVersion=f"sha256:{sha256}")
+        facets["version"] = DatasetVersionDatasetFacet(datasetVersion=f"sha256:{sha256}", producer=PRODUCER)
     return facets
 
 
@@ -367,7 +367,7 @@ class StepEvents:
             ns, name = dataset_name(o.uri)
             output_facets: dict[str, Any] = {}
             if o.rows is not None:
-                output_facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(rowCount=o.rows, size=_size(o.uri))
+                output_facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(rowCount=o.rows, size=_size(o.uri), producer=PRODUCER)
             out.append(OutputDataset(namespace=ns, name=name, facets=_dataset_facets(o.uri, o.format, o.sha256, self.ctx.store), outputFacets=output_facets))
         return out
 
@@ -382,8 +382,8 @@ class StepEvents:
         flow_run_id = getattr(self.ctx, "flow_run_id", None)
         parent_id = str(flow_run_id) if _is_uuid(flow_run_id) else str(uuid.uuid5(uuid.NAMESPACE_URL, f"algodock:run:{self.ctx.run_id}"))
         facets: dict[str, Any] = {
-            "parent": ParentRunFacet(run=ParentRun(runId=parent_id), job=ParentJob(namespace=self.namespace, name=self.pipeline_name)),
-            "algodock_image": image_facet(image=record.image, image_id=record.image_id, repo_digest=record.repo_digest),
+            "parent": ParentRunFacet(run=ParentRun(runId=parent_id), job=ParentJob(namespace=self.namespace, name=self.pipeline_name), producer=PRODUCER),
+            "algodock_image": image_facet(image=record.image, image_id=record.image_id, repo_digest=record.repo_digest, producer=PRODUCER),
             "algodock_step": step_facet(
                 run_id=self.ctx.run_id,
                 step_id=record.id,
@@ -393,6 +393,7 @@ class StepEvents:
                 cached_from=record.cached_from,
                 exit_code=record.exit_code,
                 failure_kind=record.failure.kind if record.failure else None,
+                producer=PRODUCER,
             ),
         }
         if event_type == "FAIL":
@@ -400,7 +401,7 @@ class StepEvents:
 
             failure = record.failure
             message = f"{failure.kind}: {failure.message}" if failure else f"step {record.id} did not finish"
-            facets["errorMessage"] = ErrorMessageRunFacet(message=message, programmingLanguage="unknown")
+            facets["errorMessage"] = ErrorMessageRunFacet(message=message, programmingLanguage="unknown", producer=PRODUCER)
         return facets
 
     # -- emitting

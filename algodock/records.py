@@ -16,6 +16,10 @@ from algodock.results import StepResult
 
 LINEAGE_VERSION = "0.1"
 StepStatus = Literal["pending", "running", "succeeded", "failed", "cached", "skipped"]
+HASH_DESCRIPTION = (
+    "sha256 (hex) of the file's bytes; for a folder, the sha256 of the sha256sum-style listing of its regular files, "
+    'one line "<hex sha256>  <path relative to the folder>\\n" per file, sorted by path (see algodock.hashing).'
+)
 
 
 class Failure(BaseModel):
@@ -27,7 +31,7 @@ class Failure(BaseModel):
 class InputLineage(BaseModel):
     name: str
     uri: str
-    sha256: str
+    sha256: str = Field(description=HASH_DESCRIPTION)
     produced_by: str | None = Field(None, description="Step id that produced it; null for an external input.")
     rows: int | None = None
 
@@ -35,7 +39,7 @@ class InputLineage(BaseModel):
 class OutputLineage(BaseModel):
     name: str
     uri: str
-    sha256: str = Field(description="sha256 of the file, or of a folder as defined in algodock.hashing.")
+    sha256: str = Field(description=HASH_DESCRIPTION)
     format: str
     rows: int | None = None
 
@@ -61,7 +65,7 @@ class StepRecord(BaseModel):
     finished_at: datetime | None = None
     attempts: int = 0
     task_run_id: str | None = None
-    cache_key: str | None = None
+    cache_key: str | None = Field(None, description="sha256 of the step's identity: image id, command, env, parameters, input hashes, slots (see algodock.cache).")
     cached_from: str | None = Field(None, description="Run id whose outputs a cached step reuses.")
     log_uri: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)

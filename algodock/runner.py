@@ -134,8 +134,15 @@ def run_step(
     emit_limit: int = 2 * 1024 * 1024,
     work_dir: Path | None = None,
     parameters_resolved: bool = False,
+    before_start: Callable[[], None] | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> StepResult:
-    """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``."""
+    """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
+
+    ``before_start`` is called once the container is created, just before it starts (a
+    resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
+    as it has exited, before the clean-up (the pool gets its resources back at once).
+    """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
     run_id = run_id or f"adhoc-{uuid.uuid4().hex[:12]}"
@@ -179,6 +186,8 @@ def run_step(
             workspace.fill(resolved.id, work, who.uid, who.gid)  # type: ignore[arg-type]
         else:
             _give_to(output_dir, who)
+        if before_start is not None:
+            before_start()
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
         pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit)
         result.started_at = _now()
@@ -186,6 +195,8 @@ def run_step(
         container.start()
         status, timed_out = _wait(container, cp.timeout_seconds)
         result.finished_at = _now()
+        if on_exit is not None:
+            on_exit()
         pump.join(KILL_GRACE_SECONDS)
         container.reload()
         state = container.attrs.get("State", {})

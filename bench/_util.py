@@ -23,6 +23,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# A/B measurements: import algodock and flows from another copy of the tree (for example one
+# with an edit reverted); the benches and tests still come from this checkout.
+if os.environ.get("ALGODOCK_BENCH_SRC"):
+    sys.path.insert(0, os.environ["ALGODOCK_BENCH_SRC"])
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="algodock-bench-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, True)
@@ -190,6 +194,7 @@ def prefect_server() -> Iterator[str]:
     a migrated database; yields its API URL. Flows run in this process report to it."""
     import socket
 
+    import prefect.context
     import prefect.settings as ps
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -210,7 +215,11 @@ def prefect_server() -> Iterator[str]:
         server.start(timeout=120)
     try:
         with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            # Threads started without a copy of this context (the flow's cancellation
+            # watcher) read the global settings: point those at the server too, as the test
+            # harness does.
+            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+                yield server.api_url
             # Drain the workers before the server goes (as the test harness does).
             try:
                 APILogWorker.instance().drain()
@@ -244,6 +253,18 @@ def step_times(summary: dict[str, Any]) -> list[tuple[str, datetime, datetime]]:
         if s.get("started_at") and s.get("finished_at"):
             out.append((s["id"], datetime.fromisoformat(s["started_at"]), datetime.fromisoformat(s["finished_at"])))
     return out
+
+
+def handoff_gaps(intervals: Sequence[tuple[datetime, datetime]], slots: int) -> list[float]:
+    """For every step that had to wait for a slot: seconds from the exit that freed its slot
+    (the latest exit before its start) to its own start. The first ``slots`` starts are skipped."""
+    ordered = sorted(intervals)
+    gaps = []
+    for start, _ in ordered[slots:]:
+        freed = [end for _, end in intervals if end <= start]
+        if freed:
+            gaps.append((start - max(freed)).total_seconds())
+    return gaps
 
 
 def max_overlap(intervals: Sequence[tuple[datetime, datetime]]) -> int:

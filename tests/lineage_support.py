@@ -110,20 +110,27 @@ def run_local(
     *,
     overrides: dict[str, dict[str, Any]] | None = None,
     use_cache: bool = True,
+    flow_run_id: str | None = None,
 ) -> LineageDocument:
     """Run every step in order through ``execute_step`` (no Prefect); write and return the lineage document."""
     pipeline = spec if isinstance(spec, Pipeline) else load_pipeline(spec, overrides=overrides, capacity=CAPACITY)
     with tempfile.TemporaryDirectory(prefix="algodock-test-run-") as scratch:
-        ctx = RunContext(pipeline=pipeline, store=store, run_id=run_id, client=client, pool=ResourcePool(CAPACITY), scratch=Path(scratch), use_cache=use_cache)
+        ctx = RunContext(pipeline=pipeline, store=store, run_id=run_id, client=client, pool=ResourcePool(CAPACITY), scratch=Path(scratch), use_cache=use_cache, flow_run_id=flow_run_id)
         ctx.cache = StoreCache(store, run_id=run_id)
-        doc = LineageDocument(run_id=run_id, pipeline=pipeline.spec.name, spec_sha256=pipeline.spec_sha256, store=store.uri(), started_at=datetime.now(timezone.utc))
+        doc = LineageDocument(
+            run_id=run_id, pipeline=pipeline.spec.name, spec_sha256=pipeline.spec_sha256, flow_run_id=flow_run_id, store=store.uri(), started_at=datetime.now(timezone.utc)
+        )
         records: dict[str, StepRecord] = {}
         for step_id in pipeline.topological_order():
             deps = pipeline.dependencies[step_id]
             if any(records[d].status not in ("succeeded", "cached") for d in deps):
                 records[step_id] = StepRecord(id=step_id, status="skipped")
             else:
-                records[step_id] = execute_step(ctx, step_id, {d: records[d] for d in deps})
+                for attempt in range(1, 4):  # as the flow: infrastructure failures are retried
+                    records[step_id] = execute_step(ctx, step_id, {d: records[d] for d in deps}, attempt=attempt)
+                    failure = records[step_id].failure
+                    if failure is None or failure.kind != "infrastructure":
+                        break
             doc.steps = list(records.values())
             store.write_json(lineage_rel(run_id), doc.model_dump(mode="json"))
         doc.status = "succeeded" if all(r.status in ("succeeded", "cached") for r in records.values()) else "failed"

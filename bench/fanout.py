@@ -1,0 +1,144 @@
+"""Fan-out packing: 8 independent 2-second steps of 1000 millicores on a 2000-millicore capacity.
+
+Ideal: 4 rounds of 2 steps = 8 s. Measured in the same run:
+
+* ``flow``: ``flows.pipeline.run_pipeline`` (Prefect's temporary server, local store,
+  ``capacity="cpu_millicore=2000,memory_gb=8"``, ``no_cache=True``); the makespan is the
+  last step's ``finished_at`` minus the first step's ``started_at`` from the run summary
+  (``started_at`` is taken just before the container is started, ``finished_at`` when it
+  exited), and the flow's whole wall time is reported beside it;
+* ``raw``: 8 ``docker run --rm`` of the same container with the exact sandbox flags of
+  ``algodock.sandbox.container_config``, 2 at a time (a thread pool of 2).
+
+The most steps that overlapped (from their started/finished times) must never exceed 2.
+Target (issue 3, item 5): makespan <= 1.25 x 8 s = 10 s.
+
+    .venv/bin/python bench/fanout.py [--quick] [--profile]
+"""
+
+from __future__ import annotations
+
+import _util  # noqa: F401  (environment and sys.path first)
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _util import (
+    StepProfiler,
+    busybox_image,
+    docker_run_argv,
+    fmt_s,
+    handoff_gaps,
+    max_overlap,
+    prefect_server,
+    print_table,
+    quick,
+    run_flow,
+    scratch_dir,
+    step_times,
+    verdict,
+    write_manifest,
+)
+
+from algodock.contract import load_manifest
+from algodock.engine import container_labels, docker_client
+from algodock.sandbox import UNPRIVILEGED_UID, container_config
+
+STEPS, SECONDS, SLOTS = 8, 2, 2
+IDEAL = STEPS * SECONDS / SLOTS
+TARGET_RATIO = 1.25
+CAPACITY = "cpu_millicore=2000,memory_gb=8"
+
+
+def _spec(manifest: Path, n: int = STEPS) -> dict:
+    return {"pipeline_version": "0.1", "name": "fanout", "steps": [{"id": f"s{i}", "manifest": str(manifest)} for i in range(n)]}
+
+
+def _raw(root: Path, manifest: Path, image_id: str, tag: str) -> tuple[float, int]:
+    """8 ``docker run --rm`` through a pool of 2 threads: (wall seconds, most running at once)."""
+    cp = load_manifest(manifest).container_parameters
+    work = root / f"raw-{tag}"
+    (work / "input").mkdir(parents=True)
+    (work / "algo_input.json").write_text('{"version": "0.1", "config": {"parameters": {}}, "input_data": []}')
+    argvs = []
+    for i in range(STEPS):
+        out = work / f"out-{i}"
+        out.mkdir()
+        os.chown(out, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        cfg = container_config(
+            cp, image_id=image_id, user=f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", work_dir=work, output_dir=out,
+            labels=container_labels(f"raw-{tag}", f"s{i}", 1),
+        )
+        argvs.append(docker_run_argv(cfg))
+    spans: list[tuple[float, float]] = []
+
+    def run(argv: list[str]) -> None:
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        spans.append((t0, time.perf_counter()))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=SLOTS) as pool:
+        list(pool.map(run, argvs))
+    return time.perf_counter() - t0, max_overlap(spans)
+
+
+def main() -> int:
+    reps = 1 if quick() else 3
+    profile = "--profile" in sys.argv[1:]
+    client = docker_client()
+    image_id = busybox_image(client)
+    rows = []
+    makespans, walls, raws, overlaps = [], [], [], []
+    profiler = None
+    with scratch_dir("fanout") as root, prefect_server():
+        manifest = write_manifest(
+            root / "sleep.json", name="sleep", image=_util.BENCH_BUSYBOX, command=["sleep", str(SECONDS)],
+            container={"resource_request": {"cpu_millicore": 1000, "memory_gb": 0.25}, "timeout_seconds": 60},
+        )
+        # Warm-up (not timed): Prefect registers the flow, imports settle.
+        run_flow(_spec(manifest, 2), root / "store", "warmup", CAPACITY)
+        for rep in range(reps):
+            if profile and rep == reps - 1:
+                profiler = StepProfiler().install()
+            summary, wall = run_flow(_spec(manifest), root / "store", f"fanout-{rep}", CAPACITY)
+            if profiler is not None:
+                profiler.uninstall()
+            times = step_times(summary)
+            assert len(times) == STEPS, summary
+            makespan = (max(t[2] for t in times) - min(t[1] for t in times)).total_seconds()
+            overlap = max_overlap([(t[1], t[2]) for t in times])
+            gaps = handoff_gaps([(t[1], t[2]) for t in times], SLOTS)
+            raw_wall, raw_overlap = _raw(root, manifest, image_id, str(rep))
+            makespans.append(makespan)
+            walls.append(wall)
+            raws.append(raw_wall)
+            overlaps.append(overlap)
+            rows.append([
+                f"run {rep + 1}", fmt_s(makespan), f"{makespan / IDEAL:.2f}x", fmt_s(wall), fmt_s(statistics.median(gaps)),
+                fmt_s(raw_wall), f"{raw_wall / IDEAL:.2f}x", f"{makespan / raw_wall:.2f}x", overlap, raw_overlap,
+            ])
+
+    print(f"{STEPS} independent busybox `sleep {SECONDS}` steps, 1000 millicores each, capacity {CAPACITY}; ideal {IDEAL:g} s")
+    print()
+    print_table(["", "flow makespan", "vs ideal", "flow wall", "handoff", "raw 2-at-a-time", "raw vs ideal", "flow/raw", "max overlap", "raw overlap"], rows)
+    best = min(makespans)
+    median = sorted(makespans)[len(makespans) // 2]
+    print()
+    print(f"flow makespan best {fmt_s(best)}, median {fmt_s(median)}; raw best {fmt_s(min(raws))}; flow wall best {fmt_s(min(walls))}")
+    print(f"target: makespan <= {TARGET_RATIO} x {IDEAL:g} s = {TARGET_RATIO * IDEAL:g} s -> median {median / IDEAL:.2f}x: {verdict(median <= TARGET_RATIO * IDEAL)}")
+    print("handoff: median time from the exit that freed a slot to the next step's container start call")
+    print(f"capacity: at most {SLOTS} steps overlapped in every run (max {max(overlaps)}): {verdict(max(overlaps) <= SLOTS)}")
+    if profiler is not None:
+        print()
+        profiler.report(STEPS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
