@@ -102,11 +102,11 @@ def main() -> int:
             container={"resource_request": {"cpu_millicore": 1000, "memory_gb": 0.25}, "timeout_seconds": 60},
         )
         # Warm-up (not timed): Prefect registers the flow, imports settle.
-        run_flow(_spec(manifest, 2), root / "store", "warmup", CAPACITY)
+        run_flow(_spec(manifest, 2), root / "store", f"warmup-{os.getpid()}", CAPACITY)
         for rep in range(reps):
             if profile and rep == reps - 1:
                 profiler = StepProfiler().install()
-            summary, wall = run_flow(_spec(manifest), root / "store", f"fanout-{rep}", CAPACITY)
+            summary, wall = run_flow(_spec(manifest), root / "store", f"fanout-{rep}-{os.getpid()}", CAPACITY)
             if profiler is not None:
                 profiler.uninstall()
             times = step_times(summary)

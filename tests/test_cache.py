@@ -136,6 +136,7 @@ def test_missing_earlier_outputs_are_a_miss(tmp_path, docker_client, images) -> 
     assert entry["run_id"] == "r2"
 
 
+@pytest.mark.s3
 def test_cache_is_shared_through_an_s3_store(tmp_path, docker_client, images, s3_endpoint) -> None:
     import boto3
 

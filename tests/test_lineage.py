@@ -195,6 +195,7 @@ def test_cached_run_traces_to_the_run_that_produced_the_bytes(tmp_path, docker_c
     assert [c.status for c in verify_run(store, "r2")] == ["ok"] * 5
 
 
+@pytest.mark.s3
 def test_verify_and_trace_on_s3(tmp_path, docker_client, images, s3_endpoint) -> None:
     import boto3
 

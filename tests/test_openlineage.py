@@ -246,3 +246,21 @@ def test_a_broken_transport_never_fails_a_step(clean_env, tmp_path, docker_clien
     clean_env.setenv("OPENLINEAGE__TRANSPORT__APPEND", "true")
     doc = run_local(five_step_pipeline(tmp_path), open_store(str(tmp_path / "store")), "r1", docker_client)
     assert statuses(doc) == dict.fromkeys(ALL, "succeeded")
+
+
+@pytest.mark.s3
+def test_parquet_schema_facets_are_read_from_s3_footers(tmp_path, s3_endpoint) -> None:
+    import boto3
+
+    from tests.lineage_support import write_table
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="ol-schema")
+    body = write_table(tmp_path / "t.parquet", [1, 2]).read_bytes()
+    s3.put_object(Bucket="ol-schema", Key="one/t.parquet", Body=body)
+    s3.put_object(Bucket="ol-schema", Key="parts/part-0.parquet", Body=body)
+    for uri in ("s3://ol-schema/one/t.parquet", "s3://ol-schema/parts"):
+        facets = openlineage._dataset_facets(uri, "parquet", "ab" * 32, open_store("s3://ol-schema/store"))
+        assert [f.name for f in facets["schema"].fields] == ["id", "label"], uri
+        assert facets["version"].datasetVersion == "sha256:" + "ab" * 32
+    assert "schema" not in openlineage._dataset_facets("s3://ol-schema/missing.parquet", "parquet", None, None)
