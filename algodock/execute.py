@@ -27,7 +27,7 @@ from algodock.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
 from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
-from algodock.results import InputBinding, OutputRecord, StepResult
+from algodock.results import InputBinding, OutputRecord, ResolvedImage, StepResult
 from algodock.runner import run_step
 from algodock.store import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
 
@@ -61,6 +61,13 @@ class RunContext:
     """The Prefect flow-run id, when there is one (the parent run of the steps' OpenLineage events)."""
     _external: dict[str, InputBinding] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _images: dict[str, ResolvedImage] = field(default_factory=dict)
+
+    def image(self, ref: str) -> ResolvedImage:
+        """``ref`` resolved to its image id once per run: every step of the run uses the same image."""
+        if ref not in self._images:
+            self._images.setdefault(ref, resolve_image(self.client, ref))
+        return self._images[ref]
 
     def external_input(self, name: str) -> InputBinding:
         """An external pipeline input, fetched (S3) and hashed once per run."""
@@ -154,7 +161,7 @@ def _execute(
 ) -> StepRecord:
     manifest = ctx.pipeline.manifests[step_id]
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
-    image = resolve_image(ctx.client, manifest.container_parameters.image)
+    image = ctx.image(manifest.container_parameters.image)
     record.image_id, record.repo_digest = image.id, image.repo_digest
 
     if ctx.cache is not None:

@@ -105,32 +105,61 @@ def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord]
 
 
 class Ledger:
-    """The run's lineage document, rewritten in the store whenever a step changes."""
+    """The run's lineage document, rewritten in the store whenever a step changes.
+
+    After :meth:`start`, a writer thread writes the latest document whenever it changed
+    (a burst of changes is one write), so recording a step never delays the next step;
+    :meth:`finish` stops it and writes the final document itself.
+    """
 
     def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
         self.doc = doc
         self.store = store
         self.on_change = on_change
         self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._closing = False
+        self._writer: threading.Thread | None = None
 
     def update(self, record: StepRecord) -> None:
         with self._lock:
             self.doc.steps = [record if s.id == record.id else s for s in self.doc.steps]
-            self._write()
+            if self._writer is None or self._closing:
+                self._write()
+        self._changed.set()
         if self.on_change:
             self.on_change(record)
 
     def start(self) -> None:
         with self._lock:
             self._write()
+        self._writer = threading.Thread(target=self._write_behind, name="algodock-ledger", daemon=True)
+        self._writer.start()
         for s in self.doc.steps:
             self.on_change and self.on_change(s)
 
     def finish(self, status: str) -> None:
+        if self._writer is not None:
+            self._closing = True
+            self._changed.set()
+            self._writer.join()
         with self._lock:
             self.doc.status = status  # type: ignore[assignment]
             self.doc.finished_at = datetime.now(timezone.utc)
             self._write()
+
+    def _write_behind(self) -> None:
+        while True:
+            self._changed.wait()
+            if self._closing:
+                return  # finish() writes the final document
+            self._changed.clear()
+            with self._lock:  # a consistent snapshot; the I/O is done without the lock
+                snapshot = (self.doc.model_dump(mode="json"), self.summary())
+            try:
+                self._write(snapshot)
+            except Exception as exc:  # the next change or finish() tries again
+                logging.getLogger("algodock").warning("could not write the lineage of run %s: %s", self.doc.run_id, exc)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -141,9 +170,10 @@ class Ledger:
             "steps": [s.summary() for s in self.doc.steps],
         }
 
-    def _write(self) -> None:
-        self.store.write_json(lineage_rel(self.doc.run_id), self.doc.model_dump(mode="json"))
-        self.store.write_json(run_json_rel(self.doc.run_id), self.summary())
+    def _write(self, snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
+        lineage, summary = snapshot or (self.doc.model_dump(mode="json"), self.summary())
+        self.store.write_json(lineage_rel(self.doc.run_id), lineage)
+        self.store.write_json(run_json_rel(self.doc.run_id), summary)
 
 
 def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
