@@ -86,9 +86,7 @@ class ContainerParameters(_Strict):
         return env
 
 
-class InputSlot(_Strict):
-    """A named input the algorithm reads from ``/work/input/<name>/``."""
-
+class _Slot(_Strict):
     name: Name
     format: Format
     required: bool = True
@@ -96,14 +94,12 @@ class InputSlot(_Strict):
     description: str = ""
 
 
-class OutputSlot(_Strict):
-    """A named output the algorithm writes under ``/work/output``."""
+class InputSlot(_Slot):
+    """A named input the algorithm reads from ``/work/input/<name>/``."""
 
-    name: Name
-    format: Format
-    required: bool = True
-    multiple: bool = Field(False, description="True: the output is a folder of files.")
-    description: str = ""
+
+class OutputSlot(_Slot):
+    """A named output the algorithm writes under ``/work/output``."""
 
 
 class Manifest(_Strict):

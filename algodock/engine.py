@@ -103,26 +103,26 @@ def sweep_orphans(client: docker.DockerClient) -> list[str]:
     for v in client.volumes.list(filters={"label": f"{MANAGED_LABEL}=true"}):  # named-volume staging
         if _owner_alive(v.attrs.get("Labels") or {}):
             continue
-        try:
-            v.remove(force=True)
+        if _remove_quietly(v):
             removed.append(v.name)
-        except (NotFound, APIError):
-            pass
     return removed
+
+
+def _remove_quietly(obj: object) -> bool:
+    """Force-remove a container or volume; False when it is already gone or the engine refused."""
+    from docker.errors import APIError, NotFound
+
+    try:
+        obj.remove(force=True)  # type: ignore[attr-defined]
+        return True
+    except (NotFound, APIError):
+        return False
 
 
 def kill_run_containers(client: docker.DockerClient, run_id: str) -> list[str]:
     """Kill and remove every container of ``run_id`` (used when a flow run is cancelled)."""
-    from docker.errors import APIError, NotFound
-
-    killed = []
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL}.run_id={run_id}"}):
-        try:
-            c.remove(force=True)
-            killed.append(c.name)
-        except (NotFound, APIError):
-            pass
-    return killed
+    containers = client.containers.list(all=True, filters={"label": f"{LABEL}.run_id={run_id}"})
+    return [c.name for c in containers if _remove_quietly(c)]
 
 
 def _repo_of(ref: str) -> str:

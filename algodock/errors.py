@@ -29,24 +29,24 @@ class StepFailure(AlgodockError):
         return {"kind": self.kind, "message": self.message, "exit_code": self.exit_code}
 
 
-class InvalidManifest(StepFailure):
+class _ErrorList(StepFailure):
+    """A failure found by validation: every error, one line each, naming file and field."""
+
+    def __init__(self, message: str, *, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
+
+
+class InvalidManifest(_ErrorList):
     """The manifest or pipeline does not validate."""
 
     kind = "invalid_manifest"
 
-    def __init__(self, message: str, *, errors: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or [message]
 
-
-class InvalidInput(StepFailure):
+class InvalidInput(_ErrorList):
     """Parameters fail the schema, or a required input is missing or unreadable."""
 
     kind = "invalid_input"
-
-    def __init__(self, message: str, *, errors: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or [message]
 
 
 class ImageNotFound(StepFailure):

@@ -12,32 +12,14 @@ from jsonschema import Draft202012Validator
 
 from algodock.contract import CONTRACT_VERSION, parse_manifest
 from algodock.schemas import DRAFT, build_schemas, export_schemas, render, stale_schemas
+from tests.test_contract import GOOD as CONTRACT_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "schemas"
 EXAMPLE_MANIFESTS = sorted((REPO / "examples").glob("*/manifest.json"))
 
-GOOD = {
-    "manifest_version": "0.1",
-    "name": "device-visits",
-    "version": "1.0.0",
-    "container_parameters": {
-        "image": "myorg/device-visits:1.0.0",
-        "command": ["python", "/app/device_visits.py"],
-        "resource_request": {"cpu_millicore": 2000, "memory_gb": 4, "gpu": 0},
-        "timeout_seconds": 3600,
-        "env": {"LOG_LEVEL": "info"},
-        "scratch_mb": 256,
-    },
-    "parameters": {
-        "type": "object",
-        "properties": {"look_back_time": {"type": "integer", "minimum": 1, "default": 3600}},
-        "required": [],
-        "additionalProperties": False,
-    },
-    "inputs": [{"name": "pings", "format": "parquet", "required": True, "multiple": False}],
-    "outputs": [{"name": "visits", "format": "parquet", "required": True}],
-}
+# CONTRACT.md §1's example manifest.
+GOOD = CONTRACT_EXAMPLE
 
 
 def _validator(name: str) -> Draft202012Validator:
