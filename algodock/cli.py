@@ -17,16 +17,29 @@ from algodock.errors import AlgodockError, InvalidInput, InvalidManifest, StepFa
 log = logging.getLogger("algodock")
 
 
+_HANDLER = logging.StreamHandler(sys.stderr)
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("algodock").setLevel(logging.DEBUG if verbose else logging.INFO)
+    """algodock's own messages at INFO, everyone else's (httpx, docker, Prefect's console) at WARNING."""
+    _HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    _HANDLER.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger().addHandler(_HANDLER)
+    ours = logging.getLogger("algodock")
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    mine = logging.StreamHandler(sys.stderr)
+    mine.setFormatter(_HANDLER.formatter)
+    ours.addHandler(mine)
+    ours.propagate = False
     # A temporary Prefect server can take a while on a busy machine; 20 s is Prefect's default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _log_to(stream: Any) -> None:
+    """Point our log handlers at ``stream`` (the live view's proxy, so lines print above the table)."""
+    for handler in (_HANDLER, *logging.getLogger("algodock").handlers):
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)
 
 
 def _terminate_on_sigterm() -> None:
@@ -200,7 +213,7 @@ def _live_view(order: list[str]):
             table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, detail)
         return table
 
-    live = Live(render(), console=console, refresh_per_second=4, transient=False)
+    live = Live(render(), console=console, refresh_per_second=4, transient=False, redirect_stderr=True)
 
     def listener(record: Any) -> None:
         states[record.id] = record
@@ -232,6 +245,12 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     from algodock.pipeline import load_pipeline, parse_overrides
 
     _terminate_on_sigterm()
+    if sys.stderr.isatty():
+        # The live table shows step states; the log lines stay in the Prefect UI and the store.
+        # (Set before Prefect is imported: its logging is configured then.)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     try:
         overrides = parse_overrides(list(sets))
         cap = Capacity.parse(capacity) if capacity else None
@@ -258,6 +277,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     try:
         if live:
             live.start()
+            _log_to(sys.stderr)  # Live has replaced sys.stderr with a proxy that prints above the table
         state = flows_pipeline.run_pipeline(
             spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
             capacity=str(cap),
@@ -266,6 +286,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     finally:
         if live:
             live.stop()
+            _log_to(sys.stderr)
     summary = open_store(store).read_json(run_json_rel(run_id))
     if summary is None:
         message = state.message or "the flow run failed before it recorded anything"
@@ -273,9 +294,13 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        for step in summary["steps"]:
-            click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
+        if not live:  # the live table already showed them
+            for step in summary["steps"]:
+                click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
         click.echo(f"run {run_id}: {summary['status']}; lineage at {summary.get('lineage_uri')}", err=True)
+        ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL") or "").removesuffix("/api")
+        if ui and summary.get("flow_run_id"):
+            click.echo(f"in the Prefect UI: {ui}/runs/flow-run/{summary['flow_run_id']}", err=True)
     sys.exit(0 if summary["status"] == "succeeded" else 1)
 
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -230,15 +230,29 @@ def prefect_server() -> Iterator[str]:
         server.stop()
 
 
-def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> tuple[dict[str, Any], float]:
-    """Run ``flows.pipeline.run_pipeline`` (inside :func:`prefect_server`); the run summary and wall seconds."""
+class FlowRun(NamedTuple):
+    """One timed run of the pipeline flow."""
+
+    summary: dict[str, Any]
+    """The run summary (``runs/<run_id>/run.json``)."""
+    wall: float
+    """Seconds from calling ``run_pipeline`` to its return."""
+    called: datetime
+    """When ``run_pipeline`` was called (UTC, comparable with the steps' times)."""
+    returned: datetime
+
+
+def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> FlowRun:
+    """Run ``flows.pipeline.run_pipeline`` (inside :func:`prefect_server`) with ``no_cache=True``."""
     import json
 
     from flows.pipeline import run_pipeline
 
+    called = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     state = run_pipeline(spec=spec, store=str(store), run_id=run_id, capacity=capacity, no_cache=True, return_state=True)
     wall = time.perf_counter() - t0
+    returned = datetime.now(timezone.utc)
     summary = json.loads((store / "runs" / run_id / "run.json").read_text())
     lineage = json.loads((store / "runs" / run_id / "lineage.json").read_text())
     retried = [s["id"] for s in lineage["steps"] if (s.get("attempts") or 1) > 1]
@@ -247,7 +261,7 @@ def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> t
     if not state.is_completed():
         failed = [(s["id"], s.get("failure")) for s in summary["steps"] if s["status"] != "succeeded"]
         sys.exit(f"bench: run {run_id} did not succeed: {state.message}; {failed[:3]}")
-    return summary, wall
+    return FlowRun(summary, wall, called, returned)
 
 
 def step_times(summary: dict[str, Any]) -> list[tuple[str, datetime, datetime]]:

@@ -121,7 +121,7 @@ def main() -> int:
             for n in (short, long_):  # interleaved, so drift affects both alike
                 if profile and n == long_ and rep == reps - 1:
                     profiler = StepProfiler().install()
-                summary, wall = run_flow(_spec(n, manifest, seed), root / "store", f"chain{n}-{rep}-{os.getpid()}", CAPACITY)
+                summary, wall, _, _ = run_flow(_spec(n, manifest, seed), root / "store", f"chain{n}-{rep}-{os.getpid()}", CAPACITY)
                 if profiler is not None:
                     profiler.uninstall()
                 flow[n].append(wall)
