@@ -65,8 +65,8 @@ demo: venv engine base-image images ## generate sample pings and run the demo pi
 	$(VENV)/bin/python examples/generate_pings.py --out .algodock/demo/pings --devices 50 --hours 24 --parts 4 --seed 7
 	bash scripts/demo.sh
 
-bench: venv engine base-image images ## run every bench/*.py
-	@shopt -s nullglob; files=(bench/*.py); \
+bench: venv engine base-image images ## run every bench/*.py (helpers named _*.py are skipped)
+	@shopt -s nullglob; files=(bench/[!_]*.py); \
 	  if [ $${#files[@]} -eq 0 ]; then echo "no bench/*.py"; exit 0; fi; \
 	  for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
 

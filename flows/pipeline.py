@@ -10,6 +10,7 @@ step failed. The lineage document in the store is rewritten as each step ends.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import os
 import shutil
@@ -270,7 +271,9 @@ def run_pipeline(
 
     stop_watch = threading.Event()
     if flow_run_id:
-        threading.Thread(target=_watch_cancellation, args=(flow_run_id, ctx, stop_watch), daemon=True).start()
+        # In a copy of this context, so the watcher talks to the same Prefect API (settings set in code included).
+        watch = contextvars.copy_context()
+        threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch), daemon=True).start()
     try:
         status = _schedule(ctx, pipeline, order, ledger)
     finally:
