@@ -256,3 +256,51 @@ def test_cancelling_the_flow_run_kills_its_containers(tmp_path, prefect_harness,
     assert by["after"]["status"] == "skipped"
     assert summary["status"] == "cancelled"
     assert not docker_client.containers.list(all=True, filters={"label": "io.algodock.run_id=cancel1"})
+
+
+def test_step_retries_apply_to_exit_code_failures_only_when_set(tmp_path, prefect_harness, busybox_image):
+    from flows.pipeline import run_pipeline
+
+    write_manifest(tmp_path / "fail.json", name="fail", image=busybox_image, command=["sh", "-c", "echo attempt; exit 4"],
+                   container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text(
+        'pipeline_version: "0.1"\nname: retries\nsteps:\n'
+        "  - {id: twice, manifest: fail.json, retries: 1}\n"
+        "  - {id: once, manifest: fail.json}\n"
+    )
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="retries1", no_cache=True, return_state=True)
+    assert state.is_failed()
+    lineage = json.loads((tmp_path / "store/runs/retries1/lineage.json").read_text())
+    by = {s["id"]: s for s in lineage["steps"]}
+    assert (by["twice"]["attempts"], by["once"]["attempts"]) == (2, 1)
+    assert by["twice"]["failure"]["kind"] == "exit_code" and by["twice"]["exit_code"] == 4
+    assert by["twice"]["task_run_id"] and by["twice"]["task_run_id"] != by["once"]["task_run_id"]
+
+
+def test_a_log_flood_is_bounded_in_prefect_and_whole_in_the_store(tmp_path, prefect_harness, busybox_image):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from algodock.execute import EMIT_LIMIT
+    from flows.pipeline import run_pipeline
+
+    line = "x" * 999
+    write_manifest(tmp_path / "flood.json", name="flood", image=busybox_image,
+                   command=["sh", "-c", f"i=0; while [ $i -lt 6000 ]; do echo {line}; i=$((i+1)); done"],
+                   container={"resource_request": {"cpu_millicore": 500, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: flood\nsteps:\n  - {id: flood, manifest: flood.json}\n')
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="flood1", no_cache=True, return_state=True)
+    assert state.is_completed(), state.message
+    full = tmp_path / "store/runs/flood1/steps/flood/container.log"
+    assert full.stat().st_size == 6000 * 1000  # every byte kept in the store
+    summary = json.loads((tmp_path / "store/runs/flood1/run.json").read_text())
+    sent = 0
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]])), limit=200, offset=offset)
+            sent += sum(len(log.message) for log in page)
+            offset += len(page)
+            if len(page) < 200:
+                break
+    assert sent <= EMIT_LIMIT + 64 * 1024, f"{sent} bytes of logs reached the Prefect API; the bound is {EMIT_LIMIT}"
