@@ -90,14 +90,18 @@ def container_config(
         "name": name,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={params.scratch_mb}m,mode=1777"},
+        "tmpfs": {
+            "/tmp": f"rw,nosuid,nodev,size={params.scratch_mb}m,mode=1777",
+            "/dev/mqueue": "ro,nosuid,nodev,noexec,size=4k",  # hides the engine's writable POSIX queues
+        },
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "pids_limit": PIDS_LIMIT,
         "nano_cpus": rr.cpu_millicore * 1_000_000,
         "mem_limit": memory,
         "memswap_limit": memory,
-        "ipc_mode": "private",
+        # No /dev/shm or /dev/mqueue: CONTRACT.md §2 leaves only /tmp and /work/output writable.
+        "ipc_mode": "none",
         "mounts": mounts
         or [
             Mount(ALGO_INPUT_PATH, str(work_dir / "algo_input.json"), type="bind", read_only=True),

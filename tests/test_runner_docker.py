@@ -131,7 +131,7 @@ p route "$(tail -n +2 /proc/net/route | wc -l)"
 nc -w 2 127.0.0.1 "$PORT" </dev/null >/dev/null 2>&1; p nc_localhost $?
 nc -w 2 "$GATEWAY" "$PORT" </dev/null >/dev/null 2>&1; p nc_gateway $?
 wget -q -T 2 -O /dev/null "http://$GATEWAY:$PORT/" >/dev/null 2>&1; p wget_gateway $?
-for t in /probe /etc/probe /bin/probe /work/probe /work/input/probe /work/input/data/probe /work/output/probe /tmp/probe; do
+for t in /probe /etc/probe /bin/probe /work/probe /work/input/probe /work/input/data/probe /work/output/probe /tmp/probe /dev/probe /dev/shm/probe /dev/mqueue/probe /run/probe /var/probe /root/probe; do
   (echo x > "$t") 2>/dev/null; p "write:$t" $?
 done
 (echo x > /work/algo_input.json) 2>/dev/null; p write:/work/algo_input.json $?
@@ -262,7 +262,11 @@ def test_the_network_probe_would_notice_a_network(docker_client: Any, busybox_im
     assert listener.accepted == before + 1
 
 
-@pytest.mark.parametrize("path", ["/probe", "/etc/probe", "/bin/probe", "/bin/busybox", "/work/probe", "/work/input/probe", "/work/input/data/probe", "/work/algo_input.json"])
+@pytest.mark.parametrize(
+    "path",
+    ["/probe", "/etc/probe", "/bin/probe", "/bin/busybox", "/work/probe", "/work/input/probe", "/work/input/data/probe", "/work/algo_input.json",
+     "/dev/probe", "/dev/shm/probe", "/dev/mqueue/probe", "/run/probe", "/var/probe", "/root/probe"],
+)
 def test_read_only_everywhere_but_output_and_tmp(probe: dict[str, Any], path: str) -> None:
     assert probe["facts"][f"write:{path}"] != "0", f"{path} was writable"
 
