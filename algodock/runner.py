@@ -192,7 +192,7 @@ def run_step(
         pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit)
         result.started_at = _now()
         pump.start()
-        container.start()
+        _start(container, cp.resource_request.gpu)
         status, timed_out = _wait(container, cp.timeout_seconds)
         result.finished_at = _now()
         if on_exit is not None:
@@ -249,6 +249,20 @@ def run_step(
             shutil.rmtree(work, ignore_errors=True)
         result.finished_at = result.finished_at or _now()
     return result
+
+
+def _start(container: Container, gpus: int) -> None:
+    from docker.errors import APIError
+
+    try:
+        container.start()
+    except APIError as exc:
+        if gpus and "device driver" in str(exc):
+            raise InfrastructureError(
+                f"the manifest asks for {gpus} GPU(s) but this Docker engine cannot provide them "
+                f"(install the NVIDIA Container Toolkit, or set resource_request.gpu to 0): {exc.explanation or exc}"
+            ) from exc
+        raise
 
 
 def _wait(container: Container, timeout: float) -> tuple[int | None, bool]:

@@ -696,3 +696,16 @@ def test_log_pump_stops_emitting_at_the_limit_but_keeps_the_tail() -> None:
     assert lines[-1].startswith("[algodock] log output past 5000 bytes is not shown here")
     assert pump.tail(1) == ["last words"]
     assert pump.total == 110_000 + len(b"last words\n")
+
+
+def test_a_gpu_request_on_an_engine_without_gpus_says_so(tmp_path: Path, docker_client, busybox_image: str) -> None:
+    if "nvidia" in (docker_client.info().get("Runtimes") or {}):
+        pytest.skip("this engine has the NVIDIA runtime: the GPU request would be honoured")
+    from algodock.contract import parse_manifest
+
+    m = parse_manifest({"manifest_version": "0.1", "name": "gpu", "version": "1",
+                        "container_parameters": {"image": busybox_image, "command": ["true"], "resource_request": {"gpu": 1}}})
+    result = run_step(m, output_dir=tmp_path / "out", client=docker_client)
+    assert result.failure is not None and result.failure.kind == "infrastructure"
+    assert "asks for 1 GPU(s)" in result.failure.message
+    assert not docker_client.containers.list(all=True, filters={"label": "io.algodock.step_id=gpu"})
