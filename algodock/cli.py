@@ -229,8 +229,9 @@ def _live_view(order: list[str]):
 @click.option("--set", "sets", multiple=True, metavar="STEP.KEY=VALUE", help="Override a step's parameter; VALUE is JSON when it parses.")
 @click.option("--capacity", metavar="cpu_millicore=N,memory_gb=M", help="What running steps may use together [default: the engine's CPUs and memory].")
 @click.option("--no-cache", is_flag=True, help="Run every step, even when an identical earlier run could be reused.")
+@click.option("--concurrency-limit", metavar="NAME", help="A Prefect global concurrency limit each step also holds a slot of (a limit shared across hosts).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the run summary) on stdout.")
-def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, as_json: bool) -> None:
+def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, as_json: bool) -> None:
     """Run a pipeline as a Prefect flow: each step a task, independent steps concurrently.
 
     Uses the Prefect server at PREFECT_API_URL when set, else a temporary local one.
@@ -281,7 +282,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         state = flows_pipeline.run_pipeline(
             spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
             capacity=str(cap),
-            no_cache=no_cache, return_state=True,
+            no_cache=no_cache, concurrency_limit=concurrency_limit, return_state=True,
         )
     finally:
         if live:

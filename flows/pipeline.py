@@ -10,6 +10,7 @@ step failed. The lineage document in the store is rewritten as each step ends.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import os
@@ -22,12 +23,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from algodock.cache import StoreCache
 from algodock.capacity import Capacity, ResourcePool
 from algodock.engine import docker_client, kill_run_containers
 from algodock.errors import StepFailure
@@ -78,20 +81,21 @@ def _retry_condition(max_user_retries: int):
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger) -> StepRecord:
+def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> StepRecord:
     """Run one step; raise :class:`StepFailed` on failure so Prefect can retry it."""
     from prefect.runtime import task_run
 
     logger = get_run_logger()
     attempt = int(task_run.run_count or 1)
-    record = execute_step(
-        ctx,
-        step_id,
-        upstream,
-        attempt=attempt,
-        on_log=logger.info,
-        task_run_id=str(task_run.id) if task_run.id else None,
-    )
+    with concurrency(concurrency_limit, occupy=1, strict=True) if concurrency_limit else contextlib.nullcontext():
+        record = execute_step(
+            ctx,
+            step_id,
+            upstream,
+            attempt=attempt,
+            on_log=logger.info,
+            task_run_id=str(task_run.id) if task_run.id else None,
+        )
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
@@ -233,28 +237,29 @@ def run_pipeline(
     overrides: dict[str, dict[str, Any]] | None = None,
     capacity: str | None = None,
     no_cache: bool = False,
+    concurrency_limit: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
 
     ``store``: local folder or ``s3://bucket/prefix`` (default ``./.algodock/store``);
     ``overrides``: ``{step_id: {param: value}}``; ``capacity``: ``cpu_millicore=N,memory_gb=M``
-    (default: the engine's CPUs and memory); ``no_cache``: run every step.
+    (default: the engine's CPUs and memory); ``no_cache``: run every step;
+    ``concurrency_limit``: the name of a Prefect global concurrency limit that every step also
+    holds one slot of while it runs: a limit shared by all hosts and runs (the capacity packs
+    this host; Prefect's limits poll, so they are no tool for packing).
     """
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     client = docker_client()
     cap = Capacity.parse(capacity) if capacity else Capacity.from_engine(client)
     pipeline = _load(spec, overrides, cap)
+    if concurrency_limit:
+        _check_limit(concurrency_limit)
     the_store = open_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
-    try:
-        from algodock.cache import StoreCache
-
-        ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
-    except ImportError:
-        pass
+    ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     order = pipeline.topological_order()
     doc = LineageDocument(
         run_id=run_id,
@@ -275,7 +280,7 @@ def run_pipeline(
         watch = contextvars.copy_context()
         threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch), daemon=True).start()
     try:
-        status = _schedule(ctx, pipeline, order, ledger)
+        status = _schedule(ctx, pipeline, order, ledger, concurrency_limit)
     finally:
         stop_watch.set()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -288,7 +293,24 @@ def run_pipeline(
     return summary
 
 
-def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger) -> str:
+def _check_limit(name: str) -> None:
+    """Fail before any container starts when the named global concurrency limit does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from algodock.errors import InvalidInput
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise InvalidInput(
+                f"concurrency_limit: no Prefect global concurrency limit named {name!r}; "
+                f"create it with `prefect gcl create {name} --limit N`"
+            ) from None
+
+
+def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, concurrency_limit: str | None = None) -> str:
     """Submit each step when its dependencies are done; skip dependents of failures."""
     records: dict[str, StepRecord] = {}
     running: dict[concurrent.futures.Future, str] = {}
@@ -316,7 +338,7 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             upstream = {d: records[d] for d in deps}
             # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
             ledger.update(StepRecord(id=step_id, status="running"))
-            fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger))
+            fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger), concurrency_limit)
             prefect_futures[step_id] = fut
             running[fut.wrapped_future] = step_id
 

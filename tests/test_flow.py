@@ -304,3 +304,28 @@ def test_a_log_flood_is_bounded_in_prefect_and_whole_in_the_store(tmp_path, pref
             if len(page) < 200:
                 break
     assert sent <= EMIT_LIMIT + 64 * 1024, f"{sent} bytes of logs reached the Prefect API; the bound is {EMIT_LIMIT}"
+
+
+def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, prefect_harness, busybox_image):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from algodock.errors import InvalidInput
+    from flows.pipeline import run_pipeline
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="algodock-test-one", limit=1))
+    write_manifest(tmp_path / "nap.json", name="nap", image=busybox_image, command=["sleep", "1"],
+                   container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text(
+        'pipeline_version: "0.1"\nname: limited\nsteps:\n' + "".join(f"  - {{id: n{i}, manifest: nap.json}}\n" for i in range(3))
+    )
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="gcl1", no_cache=True,
+                         capacity="cpu_millicore=2000,memory_gb=4", concurrency_limit="algodock-test-one", return_state=True)
+    assert state.is_completed(), state.message
+    steps = json.loads((tmp_path / "store/runs/gcl1/run.json").read_text())["steps"]
+    spans = sorted((s["started_at"], s["finished_at"]) for s in steps)
+    assert all(end <= nxt_start for (_, end), (nxt_start, _) in zip(spans, spans[1:])), f"steps overlapped under a limit of 1: {spans}"
+
+    with pytest.raises(InvalidInput, match="no Prefect global concurrency limit named 'nope'"):
+        run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="gcl2", concurrency_limit="nope")
