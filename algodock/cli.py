@@ -181,7 +181,8 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
             click.echo(f"succeeded: image {result.image} = {result.image_id}", err=True)
         sys.exit(0)
     assert result.failure is not None
-    _print_errors(result.failure) if not as_json else None
+    if not as_json:
+        _print_errors(result.failure)
     click.echo(f"failed ({result.failure.kind})", err=True)
     sys.exit(1)
 

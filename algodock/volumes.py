@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import TYPE_CHECKING
 
 from algodock.errors import InfrastructureError, InvalidOutput
@@ -32,8 +33,10 @@ def staging_mode(client: docker.DockerClient) -> str:
     mode = os.environ.get("ALGODOCK_STAGING", "auto")
     if mode in ("bind", "volume"):
         return mode
-    base = str(getattr(client.api, "base_url", ""))
-    return "volume" if base.startswith(("http://", "https://", "ssh://")) and "localhost" not in base and "127.0.0.1" not in base and "docker.sock" not in base else "bind"
+    # docker-py names a local socket http+docker://localhost; tcp:// becomes http(s)://.
+    url = urlparse(str(getattr(client.api, "base_url", "")))
+    remote = url.scheme in ("http", "https", "ssh") and url.hostname not in ("localhost", "127.0.0.1", "::1")
+    return "volume" if remote else "bind"
 
 
 class VolumeWorkspace:
@@ -42,6 +45,7 @@ class VolumeWorkspace:
     def __init__(self, client: docker.DockerClient, labels: dict[str, str]) -> None:
         suffix = uuid.uuid4().hex[:10]
         self.client = client
+        self.labels = labels
         self.work = client.volumes.create(name=f"algodock-work-{suffix}", labels=labels)
         self.output = client.volumes.create(name=f"algodock-out-{suffix}", labels=labels)
 
@@ -54,7 +58,7 @@ class VolumeWorkspace:
             command=["true"],
             network_mode="none",
             mounts=[Mount("/work", self.work.name, type="volume"), Mount("/work/output", self.output.name, type="volume")],
-            labels={"io.algodock.managed": "true", "io.algodock.role": "loader"},
+            labels={**self.labels, "io.algodock.role": "loader"},  # owner labels: the sweep can find it
         )
         try:
             with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buf:
