@@ -389,16 +389,20 @@ def test_gpu_becomes_a_device_request_only_when_asked(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ who the container runs as
 
 USER_PROBE = 'echo "PROBE uid=$(id -u)"; echo "PROBE gid=$(id -g)"; echo "PROBE owner=$(stat -c %u:%g /work/output)"; touch /work/output/ok'
-PASSWD = b"root:x:0:0:root:/root:/bin/sh\ntoor:x:0:0:another root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n"
+PASSWD = (
+    b"root:x:0:0:root:/root:/bin/sh\ntoor:x:0:0:another root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n"
+    b"zero:x:000:000:uid 0 spelt with zeros:/:/bin/sh\napp0:x:1234:0:app in the root group:/:/bin/sh\n"
+)
+USERS = ["0", "root", "1000", "1000:0", "app", "toor", "ghost", "0000:0000", "00", "0:0", "root:root", "zero", "app0", "4294967296"]
 
 
 @pytest.fixture(scope="module")
 def user_images(docker_client: Any, busybox_image: str) -> dict[str, str]:
     images = {}
-    for tag, user in [("user-0", "0"), ("user-root", "root"), ("user-1000", "1000"), ("user-1000-0", "1000:0"), ("user-app", "app"), ("user-toor", "toor"), ("user-ghost", "ghost")]:
+    for user in USERS:
         images[user] = build_image(
             docker_client,
-            f"algodock-test/{tag}:1",
+            f"algodock-test/user-{user.replace(':', '-')}:1",
             f"FROM {busybox_image}\nCOPY passwd /etc/passwd\nUSER {user}\n",
             {"passwd": PASSWD},
         )
@@ -415,8 +419,16 @@ def user_images(docker_client: Any, busybox_image: str) -> dict[str, str]:
         ("app", 1234, 2345),
         ("toor", 10001, 10001),
         ("ghost", 10001, 10001),
+        ("0000:0000", 10001, 10001),
+        ("00", 10001, 10001),
+        ("0:0", 10001, 10001),
+        ("root:root", 10001, 10001),
+        ("zero", 10001, 10001),
+        ("app0", 1234, 1234),
+        ("4294967296", 10001, 10001),
     ],
-    ids=["USER-0", "USER-root", "USER-1000", "USER-1000-group-0", "USER-named", "USER-name-of-uid-0", "USER-unknown-name"],
+    ids=["USER-0", "USER-root", "USER-1000", "USER-1000-group-0", "USER-named", "USER-name-of-uid-0", "USER-unknown-name",
+         "USER-0000-0000", "USER-00", "USER-0-0", "USER-root-root", "USER-name-of-uid-000", "USER-named-in-group-0", "USER-2-to-the-32"],
 )
 def test_never_uid_0_whatever_the_image_says(docker_client: Any, user_images: dict[str, str], out: Path, user: str, uid: int, gid: int) -> None:
     run = Run(docker_client, manifest(user_images[user], USER_PROBE), out)
@@ -426,6 +438,40 @@ def test_never_uid_0_whatever_the_image_says(docker_client: Any, user_images: di
     assert f["owner"] == f"{uid}:{gid}", "the output folder belongs to the container's user"
     assert (out.stat().st_uid, out.stat().st_gid) == (uid, gid)
     assert (out / "ok").stat().st_uid == uid
+
+
+def _base_image() -> str:
+    path = Path(__file__).resolve().parents[1] / ".build" / "base-image"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but .build/base-image is missing (`make base-image`)", pytrace=False)
+        pytest.skip(".build/base-image is missing (`make base-image`)")
+    return path.read_text().strip()
+
+
+@pytest.mark.parametrize("user", ["root", "0000:0000", "00", "0:0"])
+def test_never_uid_0_on_the_base_image(docker_client: Any, out: Path, user: str) -> None:
+    """A real distribution image (its own /etc/passwd, root named root) with USER spelling uid 0."""
+    image = build_image(docker_client, f"algodock-test/base-user-{user.replace(':', '-')}:1", f"FROM {_base_image()}\nUSER {user}\n")
+    run = Run(docker_client, manifest(image, ["sh", "-c", 'echo "PROBE uid=$(id -u)"; echo "PROBE groups=$(id -G)"; touch /work/output/ok']), out)
+    assert run.result.ok, (run.result.failure, run.lines)
+    f = run.probe()
+    assert f["uid"] == str(sandbox.UNPRIVILEGED_UID), f"ran as uid {f['uid']}"
+    assert "0" not in f["groups"].split(), f"in root's group: {f['groups']}"
+    assert (out / "ok").stat().st_uid == sandbox.UNPRIVILEGED_UID
+
+
+def test_a_passwd_that_is_a_symlink_runs_unprivileged(docker_client: Any, busybox_image: str, out: Path) -> None:
+    """A hostile /etc/passwd (a symlink to a file naming app uid 0) must neither crash the runner nor give root."""
+    image = build_image(
+        docker_client,
+        "algodock-test/user-passwd-symlink:1",
+        f"FROM {busybox_image}\nCOPY passwd /etc/real-passwd\nRUN rm -f /etc/passwd && ln -s /etc/real-passwd /etc/passwd\nUSER app\n",
+        {"passwd": b"app:x:0:0::/:/bin/sh\n"},
+    )
+    run = Run(docker_client, manifest(image, USER_PROBE), out)
+    assert run.result.ok, (run.result.failure, run.lines)
+    assert run.probe()["uid"] == str(sandbox.UNPRIVILEGED_UID)
 
 
 # ------------------------------------------------------------------ failure kinds (§4)
