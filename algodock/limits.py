@@ -1,0 +1,146 @@
+"""``output_mb`` and ``output_files`` (CONTRACT.md §1) enforced while the container runs.
+
+Mechanism: a watcher thread walks the bind-mounted output folder with :func:`os.scandir`
+(no symlink followed) and adds up every entry's size and count; when either is over the
+manifest's limit it kills the container at once and the step fails with ``disk_limit``.
+A file counts with the larger of its apparent size and its allocated blocks, so a sparse
+file cannot pass for small (it would be read, hashed and uploaded at its apparent size).
+
+Cost and slack: a walk of ``n`` entries costs about ``n`` microseconds; the watcher rests
+``RATIO`` times as long as its last walk took (at least ``MIN_INTERVAL``, at most
+``MAX_INTERVAL``), so it never takes more than about 1/``RATIO`` of one core. The bytes an
+algorithm can write past ``output_mb`` before it is stopped are what it writes in one
+interval plus the kill (about 50 ms on a local engine): at 1 GB/s into the page cache and
+the 50 ms interval of a small tree, roughly 100 MB (bench/output_limit.py measures it).
+After the container exited, :func:`measure` walks the folder once more, so a step can never
+end over its limits unnoticed, whatever it wrote in its last interval.
+
+The watcher needs the output folder on this host (bind staging). With named-volume staging
+(a remote engine) the folder lives on the engine's host and is only checked when it is
+read back after the exit (see :func:`algodock.runner.run_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from algodock.errors import DiskLimitFailure
+
+log = logging.getLogger("algodock.limits")
+
+MIB = 1024 * 1024
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 2.0
+RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an output folder holds."""
+
+    bytes: int
+    """Sum over files of max(apparent size, allocated blocks)."""
+    entries: int
+    """Files plus folders (the folder itself not counted)."""
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """The manifest's limits on ``/work/output``."""
+
+    max_bytes: int
+    max_entries: int
+
+    @classmethod
+    def of(cls, output_mb: int, output_files: int) -> OutputLimits:
+        return cls(output_mb * MIB, output_files)
+
+    def check(self, usage: Usage) -> None:
+        """Raise :class:`DiskLimitFailure` when ``usage`` is over a limit."""
+        if usage.bytes > self.max_bytes:
+            raise DiskLimitFailure(
+                f"the algorithm wrote more than output_mb={self.max_bytes // MIB} MiB into /work/output "
+                f"({usage.bytes // MIB} MiB seen) and was stopped; raise container_parameters.output_mb or write less"
+            )
+        if usage.entries > self.max_entries:
+            raise DiskLimitFailure(
+                f"the algorithm created more than output_files={self.max_entries} files and folders in /work/output "
+                f"({usage.entries} seen) and was stopped; raise container_parameters.output_files or write fewer files"
+            )
+
+
+def measure(root: Path, stop_at: OutputLimits | None = None) -> Usage:
+    """Walk ``root`` without following symlinks; stop early once ``stop_at`` is exceeded.
+
+    Entries that vanish or cannot be read during the walk are skipped (the algorithm is
+    still writing); the final walk after the exit sees a settled folder.
+    """
+    total = entries = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                entries += 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                total += max(st.st_size, st.st_blocks * 512) if not stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
+                if stop_at is not None and (total > stop_at.max_bytes or entries > stop_at.max_entries):
+                    return Usage(total, entries)
+    return Usage(total, entries)
+
+
+class OutputWatcher:
+    """A thread that stops the container (``kill``) when ``root`` goes over ``limits``."""
+
+    def __init__(self, root: Path, limits: OutputLimits, kill: Callable[[], None]) -> None:
+        self.root = root
+        self.limits = limits
+        self._kill = kill
+        self._stop = threading.Event()
+        self.failure: DiskLimitFailure | None = None
+        """Set when the watcher stopped the container."""
+        self.walks = 0
+        self._thread = threading.Thread(target=self._run, name="algodock-output-limit", daemon=True)
+
+    def start(self) -> OutputWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(MAX_INTERVAL + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            usage = measure(self.root, self.limits)
+            self.walks += 1
+            try:
+                self.limits.check(usage)
+            except DiskLimitFailure as failure:
+                self.failure = failure
+                try:
+                    self._kill()
+                except Exception as exc:  # already exited, or the engine is gone: the final walk still fails the step
+                    log.debug("kill on disk_limit: %s", exc)
+                return
+            took = time.monotonic() - t0
+            self._stop.wait(min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * took)))
+
+
+__all__ = ["OutputLimits", "OutputWatcher", "Usage", "measure"]
