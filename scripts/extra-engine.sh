@@ -33,7 +33,10 @@ pidfile=$exec_root/docker.pid
 bridge=adk-$name
 net=${ALGODOCK_ENGINE_NET:-$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 250 + 2 ))}
 
-alive() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# Running, and not a zombie: a killed daemon whose parent is gone may never be reaped here, and
+# dockerd refuses to start while the pid in its pidfile still has a /proc entry.
+running() { [[ -r /proc/$1/stat ]] && [[ $(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1) != Z ]]; }
+alive() { [[ -f $pidfile ]] && running "$(cat "$pidfile")"; }
 answers() { DOCKER_HOST=unix://$sock docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
 start() {
@@ -43,6 +46,10 @@ start() {
     echo "extra-engine: $name already runs" >&2
   else
     if [[ -f $pidfile ]] && ! alive; then rm -f "$pidfile"; fi  # stale: dockerd refuses to start over it
+    # The managed containerd dies with a killed dockerd (parent-death signal); a pidfile naming
+    # its dead (or zombie) pid makes the next dockerd wait for it until it gives up.
+    cpid=$exec_root/containerd/containerd.pid
+    if [[ -f $cpid ]] && ! running "$(cat "$cpid")"; then rm -f "$cpid"; fi
     if ! ip link show "$bridge" >/dev/null 2>&1; then
       ip link add "$bridge" type bridge
       ip addr add "172.30.$net.1/24" dev "$bridge"
@@ -84,7 +91,15 @@ start() {
 
 stop() {
   if [[ ${1:-} == --kill ]]; then
-    alive && kill -KILL "$(cat "$pidfile")"
+    if alive; then
+      pid=$(cat "$pidfile")
+      kill -KILL "$pid"
+      deadline=$(( $(date +%s) + 30 ))
+      while running "$pid"; do
+        (( $(date +%s) <= deadline )) || die "dockerd $pid for $name did not die"
+        sleep 0.05
+      done
+    fi
     # The pidfile stays behind, as after a crash; `start` removes it.
     return 0
   fi
@@ -92,7 +107,7 @@ stop() {
     pid=$(cat "$pidfile")
     kill -TERM "$pid"
     deadline=$(( $(date +%s) + 40 ))
-    while kill -0 "$pid" 2>/dev/null; do
+    while running "$pid"; do
       if (( $(date +%s) > deadline )); then kill -KILL "$pid" 2>/dev/null || true; break; fi
       sleep 0.2
     done
@@ -100,10 +115,14 @@ stop() {
   rm -f "$pidfile"
   # A managed containerd outlives a killed dockerd: stop it with its engine.
   cpid=$exec_root/containerd/containerd.pid
-  if [[ -f $cpid ]] && kill -0 "$(cat "$cpid")" 2>/dev/null; then
+  if [[ -f $cpid ]] && running "$(cat "$cpid")"; then
     kill -TERM "$(cat "$cpid")" 2>/dev/null || true
   fi
   if ip link show "$bridge" >/dev/null 2>&1; then ip link del "$bridge"; fi
+  # dockerd mounts its data-root on itself, and a crashed engine leaves container layers and
+  # network namespaces mounted: unmount what is left under this engine's folders, deepest first.
+  awk -v a="$dir/" -v b="$exec_root/" '{ p = $2 "/"; if (index(p, a) == 1 || index(p, b) == 1) print $2 }' /proc/mounts \
+    | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   echo "extra-engine: $name stopped" >&2
 }
 
