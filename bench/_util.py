@@ -113,7 +113,7 @@ def busybox_image(client: Any) -> str:
 
 
 def docker_run_argv(cfg: dict[str, Any], *, remove: bool = True) -> list[str]:
-    """The ``docker run`` command line with exactly the sandbox of ``algodock.sandbox.container_config``."""
+    """The ``docker run`` command line with exactly the sandbox of ``algodock.runtime.sandbox.container_config``."""
     argv = ["docker", "run"]
     if remove:
         argv.append("--rm")
@@ -246,7 +246,7 @@ def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> F
     """Run ``flows.pipeline.run_pipeline`` (inside :func:`prefect_server`) with ``no_cache=True``."""
     import json
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     called = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -311,22 +311,22 @@ class StepProfiler:
         ("task submit (Prefect)", "prefect.tasks", "Task.submit", 0),
         ("task body (run_step_task)", "flows.pipeline", "run_step_task.fn", 0),
         ("execute_step", "flows.pipeline", "execute_step", 1),
-        ("bind_inputs", "algodock.execute", "bind_inputs", 2),
-        ("resolve_image", "algodock.execute", "resolve_image", 2),
-        ("cache lookup", "algodock.cache", "StoreCache.lookup", 2),
-        ("run_step", "algodock.execute", "run_step", 2),
-        ("plan_inputs (check)", "algodock.runner", "plan_inputs", 3),
-        ("prepare_work_dir (staging)", "algodock.runner", "prepare_work_dir", 3),
-        ("container create", "algodock.runner", "_create", 3),
-        ("pool acquire", "algodock.capacity", "ResourcePool.acquire", 3),
+        ("bind_inputs", "algodock.pipeline.execute", "bind_inputs", 2),
+        ("resolve_image", "algodock.pipeline.execute", "resolve_image", 2),
+        ("cache lookup", "algodock.lineage.cache", "StoreCache.lookup", 2),
+        ("run_step", "algodock.pipeline.execute", "run_step", 2),
+        ("plan_inputs (check)", "algodock.runtime.runner", "plan_inputs", 3),
+        ("prepare_work_dir (staging)", "algodock.runtime.runner", "prepare_work_dir", 3),
+        ("container create", "algodock.runtime.runner", "_create", 3),
+        ("pool acquire", "algodock.pipeline.capacity", "ResourcePool.acquire", 3),
         ("container attach", "docker.models.containers", "Container.attach", 3),
         ("container start", "docker.models.containers", "Container.start", 3),
-        ("container wait", "algodock.runner", "_wait", 3),
+        ("container wait", "algodock.runtime.runner", "_wait", 3),
         ("container reload", "docker.models.containers", "Container.reload", 3),
-        ("collect_outputs (hash)", "algodock.runner", "collect_outputs", 3),
-        ("container remove", "algodock.runner", "_remove", 3),
-        ("store put_output", "algodock.store", "LocalStore.put_output", 2),
-        ("cache remember", "algodock.cache", "StoreCache.remember", 2),
+        ("collect_outputs (hash)", "algodock.runtime.runner", "collect_outputs", 3),
+        ("container remove", "algodock.runtime.runner", "_remove", 3),
+        ("store put_output", "algodock.store.backends", "LocalStore.put_output", 2),
+        ("cache remember", "algodock.lineage.cache", "StoreCache.remember", 2),
         ("ledger update", "flows.pipeline", "Ledger.update", 0),
         ("ledger write", "flows.pipeline", "Ledger._write", 1),
     ]

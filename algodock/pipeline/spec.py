@@ -34,10 +34,10 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from algodock.capacity import Capacity
-from algodock.contract import NAME_PATTERN, Manifest, Name, format_validation_error, load_manifest, read_document
+from algodock.pipeline.capacity import Capacity
+from algodock.contract.manifest import NAME_PATTERN, Manifest, Name, format_validation_error, load_manifest, read_document
 from algodock.errors import InvalidInput, InvalidManifest
-from algodock.params import parse_value, resolve_parameters
+from algodock.contract.params import parse_value, resolve_parameters
 
 PIPELINE_VERSION = "0.1"
 """The pipeline spec version this platform reads."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from algodock.contract import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, ContainerParameters
+from algodock.contract.manifest import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, ContainerParameters
 
 UNPRIVILEGED_UID = int(os.environ.get("ALGODOCK_UID", "10001"))
 """The uid an image runs as when it names no non-root USER."""
