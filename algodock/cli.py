@@ -67,7 +67,7 @@ def validate(files: tuple[Path, ...]) -> None:
         try:
             doc = read_document(path)
             if isinstance(doc, dict) and "pipeline_version" in doc:
-                from algodock.pipeline.spec import load_pipeline
+                from algodock.pipeline import load_pipeline
 
                 pipeline = load_pipeline(path)
                 click.echo(f"{path}: valid pipeline {pipeline.spec.name!r} ({len(pipeline.spec.steps)} steps)")

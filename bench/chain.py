@@ -33,7 +33,6 @@ from pathlib import Path
 from _util import (
     StepProfiler,
     busybox_image,
-    docker_run_argv,
     fmt_s,
     prefect_server,
     print_table,
@@ -47,7 +46,7 @@ from _util import (
 
 from algodock.contract.manifest import INPUT_DIR, load_manifest
 from algodock.runtime.engine import container_labels, docker_client
-from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config
+from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
 
 TARGET_RATIO = 1.25
 CAPACITY = "cpu_millicore=2000,memory_gb=8"

@@ -31,7 +31,6 @@ from pathlib import Path
 from _util import (
     StepProfiler,
     busybox_image,
-    docker_run_argv,
     fmt_s,
     handoff_gaps,
     max_overlap,
@@ -47,7 +46,7 @@ from _util import (
 
 from algodock.contract.manifest import load_manifest
 from algodock.runtime.engine import container_labels, docker_client
-from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config
+from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
 
 STEPS, SECONDS, SLOTS = 8, 2, 2
 IDEAL = STEPS * SECONDS / SLOTS

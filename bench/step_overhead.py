@@ -35,12 +35,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _util import busybox_image, docker_run_argv, fmt_s, print_table, scratch_dir, verdict
+from _util import busybox_image, fmt_s, print_table, scratch_dir, verdict
 
 from algodock.runtime import runner
 from algodock.contract.manifest import Manifest, parse_manifest
 from algodock.runtime.engine import container_labels, docker_client
-from algodock.runtime.sandbox import container_config, run_as
+from algodock.runtime.sandbox import container_config, docker_run_argv, run_as
 from algodock.runtime.staging import prepare_work_dir
 
 TARGET = 1.10

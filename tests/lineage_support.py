@@ -24,7 +24,7 @@ from algodock.lineage.cache import StoreCache
 from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.execute import RunContext, execute_step
-from algodock.pipeline.spec import Pipeline, load_pipeline
+from algodock.pipeline import Pipeline, load_pipeline
 from algodock.records import LineageDocument, StepRecord
 from algodock.store.backends import Store, lineage_rel
 from tests.conftest import BUSYBOX_IMAGE, build_image

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.prefect
 
 
 def test_algorithm_block_round_trip_and_pipeline_reference(tmp_path, prefect_harness):
-    from algodock.pipeline.spec import build_pipeline
+    from algodock.pipeline import build_pipeline
     from algodock.blocks import AlgorithmBlock, manifest_from_block
 
     AlgorithmBlock.from_manifest_file(REPO / "examples/device-visits/manifest.json").save("device-visits-test", overwrite=True)

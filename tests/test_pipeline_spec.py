@@ -15,7 +15,7 @@ import yaml
 from algodock.pipeline.capacity import Capacity
 from algodock.contract.manifest import load_manifest
 from algodock.errors import InvalidInput, InvalidManifest
-from algodock.pipeline.spec import (
+from algodock.pipeline import (
     Pipeline,
     PipelineBuilder,
     PipelineSpec,

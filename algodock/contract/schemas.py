@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from algodock.contract.manifest import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DEST = REPO / "schemas"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SUFFIX = ".schema.json"

@@ -25,7 +25,7 @@ from algodock.records import LineageDocument, StepRecord
 from algodock.store.backends import local_path_of
 
 if TYPE_CHECKING:
-    from algodock.pipeline.spec import Pipeline
+    from algodock.pipeline import Pipeline
 
 log = logging.getLogger("algodock.flows.artifacts")
 

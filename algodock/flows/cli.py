@@ -75,7 +75,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
       algodock run deployments/device-visits-daily.yaml --set visits.look_back_time=7200
     """
     from algodock.pipeline.capacity import Capacity
-    from algodock.pipeline.spec import load_pipeline, parse_overrides
+    from algodock.pipeline import load_pipeline, parse_overrides
 
     terminate_on_sigterm()
     if sys.stderr.isatty():

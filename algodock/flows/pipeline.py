@@ -36,7 +36,7 @@ from algodock.runtime.engine import docker_client, kill_run_containers
 from algodock.errors import StepFailure
 from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.execute import RunContext, execute_step
-from algodock.pipeline.spec import Pipeline, load_pipeline, build_pipeline
+from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.store.backends import Store, lineage_rel, open_store, run_json_rel
 from algodock.flows.artifacts import emit_step_assets, publish_run_artifacts

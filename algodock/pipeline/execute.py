@@ -33,7 +33,7 @@ from algodock.store.backends import Store, fetch_uri, local_path_of, log_rel, ou
 if TYPE_CHECKING:
     import docker
 
-    from algodock.pipeline.spec import Pipeline
+    from algodock.pipeline import Pipeline
 
 log = logging.getLogger("algodock.pipeline.execute")
 
