@@ -2,7 +2,7 @@
 
 Every restriction of §2 is proved from inside the container: a probe script prints what it
 sees as ``PROBE key=value`` lines, and the tests assert on them. Every failure kind of §4 is
-produced through :func:`algodock.runner.run_step`. After each test no container of this
+produced through :func:`algodock.runtime.runner.run_step`. After each test no container of this
 process is left (the autouse fixture below), whatever the outcome.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from algodock import sandbox
-from algodock.contract import Manifest, parse_manifest
-from algodock.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
+from algodock.runtime import sandbox
+from algodock.contract.manifest import Manifest, parse_manifest
+from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
 from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
-from algodock.results import InputBinding, StepResult
-from algodock.runner import run_step
+from algodock.records import InputBinding, StepResult
+from algodock.runtime.runner import run_step
 from tests.conftest import build_image
 
 pytestmark = pytest.mark.docker
@@ -647,7 +647,7 @@ def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, 
 
 
 def test_infrastructure_when_the_engine_is_unreachable(busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
 
     with pytest.raises(InfrastructureError, match="No Docker engine answers at unix:///nonexistent.sock"):
         connect("unix:///nonexistent.sock")
@@ -706,7 +706,7 @@ def test_log_flood_is_bounded_in_memory_and_whole_on_disk(docker_client: Any, bu
 
 
 def _pump(chunks: list[Any], **kw: Any) -> tuple[Any, list[str]]:
-    from algodock.logstream import LogPump
+    from algodock.runtime.logs import LogPump
 
     lines: list[str] = []
     pump = LogPump(iter(chunks), on_line=lines.append, **kw).start()
@@ -725,7 +725,7 @@ def test_log_pump_keeps_stderr_apart_for_the_failure_message() -> None:
 
 
 def test_log_pump_splits_lines_across_chunks_and_bounds_long_ones(tmp_path: Path) -> None:
-    from algodock.logstream import MAX_LINE
+    from algodock.runtime.logs import MAX_LINE
 
     huge = b"x" * (3 * MAX_LINE)
     pump, lines = _pump([b"hel", b"lo\nwor", b"ld\n", huge[: MAX_LINE + 5], huge[MAX_LINE + 5 :], b"\nend"], log_path=tmp_path / "l.log")
@@ -747,7 +747,7 @@ def test_log_pump_stops_emitting_at_the_limit_but_keeps_the_tail() -> None:
 def test_a_gpu_request_on_an_engine_without_gpus_says_so(tmp_path: Path, docker_client, busybox_image: str) -> None:
     if "nvidia" in (docker_client.info().get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime: the GPU request would be honoured")
-    from algodock.contract import parse_manifest
+    from algodock.contract.manifest import parse_manifest
 
     m = parse_manifest({"manifest_version": "0.1", "name": "gpu", "version": "1",
                         "container_parameters": {"image": busybox_image, "command": ["true"], "resource_request": {"gpu": 1}}})
@@ -768,7 +768,7 @@ def test_log_pump_sends_at_most_20000_lines_then_says_where_the_log_is(tmp_path:
 
 
 def test_a_slow_log_callback_does_not_hold_up_the_stream() -> None:
-    from algodock.logstream import LogPump
+    from algodock.runtime.logs import LogPump
 
     release = threading.Event()
     got: list[str] = []
@@ -796,7 +796,7 @@ def test_bounded_log_keeps_head_and_tail(tmp_path: Path, total: int, keep: int) 
     import random
     import re
 
-    from algodock.logstream import BoundedLog
+    from algodock.runtime.logs import BoundedLog
 
     data = bytes(random.Random(total).randrange(256) for _ in range(total))
     log = BoundedLog(tmp_path / "l.log", max_bytes=keep)
@@ -845,7 +845,7 @@ class PeakWatcher:
     """Samples what an output folder holds on the host while a step runs: the disk's own view."""
 
     def __init__(self, root: Path) -> None:
-        from algodock.limits import measure
+        from algodock.runtime.limits import measure
 
         self.peak = 0
         self._stop = threading.Event()
@@ -981,7 +981,7 @@ def test_a_failing_hook_is_a_failure_kind_not_a_traceback(docker_client: Any, bu
 
 
 def test_an_unreadable_output_is_the_algorithms_fault() -> None:
-    from algodock.runner import _as_failure
+    from algodock.runtime.runner import _as_failure
 
     denied = PermissionError(13, "Permission denied", "/out/v.csv")
     assert _as_failure(denied, reading_outputs=True).kind == "invalid_output"

@@ -17,7 +17,7 @@ end over its limits unnoticed, whatever it wrote in its last interval.
 
 The watcher needs the output folder on this host (bind staging). With named-volume staging
 (a remote engine) the folder lives on the engine's host and is only checked when it is
-read back after the exit (see :func:`algodock.runner.run_step`).
+read back after the exit (see :func:`algodock.runtime.runner.run_step`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from algodock.errors import DiskLimitFailure
 
-log = logging.getLogger("algodock.limits")
+log = logging.getLogger("algodock.runtime.limits")
 
 MIB = 1024 * 1024
 MIN_INTERVAL = 0.05
