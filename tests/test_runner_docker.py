@@ -109,9 +109,11 @@ def assert_gone(client: Any, result: StepResult) -> None:
 def no_container_left(docker_client: Any) -> Iterator[None]:
     """Every container this process started is removed, after success and after every failure."""
     yield
-    left = docker_client.containers.list(all=True, filters={"label": [f"{MANAGED_LABEL}=true", MY_PID_LABEL]})
+    from algodock.runtime.engine import list_containers, remove_container
+
+    left = list_containers(docker_client, f"{MANAGED_LABEL}=true", MY_PID_LABEL)  # no inspect: no 404 race
     for c in left:
-        c.remove(force=True)
+        remove_container(docker_client, c)
     assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
@@ -671,7 +673,9 @@ def test_sweep_removes_containers_of_dead_processes_only(docker_client: Any, bus
     try:
         removed = sweep_orphans(docker_client)
         assert orphan.name in removed and live.name not in removed
-        names = {c.name for c in docker_client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})}
+        from algodock.runtime.engine import list_containers
+
+        names = {c.name for c in list_containers(docker_client, f"{MANAGED_LABEL}=true")}  # other sessions remove theirs meanwhile
         assert orphan.name not in names and live.name in names
     finally:
         for c in (orphan, live):

@@ -7,11 +7,13 @@ A file counts with the larger of its apparent size and its allocated blocks, so 
 file cannot pass for small (it would be read, hashed and uploaded at its apparent size).
 
 Cost and slack: a walk of ``n`` entries costs about ``n`` microseconds; the watcher rests
-``RATIO`` times as long as its last walk took (at least ``MIN_INTERVAL``, at most
-``MAX_INTERVAL``), so it never takes more than about 1/``RATIO`` of one core. The bytes an
-algorithm can write past ``output_mb`` before it is stopped are what it writes in one
-interval plus the kill (about 50 ms on a local engine): at 1 GB/s into the page cache and
-the 50 ms interval of a small tree, roughly 100 MB (bench/output_limit.py measures it).
+``RATIO`` times as long as its last walk took (at least ``MIN_INTERVAL`` = 0.1 s, at most
+``MAX_INTERVAL`` = 2 s), so it never takes more than about 1/``RATIO`` (5 %) of one core.
+Slack: the bytes an algorithm can write past ``output_mb`` before it is stopped are what it
+writes in one interval plus the kill (tens of ms on a local engine): at most about 0.15 s of
+its write speed for a small tree, e.g. about 150 MB at 1 GB/s into the page cache, more for
+a tree so large that one walk takes long (a 100,000-entry tree: walks of ~0.1-0.3 s, so an
+interval up to 2 s). bench/output_limit.py measures it (2 MiB over a 100 MiB limit there).
 After the container exited, :func:`measure` walks the folder once more, so a step can never
 end over its limits unnoticed, whatever it wrote in its last interval.
 
@@ -36,9 +38,9 @@ from algodock.errors import DiskLimitFailure
 log = logging.getLogger("algodock.runtime.limits")
 
 MIB = 1024 * 1024
-MIN_INTERVAL = 0.05
+MIN_INTERVAL = 0.1
 MAX_INTERVAL = 2.0
-RATIO = 10.0
+RATIO = 20.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ KILL_GRACE_SECONDS = 30
 REMOVE_ATTEMPTS = 5
 """Tries to remove a container (backing off 0.25 s, 0.5 s, ...) before leaving it to the orphan sweep."""
 TAR_OVERHEAD_PER_ENTRY = 2048
+WATCH_OUTPUT = True
+"""Enforce output_mb/output_files while the container runs (bench/output_limit.py turns it off to measure its cost)."""
 _swept: set[int] = set()
 
 
@@ -271,7 +273,7 @@ def run_step(
         result.started_at = _now()
         pump.start()
         _start(container, cp.resource_request.gpu)
-        if workspace is None:  # the output folder is on this host: watch it while the container runs
+        if workspace is None and WATCH_OUTPUT:  # the output folder is on this host: watch it while the container runs
             watcher = OutputWatcher(output_dir, limits, kill=container.kill).start()
         try:
             status, timed_out = _wait(container, cp.timeout_seconds)
@@ -284,7 +286,7 @@ def run_step(
         pump.join(KILL_GRACE_SECONDS)
         if watcher is not None and watcher.failure is not None:
             raise watcher.failure
-        if workspace is None:  # what it wrote in the watcher's last interval counts too
+        if workspace is None and WATCH_OUTPUT:  # what it wrote in the watcher's last interval counts too
             limits.check(measure(output_dir, limits))
         container.reload()
         state = container.attrs.get("State", {})
@@ -411,6 +413,22 @@ def _wait(container: Container, timeout: float) -> tuple[int | None, bool]:
         raise InfrastructureError(f"the engine did not stop container {container.name} after kill") from exc
 
 
+def _gone(client: docker.DockerClient, container: str, seconds: float = 10) -> bool:
+    """Poll until another removal of ``container`` has finished (True) or ``seconds`` passed."""
+    from docker.errors import NotFound
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client.api.inspect_container(container)
+        except NotFound:
+            return True
+        except Exception:  # the engine went away: the sweep takes over
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def _remove(client: docker.DockerClient, container: str) -> bool:
     """Force-remove ``container`` (id or name), retrying while the engine is unreachable; never raises.
 
@@ -430,7 +448,7 @@ def _remove(client: docker.DockerClient, container: str) -> bool:
             return True
         except APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc):
-                return True
+                return _gone(client, container)
             problem = exc
         except (DockerException, RequestException) as exc:  # the engine is gone or restarting
             problem = exc
