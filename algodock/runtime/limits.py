@@ -9,11 +9,14 @@ file cannot pass for small (it would be read, hashed and uploaded at its apparen
 Cost and slack: a walk of ``n`` entries costs about ``n`` microseconds; the watcher rests
 ``RATIO`` times as long as its last walk took (at least ``MIN_INTERVAL`` = 0.1 s, at most
 ``MAX_INTERVAL`` = 2 s), so it never takes more than about 1/``RATIO`` (5 %) of one core.
+While the output grows, the watcher also wakes after half the time the growth it saw needs
+to reach a limit (never sooner than ``FAST_INTERVAL`` = 5 ms, nor sooner than ``RATIO`` x
+its walk), so it looks more often exactly when a limit comes near.
 Slack: the bytes an algorithm can write past ``output_mb`` before it is stopped are what it
-writes in one interval plus the kill (tens of ms on a local engine): at most about 0.15 s of
-its write speed for a small tree, e.g. about 150 MB at 1 GB/s into the page cache, more for
-a tree so large that one walk takes long (a 100,000-entry tree: walks of ~0.1-0.3 s, so an
-interval up to 2 s). bench/output_limit.py measures it (2 MiB over a 100 MiB limit there).
+writes in the last interval plus the kill (an engine API call, tens of ms on a loaded local
+engine): for a small tree at 1-4 GB/s into the page cache, about 10-30 ms of writing plus
+the kill's latency, i.e. tens to a few hundred MB; more for a tree so large that one walk
+takes long (a 100,000-entry tree walks in ~0.1-0.3 s). bench/output_limit.py measures it.
 After the container exited, :func:`measure` walks the folder once more, so a step can never
 end over its limits unnoticed, whatever it wrote in its last interval.
 
@@ -41,6 +44,8 @@ MIB = 1024 * 1024
 MIN_INTERVAL = 0.1
 MAX_INTERVAL = 2.0
 RATIO = 20.0
+FAST_INTERVAL = 0.005
+"""The shortest rest, taken only while the output grows towards a limit."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,19 @@ class OutputWatcher:
         self._stop.set()
         self._thread.join(MAX_INTERVAL + 5)
 
+    def _interval(self, took: float, usage: Usage, before: Usage | None, dt: float) -> float:
+        """Rest ``RATIO`` x the walk, but wake sooner when the growth seen would reach a limit first."""
+        rest = min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * took))
+        if before is not None and dt > 0:
+            for now, then, limit in ((usage.bytes, before.bytes, self.limits.max_bytes), (usage.entries, before.entries, self.limits.max_entries)):
+                if now > then:  # growing: half the time it needs to reach the limit at this pace
+                    eta = (limit - now) / ((now - then) / dt)
+                    rest = min(rest, max(RATIO * took, FAST_INTERVAL, eta / 2))
+        return rest
+
     def _run(self) -> None:
+        before: Usage | None = None
+        last = time.monotonic()
         while not self._stop.is_set():
             t0 = time.monotonic()
             usage = measure(self.root, self.limits)
@@ -142,7 +159,9 @@ class OutputWatcher:
                     log.debug("kill on disk_limit: %s", exc)
                 return
             took = time.monotonic() - t0
-            self._stop.wait(min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * took)))
+            rest = self._interval(took, usage, before, t0 - last)
+            before, last = usage, t0
+            self._stop.wait(rest)
 
 
 __all__ = ["OutputLimits", "OutputWatcher", "Usage", "measure"]
