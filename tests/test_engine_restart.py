@@ -108,15 +108,17 @@ def test_run_step_against_the_extra_engine(extra_engine: str, tmp_path: Path) ->
     assert not _client("unix:///var/run/docker.sock").containers.list(all=True, filters={"label": f"{LABEL}.step_id=rt-ok"}), "ran on the extra engine only"
 
 
-def test_engine_restarted_mid_step_is_infrastructure(extra_engine: str, tmp_path: Path) -> None:
-    step = "rt-restart"
+@pytest.mark.parametrize("how", ["kill", "graceful"])
+def test_engine_restarted_mid_step_is_infrastructure(extra_engine: str, tmp_path: Path, how: str) -> None:
+    """``kill``: the daemon crashes (SIGKILL); ``graceful``: it shuts down, stopping the container itself."""
+    step = f"rt-restart-{how}"
     m = write_manifest(tmp_path / "m.json", name=step, image=BUSYBOX_IMAGE, command=["sh", "-c", "echo started; sleep 300"],
                        container={"timeout_seconds": 600})
     proc = _run_step(extra_engine, m, tmp_path / "out")
     try:
         _until("the step's container runs on the extra engine",
                lambda: any(c.status == "running" for c in _step_containers(extra_engine, step)))
-        _engine("stop", NAME, "--kill")  # a crash: the daemon is gone at once
+        _engine("stop", NAME, *(["--kill"] if how == "kill" else []))  # a crash, or a shutdown that stops the container
         _until("the engine is down", lambda: not _answers(extra_engine), 30)
         _engine("start", NAME)
         stdout, stderr = proc.communicate(timeout=120)

@@ -271,6 +271,7 @@ def run_step(
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
         pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit, emit_lines=emit_lines, log_location=log_location)
         result.started_at = _now()
+        started = time.time()
         pump.start()
         _start(container, cp.resource_request.gpu)
         if workspace is None and WATCH_OUTPUT:  # the output folder is on this host: watch it while the container runs
@@ -305,6 +306,13 @@ def run_step(
                 exit_code=result.exit_code,
             )
         if result.exit_code != 0:
+            stopper = _stopped_from_outside(client, container.id, started)
+            if stopper:
+                raise InfrastructureError(
+                    f"the container was stopped from outside ({stopper}: the engine shutting down, or a docker stop/kill) "
+                    f"and exited with code {result.exit_code}; it is worth running again",
+                    exit_code=result.exit_code,
+                )
             raise ExitCodeFailure(f"the container exited with code {result.exit_code}; last log lines:\n{tail}", exit_code=result.exit_code)
 
         if workspace is not None:
@@ -371,6 +379,22 @@ def _clean_up(
         pump.join(5)
     if own_work is not None:
         shutil.rmtree(own_work, ignore_errors=True)
+
+
+def _stopped_from_outside(client: docker.DockerClient, container_id: str, since: float) -> str:
+    """The engine's record of a ``kill``/``stop`` of the container that algodock did not send ('' when none).
+
+    Asked only for a non-zero exit that was not our timeout or disk_limit kill: an engine
+    shutting down stops its containers (SIGTERM, then SIGKILL), which is not the algorithm's doing.
+    """
+    events = client.api.events(
+        since=f"{since - 1:.6f}", until=f"{time.time():.6f}", decode=True,
+        filters={"type": "container", "container": container_id, "event": ["kill", "stop"]},
+    )
+    for event in events:
+        signal = ((event.get("Actor") or {}).get("Attributes") or {}).get("signal")
+        return f"{event.get('Action') or event.get('status')}{f' signal {signal}' if signal else ''}"
+    return ""
 
 
 def _start(container: Container, gpus: int) -> None:
