@@ -26,6 +26,9 @@ class InputBinding:
     """Step id that produced the data, None for an external input."""
     rows: int | None = None
     """Known parquet row count, if any."""
+    files: tuple[str, ...] | None = None
+    """For a folder: the relative files ``sha256`` was computed over. Staging stages exactly
+    these (the folder is not listed again), so a file added since is never staged unhashed."""
 
 
 @dataclass(frozen=True)
