@@ -198,7 +198,10 @@ def extract_output_tar(chunks: Iterable[bytes], output_dir: Path, *, max_bytes: 
                 if rel in files or rel in dirs:
                     raise InvalidOutput(f"output folder: {rel!r} appears twice in the engine's archive")
                 if member.islnk():
-                    target = _member_rel(member.linkname) if member.linkname else None
+                    try:
+                        target = _member_rel(member.linkname) if member.linkname else None
+                    except InvalidOutput:  # a link leading out of output/: said below
+                        target = None
                     if target is None or target not in files:
                         raise InvalidOutput(f"output folder: {rel} is a hard link to {member.linkname!r}, which is not a regular file of the output folder")
                     if parent:
