@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from algodock.contract import parse_manifest
-from algodock.runner import run_step
-from algodock.store import LocalStore, S3Store, s3_filesystem, step_rel
+from algodock.contract.manifest import parse_manifest
+from algodock.runtime.runner import run_step
+from algodock.store.backends import LocalStore, S3Store, s3_filesystem, step_rel
 from tests.lineage_support import manifest as write_manifest
 from tests.lineage_support import run_local, sh
 

@@ -16,7 +16,7 @@ import pytest
 
 from algodock.errors import InfrastructureError, InvalidOutput
 from algodock.hashing import list_files, sha256_file, sha256_path
-from algodock.store import MARKER_SUFFIX, S3Store, fetch_input, output_rel, s3_filesystem
+from algodock.store.backends import MARKER_SUFFIX, S3Store, fetch_input, output_rel, s3_filesystem
 
 
 @pytest.fixture

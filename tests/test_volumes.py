@@ -10,10 +10,10 @@ import tarfile
 
 import pytest
 
-from algodock.contract import parse_manifest
+from algodock.contract.manifest import parse_manifest
 from algodock.errors import InvalidOutput, StepFailure
-from algodock.runner import run_step
-from algodock.volumes import extract_output_tar
+from algodock.runtime.runner import run_step
+from algodock.runtime.volumes import extract_output_tar
 
 
 def _manifest(image: str, script: str):

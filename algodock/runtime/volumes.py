@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from algodock.contract import safe_relative
+from algodock.contract.manifest import safe_relative
 from algodock.errors import FAILURE_KINDS, InfrastructureError, InvalidOutput, StepFailure
-from algodock.outputs import bad_name_reason
+from algodock.runtime.outputs import bad_name_reason
 
 if TYPE_CHECKING:
     import docker

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
-from algodock.contract import safe_relative
+from algodock.contract.manifest import safe_relative
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput
 from algodock.hashing import folder_digest, list_files, sort_key
 

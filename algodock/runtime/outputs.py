@@ -33,12 +33,12 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from algodock.contract import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
+from algodock.contract.manifest import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
 from algodock.errors import InfrastructureError, InvalidOutput, MissingOutput
 from algodock.hashing import folder_digest, parquet_rows, sha256_regular, sort_key
-from algodock.results import OutputRecord
+from algodock.records import OutputRecord
 
-log = logging.getLogger("algodock.outputs")
+log = logging.getLogger("algodock.runtime.outputs")
 
 MAX_ALGO_OUTPUT_BYTES = 1024 * 1024
 """CONTRACT.md §3: a larger ``algo_output.json`` is ``invalid_output`` (it describes outputs; data goes in files)."""
