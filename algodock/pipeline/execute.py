@@ -108,13 +108,15 @@ class RunContext:
                 raise InvalidInput(f"pipeline input {name!r}: {uri} does not exist")
             else:  # listed once: the files hashed are the files staged
                 digest, files = hash_input(local)
-            rows = parquet_rows(local, files) if _looks_parquet(local) else None
+            rows = parquet_rows(local, files) if _looks_parquet(local, files) else None
             binding = InputBinding(slot=name, path=local, uri=uri, sha256=digest, rows=rows, files=files)
             self._external[name] = binding
             return binding
 
 
-def _looks_parquet(path: Path) -> bool:
+def _looks_parquet(path: Path, files: tuple[str, ...] | None = None) -> bool:
+    if files is not None:  # the one listing of the folder
+        return any(f.endswith(".parquet") for f in files)
     if path.is_dir():
         return any(p.suffix == ".parquet" for p in path.rglob("*.parquet"))
     return path.suffix == ".parquet"
