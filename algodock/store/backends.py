@@ -34,7 +34,6 @@ import posixpath
 import shutil
 import stat
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +56,6 @@ MARKER_SUFFIX = "._COMMITTED.json"
 """An S3 output ``rel`` is complete once ``rel + MARKER_SUFFIX`` exists."""
 
 _CHUNK = 1024 * 1024
-_UPLOAD_BLOCK = 16 * 1024 * 1024
-"""Multipart part size of an upload (a smaller file is one PUT)."""
 _DOWNLOADS = 16
 """Objects downloaded (and uploaded) at once."""
 
@@ -341,28 +338,57 @@ def _download(
     return Fetched(target, total, tuple(sorted(rels, key=sort_key)) if is_dir else None)
 
 
-def _put_hashed(fs: s3fs.S3FileSystem, local: Path, key: str) -> tuple[int, str]:
-    """Upload one regular file, hashing it from the same read; returns (size, sha256).
-
-    Opened with ``O_NOFOLLOW``: a symlink or special file is refused, never followed.
-    """
+def _open_regular(local: Path) -> int:
+    """A descriptor of the regular file ``local``; a symlink or special file is refused, never followed."""
     try:
         fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise InvalidOutput(f"{local}: a symlink is never uploaded (only regular files and folders count)") from None
         raise
-    with os.fdopen(fd, "rb", buffering=0) as fin:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidOutput(f"{local}: not a regular file; it is never uploaded")
-        h = hashlib.sha256()
-        size = 0
-        with fs.open(key, "wb", block_size=_UPLOAD_BLOCK) as out:
-            while chunk := fin.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidOutput(f"{local}: not a regular file; it is never uploaded")
+    return fd
+
+
+def _hash_fd(fd: int) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := os.pread(fd, _CHUNK, size):
+        h.update(chunk)
+        size += len(chunk)
     return size, h.hexdigest()
+
+
+def _put_all_hashed(fs: s3fs.S3FileSystem, pairs: list[tuple[Path, str]]) -> list[tuple[int, str]]:
+    """Upload every ``(local, key)``, at most ``_DOWNLOADS`` at a time; returns each file's (size, sha256).
+
+    Each file is opened once with ``O_NOFOLLOW`` (:func:`_open_regular`); that descriptor is
+    hashed and uploaded (s3fs reads it as ``/proc/self/fd/N``: the same open inode, so the
+    bytes recorded are the bytes sent, and no link is followed).
+    """
+    import mimetypes
+
+    from fsspec.asyn import sync
+
+    async def one(gate: asyncio.Semaphore, local: Path, key: str) -> tuple[int, str]:
+        async with gate:
+            fd = _open_regular(local)
+            try:
+                measured = await asyncio.to_thread(_hash_fd, fd)
+                content_type = mimetypes.guess_type(local.name)[0]
+                extra = {"ContentType": content_type} if content_type else {}
+                await fs._put_file(f"/proc/self/fd/{fd}", key, **extra)
+                return measured
+            finally:
+                os.close(fd)
+
+    async def run() -> list[tuple[int, str]]:
+        gate = asyncio.Semaphore(_DOWNLOADS)
+        return list(await asyncio.gather(*(one(gate, local, key) for local, key in pairs)))
+
+    return sync(fs.loop, run)
 
 
 # ---------------------------------------------------------------- stores
@@ -568,8 +594,7 @@ class S3Store(Store):
                 self.fs.rm(key, recursive=True)
             pairs = [(src / r if r else src, f"{key}/{r}" if r else key) for r in rels]
             try:
-                with ThreadPoolExecutor(max_workers=min(_DOWNLOADS, max(1, len(pairs)))) as pool:
-                    measured = list(pool.map(lambda p: _put_hashed(self.fs, *p), pairs))
+                measured = _put_all_hashed(self.fs, pairs)
             except FileNotFoundError as exc:
                 raise InfrastructureError(f"cannot upload to {self.uri(rel)}: does the bucket exist? ({exc})") from exc
             files = [{"path": r, "size": n, "sha256": h} for r, (n, h) in zip(rels, measured)]
