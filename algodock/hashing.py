@@ -74,7 +74,10 @@ def sort_key(rel: str) -> bytes:
 
 
 def list_files(folder: str | Path) -> list[str]:
-    """Relative POSIX paths of the regular files below ``folder``, sorted by bytes; links not followed."""
+    """Relative POSIX paths of the regular files below ``folder``, sorted by bytes; links not followed.
+
+    A subfolder that cannot be listed raises ``OSError`` (never skipped: that would drop data silently).
+    """
     folder = Path(folder)
     found: list[str] = []
     stack = [("", os.fspath(folder))]
@@ -129,7 +132,11 @@ def parquet_rows(path: str | Path, files: Iterable[str] | None = None) -> int | 
     total = 0
     for f in targets:
         try:
-            total += pq.ParquetFile(f).metadata.num_rows
+            # The parts of a folder are opened without following a link (the folder was listed with lstat).
+            with open(os.open(f, _NOFOLLOW) if is_dir else os.open(f, os.O_RDONLY | os.O_CLOEXEC), "rb", closefd=True) as fh:
+                if is_dir and not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    return None
+                total += pq.ParquetFile(fh).metadata.num_rows
         except Exception:
             return None
     return total

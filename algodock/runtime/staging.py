@@ -57,8 +57,8 @@ def hash_input(path: Path) -> tuple[str, tuple[str, ...] | None]:
     """
     path = Path(path)
     if path.is_dir():
-        files = tuple(list_files(path))
         try:
+            files = tuple(list_files(path))
             return folder_digest([(rel, sha256_regular(path / rel)) for rel in files]), files
         except OSError as exc:
             raise InvalidInput(f"{path}: cannot hash {exc.filename}: {exc.strerror} (did it change while being read?)") from exc
@@ -86,7 +86,11 @@ def plan_inputs(manifest: Manifest, bindings: Mapping[str, InputBinding], input_
             errors.append(f"inputs.{slot.name}: {src} is not readable")
             continue
         if src.is_dir():
-            rels = list(binding.files) if binding.files is not None else list_files(src)
+            try:
+                rels = list(binding.files) if binding.files is not None else list_files(src)
+            except OSError as exc:  # a subfolder that cannot be listed: never skipped silently
+                errors.append(f"inputs.{slot.name}: cannot list {exc.filename}: {exc.strerror}")
+                continue
         else:
             rels = [src.name]
         base = src if src.is_dir() else src.parent
