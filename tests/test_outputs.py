@@ -625,3 +625,28 @@ def test_a_listed_input_file_swapped_for_a_symlink_is_refused(tmp_path: Path, da
     binding = {"pings": InputBinding(slot="pings", path=data / "pings", sha256=digest, files=files)}
     with pytest.raises(InvalidInput, match="no longer a regular file"):
         prepare_work_dir(tmp_path / "w", manifest(inputs=INPUTS[:1]), binding, {})
+
+
+# ------------------------------------------------------------------ the framing is injective (property)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from algodock.hashing import folder_entry  # noqa: E402
+
+_names = st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x2FF, exclude_characters="/"), min_size=1, max_size=12)
+_digests = st.sampled_from([hashlib.sha256(bytes([i])).hexdigest() for i in range(4)])
+_folders = st.dictionaries(st.lists(_names, min_size=1, max_size=3).map("/".join), _digests, max_size=4)
+
+
+def _listing(folder: dict[str, str]) -> bytes:
+    return b"".join(folder_entry(rel, folder[rel]) for rel in sorted(folder, key=os.fsencode))
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_folders, b=_folders)
+def test_two_different_folders_never_share_a_framed_listing(a: dict[str, str], b: dict[str, str]) -> None:
+    """Names may hold newlines, spaces, digits and colons: the length prefix still tells entries apart."""
+    if a != b:
+        assert _listing(a) != _listing(b)
+    assert folder_digest(a.items()) == hashlib.sha256(_listing(a)).hexdigest()
