@@ -2,7 +2,7 @@
 
 :func:`run_step` never raises a :class:`~algodock.errors.StepFailure`: every failure,
 including bad parameters or inputs (found before any container starts), comes back as the
-``failure`` of a :class:`~algodock.records.StepResult`. The container is always removed.
+``failure`` of a :class:`~algodock.records.StepRecord`. The container is always removed.
 
 >>> from algodock.contract.manifest import load_manifest                    # doctest: +SKIP
 >>> result = run_step(load_manifest("examples/device-visits/manifest.json"),
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from algodock.contract.manifest import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
 from algodock.contract.params import resolve_parameters
 from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure
-from algodock.records import InputBinding, ResolvedImage, StepResult
+from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
 from algodock.runtime.logs import EMIT_LINES, LogPump
@@ -156,6 +156,15 @@ class _CappedArchive:
     def __init__(self, container: Container, max_bytes: int) -> None:
         self._container = container
         self._max = max_bytes
+        self._responses: list[Any] = []
+
+    def close(self) -> None:
+        """Close every archive response, read to its end or not (the engine then lets the container go)."""
+        for res in self._responses:
+            try:
+                res.close()
+            except Exception:  # already closed, or the engine is gone
+                pass
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._container, name)
@@ -165,6 +174,7 @@ class _CappedArchive:
         # engine's archive (and so the container) busy, and removing the container then hangs.
         api = self._container.client.api
         res = api._get(api._url("/containers/{0}/archive", self._container.id), params={"path": path}, stream=True)
+        self._responses.append(res)
         api._raise_for_status(res)
         info = json.loads(base64.b64decode(res.headers.get("x-docker-container-path-stat") or "e30="))
         return self._capped(res, chunk_size), info
@@ -204,7 +214,7 @@ def run_step(
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
-) -> StepResult:
+) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
     Never raises (but ``KeyboardInterrupt``/``SystemExit``): every way a step ends is a
@@ -220,7 +230,8 @@ def run_step(
     step_id = step_id or manifest.name
     run_id = run_id or f"adhoc-{uuid.uuid4().hex[:12]}"
     output_dir = Path(output_dir).absolute()
-    result = StepResult(
+    result = StepRecord(
+        id=step_id,
         status="failed",
         image=cp.image,
         command=list(cp.command),
@@ -317,7 +328,11 @@ def run_step(
 
         if workspace is not None:
             budget = limits.max_bytes + (limits.max_entries + 1) * TAR_OVERHEAD_PER_ENTRY
-            workspace.export_output(_CappedArchive(container, budget), output_dir)  # type: ignore[arg-type]
+            archive = _CappedArchive(container, budget)
+            try:
+                workspace.export_output(archive, output_dir, cp)  # type: ignore[arg-type]  # bounded by output_mb / output_files
+            finally:
+                archive.close()  # a read-back stopped at a limit must not keep the container busy
             limits.check(measure(output_dir, limits))
         reading_outputs = True  # from here an unreadable file is the algorithm's doing
         algo_output = read_algo_output(output_dir)
