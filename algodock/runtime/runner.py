@@ -286,7 +286,7 @@ def run_step(
         pump.start()
         _start(container, cp.resource_request.gpu)
         if workspace is None and WATCH_OUTPUT:  # the output folder is on this host: watch it while the container runs
-            watcher = OutputWatcher(output_dir, limits, kill=container.kill).start()
+            watcher = OutputWatcher(output_dir, limits, kill=container.kill, host_pid=_host_pid(client, container.id), container_id=container.id).start()
         try:
             status, timed_out = _wait(container, cp.timeout_seconds)
         finally:
@@ -394,6 +394,16 @@ def _clean_up(
         pump.join(5)
     if own_work is not None:
         shutil.rmtree(own_work, ignore_errors=True)
+
+
+def _host_pid(client: docker.DockerClient, container_id: str) -> Callable[[], int | None]:
+    """Looks up the container's init pid (``State.Pid``) when called; None when the engine has none."""
+
+    def resolve() -> int | None:
+        pid = int((client.api.inspect_container(container_id).get("State") or {}).get("Pid") or 0)
+        return pid if pid > 0 else None
+
+    return resolve
 
 
 def _stopped_from_outside(client: docker.DockerClient, container_id: str, since: float) -> str:
