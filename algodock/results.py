@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from algodock.errors import StepFailure
+from algodock.usage import Usage
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class StepResult:
     message: str | None = None
     log_tail: list[str] = field(default_factory=list)
     container_id: str | None = None
+    usage: Usage | None = None
+    """What the container used (see :mod:`algodock.usage`); None when no container ran."""
 
     @property
     def ok(self) -> bool:
@@ -118,4 +121,5 @@ class StepResult:
             "outputs": [o.as_dict() for o in self.outputs],
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
+            "usage": self.usage.as_dict() if self.usage else None,
         }
