@@ -60,7 +60,12 @@ def _print_errors(exc: AlgodockError) -> None:
 class _Commands(click.Group):
     """Command groups defined in other modules are imported only when used: `run-step` starts lean."""
 
-    LAZY = {"lineage": ("algodock.lineage", "lineage_cli")}
+    LAZY = {
+        "lineage": ("algodock.lineage", "lineage_cli"),
+        "init": ("algodock.authoring.cli", "init_cmd"),
+        "check-image": ("algodock.authoring.cli", "check_image_cmd"),
+        "usage": ("algodock.authoring.cli", "usage_cmd"),
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -193,6 +198,8 @@ def _live_view(order: list[str]):
     from rich.live import Live
     from rich.table import Table
 
+    from algodock.usage import usage_text
+
     console = Console(stderr=True)
     if not console.is_terminal:
         return None, None
@@ -201,7 +208,7 @@ def _live_view(order: list[str]):
 
     def render() -> Table:
         table = Table(title="algodock run", expand=False)
-        for col in ("step", "status", "image id", "outputs / failure"):
+        for col in ("step", "status", "image id", "used", "outputs / failure"):
             table.add_column(col)
         for step_id, rec in states.items():
             status = rec.status if rec else "pending"
@@ -211,7 +218,8 @@ def _live_view(order: list[str]):
             elif rec is not None:
                 detail = ", ".join(f"{o.name} ({o.rows} rows)" if o.rows is not None else o.name for o in rec.outputs)
             image_id = (rec.image_id or "")[7:19] if rec else ""
-            table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, detail)
+            used = usage_text(rec.usage.model_dump()) if rec is not None and rec.usage else ""
+            table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, used, detail)
         return table
 
     live = Live(render(), console=console, refresh_per_second=4, transient=False, redirect_stderr=True)

@@ -44,6 +44,16 @@ class OutputLineage(BaseModel):
     rows: int | None = None
 
 
+class StepUsage(BaseModel):
+    """What the step's container used, from the engine's cgroup accounting (see algodock.usage)."""
+
+    peak_memory_bytes: int | None = Field(None, description="Highest memory charged to the container (page cache and /tmp included).")
+    cpu_seconds: float | None = Field(None, description="CPU time of all its processes, user and system.")
+    wall_seconds: float | None = Field(None, description="From the container's start to its exit.")
+    output_bytes: int | None = Field(None, description="Bytes of the regular files it wrote to /work/output.")
+    output_files: int | None = Field(None, description="Files plus folders it wrote to /work/output.")
+
+
 class StepRecord(BaseModel):
     """Everything recorded about one step of a run."""
 
@@ -69,12 +79,13 @@ class StepRecord(BaseModel):
     cached_from: str | None = Field(None, description="Run id whose outputs a cached step reuses.")
     log_uri: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    usage: StepUsage | None = Field(None, description="What the container used; null when no container ran (cached, skipped, failed before start).")
 
     def summary(self) -> dict[str, Any]:
         """The step object of ``algodock run --json``."""
         return self.model_dump(
             mode="json",
-            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs"},
+            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage"},
         )
 
 
@@ -113,5 +124,6 @@ def record_from_result(record: StepRecord, result: StepResult) -> StepRecord:
     record.started_at = result.started_at
     record.finished_at = result.finished_at
     record.metrics = result.metrics
+    record.usage = StepUsage(**result.usage.as_dict()) if result.usage else None
     record.status = "succeeded" if result.ok else "failed"
     return record
