@@ -169,25 +169,31 @@ class UsageSampler:
 
     @classmethod
     def start(cls, client: docker.DockerClient, container: Container, *, interval: float = SAMPLE_INTERVAL, use_cgroup: bool = True) -> UsageSampler:
-        """Start sampling ``container`` (just started): its local cgroup, else the stats API."""
+        """Start sampling ``container`` (just started) in a thread: its local cgroup, else the stats API.
+
+        Everything, the engine call for the pid included, happens in the thread: a slow engine
+        never delays the step, it only leaves the figures unknown.
+        """
         sampler = cls(interval)
+        sampler._thread = threading.Thread(target=sampler._run, args=(client, container.id, use_cgroup), name="algodock-usage", daemon=True)
+        sampler._thread.start()
+        return sampler
+
+    def _run(self, client: docker.DockerClient, container_id: str, use_cgroup: bool) -> None:
         files = None
         if use_cgroup:
             try:
-                pid = int((client.api.inspect_container(container.id).get("State") or {}).get("Pid") or 0)
+                pid = int((client.api.inspect_container(container_id).get("State") or {}).get("Pid") or 0)
             except Exception as exc:  # an engine hiccup must not fail the step: usage is then unknown
-                log.debug("usage: cannot inspect %s: %s", container.id, exc)
+                log.debug("usage: cannot inspect %s: %s", container_id, exc)
                 pid = 0
             files = cgroup_files(pid) if pid else None
         if files is not None:
-            sampler.source = f"cgroup-v{files.version}"
-            sampler._sample_cgroup(files)
-            sampler._thread = threading.Thread(target=sampler._cgroup_loop, args=(files,), name="algodock-usage", daemon=True)
-        else:
-            sampler.source = "stats-api"
-            sampler._thread = threading.Thread(target=sampler._stats_loop, args=(client, container.id), name="algodock-usage", daemon=True)
-        sampler._thread.start()
-        return sampler
+            self.source = f"cgroup-v{files.version}"
+            self._cgroup_loop(files)
+        elif not self._stop.is_set():
+            self.source = "stats-api"
+            self._stats_loop(client, container_id)
 
     # ----------------------------------------------------------------- cgroup files
 
@@ -239,16 +245,18 @@ class UsageSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.interval + 1 if self.source != "stats-api" else 2)
+        # Copied at once: a thread still blocked on the engine must not change them later.
+        peak, cpu = self.peak, self.cpu
         if self._stats_stream is not None:
             try:
                 self._stats_stream.close()
             except Exception:  # already closed by the engine
                 pass
         return Usage(
-            peak_memory_bytes=self.peak,
-            cpu_seconds=round(self.cpu, 3) if self.cpu is not None else None,
+            peak_memory_bytes=peak,
+            cpu_seconds=round(cpu, 3) if cpu is not None else None,
             wall_seconds=round(time.monotonic() - self._started, 3),
-            source=self.source if (self.peak is not None or self.cpu is not None) else None,
+            source=self.source if (peak is not None or cpu is not None) else None,
         )
 
 

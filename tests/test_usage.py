@@ -104,3 +104,67 @@ def test_sizing_hints() -> None:
     assert "raise" in sizing_hint(Usage(peak_memory_bytes=1000 * MiB), 1)
     assert sizing_hint(Usage(), 1) is None
     assert suggest_memory_gb(1) == 0.25 and suggest_memory_gb(1024**3) == 1.5
+
+
+# ---------------------------------------------------------------- records, artifacts, history (no engine)
+
+
+def _doc(run_id: str, peaks: list[int], started: int) -> Any:
+    from datetime import datetime, timezone
+
+    from algodock.records import LineageDocument, StepRecord, StepUsage
+
+    steps = [
+        StepRecord(
+            id="visits",
+            status="succeeded",
+            algorithm="device-visits",
+            image="algodock/device-visits:1.0.0",
+            image_id="sha256:" + "ab" * 32,
+            resource_request={"cpu_millicore": 1000, "memory_gb": 1, "gpu": 0},
+            started_at=datetime(2026, 11, 1, started, tzinfo=timezone.utc),
+            usage=StepUsage(peak_memory_bytes=p, cpu_seconds=1.0 + i, wall_seconds=2.0, output_bytes=100, output_files=2),
+        )
+        for i, p in enumerate(peaks)
+    ]
+    steps.append(StepRecord(id="stats", status="cached"))
+    return LineageDocument(run_id=run_id, pipeline="p", spec_sha256="0" * 64, store="/s", steps=steps)
+
+
+def test_usage_reaches_the_record_the_summary_and_the_table_artifact() -> None:
+    from algodock.records import StepRecord, record_from_result
+    from algodock.results import StepResult
+    from flows.artifacts import steps_table
+
+    result = StepResult(status="succeeded", image="x", usage=Usage(300 * MiB, 2.0, 2.5, 1000, 1, "cgroup-v1"))
+    record = record_from_result(StepRecord(id="s"), result)
+    assert record.usage is not None and record.usage.peak_memory_bytes == 300 * MiB
+    assert record.summary()["usage"] == result.usage.as_dict() == result.summary()["usage"]
+    doc = _doc("r1", [300 * MiB], 1)
+    row = steps_table(doc)[0]
+    assert row["usage"] == "mem 300 MiB, cpu 1.00 s, wall 2.0 s, out 100 B/2"
+    assert steps_table(doc)[1]["usage"] == ""
+
+
+def test_usage_history_median_and_max_over_the_last_runs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from algodock.authoring.history import usage_history
+    from algodock.cli import main
+    from algodock.store import LocalStore, lineage_rel
+
+    store = LocalStore(tmp_path)
+    store.write_json(lineage_rel("r1"), _doc("r1", [100 * MiB], 1).model_dump(mode="json"))
+    store.write_json(lineage_rel("r2"), _doc("r2", [300 * MiB], 2).model_dump(mode="json"))
+    store.write_json(lineage_rel("r3"), _doc("r3", [200 * MiB], 3).model_dump(mode="json"))
+    for target in ("visits", "device-visits", "algodock/device-visits:1.0.0", "sha256:" + "ab" * 8):
+        summary = usage_history(store, target)
+        assert summary["runs"] == 3, target
+    peak = summary["figures"]["peak_memory_bytes"]
+    assert (peak["median"], peak["max"]) == (200 * MiB, 300 * MiB)
+    assert usage_history(store, "visits", last=2)["figures"]["peak_memory_bytes"]["median"] == 250 * MiB
+    assert "would do" in summary["hint"]
+    out = CliRunner().invoke(main, ["usage", "visits", "--store", str(tmp_path)])
+    assert out.exit_code == 0 and "300 MiB" in out.output and "200 MiB" in out.output, out.output
+    missing = CliRunner().invoke(main, ["usage", "nope", "--store", str(tmp_path)])
+    assert missing.exit_code == 1 and "no run" in missing.output
