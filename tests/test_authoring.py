@@ -134,7 +134,7 @@ def test_root_user_is_a_warning(docker_client: Any, hostile_images: dict, tmp_pa
 def test_memory_over_request_fails_resources(docker_client: Any, hostile_images: dict, tmp_path: Path) -> None:
     report = check_image(_manifest(tmp_path, "ok", memory_gb=8), client=docker_client)
     _only(report, "resources", "fail")
-    assert "memory_gb 0.25" in next(c.message for c in report.checks if c.id == "resources")
+    assert "memory_gb to 0.25" in next(c.message for c in report.checks if c.id == "resources")
 
 
 def test_memory_over_its_limit_fails_resources_with_the_peak(docker_client: Any, hostile_images: dict, tmp_path: Path) -> None:
