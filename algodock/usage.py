@@ -292,6 +292,8 @@ def sizing_hint(usage: Usage | dict[str, Any] | None, memory_gb: float) -> str |
         return None
     verb = "would do" if share < 0.5 else None
     suggested = suggest_memory_gb(peak)
+    if verb and suggested >= memory_gb:
+        return None  # already the smallest request we would suggest
     head = f"peak memory {fmt_bytes(peak)} is {share:.0%} of the {memory_gb:g} GB request"
     if verb:
         return f"{head}: resource_request.memory_gb {suggested:g} {verb}"

@@ -105,8 +105,13 @@ def sample_inputs(manifest: Manifest, manifest_path: Path, given: Mapping[str, P
 
 
 def _first_line(result: StepResult) -> str:
+    """``kind: first line of the message``, and for a non-zero exit the last line the algorithm said."""
     assert result.failure is not None
-    return f"{result.failure.kind}: {str(result.failure).strip().splitlines()[0][:200]}"
+    head = str(result.failure).strip().splitlines()[0].removesuffix("; last log lines:")[:200]
+    said = next((line.strip() for line in reversed(result.log_tail) if line.strip()), "")
+    if result.failure.kind == "exit_code" and said:
+        head += f" ({said[:200]})"
+    return f"{result.failure.kind}: {head}"
 
 
 def _wrote_outside(result: StepResult) -> str | None:
@@ -240,8 +245,7 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepResul
     elif kind == "invalid_input":
         report.add("exit", "fail", f"did not start: {_first_line(first)}", "fix the sample inputs or --param values named")
     else:
-        tail = " | ".join(first.log_tail[-3:])[:300]
-        report.add("exit", "fail", f"{_first_line(first)}" + (f" (log: {tail})" if tail and tail not in str(first.failure) else ""), "run it with `algodock run-step` and read the log; exit 0 only on success")
+        report.add("exit", "fail", _first_line(first), "run it with `algodock run-step` and read the log; exit 0 only on success")
 
     if outside:
         report.add("outputs", "fail", f"wrote outside /work/output: {outside[:200]}", "write results to the descriptor's output_path and scratch to /tmp ($HOME is /tmp)")
@@ -333,7 +337,7 @@ def _check_resources(report: Report, manifest: Manifest, first: StepResult, seco
         report.add("resources", "warn", f"{head}: close to the limit, the next input may be killed", f"set resource_request.memory_gb to {max(suggested, rr.memory_gb * 1.5):g}")
     elif share < 0.1 and limit - peak >= GROSS_OVER_REQUEST_BYTES:
         report.add("resources", "fail", f"{head}: over-requested, the unused memory is held from other steps", f"set resource_request.memory_gb to {suggested:g}")
-    elif share < 0.5:
+    elif share < 0.5 and suggested < rr.memory_gb:
         report.add("resources", "pass", f"{head}; suggested request: memory_gb {suggested:g}")
     else:
         report.add("resources", "pass", head)
