@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from algodock.contract import parse_manifest
-from algodock.runner import run_step
-from algodock.usage import Usage, cgroup_files, output_totals, sizing_hint, suggest_memory_gb
+from algodock.contract.manifest import parse_manifest
+from algodock.runtime.runner import run_step
+from algodock.runtime.usage import Usage, cgroup_files, output_totals, sizing_hint, suggest_memory_gb
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.docker
@@ -65,7 +65,7 @@ def test_cpu_seconds_of_a_two_second_burn(docker_client: Any, base_image: str, t
 
 def test_stats_api_fallback_reports_figures_or_none(docker_client: Any, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A remote engine has no local cgroup: the stats API answers (samples about once a second)."""
-    import algodock.usage as usage
+    import algodock.runtime.usage as usage
 
     monkeypatch.setattr(usage, "cgroup_files", lambda pid: None)
     code = "import time\nb = b'\\x01' * (200 * 1024 * 1024)\nwhile time.process_time() < 2.5: pass"
@@ -133,8 +133,8 @@ def _doc(run_id: str, peaks: list[int], started: int) -> Any:
 
 def test_usage_reaches_the_record_the_summary_and_the_table_artifact() -> None:
     from algodock.records import StepRecord, record_from_result
-    from algodock.results import StepResult
-    from flows.artifacts import steps_table
+    from algodock.records import StepResult
+    from algodock.flows.artifacts import steps_table
 
     result = StepResult(status="succeeded", image="x", usage=Usage(300 * MiB, 2.0, 2.5, 1000, 1, "cgroup-v1"))
     record = record_from_result(StepRecord(id="s"), result)
@@ -151,7 +151,7 @@ def test_usage_history_median_and_max_over_the_last_runs(tmp_path: Path) -> None
 
     from algodock.authoring.history import usage_history
     from algodock.cli import main
-    from algodock.store import LocalStore, lineage_rel
+    from algodock.store.backends import LocalStore, lineage_rel
 
     store = LocalStore(tmp_path)
     store.write_json(lineage_rel("r1"), _doc("r1", [100 * MiB], 1).model_dump(mode="json"))

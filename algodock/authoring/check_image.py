@@ -1,6 +1,6 @@
 """``algodock check-image``: prove an image meets the contract before a pipeline uses it.
 
-The image runs through the real sandbox (:func:`algodock.runner.run_step`), on the sample
+The image runs through the real sandbox (:func:`algodock.runtime.runner.run_step`), on the sample
 inputs, as few times as the rules need:
 
 - run 1, as a pipeline would: gives ``exit``, ``outputs``, ``resources`` and the first
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from algodock.authoring.init import SAMPLE_DIR
-from algodock.contract import ALGO_OUTPUT_NAME, Manifest, load_manifest
+from algodock.contract.manifest import ALGO_OUTPUT_NAME, Manifest, load_manifest
 from algodock.errors import InvalidInput, InvalidManifest, StepFailure
-from algodock.results import ResolvedImage, StepResult
-from algodock.usage import fmt_bytes, suggest_memory_gb
+from algodock.records import ResolvedImage, StepResult
+from algodock.runtime.usage import fmt_bytes, suggest_memory_gb
 
 if TYPE_CHECKING:
     import docker
@@ -125,7 +125,7 @@ def _hashes(result: StepResult) -> dict[str, str]:
 
 
 def _runner(manifest: Manifest, inputs: dict[str, Path], params: dict[str, Any], client: docker.DockerClient, image: ResolvedImage, scratch: Path, on_log: Callable[[str], None] | None) -> Callable[..., StepResult]:
-    from algodock.runner import run_step
+    from algodock.runtime.runner import run_step
 
     count = 0
 
@@ -170,8 +170,8 @@ def check_image(
     report.image = cp.image
     report.add("manifest", "pass", f"{manifest_path}: {manifest.name} {manifest.version} is valid")
 
-    from algodock.engine import docker_client, resolve_image
-    from algodock.volumes import staging_mode
+    from algodock.runtime.engine import docker_client, resolve_image
+    from algodock.runtime.volumes import staging_mode
 
     client = client or docker_client()
     try:
@@ -214,7 +214,7 @@ def check_image(
 
 
 def _check_user(report: Report, image: ResolvedImage) -> None:
-    from algodock.sandbox import run_as
+    from algodock.runtime.sandbox import run_as
 
     who = run_as(image.user)
     if who.uid is not None and who.user.split(":")[0] == image.user.split(":")[0] and image.user:

@@ -8,7 +8,20 @@ from pathlib import Path
 
 import click
 
-from algodock.errors import AlgodockError
+from algodock.errors import AlgodockError, InvalidInput
+
+
+def _parse_inputs(items: tuple[str, ...]) -> dict[str, Path]:
+    """``SLOT=PATH`` pairs; a malformed or repeated one is an :class:`InvalidInput` naming it."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInput(f"--input {item!r}: expected SLOT=PATH")
+        if name in out:
+            raise InvalidInput(f"--input {name}: given twice")
+        out[name] = Path(path)
+    return out
 
 
 def _fail(exc: AlgodockError) -> None:
@@ -56,8 +69,7 @@ def check_image_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, 
     algo_input.json at another path, to catch a hard-coded /work/algo_input.json.
     """
     from algodock.authoring.check_image import check_image
-    from algodock.cli import _parse_inputs
-    from algodock.params import parse_assignments
+    from algodock.contract.params import parse_assignments
 
     try:
         report = check_image(
@@ -91,8 +103,8 @@ def usage_cmd(target: str, store: str | None, last: int, as_json: bool) -> None:
     documents in the store, with a right-sizing hint against the latest request.
     """
     from algodock.authoring.history import usage_history
-    from algodock.store import open_store
-    from algodock.usage import fmt_bytes
+    from algodock.store.backends import open_store
+    from algodock.runtime.usage import fmt_bytes
 
     try:
         summary = usage_history(open_store(store), target, last)

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
-from algodock.usage import sizing_hint
+from algodock.runtime.usage import sizing_hint
 
 FIGURES = ("peak_memory_bytes", "cpu_seconds", "wall_seconds", "output_bytes", "output_files")
 
@@ -24,7 +24,7 @@ def usage_history(store: Any, target: str, last: int = 20) -> dict[str, Any]:
 
     Runs that used no container (cached, skipped) are left out.
     """
-    from algodock.lineage import documents
+    from algodock.lineage.queries import documents
 
     runs = []
     for doc in documents(store):

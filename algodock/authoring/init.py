@@ -21,7 +21,7 @@ import typing
 from importlib import resources
 from pathlib import Path
 
-from algodock.contract import NAME_PATTERN, Manifest, parse_manifest
+from algodock.contract.manifest import NAME_PATTERN, Manifest, parse_manifest
 from algodock.errors import InvalidInput
 
 log = logging.getLogger("algodock.authoring")

@@ -21,42 +21,20 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from algodock.records import Usage
 
 if TYPE_CHECKING:
     import docker
     from docker.models.containers import Container
 
-log = logging.getLogger("algodock.usage")
+log = logging.getLogger("algodock.runtime.usage")
 
 CGROUP_ROOT = Path(os.environ.get("ALGODOCK_CGROUP_ROOT", "/sys/fs/cgroup"))
 SAMPLE_INTERVAL = float(os.environ.get("ALGODOCK_USAGE_INTERVAL", "0.05"))
-
-
-@dataclass
-class Usage:
-    """What one container run used. None: not measured (never a guess)."""
-
-    peak_memory_bytes: int | None = None
-    """Highest memory charged to the container's cgroup (page cache and /tmp tmpfs included)."""
-    cpu_seconds: float | None = None
-    """CPU time of every process of the container, user and system."""
-    wall_seconds: float | None = None
-    """From the container's start to its exit."""
-    output_bytes: int | None = None
-    """Bytes of the regular files in the output folder (algo_output.json included)."""
-    output_files: int | None = None
-    """Files plus folders in the output folder (what ``output_files`` limits)."""
-    source: str | None = None
-    """Where the memory and CPU figures came from: ``cgroup-v1``, ``cgroup-v2``, ``stats-api``."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The ``usage`` object of ``run-step --json`` and of the lineage document."""
-        d = asdict(self)
-        d.pop("source")
-        return d
 
 
 @dataclass(frozen=True)

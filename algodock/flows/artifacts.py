@@ -22,7 +22,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from algodock.records import LineageDocument, StepRecord
-from algodock.store import local_path_of
+from algodock.store.backends import local_path_of
 
 if TYPE_CHECKING:
     from algodock.pipeline import Pipeline
@@ -93,7 +93,7 @@ def _outputs_text(step: StepRecord) -> str:
 
 def steps_table(doc: LineageDocument) -> list[dict[str, Any]]:
     """The rows of the steps table artifact."""
-    from algodock.usage import usage_text
+    from algodock.runtime.usage import usage_text
 
     rows = []
     for s in doc.steps:
