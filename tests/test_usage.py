@@ -168,3 +168,48 @@ def test_usage_history_median_and_max_over_the_last_runs(tmp_path: Path) -> None
     assert out.exit_code == 0 and "300 MiB" in out.output and "200 MiB" in out.output, out.output
     missing = CliRunner().invoke(main, ["usage", "nope", "--store", str(tmp_path)])
     assert missing.exit_code == 1 and "no run" in missing.output
+
+
+def test_cgroup_v2_files_under_a_systemd_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import algodock.runtime.usage as usage
+
+    monkeypatch.setattr(usage, "CGROUP_ROOT", tmp_path)
+    d = tmp_path / "system.slice" / "docker-abc.scope"
+    d.mkdir(parents=True)
+    (d / "cgroup.controllers").write_text("cpu memory pids\n")
+    (d / "memory.current").write_text("1000\n")
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    files = usage.cgroup_files_of("0::/system.slice/docker-abc.scope\n")
+    assert files is not None and files.version == 2 and files.memory_peak is None  # a kernel without memory.peak
+    sampler = usage.UsageSampler()
+    assert sampler._sample_cgroup(files)
+    (d / "memory.current").write_text("5000\n")
+    sampler._sample_cgroup(files)
+    (d / "memory.current").write_text("3000\n")
+    sampler._sample_cgroup(files)
+    assert (sampler.peak, sampler.cpu) == (5000, 2.5)  # the highest sampled memory.current
+    (d / "memory.peak").write_text("7000\n")
+    files = usage.cgroup_files_of("0::/system.slice/docker-abc.scope\n")
+    assert files.memory_peak is not None and usage._read_int(files.memory_peak) == 7000
+    for name in ("memory.current", "cpu.stat", "memory.peak", "cgroup.controllers"):
+        (d / name).unlink()
+    assert not sampler._sample_cgroup(files)  # the cgroup is gone: the last figures stand
+    assert (sampler.peak, sampler.cpu) == (5000, 2.5)
+
+
+def test_cgroup_v1_files_with_joined_cpu_controllers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import algodock.runtime.usage as usage
+
+    monkeypatch.setattr(usage, "CGROUP_ROOT", tmp_path)
+    mem = tmp_path / "memory" / "docker" / "abc"
+    cpu = tmp_path / "cpu,cpuacct" / "docker" / "abc"
+    mem.mkdir(parents=True)
+    cpu.mkdir(parents=True)
+    (mem / "memory.max_usage_in_bytes").write_text("314572800\n")
+    (mem / "memory.usage_in_bytes").write_text("1000\n")
+    (cpu / "cpuacct.usage").write_text("2000000000\n")
+    files = usage.cgroup_files_of("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert files is not None and files.version == 1
+    sampler = usage.UsageSampler()
+    sampler._sample_cgroup(files)
+    assert (sampler.peak, sampler.cpu) == (314572800, 2.0)

@@ -62,9 +62,15 @@ def _v1_dir(controllers: str, rel: str, wanted: str) -> Path | None:
 def cgroup_files(pid: int) -> CgroupFiles | None:
     """The accounting files of the cgroup of process ``pid`` on this host; None when not visible."""
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return None
+    return cgroup_files_of(text)
+
+
+def cgroup_files_of(proc_cgroup: str) -> CgroupFiles | None:
+    """The accounting files named by a ``/proc/<pid>/cgroup`` text, under :data:`CGROUP_ROOT`."""
+    lines = proc_cgroup.splitlines()
     v1: dict[str, str] = {}
     unified: str | None = None
     for line in lines:
