@@ -49,7 +49,7 @@ def test_peak_memory_of_300_mib_touched(docker_client: Any, base_image: str, tmp
     assert result.ok, result.failure
     peak = result.usage.peak_memory_bytes
     assert peak is not None and abs(peak - 300 * MiB) <= 30 * MiB, peak
-    assert result.summary()["usage"]["peak_memory_bytes"] == peak
+    assert result.step_summary()["usage"]["peak_memory_bytes"] == peak
 
 
 def test_cpu_seconds_of_a_two_second_burn(docker_client: Any, base_image: str, tmp_path: Path) -> None:
@@ -60,7 +60,6 @@ def test_cpu_seconds_of_a_two_second_burn(docker_client: Any, base_image: str, t
     assert u.cpu_seconds is not None and abs(u.cpu_seconds - 2.0) <= 0.3, u
     assert u.wall_seconds is not None and u.wall_seconds >= 2.0
     assert (u.output_bytes, u.output_files) == (1000, 1)
-    assert u.source in ("cgroup-v1", "cgroup-v2")
 
 
 def test_stats_api_fallback_reports_figures_or_none(docker_client: Any, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,7 +71,6 @@ def test_stats_api_fallback_reports_figures_or_none(docker_client: Any, base_ima
     result = _run(docker_client, base_image, code, tmp_path / "out")
     assert result.ok, result.failure
     u = result.usage
-    assert u.source == "stats-api"
     # The last sample may be up to ~1 s before the exit: loose bounds, but figures, not guesses.
     assert u.cpu_seconds is not None and 1.0 <= u.cpu_seconds <= 2.8, u
     assert u.peak_memory_bytes is not None and u.peak_memory_bytes >= 150 * MiB, u
@@ -82,7 +80,7 @@ def test_oom_reports_the_peak_and_the_limit(docker_client: Any, base_image: str,
     code = "b = b'\\x01' * (400 * 1024 * 1024)"
     result = _run(docker_client, base_image, code, tmp_path / "out", memory_gb=0.25)
     assert result.failure is not None and result.failure.kind == "oom", result.failure
-    assert "peak" in str(result.failure) and "256 MiB" in str(result.failure), str(result.failure)
+    assert "peak" in result.failure.message and "256 MiB" in result.failure.message, result.failure
     assert result.usage.peak_memory_bytes >= 200 * MiB
 
 
@@ -112,7 +110,7 @@ def test_sizing_hints() -> None:
 def _doc(run_id: str, peaks: list[int], started: int) -> Any:
     from datetime import datetime, timezone
 
-    from algodock.records import LineageDocument, StepRecord, StepUsage
+    from algodock.records import LineageDocument, StepRecord
 
     steps = [
         StepRecord(
@@ -123,7 +121,7 @@ def _doc(run_id: str, peaks: list[int], started: int) -> Any:
             image_id="sha256:" + "ab" * 32,
             resource_request={"cpu_millicore": 1000, "memory_gb": 1, "gpu": 0},
             started_at=datetime(2026, 11, 1, started, tzinfo=timezone.utc),
-            usage=StepUsage(peak_memory_bytes=p, cpu_seconds=1.0 + i, wall_seconds=2.0, output_bytes=100, output_files=2),
+            usage=Usage(peak_memory_bytes=p, cpu_seconds=1.0 + i, wall_seconds=2.0, output_bytes=100, output_files=2),
         )
         for i, p in enumerate(peaks)
     ]
@@ -132,14 +130,15 @@ def _doc(run_id: str, peaks: list[int], started: int) -> Any:
 
 
 def test_usage_reaches_the_record_the_summary_and_the_table_artifact() -> None:
-    from algodock.records import StepRecord, record_from_result
-    from algodock.records import StepResult
     from algodock.flows.artifacts import steps_table
+    from algodock.records import StepRecord, record_from_result
 
-    result = StepResult(status="succeeded", image="x", usage=Usage(300 * MiB, 2.0, 2.5, 1000, 1, "cgroup-v1"))
+    usage = Usage(peak_memory_bytes=300 * MiB, cpu_seconds=2.0, wall_seconds=2.5, output_bytes=1000, output_files=1)
+    result = StepRecord(id="s", status="succeeded", image="x", usage=usage)
     record = record_from_result(StepRecord(id="s"), result)
     assert record.usage is not None and record.usage.peak_memory_bytes == 300 * MiB
-    assert record.summary()["usage"] == result.usage.as_dict() == result.summary()["usage"]
+    assert record.summary()["usage"] == usage.as_dict() == result.step_summary()["usage"]
+    assert record.model_dump(mode="json")["usage"] == usage.as_dict()  # in the lineage document
     doc = _doc("r1", [300 * MiB], 1)
     row = steps_table(doc)[0]
     assert row["usage"] == "mem 300 MiB, cpu 1.00 s, wall 2.0 s, out 100 B/2"

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from algodock.authoring.init import SAMPLE_DIR
 from algodock.contract.manifest import ALGO_OUTPUT_NAME, Manifest, load_manifest
 from algodock.errors import InvalidInput, InvalidManifest, StepFailure
-from algodock.records import ResolvedImage, StepResult
+from algodock.records import ResolvedImage, StepRecord
 from algodock.runtime.usage import fmt_bytes, suggest_memory_gb
 
 if TYPE_CHECKING:
@@ -104,32 +104,33 @@ def sample_inputs(manifest: Manifest, manifest_path: Path, given: Mapping[str, P
     return inputs
 
 
-def _first_line(result: StepResult) -> str:
+def _first_line(result: StepRecord) -> str:
     """``kind: first line of the message``, and for a non-zero exit the last line the algorithm said."""
     assert result.failure is not None
-    head = str(result.failure).strip().splitlines()[0].removesuffix("; last log lines:")[:200]
+    head = (result.failure.message.strip().splitlines() or [""])[0].removesuffix("; last log lines:")[:200]
     said = next((line.strip() for line in reversed(result.log_tail) if line.strip()), "")
     if result.failure.kind == "exit_code" and said:
         head += f" ({said[:200]})"
     return f"{result.failure.kind}: {head}"
 
 
-def _wrote_outside(result: StepResult) -> str | None:
+def _wrote_outside(result: StepRecord) -> str | None:
     """The log line of a write the read-only root refused, if any."""
-    lines = list(result.log_tail) + str(result.failure or "").splitlines()
+    lines = list(result.log_tail) + (result.failure.message.splitlines() if result.failure else [])
     return next((line.strip() for line in reversed(lines) if "Read-only file system" in line), None)
 
 
-def _hashes(result: StepResult) -> dict[str, str]:
+def _hashes(result: StepRecord) -> dict[str, str]:
     return {o.name: o.sha256 for o in result.outputs}
 
 
-def _runner(manifest: Manifest, inputs: dict[str, Path], params: dict[str, Any], client: docker.DockerClient, image: ResolvedImage, scratch: Path, on_log: Callable[[str], None] | None) -> Callable[..., StepResult]:
+def _runner(manifest: Manifest, inputs: dict[str, Path], params: dict[str, Any], client: docker.DockerClient, image: ResolvedImage, scratch: Path, on_log: Callable[[str], None] | None) -> Callable[..., StepRecord]:
     from algodock.runtime.runner import run_step
 
     count = 0
+    output_dirs: dict[int, Path] = {}
 
-    def run(**kw: Any) -> StepResult:
+    def run(**kw: Any) -> StepRecord:
         nonlocal count
         count += 1
         output_dir = scratch / f"run{count}" / "output"
@@ -145,9 +146,10 @@ def _runner(manifest: Manifest, inputs: dict[str, Path], params: dict[str, Any],
             on_log=(lambda line: on_log(f"run {count}: {line}")) if on_log else None,
             **kw,
         )
-        result.output_dir = output_dir  # type: ignore[attr-defined]  (for the undeclared-files rule)
+        output_dirs[id(result)] = output_dir
         return result
 
+    run.output_dirs = output_dirs  # type: ignore[attr-defined]  (for the undeclared-files rule)
     return run
 
 
@@ -193,8 +195,8 @@ def check_image(
         run = _runner(manifest, bound, dict(params or {}), client, resolved, scratch, on_log)
         first = run()
         report.usage = first.usage.as_dict() if first.usage else None
-        _check_exit_and_outputs(report, manifest, first)
-        second: StepResult | None = None
+        _check_exit_and_outputs(report, manifest, first, run.output_dirs.get(id(first)))  # type: ignore[attr-defined]
+        second: StepRecord | None = None
         if first.failure is not None and first.failure.kind == "timeout":
             report.add("input_path", "warn", "not judged: run 1 timed out (see exit)")
         elif staging_mode(client) == "volume":
@@ -226,7 +228,7 @@ def _check_user(report: Report, image: ResolvedImage) -> None:
         report.add("user", "warn", f"the image's USER is {shown}; the platform remaps it to uid {who.uid}", "add `USER 1000:1000` (numeric, non-root) to the Dockerfile")
 
 
-def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepResult) -> None:
+def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepRecord, output_dir: Path | None = None) -> None:
     cp = manifest.container_parameters
     wall = first.usage.wall_seconds if first.usage else None
     took = f" in {wall:.1f} s" if wall is not None else ""
@@ -258,7 +260,7 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepResul
         report.add("outputs", "fail", _first_line(first), fixes[kind])
     elif first.ok:
         names = ", ".join(f"{o.name} ({o.rows} rows)" if o.rows is not None else o.name for o in first.outputs)
-        stray = _undeclared(first)
+        stray = _undeclared(first, output_dir)
         if stray:
             report.add("outputs", "warn", f"wrote {names}; also files no output declares, which are not stored: {', '.join(stray[:5])}", "declare them in the manifest's outputs, or write them to /tmp")
         else:
@@ -267,15 +269,14 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepResul
         report.add("outputs", "warn", "not judged: run 1 did not finish (see exit)")
 
 
-def _undeclared(result: StepResult) -> list[str]:
-    """Top-level entries of the output folder that no declared output covers."""
-    root: Path | None = getattr(result, "output_dir", None)
+def _undeclared(result: StepRecord, root: Path | None) -> list[str]:
+    """Top-level entries of the output folder ``root`` that no declared output covers."""
     if root is None:
         return []
     kept = {ALGO_OUTPUT_NAME}
     for o in result.outputs:
         try:
-            kept.add(o.path.relative_to(root).parts[0])
+            kept.add(Path(o.path or o.uri).relative_to(root).parts[0])
         except ValueError:
             continue
     try:
@@ -284,7 +285,7 @@ def _undeclared(result: StepResult) -> list[str]:
         return []
 
 
-def _check_input_path(report: Report, first: StepResult, second: StepResult) -> None:
+def _check_input_path(report: Report, first: StepRecord, second: StepRecord) -> None:
     fix = "read the descriptor from os.environ['ALGORITHM_INPUT_PATH'], never a fixed /work/algo_input.json"
     if first.ok and second.ok:
         report.add("input_path", "pass", f"honours ALGORITHM_INPUT_PATH (run 2 had the descriptor at {MOVED_DESCRIPTOR})")
@@ -298,7 +299,7 @@ def _check_input_path(report: Report, first: StepResult, second: StepResult) -> 
         report.add("input_path", "fail", f"run 1 ended with {first.failure.kind}, run 2 with the descriptor moved with {_first_line(second)}", fix)  # type: ignore[union-attr]
 
 
-def _check_determinism(report: Report, first: StepResult, second: StepResult | None) -> None:
+def _check_determinism(report: Report, first: StepRecord, second: StepRecord | None) -> None:
     if not first.ok or second is None or not second.ok:
         report.add("determinism", "warn", "not judged: two successful runs are needed (see exit / input_path)")
         return
@@ -310,7 +311,7 @@ def _check_determinism(report: Report, first: StepResult, second: StepResult | N
         report.add("determinism", "pass", f"two runs gave the same sha256 for {len(a)} output(s)")
 
 
-def _check_resources(report: Report, manifest: Manifest, first: StepResult, second: StepResult | None) -> None:
+def _check_resources(report: Report, manifest: Manifest, first: StepRecord, second: StepRecord | None) -> None:
     rr = manifest.container_parameters.resource_request
     limit = rr.memory_bytes
     runs = [r for r in (first, second) if r is not None and r.usage is not None]

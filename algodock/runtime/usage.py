@@ -146,6 +146,7 @@ class UsageSampler:
         self.peak: int | None = None
         self.cpu: float | None = None
         self.source: str | None = None
+        """Where the figures come from: ``cgroup-v1``, ``cgroup-v2`` or ``stats-api``."""
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -236,11 +237,11 @@ class UsageSampler:
                 self._stats_stream.close()
             except Exception:  # already closed by the engine
                 pass
+        log.debug("usage from %s: peak %s bytes, %s cpu s", self.source, peak, cpu)
         return Usage(
             peak_memory_bytes=peak,
             cpu_seconds=round(cpu, 3) if cpu is not None else None,
             wall_seconds=round(time.monotonic() - self._started, 3),
-            source=self.source if (peak is not None or cpu is not None) else None,
         )
 
 
