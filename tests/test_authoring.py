@@ -154,3 +154,16 @@ def test_invalid_manifest_fails_manifest(tmp_path: Path) -> None:
     path.write_text(json.dumps({"manifest_version": "0.1", "name": "x"}))
     report = check_image(path)
     assert _statuses(report) == {"manifest": "fail"} and "container_parameters" in report.checks[0].message
+
+
+def test_lint_warns_on_entrypoint_latest_and_cache_dirs_in_the_image(docker_client: Any, hostile_images: dict, tmp_path: Path) -> None:
+    build_image(
+        docker_client,
+        "algodock-test/hostile-lint:latest",
+        'FROM algodock-test/hostile:1\nENV XDG_CACHE_HOME=/home/app/.cache\nENTRYPOINT ["/usr/bin/env"]\n',
+    )
+    report = check_image(_manifest(tmp_path, "ok", image="algodock-test/hostile-lint"), client=docker_client)
+    _only(report, "lint", "warn")
+    message = next(c.message for c in report.checks if c.id == "lint")
+    assert "ENTRYPOINT" in message and "latest" in message and "XDG_CACHE_HOME" in message, message
+    assert {k for k, v in _statuses(report).items() if v != "pass"} == {"lint"}
