@@ -67,6 +67,7 @@ def test_stats_api_fallback_reports_figures_or_none(docker_client: Any, base_ima
     import algodock.runtime.usage as usage
 
     monkeypatch.setattr(usage, "cgroup_files", lambda pid: None)
+    monkeypatch.setattr(usage, "container_cgroup_files", lambda container_id: None)
     code = "import time\nb = b'\\x01' * (200 * 1024 * 1024)\nwhile time.process_time() < 2.5: pass"
     result = _run(docker_client, base_image, code, tmp_path / "out")
     assert result.ok, result.failure
@@ -74,6 +75,12 @@ def test_stats_api_fallback_reports_figures_or_none(docker_client: Any, base_ima
     # The last sample may be up to ~1 s before the exit: loose bounds, but figures, not guesses.
     assert u.cpu_seconds is not None and 1.0 <= u.cpu_seconds <= 2.8, u
     assert u.peak_memory_bytes is not None and u.peak_memory_bytes >= 150 * MiB, u
+
+
+def test_a_short_container_is_measured_too(docker_client: Any, base_image: str, tmp_path: Path) -> None:
+    result = _run(docker_client, base_image, "x = 1", tmp_path / "out")
+    assert result.ok, result.failure
+    assert result.usage.peak_memory_bytes and result.usage.cpu_seconds is not None, result.usage
 
 
 def test_oom_reports_the_peak_and_the_limit(docker_client: Any, base_image: str, tmp_path: Path) -> None:

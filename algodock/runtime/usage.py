@@ -52,7 +52,7 @@ class CgroupFiles:
 def _v1_dir(controllers: str, rel: str, wanted: str) -> Path | None:
     """The folder of a v1 hierarchy mounted as ``controllers`` (``cpu,cpuacct``) or as ``wanted``."""
     rel = rel.lstrip("/")
-    for name in (controllers, wanted, *controllers.split(",")):
+    for name in (controllers, wanted, *controllers.split(","), "cpu,cpuacct" if wanted == "cpuacct" else wanted):
         d = CGROUP_ROOT / name / rel
         if d.is_dir():
             return d
@@ -66,6 +66,22 @@ def cgroup_files(pid: int) -> CgroupFiles | None:
     except OSError:
         return None
     return cgroup_files_of(text)
+
+
+CONTAINER_CGROUPS = ("docker/{id}", "system.slice/docker-{id}.scope")
+"""Where the engine puts a container's cgroup with the cgroupfs and the systemd drivers."""
+
+
+def container_cgroup_files(container_id: str) -> CgroupFiles | None:
+    """The accounting files of a container's cgroup at the engine's usual places, found without
+    asking the engine (so the first sample comes at once); None elsewhere (then use its pid)."""
+    for pattern in CONTAINER_CGROUPS:
+        rel = "/" + pattern.format(id=container_id)
+        if (CGROUP_ROOT / "memory" / rel.lstrip("/")).is_dir():
+            return cgroup_files_of(f"1:memory:{rel}\n2:cpuacct:{rel}\n")
+        if (CGROUP_ROOT / rel.lstrip("/") / "cgroup.controllers").exists():
+            return cgroup_files_of(f"0::{rel}\n")
+    return None
 
 
 def cgroup_files_of(proc_cgroup: str) -> CgroupFiles | None:
@@ -165,8 +181,8 @@ class UsageSampler:
         return sampler
 
     def _run(self, client: docker.DockerClient, container_id: str, use_cgroup: bool) -> None:
-        files = None
-        if use_cgroup:
+        files = container_cgroup_files(container_id) if use_cgroup else None
+        if use_cgroup and files is None:
             try:
                 pid = int((client.api.inspect_container(container_id).get("State") or {}).get("Pid") or 0)
             except Exception as exc:  # an engine hiccup must not fail the step: usage is then unknown
@@ -200,7 +216,9 @@ class UsageSampler:
         while not self._stop.is_set():
             if not self._sample_cgroup(files):
                 return
-            self._stop.wait(self.interval)
+            # Faster in the first second: a short container must not exit between two samples.
+            early = time.monotonic() - self._started < 1.0
+            self._stop.wait(min(self.interval, 0.01) if early else self.interval)
 
     # ----------------------------------------------------------------- stats API
 
