@@ -167,3 +167,13 @@ def test_lint_warns_on_entrypoint_latest_and_cache_dirs_in_the_image(docker_clie
     message = next(c.message for c in report.checks if c.id == "lint")
     assert "ENTRYPOINT" in message and "latest" in message and "XDG_CACHE_HOME" in message, message
     assert {k for k, v in _statuses(report).items() if v != "pass"} == {"lint"}
+
+
+def test_no_sample_for_a_required_input_fails_before_any_run(docker_client: Any, hostile_images: dict, tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "ok")
+    doc = json.loads(path.read_text())
+    doc["inputs"] = [{"name": "table", "format": "parquet"}]
+    path.write_text(json.dumps(doc))
+    report = check_image(path, client=docker_client)
+    assert _statuses(report)["inputs"] == "fail" and "sample/table" in report.checks[-1].message
+    assert "exit" not in _statuses(report)

@@ -189,7 +189,11 @@ def check_image(
     report.add("image", "pass", f"{cp.image} = {resolved.id} ({fmt_bytes(size)}, {layers} layers)")
     _check_user(report, resolved)
 
-    bound = sample_inputs(manifest, manifest_path, inputs or {})
+    try:
+        bound = sample_inputs(manifest, manifest_path, inputs or {})
+    except InvalidInput as exc:
+        report.add("inputs", "fail", str(exc), f"init creates {SAMPLE_DIR}/<slot>/ beside the manifest; keep a small sample there")
+        return report
     scratch = Path(tempfile.mkdtemp(prefix=".algodock-check-"))
     try:
         run = _runner(manifest, bound, dict(params or {}), client, resolved, scratch, on_log)
