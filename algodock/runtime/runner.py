@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from algodock.contract.manifest import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
+from algodock.contract.manifest import ALGO_INPUT_PATH, ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
 from algodock.contract.params import resolve_parameters
 from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure
 from algodock.records import InputBinding, ResolvedImage, StepRecord
@@ -38,6 +38,7 @@ from algodock.runtime.logs import EMIT_LINES, LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
 from algodock.runtime.sandbox import RunAs, container_config, lookup_user, run_as
 from algodock.runtime.staging import plan_inputs, prepare_work_dir
+from algodock.runtime.usage import UsageSampler, fmt_bytes, output_totals
 from algodock.runtime.volumes import VolumeWorkspace, read_only_mounts, staging_mode
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def _create(
     step_id: str,
     mounts: list | None,
     names: list[str],
+    descriptor_path: str = ALGO_INPUT_PATH,
 ) -> tuple[Container, RunAs]:
     """Create the container as a non-root uid, by number.
 
@@ -132,6 +134,7 @@ def _create(
             labels=labels,
             name=name,
             mounts=mounts,
+            descriptor_path=descriptor_path,
         )
         return client.containers.create(**cfg)
 
@@ -214,6 +217,7 @@ def run_step(
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
+    descriptor_path: str = ALGO_INPUT_PATH,
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
@@ -225,6 +229,9 @@ def run_step(
     as it has exited, before the clean-up (the pool gets its resources back at once).
     ``on_log`` gets at most ``emit_lines`` lines (and ``emit_limit`` bytes), then one line
     naming ``log_location`` (default ``log_path``), where the whole log is kept.
+    ``descriptor_path`` is where the container sees ``algo_input.json`` (and what
+    ``ALGORITHM_INPUT_PATH`` says); ``algodock check-image`` moves it to catch algorithms
+    that hard-code the default.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -248,6 +255,7 @@ def run_step(
     mounts: list | None = None
     limits = OutputLimits.of(cp.output_mb, cp.output_files)
     reading_outputs = False
+    sampler: UsageSampler | None = None
     try:
         if not parameters_resolved:
             result.parameters = resolve_parameters(manifest.parameters, parameters or {})
@@ -268,7 +276,7 @@ def run_step(
         if staging_mode(client) == "volume":  # the engine cannot see our folders: go through its archive API
             workspace = VolumeWorkspace(client, labels)
             mounts = read_only_mounts(workspace.work.name, workspace.output.name)
-        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id, mounts, names)
+        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id, mounts, names, descriptor_path)
         result.container_id = container.id
         if workspace is not None:
             workspace.fill(resolved.id, work, who.uid, who.gid)  # type: ignore[arg-type]
@@ -285,6 +293,7 @@ def run_step(
         started = time.time()
         pump.start()
         _start(container, cp.resource_request.gpu)
+        sampler = UsageSampler.start(client, container)
         if workspace is None and WATCH_OUTPUT:  # the output folder is on this host: watch it while the container runs
             watcher = OutputWatcher(output_dir, limits, kill=container.kill, host_pid=_host_pid(client, container.id), container_id=container.id).start()
         try:
@@ -293,6 +302,8 @@ def run_step(
             if watcher is not None:
                 watcher.stop()
         result.finished_at = _now()
+        result.usage = sampler.stop()
+        result.usage.wall_seconds = round((result.finished_at - result.started_at).total_seconds(), 3)
         if on_exit is not None:
             on_exit()
         pump.join(KILL_GRACE_SECONDS)
@@ -311,8 +322,10 @@ def run_step(
         if timed_out:
             raise TimeoutFailure(f"the container ran past timeout_seconds={cp.timeout_seconds:g} and was killed", exit_code=result.exit_code)
         if state.get("OOMKilled"):
+            peak = result.usage.peak_memory_bytes
+            reached = f" (peak {fmt_bytes(peak)} of {fmt_bytes(cp.resource_request.memory_bytes)})" if peak else ""
             raise OomFailure(
-                f"the container was killed for exceeding its memory limit of {cp.resource_request.memory_gb:g} GB "
+                f"the container was killed for exceeding its memory limit of {cp.resource_request.memory_gb:g} GB{reached} "
                 "(raise resource_request.memory_gb, or use less memory)",
                 exit_code=result.exit_code,
             )
@@ -334,6 +347,7 @@ def run_step(
             finally:
                 archive.close()  # a read-back stopped at a limit must not keep the container busy
             limits.check(measure(output_dir, limits))
+        result.usage.output_bytes, result.usage.output_files = output_totals(output_dir)
         reading_outputs = True  # from here an unreadable file is the algorithm's doing
         algo_output = read_algo_output(output_dir)
         if algo_output is not None:
@@ -350,6 +364,11 @@ def run_step(
     except Exception as exc:
         result.failure = _as_failure(exc, reading_outputs)
     finally:
+        if sampler is not None and result.usage is None:  # the wait itself failed: stop sampling anyway
+            try:
+                result.usage = sampler.stop()
+            except Exception as exc:  # accounting must never turn a step into a traceback
+                log.warning("could not stop the usage sampler: %s", exc)
         _clean_up(client, container, names, workspace, pump, work if own_work else None)
         result.finished_at = result.finished_at or _now()
     if result.failure is not None:
