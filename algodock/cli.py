@@ -60,7 +60,7 @@ def _print_errors(exc: AlgodockError) -> None:
 class _Commands(click.Group):
     """Command groups defined in other modules are imported only when used: `run-step` starts lean."""
 
-    LAZY = {"lineage": ("algodock.lineage", "lineage_cli")}
+    LAZY = {"lineage": ("algodock.lineage", "lineage_cli"), "worker": ("algodock.worker", "worker_cli")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -84,6 +84,7 @@ def main(verbose: bool) -> None:
     algodock run-step MANIFEST ...    run one algorithm container on local data
     algodock run PIPELINE ...         run a pipeline as a Prefect flow
     algodock lineage RUN_ID           show what produced what in a run
+    algodock worker --scheduler ADDR  run steps of `run --cluster` on this host's Docker engine
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     CONTRACT.md; JSON Schemas for editors are in schemas/.
@@ -231,8 +232,10 @@ def _live_view(order: list[str]):
 @click.option("--capacity", metavar="cpu_millicore=N,memory_gb=M", help="What running steps may use together [default: the engine's CPUs and memory].")
 @click.option("--no-cache", is_flag=True, help="Run every step, even when an identical earlier run could be reused.")
 @click.option("--concurrency-limit", metavar="NAME", help="A Prefect global concurrency limit each step also holds a slot of (a limit shared across hosts).")
+@click.option("--cluster", metavar="tcp://HOST:8786", help="Run the steps on this Dask scheduler's `algodock worker`s, placed by their resource requests.")
+@click.option("--shared-store", is_flag=True, help="With --cluster: the --store path is mounted at the same place on every host.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the run summary) on stdout.")
-def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, as_json: bool) -> None:
+def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, cluster: str | None, shared_store: bool, as_json: bool) -> None:
     """Run a pipeline as a Prefect flow: each step a task, independent steps concurrently.
 
     Uses the Prefect server at PREFECT_API_URL when set, else a temporary local one.
@@ -255,8 +258,12 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     try:
         overrides = parse_overrides(list(sets))
+        if cluster:  # a host-local store is refused before anything starts
+            from flows.cluster import check_shared_store
+
+            check_shared_store(store, shared_store)
         cap = Capacity.parse(capacity) if capacity else None
-        if cap is None:
+        if cap is None and not cluster:  # in cluster mode the flow asks the workers
             from algodock.engine import docker_client
 
             cap = Capacity.from_engine(docker_client())
@@ -282,8 +289,8 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             _log_to(sys.stderr)  # Live has replaced sys.stderr with a proxy that prints above the table
         state = flows_pipeline.run_pipeline(
             spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
-            capacity=str(cap),
-            no_cache=no_cache, concurrency_limit=concurrency_limit, return_state=True,
+            capacity=str(cap) if cap else None,
+            no_cache=no_cache, concurrency_limit=concurrency_limit, cluster=cluster, shared_store=shared_store, return_state=True,
         )
     finally:
         if live:

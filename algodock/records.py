@@ -69,12 +69,17 @@ class StepRecord(BaseModel):
     cached_from: str | None = Field(None, description="Run id whose outputs a cached step reuses.")
     log_uri: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, str] | None = Field(None, description='The Docker engine the step ran on: {"name", "id"} as `docker info` reports them.')
+    attempt_history: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Cluster mode: every attempt (number, engine, worker, status, times); an attempt lost with its worker is `lost`.",
+    )
 
     def summary(self) -> dict[str, Any]:
         """The step object of ``algodock run --json``."""
         return self.model_dump(
             mode="json",
-            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs"},
+            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "engine"},
         )
 
 
