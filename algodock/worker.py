@@ -6,7 +6,7 @@ Dask places on this worker run their containers on this worker's engine: the
 :class:`EnginePlugin` holds the engine's client, its identity (``docker info``'s Name and
 ID, recorded per step as ``engine``) and a resource pool of the worker's size, and on start
 removes the containers a dead earlier worker left on the engine (the owner labels of
-:func:`algodock.engine.sweep_orphans`).
+:func:`algodock.runtime.engine.sweep_orphans`).
 
 Dask's resources are bookkeeping: the container still gets its hard CPU and memory limits.
 No Prefect here (the engine never imports it); the flow side is ``algodock.flows.cluster``.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from algodock.capacity import GIB, Capacity, ResourcePool
+from algodock.pipeline.capacity import GIB, Capacity, ResourcePool
 
 if TYPE_CHECKING:
     import docker
@@ -91,7 +91,7 @@ class EnginePlugin:
 
     def setup(self, worker: Any = None) -> None:
         """Connect to the engine, point this process at it, sweep what a dead worker left."""
-        from algodock.engine import docker_client
+        from algodock.runtime.engine import docker_client
 
         if self.docker_host:
             os.environ["DOCKER_HOST"] = self.docker_host  # anything in this process that connects by default
@@ -114,7 +114,7 @@ class EnginePlugin:
 
     def cancel_run(self, run_id: str) -> list[str]:
         """Mark ``run_id`` cancelled here and kill its containers on this engine."""
-        from algodock.engine import kill_run_containers
+        from algodock.runtime.engine import kill_run_containers
 
         event = self.cancel_event(run_id)
         event.set()
@@ -133,12 +133,12 @@ def sweep_dead_owners(client: docker.DockerClient) -> list[str]:
     """Remove the algodock containers and volumes on this engine whose owning process (on this
     host) is gone, e.g. a killed earlier worker's; return their names.
 
-    Like :func:`algodock.engine.sweep_orphans`, but from the engine's list alone (no inspect
+    Like :func:`algodock.runtime.engine.sweep_orphans`, but from the engine's list alone (no inspect
     per container), so one container stuck in the engine cannot hold up a worker's start.
     """
     from docker.errors import APIError, NotFound
 
-    from algodock.engine import MANAGED_LABEL, _owner_alive
+    from algodock.runtime.engine import MANAGED_LABEL, _owner_alive
 
     removed = []
     for c in client.api.containers(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
@@ -267,7 +267,7 @@ def worker_cli(
     places each step on a worker with room for the step's resource request. On start it
     removes containers a dead earlier worker left on the engine.
     """
-    from algodock.engine import docker_client
+    from algodock.runtime.engine import docker_client
     from algodock.errors import AlgodockError
 
     try:

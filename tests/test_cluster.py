@@ -91,7 +91,7 @@ class Cluster:
 @pytest.fixture(scope="session")
 def second_engine(docker_client, busybox_image) -> Iterator:
     """The second Docker engine, with the test and example images loaded; its client."""
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
 
     images = [BUSYBOX_IMAGE] + [i for i in EXAMPLES if docker_client.images.list(name=i)]
     out = subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "start", ENGINE, "--load", *images],
@@ -133,7 +133,7 @@ def _sleeper(tmp_path: Path, busybox_image: str, name: str, seconds: float, cpu:
 
 
 def _summary(run_id: str, store: str) -> dict:
-    from algodock.store import lineage_rel, open_store, run_json_rel
+    from algodock.store.backends import lineage_rel, open_store, run_json_rel
 
     s = open_store(store)
     return {"summary": s.read_json(run_json_rel(run_id)), "lineage": s.read_json(lineage_rel(run_id))}
@@ -154,7 +154,7 @@ def test_a_host_local_store_is_refused_before_anything_starts(tmp_path, busybox_
 
 def test_steps_are_placed_by_resources_on_both_engines(tmp_path, cluster, engine_ids, busybox_image):
     """1500-millicore steps fill both workers; a 3 GB step fits only the second worker."""
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     _sleeper(tmp_path, busybox_image, "mid", 1.5, cpu=1500)
     _sleeper(tmp_path, busybox_image, "big", 0.5, cpu=500, memory_gb=3)
@@ -175,7 +175,7 @@ def test_steps_are_placed_by_resources_on_both_engines(tmp_path, cluster, engine
 def test_the_example_pipeline_runs_on_the_cluster_with_an_s3_store(tmp_path, cluster, engine_ids):
     import boto3
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     images = ["algodock/device-visits:1.0.0", "algodock/dwell-stats:1.0.0"]
     if not all(cluster_engine_has(i) for i in images):
@@ -208,7 +208,7 @@ def _containers(client, run_id: str) -> list:
 
 
 def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container_is_swept(tmp_path, cluster, docker_client, second_engine, busybox_image):
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     _sleeper(tmp_path, busybox_image, "slow", 4, cpu=1000)
     (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: loss\nsteps:\n  - {id: slow, manifest: slow.json}\n')
@@ -239,7 +239,7 @@ def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluste
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     _sleeper(tmp_path, busybox_image, "long", 300, cpu=1500)  # 1500 of 2000 millicores: one per worker
     (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: cancel\nsteps:\n  - {id: a, manifest: long.json}\n  - {id: b, manifest: long.json}\n')

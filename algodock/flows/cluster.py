@@ -93,7 +93,7 @@ class _SlimPipeline:
 class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
     """One run's shared state on every worker (registered for the run, removed after it)."""
 
-    def __init__(self, run_id: str, pipeline: Any, store: str, cache: Any, use_cache: bool, flow_run_id: str | None) -> None:
+    def __init__(self, run_id: str, pipeline: Any, store: str, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception]) -> None:
         self.name = plugin_name(run_id)
         self.run_id = run_id
         self.pipeline = _SlimPipeline(pipeline)
@@ -101,6 +101,8 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
         self.cache = cache
         self.use_cache = use_cache
         self.flow_run_id = flow_run_id
+        self.step_failed = step_failed
+        """The flow's ``StepFailed`` (pickled by name; this module does not import the flow)."""
         self._ctx: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -124,9 +126,9 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
             getattr(engine, "inner", engine).forget_run(self.run_id)
 
     def context(self) -> Any:
-        """This run's :class:`~algodock.execute.RunContext` on this worker, built once."""
-        from algodock.execute import RunContext
-        from algodock.store import open_store
+        """This run's :class:`~algodock.pipeline.execute.RunContext` on this worker, built once."""
+        from algodock.pipeline.execute import RunContext
+        from algodock.store.backends import open_store
         from algodock.worker import current_engine
 
         with self._lock:
@@ -189,11 +191,9 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
     from distributed import get_worker
     from prefect.runtime import task_run
 
-    from algodock.execute import execute_step
+    from algodock.pipeline.execute import execute_step
     from algodock.worker import current_engine
-    from flows.artifacts import emit_step_assets
-    from flows.pipeline import StepFailed
-
+    from algodock.flows.artifacts import emit_step_assets
     logger = get_run_logger()
     worker = get_worker()
     engine = current_engine()
@@ -201,6 +201,7 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
     if plugin is None:
         raise InfrastructureError(f"run {run_id} is not registered on worker {worker.address}")
     ctx = plugin.context()
+    StepFailed = plugin.step_failed
     if ctx.cancel.is_set():
         record = StepRecord(id=step_id, status="failed", engine=engine.identity, failure=Failure(kind="infrastructure", message="cancelled: the flow run was cancelled"))
         raise StepFailed(record)
@@ -268,8 +269,8 @@ class ClusterSession:
         return {addr: dict(w.get("resources") or {}) for addr, w in info["workers"].items()}
 
     def largest_worker(self) -> Any:
-        """The :class:`~algodock.capacity.Capacity` of the biggest worker (what a step may ask for)."""
-        from algodock.capacity import Capacity
+        """The :class:`~algodock.pipeline.capacity.Capacity` of the biggest worker (what a step may ask for)."""
+        from algodock.pipeline.capacity import Capacity
 
         workers = {a: r for a, r in self.workers().items() if "cpu_millicore" in r}
         if not workers:
@@ -280,10 +281,13 @@ class ClusterSession:
             gpu=int(max(r.get("gpu", 0) for r in workers.values())),
         )
 
-    def start_run(self, run_id: str, pipeline: Any, store: Any, cache: Any, use_cache: bool, flow_run_id: str | None) -> None:
-        """Send the run's shared state to every worker (and to workers that join later)."""
+    def start_run(self, run_id: str, pipeline: Any, store: Any, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception]) -> None:
+        """Send the run's shared state to every worker (and to workers that join later).
+
+        ``step_failed``: the exception class a failed step raises (the flow's ``StepFailed``).
+        """
         self.run_id = run_id
-        self.client.register_plugin(RunPlugin(run_id, pipeline, store.uri(), cache, use_cache, flow_run_id), name=plugin_name(run_id))
+        self.client.register_plugin(RunPlugin(run_id, pipeline, store.uri(), cache, use_cache, flow_run_id, step_failed), name=plugin_name(run_id))
 
     def submit(self, task_fn: Any, step_id: str, upstream: dict[str, StepRecord], request: Any) -> tuple[Any, concurrent.futures.Future]:
         """Submit a step with its resources; returns the Prefect future and a future that is done with it."""

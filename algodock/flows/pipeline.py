@@ -1,7 +1,7 @@
 """The Prefect flow that runs a pipeline: one task per step, named after the step.
 
 A step is submitted as soon as every step it depends on succeeded (or was cached); it then
-waits in the engine's :class:`~algodock.capacity.ResourcePool` until its resource request
+waits in the engine's :class:`~algodock.pipeline.capacity.ResourcePool` until its resource request
 fits, so independent steps run concurrently and the host is packed tightly. A failed step's
 dependents are ``skipped`` while independent branches finish; the flow run fails when any
 step failed. The lineage document in the store is rewritten as each step ends.
@@ -30,15 +30,16 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from algodock.cache import StoreCache
-from algodock.capacity import Capacity, ResourcePool
-from algodock.engine import docker_client, kill_run_containers
+from algodock.lineage.cache import StoreCache
+from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.runtime.engine import docker_client, kill_run_containers
 from algodock.errors import StepFailure
-from algodock.execute import RunContext, execute_step
+from algodock.lineage.openlineage import OpenLineageObserver
+from algodock.pipeline.execute import RunContext, execute_step
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store import Store, lineage_rel, open_store, run_json_rel
-from flows.artifacts import emit_step_assets, publish_run_artifacts
+from algodock.store.backends import Store, lineage_rel, open_store, run_json_rel
+from algodock.flows.artifacts import emit_step_assets, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
@@ -201,7 +202,7 @@ class Ledger:
 
 
 def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
-    from blocks import manifest_from_block
+    from algodock.blocks import manifest_from_block
 
     if isinstance(spec, dict):
         return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
@@ -221,7 +222,7 @@ def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
     run_id = (flow_run.parameters or {}).get("run_id") or flow_run.id
     try:
         if (flow_run.parameters or {}).get("cluster"):
-            from flows.cluster import cancel_on_cluster
+            from algodock.flows.cluster import cancel_on_cluster
 
             cancel_on_cluster(flow_run.parameters["cluster"], str(run_id))
             return
@@ -274,14 +275,14 @@ def run_pipeline(
     holds one slot of while it runs: a limit shared by all hosts and runs (the capacity packs
     this host; Prefect's limits poll, so they are no tool for packing).
     ``cluster``: a Dask scheduler address (``tcp://HOST:8786``): steps run on its
-    ``algodock worker``s, placed by their resource requests (see flows.cluster); the store must
+    ``algodock worker``s, placed by their resource requests (see algodock.flows.cluster); the store must
     then be S3, or a path every host mounts, declared with ``shared_store``.
     """
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     session = None
     if cluster:  # refuse a host-local store before anything starts
-        from flows.cluster import ClusterSession, check_shared_store
+        from algodock.flows.cluster import ClusterSession, check_shared_store
 
         check_shared_store(store, shared_store)
         session = ClusterSession(cluster).__enter__()
@@ -293,10 +294,10 @@ def run_pipeline(
     the_store = open_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     if session is not None:
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id)
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
     order = pipeline.topological_order()
     doc = LineageDocument(
         run_id=run_id,
@@ -370,7 +371,7 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
                 continue
             retries = specs[step_id].retries
             if cluster is not None:
-                from flows.cluster import run_cluster_step
+                from algodock.flows.cluster import run_cluster_step
             task_fn = (run_cluster_step if cluster is not None else run_step_task).with_options(
                 name=step_id,
                 task_run_name=step_id,
