@@ -37,6 +37,8 @@ log = logging.getLogger("algodock.cluster")
 
 RESOURCE_KEYS = ("cpu_millicore", "memory_gb", "gpu")
 CONNECT_TIMEOUT = "30s"
+WORKER_WAIT = 30
+"""Seconds a run waits for a first worker to join before it fails."""
 
 
 # ---------------------------------------------------------------- checks before any container
@@ -273,6 +275,10 @@ class ClusterSession:
         from algodock.pipeline.capacity import Capacity
 
         workers = {a: r for a, r in self.workers().items() if "cpu_millicore" in r}
+        if not workers:  # workers may still be joining (a cluster just started)
+            with contextlib.suppress(Exception):
+                self.client.wait_for_workers(1, timeout=WORKER_WAIT)
+            workers = {a: r for a, r in self.workers().items() if "cpu_millicore" in r}
         if not workers:
             raise InfrastructureError(f"cluster {self.address}: no algodock worker is connected; start `algodock worker --scheduler {self.address}` on each Docker host")
         return Capacity(
@@ -291,11 +297,10 @@ class ClusterSession:
 
     def submit(self, task_fn: Any, step_id: str, upstream: dict[str, StepRecord], request: Any) -> tuple[Any, concurrent.futures.Future]:
         """Submit a step with its resources; returns the Prefect future and a future that is done with it."""
-        from prefect.utilities.annotations import quote
-
         assert self.run_id is not None
         with _resources(step_resources(request)):
-            fut = self.runner.submit(task_fn, parameters={"run_id": self.run_id, "step_id": step_id, "upstream": quote(upstream)})
+            # no quote(): Dask rebuilds that namedtuple as a plain tuple on the worker
+            fut = self.runner.submit(task_fn, parameters={"run_id": self.run_id, "step_id": step_id, "upstream": upstream})
         done: concurrent.futures.Future = concurrent.futures.Future()
         fut.wrapped_future.add_done_callback(lambda _f: done.done() or done.set_result(None))
         return fut, done

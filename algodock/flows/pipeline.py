@@ -134,8 +134,14 @@ class Ledger:
 
     After :meth:`start`, a writer thread writes the latest document whenever it changed
     (a burst of changes is one write), so recording a step never delays the next step;
-    :meth:`finish` stops it and writes the final document itself.
+    :meth:`finish` stops it and writes the final document itself. Writes are at least
+    ``max(LEDGER_MIN_INTERVAL, LEDGER_INTERVAL_PER_STEP x steps)`` apart: the document grows
+    with the steps, so a 1000-step run writes about every 10 s instead of on every change
+    (bytes written per run grow with the run's duration, not with steps x changes).
     """
+
+    LEDGER_MIN_INTERVAL = 0.5
+    LEDGER_INTERVAL_PER_STEP = 0.01
 
     def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
         self.doc = doc
@@ -144,11 +150,14 @@ class Ledger:
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._closing = False
+        self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self._index = {s.id: i for i, s in enumerate(doc.steps)}
+        self.interval = max(self.LEDGER_MIN_INTERVAL, self.LEDGER_INTERVAL_PER_STEP * len(doc.steps))
 
     def update(self, record: StepRecord) -> None:
         with self._lock:
-            self.doc.steps = [record if s.id == record.id else s for s in self.doc.steps]
+            self.doc.steps[self._index[record.id]] = record  # O(1): a 1000-step run updates thousands of times
             if self._writer is None or self._closing:
                 self._write()
         self._changed.set()
@@ -166,6 +175,7 @@ class Ledger:
     def finish(self, status: str) -> None:
         if self._writer is not None:
             self._closing = True
+            self._stop.set()
             self._changed.set()
             self._writer.join()
         with self._lock:
@@ -185,6 +195,8 @@ class Ledger:
                 self._write(snapshot)
             except Exception as exc:  # the next change or finish() tries again
                 logging.getLogger("algodock").warning("could not write the lineage of run %s: %s", self.doc.run_id, exc)
+            if self._stop.wait(self.interval):  # batch the changes of the next interval into one write
+                return
 
     def summary(self) -> dict[str, Any]:
         return {
