@@ -55,8 +55,8 @@ images: base-image wheels ## build algodock/device-visits:1.0.0 and algodock/dwe
 	    -t algodock/$$algo:$(EXAMPLE_VERSION) examples/$$algo; \
 	done
 
-schemas: venv ## regenerate the JSON schemas (python -m algodock.contract.schemas)
-	$(VENV)/bin/python -m algodock.contract.schemas
+schemas: venv ## regenerate the JSON schemas (python -m algodock.schemas)
+	$(VENV)/bin/python -m algodock.schemas
 
 lint-imports: venv ## check the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports

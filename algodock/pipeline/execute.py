@@ -25,8 +25,7 @@ from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
-from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
-from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepResult
+from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.runner import run_step
 from algodock.store.backends import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
 
@@ -166,7 +165,7 @@ def execute_step(
         return record
     except StepFailure as failure:
         record.status = "failed"
-        record.failure = Failure(**failure.as_dict())
+        record.failure = failure
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -215,7 +214,7 @@ def _execute(
             ctx.pool.release(rr)
 
     try:
-        result: StepResult = run_step(
+        result = run_step(
             manifest,
             inputs=bindings,
             parameters=ctx.pipeline.parameters[step_id],
@@ -244,7 +243,7 @@ def _execute(
         record.log_uri = ctx.store.put_output(log_path, log_rel(ctx.run_id, step_id), move=True)
     if result.ok:
         record.outputs = [
-            OutputLineage(**{**o.as_dict(), "uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
+            o.model_copy(update={"uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
             for o in result.outputs
         ]
         _discard(output_dir)

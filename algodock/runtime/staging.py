@@ -119,7 +119,7 @@ def stage_inputs(plan: list[StagedSlot]) -> list[tuple[InputRecord, InputData]]:
             format=fmt,
             produced_by=binding.produced_by,
             rows=binding.rows,
-            files=tuple(f.container_path for f in files),
+            files=[f.container_path for f in files],
         )
         data = InputData(
             name=binding.slot,
