@@ -161,12 +161,13 @@ def sweep_dead_owners(client: docker.DockerClient) -> list[str]:
     return removed
 
 
-def current_engine() -> EnginePlugin:
-    """The :class:`EnginePlugin` of the Dask worker this code runs on."""
+def current_engine(dask_worker: Any = None) -> EnginePlugin:
+    """The :class:`EnginePlugin` of the Dask worker this code runs on (``dask_worker``: that
+    worker, as ``client.run`` passes it, where ``get_worker()`` does not work)."""
     from distributed import get_worker
 
     try:
-        plugin = get_worker().plugins[PLUGIN_NAME]
+        plugin = (dask_worker or get_worker()).plugins[PLUGIN_NAME]
     except (ValueError, KeyError):
         from algodock.errors import InfrastructureError
 
@@ -176,14 +177,9 @@ def current_engine() -> EnginePlugin:
     return getattr(plugin, "inner", plugin)  # type: ignore[no-any-return]
 
 
-def cancel_run_here(run_id: str) -> list[str]:
+def cancel_run_here(run_id: str, dask_worker: Any = None) -> list[str]:
     """For ``client.run``: cancel ``run_id`` on this worker's engine; the names of killed containers."""
-    return current_engine().cancel_run(run_id)
-
-
-def forget_run_here(run_id: str) -> None:
-    """For ``client.run``: drop this worker's state of a finished run."""
-    current_engine().forget_run(run_id)
+    return current_engine(dask_worker).cancel_run(run_id)
 
 
 async def serve(

@@ -232,10 +232,14 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
 
 def _broadcast(client: Any, fn: Any, *args: Any) -> dict[str, Any]:
     try:
-        return client.run(fn, *args, on_error="return")
+        results = client.run(fn, *args, on_error="return")
     except Exception as exc:  # a worker that left meanwhile must not stop the others
         log.warning("could not reach every worker: %s", exc)
         return {}
+    for worker, result in results.items():
+        if isinstance(result, BaseException):
+            log.warning("worker %s: %s", worker, result)
+    return results
 
 
 class ClusterSession:
