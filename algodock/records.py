@@ -37,6 +37,9 @@ class InputBinding:
     """Step id that produced the data, None for an external input."""
     rows: int | None = None
     """Known parquet row count, if any."""
+    files: tuple[str, ...] | None = None
+    """For a folder: the relative files ``sha256`` was computed over. Staging stages exactly
+    these (the folder is not listed again), so a file added since is never staged unhashed."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class ResolvedImage:
 LINEAGE_VERSION = "0.1"
 StepStatus = Literal["pending", "running", "succeeded", "failed", "cached", "skipped"]
 HASH_DESCRIPTION = (
-    "sha256 (hex) of the file's bytes; for a folder, the sha256 of the sha256sum-style listing of its regular files, "
-    'one line "<hex sha256>  <path relative to the folder>\\n" per file, sorted by path (see algodock.hashing).'
+    "sha256 (hex) of the file's bytes; for a folder, the sha256 of one framed entry per regular file, "
+    '"<hex sha256> <byte length of the path>:<path relative to the folder>\\n", sorted by the path\'s bytes '
+    "(length-prefixed, so no file name can forge it; see algodock.hashing for a shell line that reproduces it)."
 )
 
 

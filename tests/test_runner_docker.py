@@ -574,7 +574,7 @@ def test_outputs_found_by_name_without_algo_output(docker_client: Any, busybox_i
     table, parts = run.result.outputs
     assert table.path == out / "table.csv" and table.sha256 == hashlib.sha256(b"a,b\n").hexdigest()
     assert parts.path == out / "parts" and parts.multiple
-    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()}  {r}\n" for r in ["p0", "sub/p1"])
+    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()} {len(r)}:{r}\n" for r in ["p0", "sub/p1"])  # framed
     assert list_files(out / "parts") == ["p0", "sub/p1"]
     assert parts.sha256 == hashlib.sha256(listing.encode()).hexdigest(), "the folder hash of algodock/hashing.py"
 

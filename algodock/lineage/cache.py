@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("algodock.lineage.cache")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: framed folder hashes (algodock.hashing); entries keyed on the old hash miss
 """Bumped whenever the key's definition changes, so old entries simply miss."""
 
 REUSABLE = ("succeeded", "cached")

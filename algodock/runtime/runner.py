@@ -219,7 +219,7 @@ def run_step(
             raise ExitCodeFailure(f"the container exited with code {result.exit_code}; last log lines:\n{tail}", exit_code=result.exit_code)
 
         if workspace is not None:
-            workspace.export_output(container, output_dir)
+            workspace.export_output(container, output_dir, cp)  # bounded by output_mb / output_files
         algo_output = read_algo_output(output_dir)
         if algo_output is not None:
             result.metrics, result.message = algo_output.metrics, algo_output.message
