@@ -129,6 +129,7 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
 
     def context(self) -> Any:
         """This run's :class:`~algodock.pipeline.execute.RunContext` on this worker, built once."""
+        from algodock.lineage.openlineage import OpenLineageObserver
         from algodock.pipeline.execute import RunContext
         from algodock.store.backends import open_store
         from algodock.worker import current_engine
@@ -152,6 +153,7 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
                     cancel=engine.cancel_event(self.run_id),
                     cache=self.cache,
                     flow_run_id=self.flow_run_id,
+                    observers=[OpenLineageObserver()],  # OpenLineage events from the host that ran the step
                 )
             return self._ctx
 
