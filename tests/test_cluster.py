@@ -204,7 +204,8 @@ def cluster_engine_has(image: str) -> bool:
 
 
 def _containers(client, run_id: str) -> list:
-    return client.containers.list(all=True, filters={"label": f"io.algodock.run_id={run_id}"})
+    """The run's containers on an engine, from the engine's list alone (no inspect that races a removal)."""
+    return client.api.containers(all=True, filters={"label": f"io.algodock.run_id={run_id}"})
 
 
 def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container_is_swept(tmp_path, cluster, docker_client, second_engine, busybox_image):
@@ -228,9 +229,11 @@ def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container
     assert [a["status"] for a in history] == ["lost", "succeeded"], history
     assert history[0]["engine"]["id"] != history[1]["engine"]["id"]
     assert step["attempts"] == 2 and step["engine"] == history[1]["engine"]
-    # the lost attempt's container is still on the dead worker's engine until that worker returns
+    # the lost attempt's container stays on the dead worker's engine until that worker returns
+    # (on the main engine another process's sweep may remove it first: the engine is shared)
     lost = engines[where]
-    assert _containers(lost, "loss1")
+    if where == 2:
+        assert _containers(lost, "loss1")
     cluster.start_worker(where)
     _wait(lambda: not _containers(lost, "loss1"), 30, "the returning worker to sweep the lost attempt's container")
 
@@ -241,8 +244,10 @@ def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluste
 
     from algodock.flows.pipeline import run_pipeline
 
-    _sleeper(tmp_path, busybox_image, "long", 300, cpu=1500)  # 1500 of 2000 millicores: one per worker
-    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: cancel\nsteps:\n  - {id: a, manifest: long.json}\n  - {id: b, manifest: long.json}\n')
+    # 1500 of 2000 millicores: one at a time per worker; Dask spreads the 4 over both workers by their load
+    _sleeper(tmp_path, busybox_image, "long", 300, cpu=1500)
+    steps = "".join(f"  - {{id: s{i}, manifest: long.json}}\n" for i in range(4))
+    (tmp_path / "p.yaml").write_text(f'pipeline_version: "0.1"\nname: cancel\nsteps:\n{steps}')
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(state=run_pipeline(
         spec=str(tmp_path / "p.yaml"), store="s3://cluster/cancel", run_id="cancel1", no_cache=True, cluster=cluster.address, return_state=True)), daemon=True)
@@ -256,4 +261,5 @@ def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluste
     assert not runner.is_alive()
     summary = _summary("cancel1", "s3://cluster/cancel")["summary"]
     assert summary["status"] == "cancelled"
-    assert all("cancelled" in s["failure"]["message"] for s in summary["steps"]), summary["steps"]
+    ran = [s for s in summary["steps"] if s["status"] == "failed" and s["failure"]]
+    assert len(ran) == 4 and all("cancelled" in s["failure"]["message"] for s in ran), summary["steps"]
