@@ -17,7 +17,7 @@ VENV_STAMP = $(VENV)/.algodock-installed
 EXAMPLE_IMAGES = device-visits dwell-stats
 EXAMPLE_VERSION = 1.0.0
 
-.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas test demo bench clean
+.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas test demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@echo "make targets:"
@@ -81,3 +81,9 @@ clean: ## remove .build, .algodock, example wheels and leftover algodock contain
 	rm -f $(VENV_STAMP)
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
 	  docker ps -aq --filter label=io.algodock.managed=true | xargs -r docker rm -f; fi
+
+cluster: venv engine base-image images ## rehearse several hosts on one machine: 2nd engine, Dask, workers, S3, Postgres, Prefect
+	bash scripts/cluster-up.sh
+
+cluster-down: ## tear down what `make cluster` started (the main engine stays)
+	bash scripts/cluster-down.sh

@@ -21,6 +21,7 @@ class _Commands(click.Group):
     LAZY = {
         "lineage": ("algodock.lineage.queries", "lineage_cli"),
         "run": ("algodock.flows.cli", "run_cmd"),
+        "worker": ("algodock.worker", "worker_cli"),
         "init": ("algodock.authoring.cli", "init_cmd"),
         "check-image": ("algodock.authoring.cli", "check_image_cmd"),
         "usage": ("algodock.authoring.cli", "usage_cmd"),
@@ -48,6 +49,7 @@ def main(verbose: bool) -> None:
     algodock run-step MANIFEST ...    run one algorithm container on local data
     algodock run PIPELINE ...         run a pipeline as a Prefect flow
     algodock lineage RUN_ID           show what produced what in a run
+    algodock worker --scheduler ADDR  run steps of `run --cluster` on this host's Docker engine
     algodock init NAME                scaffold an algorithm project
     algodock check-image MANIFEST     check an image meets the contract, in the sandbox
     algodock usage STEP_OR_IMAGE      what a step used over its last runs

@@ -174,6 +174,11 @@ class StepRecord(BaseModel):
     message: str | None = Field(None, description="The algorithm's own message (algo_output.json).")
     log_tail: list[str] = Field(default_factory=list, exclude=True)
     container_id: str | None = Field(None, exclude=True)
+    engine: dict[str, str] | None = Field(None, description='The Docker engine the step ran on: {"name", "id"} as `docker info` reports them.')
+    attempt_history: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Cluster mode: every attempt (number, engine, worker, status, times); an attempt lost with its worker is `lost`.",
+    )
     usage: Usage | None = Field(None, description="What the container used; null when no container ran (cached, skipped, failed before start).")
 
     @field_validator("failure", mode="before")
@@ -196,7 +201,7 @@ class StepRecord(BaseModel):
         """The step object of ``algodock run --json``."""
         return self.model_dump(
             mode="json",
-            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage"},
+            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage", "engine"},
         )
 
 

@@ -7,8 +7,8 @@
 #                                                          `start NAME` brings it back)
 #   scripts/extra-engine.sh env NAME                       print DOCKER_HOST=unix://... for it
 #
-# The engine has its own socket, data-root, exec-root, pidfile, an empty config file (so
-# /etc/docker/daemon.json is not read) and its own bridge adk-NAME with 172.30.N.1/24 (N from
+# The engine has its own socket, data-root, exec-root, pidfile, trust key (so its own engine ID),
+# a config file of its own (so /etc/docker/daemon.json is not read) and its own bridge adk-NAME with 172.30.N.1/24 (N from
 # the name, or ALGODOCK_ENGINE_NET=N), and runs with --iptables=false. It never uses
 # --bridge=none: that makes dockerd delete the main engine's docker0.
 # Needs root (dockerd, ip link). NAME: 1-11 of [a-z0-9] (the bridge name has at most 15 characters).
@@ -41,7 +41,9 @@ answers() { DOCKER_HOST=unix://$sock docker version --format '{{.Server.Version}
 
 start() {
   mkdir -p "$dir/data" "$exec_root"
-  [[ -f $dir/daemon.json ]] || echo '{}' > "$dir/daemon.json"
+  # Its own trust key, so `docker info` gives it an ID of its own (a two-engine cluster tells
+  # the engines apart by Name and ID); nothing else: /etc/docker/daemon.json is not read.
+  printf '{"deprecated-key-path": "%s"}\n' "$dir/key.json" > "$dir/daemon.json"
   if alive && answers; then
     echo "extra-engine: $name already runs" >&2
   else

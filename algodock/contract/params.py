@@ -33,6 +33,8 @@ def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
 
 def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], source: str = "parameters") -> dict[str, Any]:
     """Defaults filled, then validated (draft 2020-12); raises :class:`InvalidInput` listing every error."""
+    if dict(schema) == {"type": "object"} and isinstance(given, Mapping):
+        return copy.deepcopy(dict(given))  # nothing to fill or check: skip importing jsonschema (cold start)
     from jsonschema import Draft202012Validator
 
     value = _fill_defaults(schema, copy.deepcopy(dict(given)))

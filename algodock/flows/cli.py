@@ -65,8 +65,10 @@ def _live_view(order: list[str]):
 @click.option("--capacity", metavar="cpu_millicore=N,memory_gb=M", help="What running steps may use together [default: the engine's CPUs and memory].")
 @click.option("--no-cache", is_flag=True, help="Run every step, even when an identical earlier run could be reused.")
 @click.option("--concurrency-limit", metavar="NAME", help="A Prefect global concurrency limit each step also holds a slot of (a limit shared across hosts).")
+@click.option("--cluster", metavar="tcp://HOST:8786", help="Run the steps on this Dask scheduler's `algodock worker`s, placed by their resource requests.")
+@click.option("--shared-store", is_flag=True, help="With --cluster: the --store path is mounted at the same place on every host.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the run summary) on stdout.")
-def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, as_json: bool) -> None:
+def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, cluster: str | None, shared_store: bool, as_json: bool) -> None:
     """Run a pipeline as a Prefect flow: each step a task, independent steps concurrently.
 
     Uses the Prefect server at PREFECT_API_URL when set, else a temporary local one.
@@ -89,8 +91,12 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     try:
         overrides = parse_overrides(list(sets))
+        if cluster:  # a host-local store is refused before anything starts
+            from algodock.flows.cluster import check_shared_store
+
+            check_shared_store(store, shared_store)
         cap = Capacity.parse(capacity) if capacity else None
-        if cap is None:
+        if cap is None and not cluster:  # in cluster mode the flow asks the workers
             from algodock.runtime.engine import docker_client
 
             cap = Capacity.from_engine(docker_client())
@@ -116,7 +122,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             log_to(sys.stderr)  # Live has replaced sys.stderr with a proxy that prints above the table
         state = flows_pipeline.run_pipeline(
             spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
-            capacity=str(cap),
+            capacity=str(cap) if cap else None, cluster=cluster, shared_store=shared_store,
             no_cache=no_cache, concurrency_limit=concurrency_limit, return_state=True,
         )
     finally:

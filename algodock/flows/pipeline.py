@@ -69,6 +69,9 @@ class StepFailed(Exception):
         self.record = record
         self.kind = "cancelled" if failure.message.startswith("cancelled:") else failure.kind
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker (cluster mode)
+        return (type(self), (self.record,))
+
 
 def _retry_condition(max_user_retries: int):
     def should_retry(task: Any, task_run: Any, state: Any) -> bool:
@@ -97,6 +100,7 @@ def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord]
             on_log=logger.info,
             task_run_id=str(task_run.id) if task_run.id else None,
         )
+    record.engine = _engine_identity(ctx.client)
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
@@ -110,13 +114,34 @@ def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord]
     return record
 
 
+_ENGINES: dict[int, dict[str, str]] = {}
+
+
+def _engine_identity(client: Any) -> dict[str, str] | None:
+    """``docker info``'s Name and ID of the engine a step ran on (asked once per client)."""
+    if id(client) not in _ENGINES:
+        from algodock.worker import engine_identity
+
+        try:
+            _ENGINES[id(client)] = engine_identity(client)
+        except Exception:  # the record matters more than naming its engine
+            return None
+    return _ENGINES[id(client)]
+
+
 class Ledger:
     """The run's lineage document, rewritten in the store whenever a step changes.
 
     After :meth:`start`, a writer thread writes the latest document whenever it changed
     (a burst of changes is one write), so recording a step never delays the next step;
-    :meth:`finish` stops it and writes the final document itself.
+    :meth:`finish` stops it and writes the final document itself. Writes are at least
+    ``max(LEDGER_MIN_INTERVAL, LEDGER_INTERVAL_PER_STEP x steps)`` apart: the document grows
+    with the steps, so a 1000-step run writes about every 10 s instead of on every change
+    (bytes written per run grow with the run's duration, not with steps x changes).
     """
+
+    LEDGER_MIN_INTERVAL = 0.5
+    LEDGER_INTERVAL_PER_STEP = 0.01
 
     def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
         self.doc = doc
@@ -125,11 +150,14 @@ class Ledger:
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._closing = False
+        self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self._index = {s.id: i for i, s in enumerate(doc.steps)}
+        self.interval = max(self.LEDGER_MIN_INTERVAL, self.LEDGER_INTERVAL_PER_STEP * len(doc.steps))
 
     def update(self, record: StepRecord) -> None:
         with self._lock:
-            self.doc.steps = [record if s.id == record.id else s for s in self.doc.steps]
+            self.doc.steps[self._index[record.id]] = record  # O(1): a 1000-step run updates thousands of times
             if self._writer is None or self._closing:
                 self._write()
         self._changed.set()
@@ -147,6 +175,7 @@ class Ledger:
     def finish(self, status: str) -> None:
         if self._writer is not None:
             self._closing = True
+            self._stop.set()
             self._changed.set()
             self._writer.join()
         with self._lock:
@@ -166,6 +195,8 @@ class Ledger:
                 self._write(snapshot)
             except Exception as exc:  # the next change or finish() tries again
                 logging.getLogger("algodock").warning("could not write the lineage of run %s: %s", self.doc.run_id, exc)
+            if self._stop.wait(self.interval):  # batch the changes of the next interval into one write
+                return
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -202,12 +233,17 @@ def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
     """Flow hook: when a worker cancels or crashes the run, remove its containers by label."""
     run_id = (flow_run.parameters or {}).get("run_id") or flow_run.id
     try:
+        if (flow_run.parameters or {}).get("cluster"):
+            from algodock.flows.cluster import cancel_on_cluster
+
+            cancel_on_cluster(flow_run.parameters["cluster"], str(run_id))
+            return
         kill_run_containers(docker_client(), str(run_id))
     except Exception as exc:  # the hook must not mask the cancellation itself
         logging.getLogger("algodock").warning("could not remove containers of run %s: %s", run_id, exc)
 
 
-def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event) -> None:
+def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event, kill: Any = None) -> None:
     """Cancelling a local run from the UI changes only its state; this makes it kill containers."""
     from prefect.client.orchestration import get_client
 
@@ -220,7 +256,7 @@ def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event
             if state is not None and (state.is_cancelling() or state.is_cancelled()):
                 ctx.cancel.set()
                 ctx.pool.wake_all()
-                kill_run_containers(ctx.client, ctx.run_id)
+                kill() if kill else kill_run_containers(ctx.client, ctx.run_id)  # kill: every host's (cluster mode)
                 return
 
 
@@ -239,6 +275,8 @@ def run_pipeline(
     capacity: str | None = None,
     no_cache: bool = False,
     concurrency_limit: str | None = None,
+    cluster: str | None = None,
+    shared_store: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
 
@@ -248,11 +286,20 @@ def run_pipeline(
     ``concurrency_limit``: the name of a Prefect global concurrency limit that every step also
     holds one slot of while it runs: a limit shared by all hosts and runs (the capacity packs
     this host; Prefect's limits poll, so they are no tool for packing).
+    ``cluster``: a Dask scheduler address (``tcp://HOST:8786``): steps run on its
+    ``algodock worker``s, placed by their resource requests (see algodock.flows.cluster); the store must
+    then be S3, or a path every host mounts, declared with ``shared_store``.
     """
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    client = docker_client()
-    cap = Capacity.parse(capacity) if capacity else Capacity.from_engine(client)
+    session = None
+    if cluster:  # refuse a host-local store before anything starts
+        from algodock.flows.cluster import ClusterSession, check_shared_store
+
+        check_shared_store(store, shared_store)
+        session = ClusterSession(cluster).__enter__()
+    client = docker_client() if session is None else None
+    cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
     pipeline = _load(spec, overrides, cap)
     if concurrency_limit:
         _check_limit(concurrency_limit)
@@ -261,6 +308,8 @@ def run_pipeline(
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
+    if session is not None:
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
     order = pipeline.topological_order()
     doc = LineageDocument(
         run_id=run_id,
@@ -279,11 +328,14 @@ def run_pipeline(
     if flow_run_id:
         # In a copy of this context, so the watcher talks to the same Prefect API (settings set in code included).
         watch = contextvars.copy_context()
-        threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch), daemon=True).start()
+        kill = session.cancel_everywhere if session is not None else None
+        threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch, kill), daemon=True).start()
     try:
-        status = _schedule(ctx, pipeline, order, ledger, concurrency_limit)
+        status = _schedule(ctx, pipeline, order, ledger, concurrency_limit, cluster=session)
     finally:
         stop_watch.set()
+        if session is not None:
+            session.__exit__(None, None, None)
         shutil.rmtree(scratch, ignore_errors=True)
     ledger.finish(status)
     publish_run_artifacts(ledger.doc, pipeline)
@@ -311,7 +363,7 @@ def _check_limit(name: str) -> None:
             ) from None
 
 
-def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, concurrency_limit: str | None = None) -> str:
+def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, concurrency_limit: str | None = None, cluster: Any = None) -> str:
     """Submit each step when its dependencies are done; skip dependents of failures."""
     records: dict[str, StepRecord] = {}
     running: dict[concurrent.futures.Future, str] = {}
@@ -330,7 +382,9 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
                 ledger.update(records[step_id])
                 continue
             retries = specs[step_id].retries
-            task_fn = run_step_task.with_options(
+            if cluster is not None:
+                from algodock.flows.cluster import run_cluster_step
+            task_fn = (run_cluster_step if cluster is not None else run_step_task).with_options(
                 name=step_id,
                 task_run_name=step_id,
                 retries=max(retries, INFRA_RETRIES),
@@ -339,9 +393,13 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             upstream = {d: records[d] for d in deps}
             # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
             ledger.update(StepRecord(id=step_id, status="running"))
-            fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger), concurrency_limit)
+            if cluster is not None:  # on a Dask worker with room for the request; the ledger is updated here
+                fut, waitable = cluster.submit(task_fn, step_id, upstream, pipeline.manifests[step_id].container_parameters.resource_request)
+            else:
+                fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger), concurrency_limit)
+                waitable = fut.wrapped_future
             prefect_futures[step_id] = fut
-            running[fut.wrapped_future] = step_id
+            running[waitable] = step_id
 
     submit_ready()
     while running:
@@ -351,8 +409,12 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             try:
                 value = prefect_futures[step_id].result(raise_on_failure=True)
                 records[step_id] = value
+                if cluster is not None:
+                    ledger.update(value)
             except StepFailed as exc:
                 records[step_id] = exc.record
+                if cluster is not None:
+                    ledger.update(exc.record)
             except BaseException as exc:  # a crash of the task itself, not of the algorithm
                 records[step_id] = StepRecord(
                     id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,81 @@
+"""Cold start: `algodock run-step` of a no-op step against a no-op `docker run` with the same flags.
+
+    .venv/bin/python bench/cold_start.py [--repeat 5]
+
+Both start a fresh process per run (the CLI's imports included) and run `true` in the
+busybox test image with the sandbox's flags (network none, read-only root, non-root user,
+all capabilities dropped, no-new-privileges, pids/CPU/memory limits, a /tmp tmpfs). Prints
+the medians and their ratio (target: <= 1.5), and the CLI's import time (`python -X importtime`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "algodock-test/busybox:1"
+DOCKER_FLAGS = [
+    "--rm", "--network", "none", "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
+    "--security-opt", "no-new-privileges", "--pids-limit", "256", "--cpus", "0.1", "--memory", "128m",
+    "--memory-swap", "128m", "--tmpfs", "/tmp:rw,size=64m", "-v", "{work}:/work",
+]
+
+
+def _ensure_image() -> None:
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode == 0:
+        return
+    sys.path.insert(0, str(REPO))
+    import docker
+
+    from tests.conftest import build_image
+
+    build_image(docker.from_env(), IMAGE, 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n',
+                {"busybox": Path("/bin/busybox")})
+
+
+def _time(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    _ensure_image()
+    tmp = Path(tempfile.mkdtemp(prefix="algodock-cold-"))
+    manifest = tmp / "noop.json"
+    manifest.write_text(json.dumps({
+        "manifest_version": "0.1", "name": "noop", "version": "1.0.0",
+        "container_parameters": {"image": IMAGE, "command": ["true"], "resource_request": {"cpu_millicore": 100, "memory_gb": 0.125}},
+    }))
+    algodock = str(REPO / ".venv/bin/algodock")
+    raw, ours = [], []
+    for i in range(args.repeat):  # interleaved, so both see the same load
+        work = tmp / f"work{i}"
+        work.mkdir()
+        raw.append(_time(["docker", "run", *[f.format(work=work) for f in DOCKER_FLAGS], IMAGE, "true"]))
+        ours.append(_time([algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")]))
+    imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import algodock.cli, algodock.runtime.runner, algodock.contract"],
+                             capture_output=True, text=True).stderr
+    total_us = sum(int(m.group(1)) for m in re.finditer(r"import time:\s+(\d+) \|", imports))
+    r, o = statistics.median(raw), statistics.median(ours)
+    print(f"docker run (no-op, same flags)   median {r:.3f} s  ({', '.join(f'{x:.2f}' for x in raw)})")
+    print(f"algodock run-step (no-op)        median {o:.3f} s  ({', '.join(f'{x:.2f}' for x in ours)})")
+    print(f"ratio {o / r:.2f}x (target <= 1.5)   run-step's imports: {total_us / 1e6:.2f} s (python -X importtime)")
+
+
+if __name__ == "__main__":
+    main()

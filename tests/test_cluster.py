@@ -1,0 +1,265 @@
+"""Cluster mode on one machine: two Docker engines, a Dask scheduler, one `algodock worker` per engine.
+
+The second engine is ``scripts/extra-engine.sh start adktest`` (own socket, data-root and
+bridge); its data-root is kept between sessions so the images load once. Worker 1 runs on the
+main engine with 2 GB, worker 2 on the second with 4 GB: a 3 GB step fits only worker 2.
+Both have 2000 millicores (this machine's 2 CPUs: Docker refuses a larger CPU limit), so two
+1500-millicore steps never share a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BUSYBOX_IMAGE, REPO, write_manifest
+
+pytestmark = [pytest.mark.docker, pytest.mark.s3, pytest.mark.prefect]
+
+ENGINE = "adktest"
+EXAMPLES = ["algodock/device-visits:1.0.0", "algodock/dwell-stats:1.0.0"]
+
+
+def _wait(predicate, timeout: float, what: str, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)  # polling a state with a deadline, not a synchronisation sleep
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Cluster:
+    """The scheduler and workers of the test cluster (processes this session started)."""
+
+    def __init__(self, second_host: str, log_dir: Path) -> None:
+        self.second_host = second_host
+        self.log_dir = log_dir
+        self.workers: dict[int, subprocess.Popen] = {}
+        sched_file = log_dir / "scheduler.json"
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--no-dashboard", "--scheduler-file", str(sched_file)],
+            stdout=subprocess.DEVNULL, stderr=open(log_dir / "scheduler.log", "w"),
+        )
+        self.address = _wait(lambda: sched_file.exists() and json.loads(sched_file.read_text() or "{}").get("address"), 60, "the Dask scheduler")
+        for i in (1, 2):
+            self.start_worker(i)
+
+    def worker_args(self, i: int) -> list[str]:
+        docker_host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock") if i == 1 else self.second_host
+        memory = "2" if i == 1 else "4"
+        return [sys.executable, "-m", "algodock.cli", "worker", "--scheduler", self.address, "--host", "127.0.0.1",
+                "--docker-host", docker_host, "--cpu-millicore", "2000", "--memory-gb", memory, "--name", f"w{i}"]
+
+    def start_worker(self, i: int) -> None:
+        self.workers[i] = subprocess.Popen(self.worker_args(i), stdout=subprocess.DEVNULL, stderr=open(self.log_dir / f"worker{i}.log", "a"))
+        _wait(lambda: f"w{i}" in self.worker_names(), 90, f"worker w{i} to join")
+
+    def worker_names(self) -> set[str]:
+        from distributed import Client
+
+        with Client(self.address, timeout="10s") as c:
+            return {w.get("name") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
+
+    def kill_worker(self, i: int) -> None:
+        self.workers[i].send_signal(signal.SIGKILL)
+        self.workers[i].wait(30)
+
+    def close(self) -> None:
+        for p in [*self.workers.values(), self.scheduler]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [*self.workers.values(), self.scheduler]:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def second_engine(docker_client, busybox_image) -> Iterator:
+    """The second Docker engine, with the test and example images loaded; its client."""
+    from algodock.runtime.engine import docker_client as connect
+
+    images = [BUSYBOX_IMAGE] + [i for i in EXAMPLES if docker_client.images.list(name=i)]
+    out = subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "start", ENGINE, "--load", *images],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    host = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    client = connect(host)
+    yield client
+    client.close()
+    subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "stop", ENGINE], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def cluster(second_engine, s3_endpoint, prefect_harness) -> Iterator[Cluster]:
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
+    c = Cluster(_host_of(), Path(tempfile.mkdtemp(prefix="algodock-cluster-")))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _host_of() -> str:
+    out = subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "env", ENGINE], capture_output=True, text=True)
+    return out.stdout.strip().split("=", 1)[1]
+
+
+@pytest.fixture(scope="session")
+def engine_ids(docker_client, second_engine) -> dict[str, str]:
+    return {"main": docker_client.info()["ID"], "second": second_engine.info()["ID"]}
+
+
+def _sleeper(tmp_path: Path, busybox_image: str, name: str, seconds: float, cpu: int = 500, memory_gb: float = 0.25) -> str:
+    write_manifest(tmp_path / f"{name}.json", name=name, image=BUSYBOX_IMAGE, command=["sh", "-c", f"echo {name}; sleep {seconds}"],
+                   container={"resource_request": {"cpu_millicore": cpu, "memory_gb": memory_gb}})
+    return f"{name}.json"
+
+
+def _summary(run_id: str, store: str) -> dict:
+    from algodock.store.backends import lineage_rel, open_store, run_json_rel
+
+    s = open_store(store)
+    return {"summary": s.read_json(run_json_rel(run_id)), "lineage": s.read_json(lineage_rel(run_id))}
+
+
+def test_a_host_local_store_is_refused_before_anything_starts(tmp_path, busybox_image):
+    from click.testing import CliRunner
+
+    from algodock.cli import main
+
+    _sleeper(tmp_path, busybox_image, "s", 0)
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: local\nsteps:\n  - {id: a, manifest: s.json}\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--cluster", "tcp://127.0.0.1:1", "--store", str(tmp_path / "store")])
+    assert result.exit_code == 1
+    assert "is local to this host" in result.output and "--shared-store" in result.output
+    assert not (tmp_path / "store").exists()
+
+
+def test_steps_are_placed_by_resources_on_both_engines(tmp_path, cluster, engine_ids, busybox_image):
+    """1500-millicore steps fill both workers; a 3 GB step fits only the second worker."""
+    from algodock.flows.pipeline import run_pipeline
+
+    _sleeper(tmp_path, busybox_image, "mid", 1.5, cpu=1500)
+    _sleeper(tmp_path, busybox_image, "big", 0.5, cpu=500, memory_gb=3)
+    steps = "".join(f"  - {{id: m{i}, manifest: mid.json}}\n" for i in range(4)) + "  - {id: big, manifest: big.json}\n"
+    (tmp_path / "p.yaml").write_text(f'pipeline_version: "0.1"\nname: spread\nsteps:\n{steps}')
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/spread", run_id="spread1", no_cache=True,
+                         cluster=cluster.address, return_state=True)
+    assert state.is_completed(), state.message
+    got = _summary("spread1", "s3://cluster/spread")
+    by = {s["id"]: s for s in got["summary"]["steps"]}
+    assert all(s["status"] == "succeeded" for s in by.values()), by
+    assert by["big"]["engine"]["id"] == engine_ids["second"]
+    assert {by[f"m{i}"]["engine"]["id"] for i in range(4)} == set(engine_ids.values())
+    lineage = {s["id"]: s for s in got["lineage"]["steps"]}
+    assert lineage["big"]["engine"] == by["big"]["engine"] and len(lineage["big"]["attempt_history"]) == 1
+
+
+def test_the_example_pipeline_runs_on_the_cluster_with_an_s3_store(tmp_path, cluster, engine_ids):
+    import boto3
+
+    from algodock.flows.pipeline import run_pipeline
+
+    images = ["algodock/device-visits:1.0.0", "algodock/dwell-stats:1.0.0"]
+    if not all(cluster_engine_has(i) for i in images):
+        pytest.fail("the example images are missing: `make images` builds them")
+    subprocess.run([sys.executable, str(REPO / "examples/generate_pings.py"), "--out", str(tmp_path / "pings"), "--devices", "5",
+                    "--hours", "2", "--parts", "2", "--seed", "3"], check=True, capture_output=True)
+    s3 = boto3.client("s3")
+    for part in sorted((tmp_path / "pings").iterdir()):
+        s3.upload_file(str(part), "cluster", f"raw/pings/{part.name}")
+    spec = (REPO / "deployments/device-visits-daily.yaml").read_text().replace("../.algodock/demo/pings", "s3://cluster/raw/pings/")
+    spec = spec.replace("../examples/", str(REPO / "examples") + "/")
+    (tmp_path / "p.yaml").write_text(spec)
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/example", run_id="example1", no_cache=True,
+                         cluster=cluster.address, return_state=True)
+    assert state.is_completed(), state.message
+    by = {s["id"]: s for s in _summary("example1", "s3://cluster/example")["summary"]["steps"]}
+    assert [by[s]["status"] for s in ("visits", "stats")] == ["succeeded", "succeeded"]
+    assert all(by[s]["engine"]["id"] in engine_ids.values() for s in by)
+    assert by["stats"]["outputs"][0]["uri"].startswith("s3://cluster/example/")
+
+
+def cluster_engine_has(image: str) -> bool:
+    import docker
+
+    return bool(docker.from_env().images.list(name=image))
+
+
+def _containers(client, run_id: str) -> list:
+    """The run's containers on an engine, from the engine's list alone (no inspect that races a removal)."""
+    return client.api.containers(all=True, filters={"label": f"io.algodock.run_id={run_id}"})
+
+
+def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container_is_swept(tmp_path, cluster, docker_client, second_engine, busybox_image):
+    from algodock.flows.pipeline import run_pipeline
+
+    _sleeper(tmp_path, busybox_image, "slow", 4, cpu=1000)
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: loss\nsteps:\n  - {id: slow, manifest: slow.json}\n')
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=run_pipeline(
+        spec=str(tmp_path / "p.yaml"), store="s3://cluster/loss", run_id="loss1", no_cache=True, cluster=cluster.address, return_state=True)), daemon=True)
+    runner.start()
+    engines = {1: docker_client, 2: second_engine}
+    where = _wait(lambda: next((i for i, c in engines.items() if _containers(c, "loss1")), None), 120, "the step's container")
+    cluster.kill_worker(where)
+    runner.join(180)
+    assert not runner.is_alive()
+    assert outcome["state"].is_completed(), outcome["state"].message
+    got = _summary("loss1", "s3://cluster/loss")
+    step = got["lineage"]["steps"][0]
+    history = step["attempt_history"]
+    assert [a["status"] for a in history] == ["lost", "succeeded"], history
+    assert history[0]["engine"]["id"] != history[1]["engine"]["id"]
+    assert step["attempts"] == 2 and step["engine"] == history[1]["engine"]
+    # the lost attempt's container stays on the dead worker's engine until that worker returns
+    # (on the main engine another process's sweep may remove it first: the engine is shared)
+    lost = engines[where]
+    if where == 2:
+        assert _containers(lost, "loss1")
+    cluster.start_worker(where)
+    _wait(lambda: not _containers(lost, "loss1"), 30, "the returning worker to sweep the lost attempt's container")
+
+
+def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluster, docker_client, second_engine, busybox_image):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from algodock.flows.pipeline import run_pipeline
+
+    # 1500 of 2000 millicores: one at a time per worker; Dask spreads the 4 over both workers by their load
+    _sleeper(tmp_path, busybox_image, "long", 300, cpu=1500)
+    steps = "".join(f"  - {{id: s{i}, manifest: long.json}}\n" for i in range(4))
+    (tmp_path / "p.yaml").write_text(f'pipeline_version: "0.1"\nname: cancel\nsteps:\n{steps}')
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=run_pipeline(
+        spec=str(tmp_path / "p.yaml"), store="s3://cluster/cancel", run_id="cancel1", no_cache=True, cluster=cluster.address, return_state=True)), daemon=True)
+    runner.start()
+    _wait(lambda: _containers(docker_client, "cancel1") and _containers(second_engine, "cancel1"), 120, "a container on each engine")
+    flow_run_id = _summary("cancel1", "s3://cluster/cancel")["summary"]["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+    _wait(lambda: not _containers(docker_client, "cancel1") and not _containers(second_engine, "cancel1"), 20, "both containers to be killed")
+    runner.join(120)
+    assert not runner.is_alive()
+    summary = _summary("cancel1", "s3://cluster/cancel")["summary"]
+    assert summary["status"] == "cancelled"
+    ran = [s for s in summary["steps"] if s["status"] == "failed" and s["failure"]]
+    assert len(ran) == 4 and all("cancelled" in s["failure"]["message"] for s in ran), summary["steps"]
