@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A second Docker engine beside the main one (fault tests, a two-engine cluster).
 #
-#   scripts/extra-engine.sh start NAME [--load IMAGE...]   start it (idempotent); optionally copy images into it
+#   scripts/extra-engine.sh start NAME [--load IMAGE...]   start it (idempotent); optionally copy images into it;
+#                                                          prints DOCKER_HOST=unix://... last
 #   scripts/extra-engine.sh stop NAME [--kill]             stop it and remove its bridge; --kill: SIGKILL the
 #                                                          daemon only (a crash: data, bridge and containerd stay,
 #                                                          `start NAME` brings it back)
@@ -89,6 +90,7 @@ start() {
   elif (( $# )); then
     die "unknown arguments: $*"
   fi
+  echo "DOCKER_HOST=unix://$sock"  # the last line on stdout, as `env NAME` prints it
 }
 
 stop() {
