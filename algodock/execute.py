@@ -339,12 +339,17 @@ def recover_run(store: Store, run_id: str, client: docker.DockerClient | None = 
     """
     removed: list[str] = []
     if client is not None:
-        from algodock.engine import sweep_orphans
+        from algodock.engine import LABEL, _owner_alive
 
         try:
-            removed += sweep_orphans(client)
+            # This run's containers only, from the list call alone (sparse: no inspect of each container,
+            # so an unrelated container the engine is slow to describe cannot stall the resume).
+            for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.run_id={run_id}"}):
+                if not _owner_alive(c.attrs.get("Labels") or {}):
+                    c.remove(force=True)
+                    removed.append(f"container {c.id[:12]}")
         except Exception as exc:  # the engine may be down; the run reports that itself
-            log.warning("run %s: could not sweep leftover containers: %s", run_id, exc)
+            log.warning("run %s: could not remove leftover containers: %s", run_id, exc)
     run_dir = store.local_path(run_rel(run_id)) if store.is_local else None
     if run_dir is not None and run_dir.is_dir():
         for dirpath, dirnames, _ in os.walk(run_dir):

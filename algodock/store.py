@@ -656,6 +656,8 @@ class S3Store(Store):
             # Nothing is deleted or overwritten: ``rel`` is under this attempt's own prefix, and
             # the marker is one conditional PUT, so of two writers exactly one commits.
             if self.fs.exists(marker):
+                if self._same_commit(marker, record):  # an earlier try of this upload committed; its answer was lost
+                    return self.uri(rel)
                 raise FileExistsError(f"{self.uri(rel)}: an output is already committed there; outputs are never replaced")
             try:
                 if src.is_dir():
@@ -669,10 +671,20 @@ class S3Store(Store):
                 self.fs.pipe_file(marker, json.dumps(record, indent=2).encode(), mode="create")
             except FileExistsError:
                 # An earlier try of this same upload may have committed before its answer was lost.
-                earlier = json.loads(self.fs.cat_file(marker))
-                if earlier.get("files") != record["files"]:
-                    raise FileExistsError(f"{self.uri(rel)}: another writer committed different files there") from None
+                if not self._same_commit(marker, record):
+                    raise FileExistsError(f"{self.uri(rel)}: another writer committed different files there; outputs are never replaced") from None
         return self.uri(rel)
+
+    def _same_commit(self, marker: str, record: dict[str, Any]) -> bool:
+        """True when the marker at ``marker`` lists exactly the files (paths, sizes, …) of ``record``.
+
+        Only the writer of an attempt writes under its prefix, so that is this upload, retried.
+        """
+        try:
+            earlier = json.loads(self.fs.cat_file(marker))
+        except (FileNotFoundError, ValueError):
+            return False
+        return earlier.get("files") == record["files"]
 
     def fetch(self, uri: str, dest: Path) -> Path:
         """As :func:`fetch_uri`; an output of this store's ``runs/`` must be committed, and only

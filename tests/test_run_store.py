@@ -257,7 +257,7 @@ def test_two_writers_cannot_both_commit_one_s3_output(tmp_path, s3_endpoint) -> 
         folder = tmp_path / who
         folder.mkdir()
         for i in range(20):
-            (folder / f"part-{i:02d}.bin").write_bytes(who.encode() * (1000 + i))
+            (folder / f"part-{i:02d}.bin").write_bytes(who.encode() * (1000 + i) * (1 if who == "a" else 2))
         sources.append(folder)
     barrier = threading.Barrier(2)
     outcome: dict[str, str] = {}
