@@ -108,13 +108,32 @@ def read_output(uri: str) -> bytes:
     return s3_filesystem().cat_file(uri.removeprefix("s3://"))
 
 
-def container_creates(client, run_id: str, since: datetime) -> int:
-    """How many containers the engine created for ``run_id`` since ``since`` (engine events, not our records)."""
-    events = client.api.events(
-        since=since, until=datetime.now(timezone.utc), decode=True,
-        filters={"type": "container", "event": "create", "label": f"{LABEL}.run_id={run_id}"},
-    )
-    return sum(1 for _ in events)
+class ContainerCreates:
+    """Counts the containers the engine creates for ``run_id``, from its live event stream (the
+    engine's event history is a short ring buffer on a busy engine, so it is watched from the start)."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.seen: list[str] = []
+        self._stream = client.events(decode=True, filters={"type": "container", "event": "create", "label": f"{LABEL}.run_id={run_id}"})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                self.seen.append(event.get("id", ""))
+        except Exception:  # closed
+            pass
+
+    def count(self, at_least: int) -> int:
+        """The count, once it reached ``at_least`` (events arrive a moment after the fact) or after 10 s."""
+        end = time.monotonic() + 10
+        while len(self.seen) < at_least and time.monotonic() < end:
+            time.sleep(0.05)  # polling interval
+        return len(self.seen)
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 # ------------------------------------------------------------------ 1. immutable outputs, honest cache
@@ -329,7 +348,7 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
            "ALGODOCK_STORE_TIMEOUT": "2", "ALGODOCK_STORE_OP_TIMEOUT": "4", "ALGODOCK_STORE_ATTEMPTS": "8", "ALGODOCK_STORE_BACKOFF": "0.5"}
     subprocess.run([sys.executable, "-c", "from algodock.store import s3_filesystem; s3_filesystem().mkdir('stall')"], env=env, check=True, timeout=60)
     spec = k_pipeline(tmp_path / "p", image, seconds=3, out_mb=8)
-    since = datetime.now(timezone.utc)
+    creates = ContainerCreates(docker_client, "stall")
     proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", "s3://stall/st", "--run-id", "stall", "--no-cache", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=spec.parent)
     lines, reader = _stderr_reader(proc)
@@ -348,7 +367,8 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
     doc = json.loads(stdout)
     assert proc.returncode == 0, "".join(lines)[-4000:]
     assert step(doc, "make")["status"] == "succeeded"
-    assert container_creates(docker_client, "stall", since) == 1, "the container ran again for a store fault"
+    assert creates.count(1) == 1, "the container ran again for a store fault"
+    creates.close()
     out = step(doc, "make")["outputs"][0]
     assert out["uri"].startswith("s3://stall/st/runs/stall/steps/make/attempts/")
 
@@ -409,7 +429,7 @@ def test_killed_run_resumes_with_the_same_run_id(tmp_path, image, prefect_env, d
     doc["steps"].append({"id": "slow", "manifest": "slow.json", "inputs": {"data": "make.out"}})
     spec.write_text(json.dumps(doc))
     store = tmp_path / "store"
-    since = datetime.now(timezone.utc)
+    creates = ContainerCreates(docker_client, "crash")
 
     proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", str(store), "--run-id", "crash", "--no-cache", "--json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=prefect_env, cwd=spec.parent)
@@ -431,8 +451,10 @@ def test_killed_run_resumes_with_the_same_run_id(tmp_path, image, prefect_env, d
     rc, resumed, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "crash")
     assert rc == 0, err[-4000:]
     assert step(resumed, "make")["status"] in ("succeeded", "cached")
-    assert container_creates(docker_client, "crash", since) == 3, "the finished step ran again"  # make, slow (killed), slow
-    assert not [c.id for c in left if c.id in {x.id for x in docker_client.containers.list(all=True)}], "the killed run's container was not removed"
+    assert creates.count(3) == 3, "the finished step ran again"  # make, slow (killed), slow
+    creates.close()
+    present = {x["Id"] for x in docker_client.api.containers(all=True)}
+    assert not [c.id for c in left if c.id in present], "the killed run's container was not removed"
     assert not list(store.rglob(".tmp-outputs-*")) and not list(store.rglob(".tmp-*"))
     assert not (store / ".work" / "crash").exists()
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("algodock-crash-*"))
