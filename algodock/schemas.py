@@ -2,8 +2,8 @@
 
 Editors use these files to autocomplete and check manifests; ``tests/test_schemas.py``
 fails when a committed file differs from a fresh export, so the models stay the source.
-The pipeline and lineage schemas join once :mod:`algodock.pipeline` and
-:mod:`algodock.lineage` exist.
+The pipeline and lineage schemas join once :mod:`algodock.pipeline.spec` and
+:mod:`algodock.lineage.queries` exist.
 
     python -m algodock.schemas           # (re)write schemas/*.schema.json
     python -m algodock.schemas --check   # exit 1 naming every stale file
@@ -16,17 +16,18 @@ The pipeline and lineage schemas join once :mod:`algodock.pipeline` and
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
-from algodock.contract import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
+from algodock.contract.manifest import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
+from algodock.pipeline.spec import PipelineSpec
+from algodock.records import LineageDocument
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO / "schemas"
@@ -36,36 +37,20 @@ SUFFIX = ".schema.json"
 log = logging.getLogger("algodock.schemas")
 
 
-def _optional(module: str, attr: str) -> Callable[[], type[BaseModel] | None]:
-    """A model from a module that may not exist yet: None (skipped) until it imports."""
-
-    def load() -> type[BaseModel] | None:
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                log.warning("skipping %s.%s: %s", module, attr, exc)
-            return None
-        except Exception as exc:  # a module half-written by its author must not break the others
-            log.warning("skipping %s.%s: %s: %s", module, attr, type(exc).__name__, exc)
-            return None
-
-    return load
-
-
-SCHEMAS: dict[str, tuple[str, Callable[[], type[BaseModel] | None]]] = {
-    "manifest": ("the algorithm manifest (CONTRACT.md §1)", lambda: Manifest),
-    "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", lambda: AlgoInput),
-    "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", lambda: AlgoOutput),
-    "pipeline": ("a pipeline spec", _optional("algodock.pipeline", "PipelineSpec")),
-    "lineage": ("the lineage record of a run (CONTRACT.md §5)", _optional("algodock.lineage", "LineageDocument")),
+SCHEMAS: dict[str, tuple[str, type[BaseModel], JsonSchemaMode]] = {
+    "manifest": ("the algorithm manifest (CONTRACT.md §1)", Manifest, "validation"),
+    "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", AlgoInput, "validation"),
+    "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", AlgoOutput, "validation"),
+    "pipeline": ("a pipeline spec", PipelineSpec, "validation"),
+    # Written by algodock, read by people and tools: the schema of what is written.
+    "lineage": ("the lineage record of a run (CONTRACT.md §5)", LineageDocument, "serialization"),
 }
-"""File stem -> (what it describes, the model or a loader returning None when unavailable)."""
+"""File stem -> (what it describes, the model, which side of it: what is read or what is written)."""
 
 
-def schema_of(stem: str, what: str, model: type[BaseModel]) -> dict[str, Any]:
+def schema_of(stem: str, what: str, model: type[BaseModel], mode: JsonSchemaMode = "validation") -> dict[str, Any]:
     """The JSON Schema of ``model`` with ``$schema``, ``$id`` and a title carrying the contract version."""
-    schema = model.model_json_schema(mode="validation")
+    schema = model.model_json_schema(mode=mode)
     return {
         "$schema": DRAFT,
         "$id": f"urn:algodock:schema:{CONTRACT_VERSION}:{stem}",
@@ -78,10 +63,8 @@ def schema_of(stem: str, what: str, model: type[BaseModel]) -> dict[str, Any]:
 def build_schemas() -> dict[str, dict[str, Any]]:
     """File name -> schema document, for every model available."""
     out = {}
-    for stem, (what, load) in SCHEMAS.items():
-        model = load()
-        if model is not None:
-            out[f"{stem}{SUFFIX}"] = schema_of(stem, what, model)
+    for stem, (what, model, mode) in SCHEMAS.items():
+        out[f"{stem}{SUFFIX}"] = schema_of(stem, what, model, mode)
     return out
 
 

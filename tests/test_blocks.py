@@ -12,7 +12,7 @@ pytestmark = pytest.mark.prefect
 
 def test_algorithm_block_round_trip_and_pipeline_reference(tmp_path, prefect_harness):
     from algodock.pipeline import build_pipeline
-    from blocks import AlgorithmBlock, manifest_from_block
+    from algodock.blocks import AlgorithmBlock, manifest_from_block
 
     AlgorithmBlock.from_manifest_file(REPO / "examples/device-visits/manifest.json").save("device-visits-test", overwrite=True)
     m = manifest_from_block("device-visits-test")
@@ -27,7 +27,7 @@ def test_algorithm_block_round_trip_and_pipeline_reference(tmp_path, prefect_har
 
 def test_algorithm_block_with_a_bad_manifest_names_the_block(prefect_harness):
     from algodock.errors import InvalidManifest
-    from blocks import AlgorithmBlock, manifest_from_block
+    from algodock.blocks import AlgorithmBlock, manifest_from_block
 
     AlgorithmBlock(manifest={"manifest_version": "0.1", "name": "x", "version": "1", "container_parameters": {"image": "a:1"}}).save("broken-test", overwrite=True)
     with pytest.raises(InvalidManifest) as exc:
@@ -38,7 +38,7 @@ def test_algorithm_block_with_a_bad_manifest_names_the_block(prefect_harness):
 def test_store_block_opens_s3_with_secret_credentials(prefect_harness, s3_endpoint):
     import boto3
 
-    from blocks import StoreBlock
+    from algodock.blocks import StoreBlock
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="blocks")
     StoreBlock(uri="s3://blocks/algodock", endpoint_url=s3_endpoint, region_name="us-east-1",
@@ -59,6 +59,6 @@ def test_blocks_register_with_prefect_cli(prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "blocks"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "algodock.blocks"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "algodock Algorithm" in proc.stdout and "algodock Store" in proc.stdout

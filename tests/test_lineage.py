@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from algodock.cli import main
 from algodock.hashing import list_files
-from algodock.lineage import read_document, trace, verify_run
-from algodock.store import lineage_rel, local_path_of, open_store
+from algodock.lineage.queries import read_document, trace, verify_run
+from algodock.store.backends import lineage_rel, local_path_of, open_store
 from tests.lineage_support import MOVED, STABLE, build_versioned, five_step_pipeline, manifest, run_local, sh, statuses, write_table
 
 pytestmark = pytest.mark.docker
@@ -70,8 +70,8 @@ def sha256_bytes(path: Path) -> str:
 
 
 def sha256sum_folder(path: Path) -> str:
-    """The folder hash as documented: sha256 of ``sha256sum``'s output over the sorted files."""
-    listing = "".join(f"{sha256_bytes(path / rel)}  {rel}\n" for rel in sorted(list_files(path)))
+    """The folder hash as documented: sha256 of framed ``<hex> <length>:<path>\\n`` entries over the sorted files."""
+    listing = "".join(f"{sha256_bytes(path / rel)} {len(rel.encode())}:{rel}\n" for rel in sorted(list_files(path)))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -87,7 +87,7 @@ def test_document_records_what_produced_what(tmp_path, docker_client, images) ->
     store = open_store(str(tmp_path / "store"))
     doc = run_local(folder_pipeline(tmp_path), store, "r1", docker_client)
     assert statuses(doc) == {"split": "succeeded", "join": "succeeded"}
-    assert read_document(store, "r1") == doc
+    assert read_document(store, "r1").model_dump(mode="json") == doc.model_dump(mode="json")  # what was written
 
     split, join = doc.step("split"), doc.step("join")
     assert split.image == STABLE and split.image_id == docker_client.images.get(STABLE).id
@@ -119,7 +119,7 @@ def test_document_records_what_produced_what(tmp_path, docker_client, images) ->
 
 
 def test_lineage_schema_is_exported() -> None:
-    from algodock.lineage import LineageDocument
+    from algodock.lineage.queries import LineageDocument
     from algodock.records import LineageDocument as Model
     from algodock.schemas import build_schemas
 
@@ -208,7 +208,7 @@ def test_verify_and_trace_on_s3(tmp_path, docker_client, images, s3_endpoint) ->
     parts = doc.step("split").outputs[0]
     assert re.fullmatch(r"s3://lineage-test/st/runs/r1/steps/split/attempts/1-[0-9a-f]{12}/outputs/parts", parts.uri)
     local = tmp_path / "raw.parquet"
-    assert parts.sha256 == hashlib.sha256(f"{sha256_bytes(local)}  part-0.parquet\n{sha256_bytes(local)}  part-1.parquet\n".encode()).hexdigest()
+    assert parts.sha256 == hashlib.sha256(f"{sha256_bytes(local)} 14:part-0.parquet\n{sha256_bytes(local)} 14:part-1.parquet\n".encode()).hexdigest()  # framed
 
     assert all(c.ok for c in verify_run(store, "r1"))
     result = trace(store, doc.step("join").outputs[0].uri)
@@ -229,7 +229,7 @@ def test_flow_run_writes_lineage_artifacts_and_asset_events(tmp_path, docker_cli
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = folder_pipeline(tmp_path)
     store_dir = tmp_path / "store"

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from algodock.engine import LABEL
+from algodock.runtime.engine import LABEL
 from algodock.hashing import sha256_path
-from algodock.store import lease_rel, local_path_of, open_store, s3_filesystem
+from algodock.store.backends import lease_rel, local_path_of, open_store, s3_filesystem
 from tests.lineage_support import STABLE, build_versioned, manifest, sh
 
 pytestmark = pytest.mark.docker
@@ -222,7 +222,7 @@ def test_a_second_writer_of_the_same_run_is_refused(tmp_path, image, prefect_env
 
 
 def test_lease_of_a_dead_holder_is_taken_over(tmp_path) -> None:
-    from algodock.lease import RunBusy, RunLease
+    from algodock.store.lease import RunBusy, RunLease
 
     store = open_store(str(tmp_path / "store"))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
@@ -231,7 +231,7 @@ def test_lease_of_a_dead_holder_is_taken_over(tmp_path) -> None:
                                        "since": now, "renewed_at": now, "expires_at": "2999-01-01T00:00:00+00:00", "released": False})
     with RunLease(store, "r", ttl=30):
         assert store.read_json(lease_rel("r"))["holder"]["pid"] == os.getpid()
-        child = subprocess.run([sys.executable, "-c", f"from algodock.lease import RunLease; from algodock.store import open_store; RunLease(open_store({str(tmp_path / 'store')!r}), 'r').acquire()"],
+        child = subprocess.run([sys.executable, "-c", f"from algodock.store.lease import RunLease; from algodock.store.backends import open_store; RunLease(open_store({str(tmp_path / 'store')!r}), 'r').acquire()"],
                                capture_output=True, text=True)
         assert child.returncode != 0 and "RunBusy" in child.stderr and f"pid {os.getpid()}" in child.stderr
     assert store.read_json(lease_rel("r"))["released"] is True
@@ -251,8 +251,8 @@ def test_lease_acquisition_is_race_free(tmp_path, where, s3_endpoint) -> None:
         uri = str(tmp_path / "store")
     script = (
         "import sys, time\n"
-        "from algodock.lease import RunBusy, RunLease\n"
-        "from algodock.store import open_store\n"
+        "from algodock.store.lease import RunBusy, RunLease\n"
+        "from algodock.store.backends import open_store\n"
         "sys.stdin.readline()\n"
         f"try:\n    RunLease(open_store({uri!r}), 'race', ttl=60).acquire()\nexcept RunBusy:\n    print('busy'); sys.exit(0)\n"
         "print('held', flush=True)\nsys.stdin.readline()\n"
@@ -275,7 +275,7 @@ def test_lease_acquisition_is_race_free(tmp_path, where, s3_endpoint) -> None:
 
 
 def test_two_writers_cannot_both_commit_one_s3_output(tmp_path, s3_endpoint) -> None:
-    from algodock.store import MARKER_SUFFIX, S3Store
+    from algodock.store.backends import MARKER_SUFFIX, S3Store
 
     bucket = f"cw-{uuid.uuid4().hex[:8]}"
     s3_filesystem().mkdir(bucket)
@@ -355,7 +355,7 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
     endpoint, moto = moto_process
     env = {**prefect_env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "ALGODOCK_STORE_TIMEOUT": "2", "ALGODOCK_STORE_OP_TIMEOUT": "4", "ALGODOCK_STORE_ATTEMPTS": "8", "ALGODOCK_STORE_BACKOFF": "0.5"}
-    subprocess.run([sys.executable, "-c", "from algodock.store import s3_filesystem; s3_filesystem().mkdir('stall')"], env=env, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('stall')"], env=env, check=True, timeout=60)
     spec = k_pipeline(tmp_path / "p", image, seconds=3, out_mb=8)
     creates = ContainerCreates(docker_client, "stall")
     proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", "s3://stall/st", "--run-id", "stall", "--no-cache", "--json"],
@@ -389,11 +389,11 @@ def test_a_store_that_stays_down_fails_the_step_as_infrastructure_and_keeps_the_
     env = {**prefect_env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "ALGODOCK_STORE_TIMEOUT": "1", "ALGODOCK_STORE_OP_TIMEOUT": "2", "ALGODOCK_STORE_ATTEMPTS": "2", "ALGODOCK_STORE_BACKOFF": "0.1",
            "ALGODOCK_KEEP_DIR": str(keep)}
-    subprocess.run([sys.executable, "-c", "from algodock.store import s3_filesystem; s3_filesystem().mkdir('down')"], env=env, check=True, timeout=60)
-    from algodock.execute import RunContext, execute_step  # in-process: one attempt, no flow retries
-    from algodock.capacity import Capacity, ResourcePool
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('down')"], env=env, check=True, timeout=60)
+    from algodock.pipeline.execute import RunContext, execute_step  # in-process: one attempt, no flow retries
+    from algodock.pipeline.capacity import Capacity, ResourcePool
     from algodock.pipeline import load_pipeline
-    from algodock.store import S3Store
+    from algodock.store.backends import S3Store
 
     spec = k_pipeline(tmp_path / "p", image, seconds=3)
     saved = {k: os.environ.get(k) for k in env}

@@ -2,7 +2,7 @@
 
 Every restriction of §2 is proved from inside the container: a probe script prints what it
 sees as ``PROBE key=value`` lines, and the tests assert on them. Every failure kind of §4 is
-produced through :func:`algodock.runner.run_step`. After each test no container of this
+produced through :func:`algodock.runtime.runner.run_step`. After each test no container of this
 process is left (the autouse fixture below), whatever the outcome.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from algodock import sandbox
-from algodock.contract import Manifest, parse_manifest
-from algodock.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
+from algodock.runtime import sandbox
+from algodock.contract.manifest import Manifest, parse_manifest
+from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
 from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
-from algodock.results import InputBinding, StepResult
-from algodock.runner import run_step
+from algodock.records import InputBinding, StepRecord
+from algodock.runtime.runner import run_step
 from tests.conftest import build_image
 
 pytestmark = pytest.mark.docker
@@ -77,7 +77,7 @@ class Run:
 
         self.out = out
         t0 = time.monotonic()
-        self.result: StepResult = run_step(m, output_dir=out, client=client, on_log=on_log, **kw)
+        self.result: StepRecord = run_step(m, output_dir=out, client=client, on_log=on_log, **kw)
         self.elapsed = time.monotonic() - t0
 
     @property
@@ -97,7 +97,7 @@ class Run:
         return facts
 
 
-def assert_gone(client: Any, result: StepResult) -> None:
+def assert_gone(client: Any, result: StepRecord) -> None:
     from docker.errors import NotFound
 
     assert result.container_id, "no container was created"
@@ -288,7 +288,7 @@ def test_inputs_are_hardlinked_and_read_only_inside(probe: dict[str, Any]) -> No
     assert f["data"] == "a,b;1,2;", "readable"
     assert probe["data"].read_text() == "a,b\n1,2\n", "the source is untouched"
     [rec] = probe["run"].result.inputs
-    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest() and rec.files == ("/work/input/data/data.csv",)
+    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest() and rec.files == ["/work/input/data/data.csv"]
 
 
 def test_algo_input_as_the_container_reads_it(probe: dict[str, Any]) -> None:
@@ -574,7 +574,7 @@ def test_outputs_found_by_name_without_algo_output(docker_client: Any, busybox_i
     table, parts = run.result.outputs
     assert table.path == out / "table.csv" and table.sha256 == hashlib.sha256(b"a,b\n").hexdigest()
     assert parts.path == out / "parts" and parts.multiple
-    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()}  {r}\n" for r in ["p0", "sub/p1"])
+    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()} {len(r)}:{r}\n" for r in ["p0", "sub/p1"])  # framed
     assert list_files(out / "parts") == ["p0", "sub/p1"]
     assert parts.sha256 == hashlib.sha256(listing.encode()).hexdigest(), "the folder hash of algodock/hashing.py"
 
@@ -596,12 +596,12 @@ def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, 
     assert run.result.metrics == {"rows": 321} and run.result.message == "done"
     [i] = run.result.inputs
     assert (i.uri, i.produced_by, i.sha256) == ("s3://raw/pings.parquet", "up", sha256_file(src))
-    summary = run.result.summary()
+    summary = run.result.step_summary()
     assert summary["outputs"] == [{"name": "visits", "uri": str(o.path), "sha256": o.sha256, "format": "parquet", "rows": 321}]
 
 
 def test_infrastructure_when_the_engine_is_unreachable(busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
 
     with pytest.raises(InfrastructureError, match="No Docker engine answers at unix:///nonexistent.sock"):
         connect("unix:///nonexistent.sock")
@@ -660,7 +660,7 @@ def test_log_flood_is_bounded_in_memory_and_whole_on_disk(docker_client: Any, bu
 
 
 def _pump(chunks: list[Any], **kw: Any) -> tuple[Any, list[str]]:
-    from algodock.logstream import LogPump
+    from algodock.runtime.logs import LogPump
 
     lines: list[str] = []
     pump = LogPump(iter(chunks), on_line=lines.append, **kw).start()
@@ -679,7 +679,7 @@ def test_log_pump_keeps_stderr_apart_for_the_failure_message() -> None:
 
 
 def test_log_pump_splits_lines_across_chunks_and_bounds_long_ones(tmp_path: Path) -> None:
-    from algodock.logstream import MAX_LINE
+    from algodock.runtime.logs import MAX_LINE
 
     huge = b"x" * (3 * MAX_LINE)
     pump, lines = _pump([b"hel", b"lo\nwor", b"ld\n", huge[: MAX_LINE + 5], huge[MAX_LINE + 5 :], b"\nend"], log_path=tmp_path / "l.log")
@@ -701,7 +701,7 @@ def test_log_pump_stops_emitting_at_the_limit_but_keeps_the_tail() -> None:
 def test_a_gpu_request_on_an_engine_without_gpus_says_so(tmp_path: Path, docker_client, busybox_image: str) -> None:
     if "nvidia" in (docker_client.info().get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime: the GPU request would be honoured")
-    from algodock.contract import parse_manifest
+    from algodock.contract.manifest import parse_manifest
 
     m = parse_manifest({"manifest_version": "0.1", "name": "gpu", "version": "1",
                         "container_parameters": {"image": busybox_image, "command": ["true"], "resource_request": {"gpu": 1}}})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from algodock.contract import CONTRACT_VERSION, parse_manifest
+from algodock.contract.manifest import CONTRACT_VERSION, parse_manifest
 from algodock.schemas import DRAFT, build_schemas, export_schemas, render, stale_schemas
 from tests.test_contract import GOOD as CONTRACT_EXAMPLE
 
@@ -49,15 +49,15 @@ def test_export_is_deterministic_and_well_formed(tmp_path: Path) -> None:
         Draft202012Validator.check_schema(doc)
 
 
-def test_optional_schemas_join_when_their_module_imports() -> None:
-    names = set(build_schemas())
-    for module, attr, name in (("algodock.pipeline", "PipelineSpec", "pipeline.schema.json"), ("algodock.lineage", "LineageDocument", "lineage.schema.json")):
-        try:
-            available = hasattr(__import__(module, fromlist=[attr]), attr)
-        except Exception:
-            available = False
-        assert (name in names) == available, f"{name} exported={name in names} but {module}.{attr} importable={available}"
+def test_every_document_has_a_schema() -> None:
+    assert set(build_schemas()) == {f"{n}.schema.json" for n in ("manifest", "algo_input", "algo_output", "pipeline", "lineage")}
 
+
+def test_the_lineage_schema_is_what_is_written() -> None:
+    """Fields kept only in memory while a step runs (local paths, the log tail) are not in it."""
+    text = render(build_schemas()["lineage.schema.json"])
+    for private in ('"container_id"', '"log_tail"', '"multiple"', '"files"'):
+        assert private not in text
 
 def test_check_names_stale_files_and_exits_1(tmp_path: Path) -> None:
     export_schemas(tmp_path)

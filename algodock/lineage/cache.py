@@ -4,7 +4,7 @@ A step is *identical* to an earlier one when its cache key is equal: when everyt
 container could see is the same (CONTRACT §5). The key is the sha256 of the canonical JSON
 (sorted keys, no spaces) of::
 
-    {"cache_version": "2",
+    {"cache_version": "3",
      "image_id":   "sha256:…",             # the resolved immutable id, never the tag
      "command":    [...],
      "env":        {...},                   # the manifest's container env
@@ -43,7 +43,7 @@ succeeded there (same key, outputs still committed) unchanged, even with ``use=F
 a retry re-runs only what failed or was skipped.
 
 >>> import tempfile
->>> from algodock.store import open_store
+>>> from algodock.store.backends import open_store
 >>> cache = StoreCache(open_store(tempfile.mkdtemp()))
 >>> rec = StepRecord(id="a", image_id="sha256:" + "0" * 64, command=["true"])
 >>> cache.lookup(rec, {}) is None, len(rec.cache_key)
@@ -62,16 +62,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from algodock.records import InputLineage, LineageDocument, OutputLineage, StepRecord
-from algodock.results import InputBinding
-from algodock.store import Store, cache_rel, lineage_rel, object_rel
+from algodock.records import InputBinding, InputRecord, LineageDocument, OutputRecord, StepRecord
+from algodock.store.backends import Store, cache_rel, lineage_rel, object_rel
 
 if TYPE_CHECKING:
-    from algodock.contract import Manifest
+    from algodock.contract.manifest import Manifest
 
-log = logging.getLogger("algodock.cache")
+log = logging.getLogger("algodock.lineage.cache")
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"  # 2: framed folder hashes; 3: the key covers algo_input.json (file names, source_uri) and the GPU request
 """Bumped whenever the key's definition changes, so old entries simply miss."""
 
 REUSABLE = ("succeeded", "cached")
@@ -110,7 +109,7 @@ def algo_input_view(manifest: Manifest, bindings: Mapping[str, InputBinding], pa
     Built with the staging plan the run itself uses, so the key sees what the container sees.
     """
     from algodock.contract import INPUT_DIR, AlgoConfig, AlgoInput, InputData
-    from algodock.staging import plan_inputs
+    from algodock.runtime.staging import plan_inputs
 
     data = []
     for binding, fmt, files in plan_inputs(manifest, bindings, Path(INPUT_DIR)):
@@ -163,7 +162,7 @@ def store_rel(store: Store, uri: str) -> str | None:
         return uri[len(root) + 1 :]
     local = store.local_path()
     if local is not None and uri.startswith("file://"):
-        from algodock.store import local_path_of
+        from algodock.store.backends import local_path_of
 
         path = local_path_of(uri)
         if path is not None and str(path).startswith(str(local) + "/"):
@@ -237,10 +236,10 @@ class StoreCache:
         hit.status = "cached"
         hit.cached_from = entry.run_id
         hit.inputs = [
-            InputLineage(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
+            InputRecord(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
             for slot, b in sorted(bindings.items())
         ]
-        hit.outputs = [OutputLineage(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
+        hit.outputs = [OutputRecord(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
         hit.metrics = dict(entry.metrics)
         hit.log_uri = self.store.uri(entry.log_rel) if entry.log_rel else None
         hit.exit_code = None  # no container ran for this record
@@ -277,7 +276,7 @@ class StoreCache:
 
     def _intact(self, step_id: str, outputs: list[tuple[str, str]]) -> bool:
         """True when every ``(uri, sha256)`` still holds exactly the recorded bytes (re-hashed now)."""
-        from algodock.lineage import hash_uri
+        from algodock.lineage.queries import hash_uri
 
         for uri, expected in outputs:
             try:

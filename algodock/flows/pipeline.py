@@ -1,7 +1,7 @@
 """The Prefect flow that runs a pipeline: one task per step, named after the step.
 
 A step is submitted as soon as every step it depends on succeeded (or was cached); it then
-waits in the engine's :class:`~algodock.capacity.ResourcePool` until its resource request
+waits in the engine's :class:`~algodock.pipeline.capacity.ResourcePool` until its resource request
 fits, so independent steps run concurrently and the host is packed tightly. A failed step's
 dependents are ``skipped`` while independent branches finish; the flow run fails when any
 step failed. The lineage document in the store is rewritten as each step ends.
@@ -30,16 +30,17 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from algodock.cache import StoreCache
-from algodock.capacity import Capacity, ResourcePool
-from algodock.engine import docker_client, kill_run_containers
+from algodock.lineage.cache import StoreCache
+from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.runtime.engine import docker_client, kill_run_containers
 from algodock.errors import StepFailure
-from algodock.execute import RunContext, execute_step, recover_run
-from algodock.lease import RunLease
+from algodock.lineage.openlineage import OpenLineageObserver
+from algodock.pipeline.execute import RunContext, execute_step, recover_run
+from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store import Store, lineage_rel, open_store, run_json_rel
-from flows.artifacts import emit_step_assets, publish_run_artifacts
+from algodock.store.backends import Store, lineage_rel, open_store, run_json_rel
+from algodock.flows.artifacts import emit_step_assets, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
@@ -183,7 +184,7 @@ class Ledger:
 
 
 def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
-    from blocks import manifest_from_block
+    from algodock.blocks import manifest_from_block
 
     if isinstance(spec, dict):
         return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
@@ -263,7 +264,7 @@ def run_pipeline(
     recover_run(the_store, run_id, client)  # containers, .tmp-outputs-* and work folders of a dead earlier writer
     # --- [store] end ---
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     order = pipeline.topological_order()
     doc = LineageDocument(

@@ -13,7 +13,7 @@ folder) and a takeover, renewal or release replaces exactly the version that was
 ``flock`` locally). Of two processes racing for a run, exactly one gets it.
 
 >>> import tempfile
->>> from algodock.store import open_store
+>>> from algodock.store.backends import open_store
 >>> store = open_store(tempfile.mkdtemp())
 >>> with RunLease(store, "r1", ttl=30) as lease:
 ...     store.read_json("runs/r1/lease.json")["holder"]["pid"] == os.getpid()
@@ -31,9 +31,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
-from algodock.store import Store, lease_rel
+from algodock.store.backends import Store, lease_rel
 
-log = logging.getLogger("algodock.lease")
+log = logging.getLogger("algodock.store.lease")
 
 DEFAULT_TTL = 60.0
 """Seconds a lease lasts without a heartbeat (``ALGODOCK_LEASE_SECONDS``)."""

@@ -1,6 +1,6 @@
 """Prefect blocks of algodock: saved algorithms, stores, and the Docker engine connection.
 
-Register them with ``prefect block register -m blocks``; then create and save them in the
+Register them with ``prefect block register -m algodock.blocks``; then create and save them in the
 UI or in code::
 
     AlgorithmBlock.from_manifest_file("examples/device-visits/manifest.json").save("device-visits")
@@ -19,7 +19,7 @@ from prefect.blocks.core import Block
 from prefect_docker import DockerHost
 from pydantic import Field, SecretStr
 
-from algodock.contract import Manifest, load_manifest, parse_manifest
+from algodock.contract.manifest import Manifest, load_manifest, parse_manifest
 
 __all__ = ["AlgorithmBlock", "StoreBlock", "DockerHost", "manifest_from_block"]
 
@@ -65,8 +65,8 @@ class StoreBlock(Block):
     aws_secret_access_key: SecretStr | None = Field(default=None, description="Secret access key.")
 
     def open(self) -> Any:
-        """The :class:`algodock.store.Store` this block describes."""
-        from algodock.store import S3Store, open_store, s3_filesystem
+        """The :class:`algodock.store.backends.Store` this block describes."""
+        from algodock.store.backends import S3Store, open_store, s3_filesystem
 
         if not self.uri.startswith("s3://"):
             return open_store(self.uri)

@@ -4,7 +4,7 @@
 engine, the resource pool, the run's scratch folder and the external inputs fetched once.
 :func:`execute_step` binds a step's inputs (upstream outputs or external inputs, fetched
 from S3 when the store is remote, used in place when local), asks the cache, reserves
-resources, runs the container through :func:`algodock.runner.run_step`, and commits the
+resources, runs the container through :func:`algodock.runtime.runner.run_step`, and commits the
 outputs and the full container log to the store. On a local store the container writes
 straight into the store's folder for the step (a hidden temporary name, renamed into place
 once the step succeeded), so no output byte is copied, and the step's work folder (staged
@@ -32,21 +32,21 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from algodock import openlineage
-from algodock.capacity import Cancelled, ResourcePool
-from algodock.engine import resolve_image
+from algodock.pipeline.capacity import Cancelled, ResourcePool
+from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
-from algodock.hashing import parquet_rows, sha256_path
-from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
-from algodock.results import InputBinding, OutputRecord, ResolvedImage, StepResult
-from algodock.runner import run_step
-from algodock.store import (
+from algodock.hashing import parquet_rows
+from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
+from algodock.runtime.outputs import copy_regular_tree
+from algodock.runtime.runner import run_step
+from algodock.runtime.staging import hash_input
+from algodock.store.backends import (
     WORK_DIR,
     Store,
     attempt_rel,
-    fetch_uri,
+    fetch_input,
     local_path_of,
     log_rel,
     new_attempt_id,
@@ -60,10 +60,32 @@ if TYPE_CHECKING:
 
     from algodock.pipeline import Pipeline
 
-log = logging.getLogger("algodock.execute")
+log = logging.getLogger("algodock.pipeline.execute")
 
 EMIT_LIMIT = 1024 * 1024
 """Bytes of container log a step sends to its logger (the Prefect task-run logs); the rest is only in the store."""
+
+
+class StepObserver(Protocol):
+    """Learns of step events (OpenLineage, Prefect assets, a live view subscribe this way).
+
+    The engine announces; it imports no observer. An observer that raises is logged and
+    ignored: it never fails a step.
+    """
+
+    def step_started(self, ctx: RunContext, record: StepRecord, upstream: Mapping[str, StepRecord]) -> None:
+        """``record`` (status ``running``) is about to stage inputs and run its container."""
+
+    def step_finished(self, ctx: RunContext, record: StepRecord) -> None:
+        """``record`` ended: succeeded, cached or failed."""
+
+
+def _announce(ctx: RunContext, event: str, *args: Any) -> None:
+    for observer in ctx.observers:
+        try:
+            getattr(observer, event)(ctx, *args)
+        except Exception as exc:  # an observer's fault is never the step's
+            log.warning("step observer %s failed on %s: %s", type(observer).__name__, event, exc)
 
 
 @dataclass
@@ -80,9 +102,11 @@ class RunContext:
     use_cache: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
     cache: Any = None
-    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.cache)."""
+    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.lineage.cache)."""
     flow_run_id: str | None = None
     """The Prefect flow-run id, when there is one (the parent run of the steps' OpenLineage events)."""
+    observers: list[StepObserver] = field(default_factory=list)
+    """Told when each step starts and ends (see :class:`StepObserver`)."""
     _external: dict[str, InputBinding] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _images: dict[str, ResolvedImage] = field(default_factory=dict)
@@ -100,16 +124,22 @@ class RunContext:
                 return self._external[name]
             uri = self.pipeline.inputs[name]
             local = local_path_of(uri)
-            if local is None:
-                local = fetch_uri(uri, self.scratch / "external" / name)
+            if local is None:  # hashed as it streams in; its listing is what gets staged
+                fetched = fetch_input(uri, self.scratch / "external" / name)
+                local, digest, files = fetched.path, fetched.sha256, fetched.files
             elif not local.exists():
                 raise InvalidInput(f"pipeline input {name!r}: {uri} does not exist")
-            binding = InputBinding(slot=name, path=local, uri=uri, sha256=sha256_path(local), rows=parquet_rows(local) if _looks_parquet(local) else None)
+            else:  # listed once: the files hashed are the files staged
+                digest, files = hash_input(local)
+            rows = parquet_rows(local, files) if _looks_parquet(local, files) else None
+            binding = InputBinding(slot=name, path=local, uri=uri, sha256=digest, rows=rows, files=files)
             self._external[name] = binding
             return binding
 
 
-def _looks_parquet(path: Path) -> bool:
+def _looks_parquet(path: Path, files: tuple[str, ...] | None = None) -> bool:
+    if files is not None:  # the one listing of the folder
+        return any(f.endswith(".parquet") for f in files)
     if path.is_dir():
         return any(p.suffix == ".parquet" for p in path.rglob("*.parquet"))
     return path.suffix == ".parquet"
@@ -125,13 +155,13 @@ def bind_inputs(ctx: RunContext, step_id: str, upstream: Mapping[str, StepRecord
     for slot, ref in ctx.pipeline.bindings[step_id].items():
         if ref.kind == "input":
             ext = ctx.external_input(ref.name)
-            bindings[slot] = InputBinding(slot=slot, path=ext.path, uri=ext.uri, sha256=ext.sha256, rows=ext.rows)
+            bindings[slot] = InputBinding(slot=slot, path=ext.path, uri=ext.uri, sha256=ext.sha256, rows=ext.rows, files=ext.files)
             continue
         producer = upstream[ref.name]
         out = next(o for o in producer.outputs if o.name == ref.output)
         local = local_path_of(out.uri)
         if local is None:
-            local = ctx.store.fetch(out.uri, dest / slot)
+            local = ctx.store.fetch(out.uri, dest / slot, expected_sha256=out.sha256)  # checked as it streams in
         bindings[slot] = InputBinding(slot=slot, path=local, uri=out.uri, sha256=out.sha256, produced_by=ref.name, rows=out.rows)
     return bindings
 
@@ -162,19 +192,19 @@ def execute_step(
     attempt_id = new_attempt_id(attempt)
     scratch = work_root(ctx) / f"{step_id}-{attempt_id}"
     scratch.mkdir(parents=True, exist_ok=True)
-    events = openlineage.step_started(ctx, record, upstream)  # START now, COMPLETE/FAIL below; a no-op when unconfigured
+    _announce(ctx, "step_started", record, upstream)
     try:
         record = _execute(ctx, step_id, upstream, record, scratch, attempt, attempt_id, on_log)
         return record
     except StepFailure as failure:
         record.status = "failed"
-        record.failure = Failure(**failure.as_dict())
+        record.failure = failure
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             scratch.parent.rmdir()  # the run's work folder, once its last step is done
-        events.finished(record)
+        _announce(ctx, "step_finished", record)
 
 
 def work_root(ctx: RunContext) -> Path:
@@ -227,7 +257,7 @@ def _execute(
             ctx.pool.release(rr)
 
     try:
-        result: StepResult = run_step(
+        result = run_step(
             manifest,
             inputs=bindings,
             parameters=ctx.pipeline.parameters[step_id],
@@ -258,7 +288,7 @@ def _execute(
             dest = log_rel(ctx.run_id, step_id, attempt_id)
             record.log_uri = retrying(lambda: ctx.store.put_output(log_path, dest, move=True), f"storing the log at {ctx.store.uri(dest)}", on_retry=say)
         if result.ok:
-            record.outputs = [OutputLineage(**{**o.as_dict(), "uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
+            record.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
     except InfrastructureError as exc:
         if not result.ok:
             log.warning("step %s: %s", step_id, exc)  # the step's own failure is what it reports
@@ -320,10 +350,14 @@ def _discard(output_dir: Path) -> None:
 def _keep_failed(ctx: RunContext, step_id: str, attempt_id: str, output_dir: Path) -> None:
     """Whatever a failed attempt wrote is kept beside the step for a post-mortem, never lost."""
     if output_dir.exists() and any(output_dir.iterdir()):
+        kept = output_dir.with_name(f"{output_dir.name}-kept")  # beside it: same filesystem, hardlinks
         try:
-            ctx.store.put_output(output_dir, f"{attempt_rel(ctx.run_id, step_id, attempt_id)}/failed-outputs", move=True)
+            # Only regular files and folders: no symlink to a host file, no FIFO, for whoever reads the store.
+            copy_regular_tree(output_dir, kept)
+            ctx.store.put_output(kept, f"{attempt_rel(ctx.run_id, step_id, attempt_id)}/failed-outputs", move=True)
         except Exception as exc:  # a post-mortem copy must not hide the step's own failure
             log.warning("could not keep the outputs of failed step %s: %s", step_id, exc)
+        _discard(kept)
     _discard(output_dir)
 
 
