@@ -32,7 +32,7 @@ def images(docker_client, busybox_image) -> dict[str, str]:
 
 
 def _manifest(gpu: int = 0, env: dict | None = None):
-    from algodock.contract import Manifest
+    from algodock.contract.manifest import Manifest
 
     return Manifest.model_validate({
         "manifest_version": "0.1", "name": "a", "version": "1.0.0",

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from algodock.lineage.queries import hash_uri, store_rel
 from algodock.records import InputBinding, InputRecord, LineageDocument, OutputRecord, StepRecord
 from algodock.store.backends import Store, cache_rel, lineage_rel, object_rel
 
@@ -108,7 +109,7 @@ def algo_input_view(manifest: Manifest, bindings: Mapping[str, InputBinding], pa
 
     Built with the staging plan the run itself uses, so the key sees what the container sees.
     """
-    from algodock.contract import INPUT_DIR, AlgoConfig, AlgoInput, InputData
+    from algodock.contract.manifest import INPUT_DIR, AlgoConfig, AlgoInput, InputData
     from algodock.runtime.staging import plan_inputs
 
     data = []
@@ -153,21 +154,6 @@ def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest
         doc["output_slots"] = sorted([s.name, s.format, s.multiple, s.required] for s in manifest.outputs)
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def store_rel(store: Store, uri: str) -> str | None:
-    """``uri`` relative to the store's root, or None when it lives elsewhere."""
-    root = store.uri().rstrip("/")
-    if uri.startswith(root + "/"):
-        return uri[len(root) + 1 :]
-    local = store.local_path()
-    if local is not None and uri.startswith("file://"):
-        from algodock.store.backends import local_path_of
-
-        path = local_path_of(uri)
-        if path is not None and str(path).startswith(str(local) + "/"):
-            return str(path)[len(str(local)) + 1 :]
-    return None
 
 
 def _now() -> datetime:
@@ -276,8 +262,6 @@ class StoreCache:
 
     def _intact(self, step_id: str, outputs: list[tuple[str, str]]) -> bool:
         """True when every ``(uri, sha256)`` still holds exactly the recorded bytes (re-hashed now)."""
-        from algodock.lineage.queries import hash_uri
-
         for uri, expected in outputs:
             try:
                 actual = hash_uri(uri, self.store)

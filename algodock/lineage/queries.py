@@ -118,6 +118,20 @@ def documents(store: Store) -> Iterator[LineageDocument]:
             continue
 
 
+def store_rel(store: Store, uri: str) -> str | None:
+    """``uri`` relative to the store's root, or None when it lives elsewhere."""
+    root = store.uri().rstrip("/")
+    if uri.startswith(root + "/"):
+        return uri[len(root) + 1 :]
+    local = store.local_path()
+    if local is not None and uri.startswith("file://"):
+        path = local_path_of(uri)
+        if path is not None and str(path).startswith(str(local) + "/"):
+            return str(path)[len(str(local)) + 1 :]
+    return None
+
+
+
 # ---------------------------------------------------------------- hashing stored data
 
 
@@ -181,7 +195,6 @@ class OutputCheck:
 
 def verify_run(store: Store, run_id: str) -> list[OutputCheck]:
     """Re-hash every output recorded in the run's lineage (cached steps' reused outputs too)."""
-    from algodock.lineage.cache import store_rel
 
     doc = read_document(store, run_id)
     checks: list[OutputCheck] = []

@@ -373,7 +373,7 @@ def recover_run(store: Store, run_id: str, client: docker.DockerClient | None = 
     """
     removed: list[str] = []
     if client is not None:
-        from algodock.engine import LABEL, _owner_alive
+        from algodock.runtime.engine import LABEL, _owner_alive
 
         try:
             # This run's containers only, from the list call alone (sparse: no inspect of each container,
