@@ -45,7 +45,7 @@ def image(docker_client, busybox_image) -> str:
 def prefect_env(prefect_harness) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
-    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "CI": os.environ.get("CI", "")}
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
 
 
 def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: float = 0.05) -> Any:
