@@ -241,6 +241,30 @@ def test_lease_of_a_dead_holder_is_taken_over(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_heartbeat_renews_and_a_stale_holder_learns_it_lost(tmp_path, where, s3_endpoint) -> None:
+    from algodock.store.lease import RunLease
+
+    if where == "s3":
+        bucket = f"beat-{uuid.uuid4().hex[:8]}"
+        s3_filesystem().mkdir(bucket)
+        store = open_store(f"s3://{bucket}/st")
+    else:
+        store = open_store(str(tmp_path / "store"))
+    lease = RunLease(store, "beat", ttl=0.6).acquire()
+    try:
+        first = store.read_json(lease_rel("beat"))
+        poll("a renewal", lambda: store.read_json(lease_rel("beat"))["renewed_at"] != first["renewed_at"], deadline=10)
+        assert not lease.lost.is_set()
+        # someone else takes the lease over (as if this holder had stalled past its expiry)
+        doc, version = store.read_json_versioned(lease_rel("beat"))
+        store.replace_json(lease_rel("beat"), {**doc, "holder": {"host": "elsewhere", "pid": 1, "token": "other"}}, version)
+        poll("the holder to notice it lost the lease", lease.lost.is_set, deadline=10)
+    finally:
+        lease.release()
+    assert store.read_json(lease_rel("beat"))["holder"]["host"] == "elsewhere", "a holder that lost the lease must not write it again"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_lease_acquisition_is_race_free(tmp_path, where, s3_endpoint) -> None:
     """Eight processes race for one run: exactly one holds it."""
     if where == "s3":
