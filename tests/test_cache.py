@@ -31,16 +31,41 @@ def images(docker_client, busybox_image) -> dict[str, str]:
 # ------------------------------------------------------------------ pure key
 
 
-def test_cache_key_is_content_addressed_and_ignores_locations() -> None:
+def _manifest(gpu: int = 0, env: dict | None = None):
+    from algodock.contract.manifest import Manifest
+
+    return Manifest.model_validate({
+        "manifest_version": "0.1", "name": "a", "version": "1.0.0",
+        "container_parameters": {"image": "x:1", "command": ["run"], "env": env or {}, "resource_request": {"gpu": gpu}},
+        "inputs": [{"name": "raw", "format": "csv", "multiple": True}], "outputs": [{"name": "out", "format": "csv"}],
+    })
+
+
+def test_cache_key_covers_everything_the_container_sees(tmp_path) -> None:
+    """CONTRACT §5: image id, command, env, parameters, GPU, the whole algo_input.json (file names
+    and source_uri included) and every input byte; never the tag."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, name in ((one, "raw.csv"), (two, "renamed.csv")):
+        folder.mkdir()
+        (folder / name).write_text("a,b\n")
     rec = StepRecord(id="a", image="x:1", image_id="sha256:" + "1" * 64, command=["run"], parameters={"n": 1})
-    a = {"raw": InputBinding(slot="raw", path=Path("/one/raw.csv"), uri="/one/raw.csv", sha256="ab" * 32)}
-    b = {"raw": InputBinding(slot="raw", path=Path("/two/copy.csv"), uri="s3://b/raw.csv", sha256="ab" * 32)}
-    assert cache_key(rec, a) == cache_key(rec, b)
-    assert cache_key(rec, a) != cache_key(rec.model_copy(update={"parameters": {"n": 2}}), a)
-    assert cache_key(rec, a) != cache_key(rec.model_copy(update={"image_id": "sha256:" + "2" * 64}), a)
-    assert cache_key(rec, a) == cache_key(rec.model_copy(update={"image": "x:2"}), a), "the tag is never part of the key"
-    changed = {"raw": InputBinding(slot="raw", path=Path("/one/raw.csv"), sha256="cd" * 32)}
-    assert cache_key(rec, a) != cache_key(rec, changed)
+    m = _manifest()
+    a = {"raw": InputBinding(slot="raw", path=one, uri="s3://b/raw/", sha256="ab" * 32)}
+    key = cache_key(rec, a, m)
+    assert key == cache_key(rec, {"raw": InputBinding(slot="raw", path=one, uri="s3://b/raw/", sha256="ab" * 32)}, m)
+    assert key == cache_key(rec.model_copy(update={"image": "x:2"}), a, m), "the tag is never part of the key"
+    different = {
+        "parameters": cache_key(rec.model_copy(update={"parameters": {"n": 2}}), a, m),
+        "image id": cache_key(rec.model_copy(update={"image_id": "sha256:" + "2" * 64}), a, m),
+        "command": cache_key(rec.model_copy(update={"command": ["run", "-v"]}), a, m),
+        "env": cache_key(rec, a, _manifest(env={"MODE": "fast"})),
+        "gpu": cache_key(rec, a, _manifest(gpu=1)),
+        "input bytes": cache_key(rec, {"raw": InputBinding(slot="raw", path=one, uri="s3://b/raw/", sha256="cd" * 32)}, m),
+        "source_uri": cache_key(rec, {"raw": InputBinding(slot="raw", path=one, uri="s3://b/other/", sha256="ab" * 32)}, m),
+        "file names": cache_key(rec, {"raw": InputBinding(slot="raw", path=two, uri="s3://b/raw/", sha256="ab" * 32)}, m),
+    }
+    assert {what for what, k in different.items() if k == key} == set(), "the key misses what the container can see"
+    assert len(set(different.values())) == len(different)
 
 
 # ------------------------------------------------------------------ engine
@@ -118,7 +143,8 @@ def test_no_cache_runs_everything_but_records_keys(tmp_path, docker_client, imag
     first = run_local(spec, store, "r1", docker_client)
     doc = run_local(spec, store, "r2", docker_client, use_cache=False)
     assert statuses(doc) == dict.fromkeys(ALL, "succeeded")
-    assert all(s.cache_key == first.step(s.id).cache_key for s in doc.steps)
+    # the same key where the container saw the same; downstream, the inputs' source_uri is this run's new outputs
+    assert {s.id for s in doc.steps if s.cache_key == first.step(s.id).cache_key} == {"stamp", "copy", "side"}
 
 
 def test_missing_earlier_outputs_are_a_miss(tmp_path, docker_client, images) -> None:
@@ -127,13 +153,22 @@ def test_missing_earlier_outputs_are_a_miss(tmp_path, docker_client, images) -> 
     spec = five_step_pipeline(tmp_path)
     store = open_store(str(tmp_path / "store"))
     first = run_local(spec, store, "r1", docker_client)
-    shutil.rmtree(store.local_path("runs/r1/steps/side"))
+    shutil.rmtree(store.local_path("runs/r1/steps/stamp"))
     doc = run_local(spec, store, "r2", docker_client)
-    assert doc.step("side").status == "succeeded"
+    assert doc.step("stamp").status == "succeeded"
     assert doc.step("copy").status == "cached"
     # and the entry now points at the new run's outputs
-    entry = json.loads(store.local_path(cache_rel(first.step("side").cache_key)).read_text())
+    entry = json.loads(store.local_path(cache_rel(first.step("stamp").cache_key)).read_text())
     assert entry["run_id"] == "r2"
+
+
+def test_identical_bytes_are_stored_once_and_keep_downstream_cached(tmp_path, docker_client, images) -> None:
+    """``copy``, ``after_copy`` and ``side`` all write the bytes of raw.parquet as table.parquet: one stored copy."""
+    spec = five_step_pipeline(tmp_path)
+    store = open_store(str(tmp_path / "store"))
+    first = run_local(spec, store, "r1", docker_client)
+    uris = {first.step(s).outputs[0].uri for s in ("copy", "after_copy", "side")}
+    assert len(uris) == 1 and "/runs/r1/steps/copy/attempts/" in uris.pop()
 
 
 @pytest.mark.s3

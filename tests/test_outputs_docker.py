@@ -81,7 +81,7 @@ def test_symlinked_outputs_fail_alike_on_the_local_store_and_nothing_is_kept_but
     doc = run_local(_pipeline(tmp_path, busybox_image), store, "r1", docker_client)
     [step] = doc.steps
     assert step.failure is not None and step.failure.kind == "invalid_output", step.failure
-    kept = store.local_path(step_rel("r1", "leak"), "failed-attempt-1")
+    [kept] = store.local_path(step_rel("r1", "leak"), "attempts").glob("1-*/failed-outputs")
     found = sorted(str(p.relative_to(kept)) for p in kept.rglob("*"))
     assert found == ["debug", "debug/trace.txt", "v.csv"], found
     everything = list(store.root.rglob("*"))
@@ -96,6 +96,6 @@ def test_symlinked_outputs_fail_alike_on_s3_and_no_host_file_is_uploaded(docker_
     doc = run_local(_pipeline(tmp_path, busybox_image), store, "r1", docker_client)
     [step] = doc.steps
     assert step.failure is not None and step.failure.kind == "invalid_output", step.failure
-    keys = fs.find(f"{bucket}/st/runs/r1/steps/leak/failed-attempt-1")
-    assert sorted(k.rsplit("failed-attempt-1/", 1)[1] for k in keys) == ["debug/trace.txt", "v.csv"], keys
+    keys = [k for k in fs.find(f"{bucket}/st/runs/r1/steps/leak/attempts") if "/failed-outputs/" in k and not k.endswith("._COMMITTED.json")]
+    assert sorted(k.rsplit("failed-outputs/", 1)[1] for k in keys) == ["debug/trace.txt", "v.csv"], keys
     assert not any(b"root:x:0" in fs.cat_file(k) for k in fs.find(f"{bucket}/st")), "/etc/passwd was never uploaded"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from algodock.store.backends import (
     Store,
     cache_rel,
     fetch_uri,
+    lease_rel,
     lineage_rel,
     local_path_of,
+    new_attempt_id,
+    retrying,
     log_rel,
     open_store,
     output_rel,
@@ -49,6 +53,10 @@ def all_files(root: Path) -> list[str]:
 
 
 def test_layout() -> None:
+    assert output_rel("r1", "visits", "visits.parquet", "2-abc") == "runs/r1/steps/visits/attempts/2-abc/outputs/visits.parquet"
+    assert log_rel("r1", "visits", "2-abc") == "runs/r1/steps/visits/attempts/2-abc/container.log"
+    assert lease_rel("r1") == "runs/r1/lease.json"
+    assert new_attempt_id(3) != new_attempt_id(3) and new_attempt_id(3).startswith("3-")
     assert run_json_rel("r1") == "runs/r1/run.json"
     assert lineage_rel("r1") == "runs/r1/lineage.json"
     assert output_rel("r1", "visits", "visits.parquet") == "runs/r1/steps/visits/outputs/visits.parquet"
@@ -128,23 +136,25 @@ def test_local_put_output_file_is_hardlinked(tmp_path: Path) -> None:
     assert all_files(dest.parent) == ["visits.parquet"]
 
 
-def test_local_put_output_folder_replaces_whole(tmp_path: Path) -> None:
+def test_local_put_output_folder_is_committed_whole_and_never_replaced(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "st")
     src = parquet_parts(tmp_path / "work" / "parts", parts=3)
-    rel = output_rel("r1", "split", "parts")
+    rel = output_rel("r1", "split", "parts", "1-aaaa")
     uri = store.put_output(src, rel)
     assert sorted(list_files(uri)) == ["part-000.parquet", "part-001.parquet", "sub/part-002.parquet"]
     assert sha256_path(uri) == sha256_path(src)
     assert pq.read_table(uri).num_rows == 12
-    # A second attempt with fewer parts leaves no stale part behind.
+    # A second attempt cannot write over it (a lineage document may point at it): it writes elsewhere.
     smaller = parquet_parts(tmp_path / "work2" / "parts", parts=1)
-    store.put_output(smaller, rel)
-    assert list_files(uri) == ["sub/part-000.parquet"]
-    assert all_files(Path(uri).parent) == ["parts", "parts/sub", "parts/sub/part-000.parquet"]
+    with pytest.raises(FileExistsError, match="never replaced"):
+        store.put_output(smaller, rel)
+    assert sorted(list_files(uri)) == ["part-000.parquet", "part-001.parquet", "sub/part-002.parquet"]
+    other = store.put_output(smaller, output_rel("r1", "split", "parts", "2-bbbb"))
+    assert list_files(other) == ["sub/part-000.parquet"]
     # move=True renames the source into place.
     moved = parquet_parts(tmp_path / "work3" / "parts", parts=2)
-    store.put_output(moved, rel, move=True)
-    assert not moved.exists() and list_files(uri) == ["part-000.parquet", "sub/part-001.parquet"]
+    third = store.put_output(moved, output_rel("r1", "split", "parts", "3-cccc"), move=True)
+    assert not moved.exists() and list_files(third) == ["part-000.parquet", "sub/part-001.parquet"]
 
 
 def test_local_temporaries_are_never_seen_as_outputs(tmp_path: Path) -> None:
@@ -224,13 +234,15 @@ def test_s3_put_and_fetch_a_folder_of_parquet_parts(s3_store: S3Store, tmp_path:
     assert got == tmp_path / "staged" / "parts"
     assert list_files(got) == list_files(src) and sha256_path(got) == sha256_path(src)
     assert pq.read_table(got).num_rows == 20
-    # A retry with fewer parts: the stale parts of the first attempt are gone, on S3 and locally.
+    # A retry cannot replace a committed output (nothing is deleted); it writes under its own attempt.
     smaller = parquet_parts(tmp_path / "work2" / "parts", parts=2)
-    s3_store.put_output(smaller, rel)
-    assert sorted(s3_store.fs.find(s3_store.uri(rel))) == [f"{s3_store.root}/{rel}/{r}" for r in list_files(smaller)]
-    again = s3_store.fetch(uri, tmp_path / "staged")
-    assert again == got and list_files(again) == list_files(smaller)
-    assert all_files(tmp_path / "staged") == ["parts", "parts/part-000.parquet", "parts/sub", "parts/sub/part-001.parquet"]
+    with pytest.raises(FileExistsError, match="never replaced"):
+        s3_store.put_output(smaller, rel)
+    assert sorted(s3_store.fs.find(s3_store.uri(rel))) == [f"{s3_store.root}/{rel}/{r}" for r in list_files(src)]
+    rel2 = output_rel("r1", "split", "parts", "2-bbbb")
+    again = s3_store.fetch(s3_store.put_output(smaller, rel2), tmp_path / "staged2")
+    assert list_files(again) == list_files(smaller)
+    assert all_files(tmp_path / "staged2") == ["parts", "parts/part-000.parquet", "parts/sub", "parts/sub/part-001.parquet"]
 
 
 def test_s3_output_without_marker_reads_as_absent(s3_store: S3Store, tmp_path: Path) -> None:
@@ -241,7 +253,7 @@ def test_s3_output_without_marker_reads_as_absent(s3_store: S3Store, tmp_path: P
     assert s3_store.exists(rel) and not s3_store.output_exists(rel)
     with pytest.raises(InvalidInput, match="not committed"):
         s3_store.fetch(s3_store.uri(rel), tmp_path / "staged")
-    # Committing it properly makes it visible; removing the marker hides it again.
+    # Committing it (the same writer finishing its upload) makes it visible; removing the marker hides it again.
     s3_store.put_output(src, rel)
     assert s3_store.output_exists(rel)
     s3_store.fs.rm_file(s3_store.uri(rel) + MARKER_SUFFIX)
@@ -302,3 +314,48 @@ def test_s3_unreachable_endpoint_is_an_infrastructure_error(monkeypatch: pytest.
     store = S3Store("s3://bucket/p", fs=s3_filesystem(skip_instance_cache=True, config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}))
     with pytest.raises(InfrastructureError, match="cannot write s3://bucket/p/x.json"):
         store.write_json("x.json", {})
+
+
+# ---------------------------------------------------------------- conditional writes and retries
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_conditional_json_writes(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store: Store = LocalStore(tmp_path / "st") if kind == "local" else request.getfixturevalue("s3_store")
+    v1 = store.create_json("runs/r/lease.json", {"n": 1})
+    with pytest.raises(FileExistsError):
+        store.create_json("runs/r/lease.json", {"n": 2})
+    doc, version = store.read_json_versioned("runs/r/lease.json")
+    assert doc == {"n": 1} and version == v1
+    v2 = store.replace_json("runs/r/lease.json", {"n": 3}, v1)
+    with pytest.raises(FileExistsError):  # v1 is stale now: a compare-and-swap, not a blind write
+        store.replace_json("runs/r/lease.json", {"n": 4}, v1)
+    assert store.read_json_versioned("runs/r/lease.json") == ({"n": 3}, v2)
+    assert store.read_json_versioned("runs/r/none.json") == (None, None)
+    assert store.list("runs/r") == ["lease.json"]
+
+
+def test_retrying_bounds_a_stalled_operation_and_backs_off() -> None:
+    import threading
+
+    calls: list[float] = []
+    release = threading.Event()
+
+    def stalls_once() -> str:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            release.wait(30)  # a stalled endpoint: no answer
+        return "done"
+
+    start = time.monotonic()
+    assert retrying(stalls_once, "uploading x", attempts=3, timeout=0.5, backoff=0.05) == "done"
+    release.set()
+    assert len(calls) == 2 and time.monotonic() - start < 5
+
+    def always_fails() -> None:
+        raise InfrastructureError("s3 down")
+
+    with pytest.raises(InfrastructureError, match="uploading y failed 3 times; last error: s3 down"):
+        retrying(always_fails, "uploading y", attempts=3, timeout=1, backoff=0.01)
+    with pytest.raises(FileExistsError):  # a refused overwrite is an answer, not a fault: never retried
+        retrying(lambda: (_ for _ in ()).throw(FileExistsError("x")), "z", attempts=3, timeout=1, backoff=0.01)

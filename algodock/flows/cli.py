@@ -113,6 +113,17 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     from algodock.store.backends import open_store, run_json_rel
 
     run_id = run_id or flows_pipeline.default_run_id(None)
+    # --- [store] one writer per run: refuse before any flow starts when another process holds the run ---
+    from algodock.store.lease import RunLease
+
+    try:
+        lease = RunLease(open_store(store), run_id).acquire()  # the flow re-enters this same lease
+    except StepFailure as exc:  # RunBusy (invalid_input) naming the holder, or the store failing (infrastructure)
+        print_errors(exc)
+        if as_json:
+            click.echo(json.dumps({"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": exc.as_dict(), "steps": []}, indent=2))
+        sys.exit(1)
+    # --- [store] end ---
     live, listener = _live_view(spec.topological_order())
     if listener:
         flows_pipeline.LISTENERS.append(listener)
@@ -126,6 +137,7 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             no_cache=no_cache, concurrency_limit=concurrency_limit, return_state=True,
         )
     finally:
+        lease.release()  # [store]
         if live:
             live.stop()
             log_to(sys.stderr)

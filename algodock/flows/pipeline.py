@@ -35,7 +35,8 @@ from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.runtime.engine import docker_client, kill_run_containers
 from algodock.errors import StepFailure
 from algodock.lineage.openlineage import OpenLineageObserver
-from algodock.pipeline.execute import RunContext, execute_step
+from algodock.pipeline.execute import RunContext, execute_step, recover_run
+from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.store.backends import Store, lineage_rel, open_store, run_json_rel
@@ -305,6 +306,10 @@ def run_pipeline(
         _check_limit(concurrency_limit)
     the_store = open_store(store)
     run_id = run_id or default_run_id(flow_run_id)
+    # --- [store] run lease and resume (issue 7 item 8) ---
+    lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
+    recover_run(the_store, run_id, client)  # containers, .tmp-outputs-* and work folders of a dead earlier writer
+    # --- [store] end ---
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
@@ -338,6 +343,7 @@ def run_pipeline(
             session.__exit__(None, None, None)
         shutil.rmtree(scratch, ignore_errors=True)
     ledger.finish(status)
+    lease.release()  # [store] the run is written; another process may take it now
     publish_run_artifacts(ledger.doc, pipeline)
     summary = ledger.summary()
     if status != "succeeded":

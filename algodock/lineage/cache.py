@@ -1,27 +1,41 @@
 """Step caching: reuse the outputs of an identical earlier step instead of starting a container.
 
-A step is *identical* to an earlier one when its cache key is equal. The key is the sha256
-of the canonical JSON (sorted keys, no spaces) of::
+A step is *identical* to an earlier one when its cache key is equal: when everything the
+container could see is the same (CONTRACT §5). The key is the sha256 of the canonical JSON
+(sorted keys, no spaces) of::
 
-    {"cache_version": "1",
+    {"cache_version": "3",
      "image_id":   "sha256:…",             # the resolved immutable id, never the tag
      "command":    [...],
-     "env":        {...},                   # the manifest's container env: it can change behaviour
+     "env":        {...},                   # the manifest's container env
      "parameters": {...},                   # after defaults
-     "inputs":     [[slot, sha256], ...],   # sorted by slot; content only, never the URI
-     "input_slots":  [[name, format, multiple], ...],   # what algo_input.json declares
+     "gpu":        0,                       # the GPU request: a GPU is visible or not
+     "shm_mb":     0,                       # a /dev/shm is visible or not
+     "algo_input": {...},                   # the whole algo_input.json the container will read:
+                                            #   every file name, source_uri and sha256 of each slot
+     "inputs":     [[slot, sha256], ...],   # every input byte (the framed hash of a folder)
+     "input_slots":  [[name, format, multiple], ...],
      "output_slots": [[name, format, multiple, required], ...]}
 
-Left out on purpose: the tag (a moved tag resolves to a new image id, so it misses by
-itself), resource requests, timeouts and scratch size (they bound a run, they do not change
-its result; a run they break fails and is never cached), the input URIs and file names (the
-same bytes from another place are the same input), and the algorithm's name and version (the
-image id already pins the code).
+``algo_input`` is built by the same staging plan the run uses, so a file renamed inside an
+input folder, or the same bytes from another ``source_uri``, is another key. Left out: the
+tag (a moved tag resolves to a new image id), the resource requests other than the GPU,
+timeouts and scratch size (they bound a run; a run they break fails and is never cached).
+
+A hit is served only after the bytes of every cached output were hashed again and match the
+recorded sha256: an output changed in the store is a miss (with a warning), never served.
+
+Outputs are immutable and content-addressed in one more way: ``cache/objects/<sha256>/<file>.json``
+names where bytes with that sha256 and file name were first stored. A step that produces the
+same bytes again (say, a moved tag whose new image computes the same result) records that
+first location instead of a new copy, so the steps downstream see the same ``source_uri``
+and stay cached, as they should: nothing they could see has changed.
 
 Entries live in the store as ``cache/<key>.json``, written atomically once the step's outputs
 are committed, so every process and host that shares the store shares the cache. An entry
 names the run that produced the outputs and their store-relative paths; a hit reuses those
-outputs in place (nothing is copied) after checking that each is still there and committed.
+outputs in place (nothing is copied) after checking that each is still there, committed, and
+has the recorded bytes.
 
 A retried flow run keeps its run id. :class:`StoreCache` built with that ``run_id`` reads the
 run's lineage document as the earlier attempt left it, and hands back a step that already
@@ -43,20 +57,21 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from algodock.records import InputRecord, LineageDocument, OutputRecord, StepRecord
-from algodock.records import InputBinding
-from algodock.store.backends import Store, cache_rel, lineage_rel
+from algodock.lineage.queries import hash_uri, store_rel
+from algodock.records import InputBinding, InputRecord, LineageDocument, OutputRecord, StepRecord
+from algodock.store.backends import Store, cache_rel, lineage_rel, object_rel
 
 if TYPE_CHECKING:
     from algodock.contract.manifest import Manifest
 
 log = logging.getLogger("algodock.lineage.cache")
 
-CACHE_VERSION = "2"  # 2: framed folder hashes (algodock.hashing); entries keyed on the old hash miss
+CACHE_VERSION = "3"  # 2: framed folder hashes; 3: the key covers algo_input.json (file names, source_uri) and the GPU request
 """Bumped whenever the key's definition changes, so old entries simply miss."""
 
 REUSABLE = ("succeeded", "cached")
@@ -89,6 +104,29 @@ class CacheEntry(BaseModel):
     created_at: datetime
 
 
+def algo_input_view(manifest: Manifest, bindings: Mapping[str, InputBinding], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``algo_input.json`` the container of this step will read, as data (no I/O but listing).
+
+    Built with the staging plan the run itself uses, so the key sees what the container sees.
+    """
+    from algodock.contract.manifest import INPUT_DIR, AlgoConfig, AlgoInput, InputData
+    from algodock.runtime.staging import plan_inputs
+
+    data = []
+    for binding, fmt, files in plan_inputs(manifest, bindings, Path(INPUT_DIR)):
+        data.append(
+            InputData(
+                name=binding.slot,
+                format=fmt,  # type: ignore[arg-type]
+                path=f"{INPUT_DIR}/{binding.slot}",
+                files=[f.container_path for f in files],
+                source_uri=binding.uri or str(Path(binding.path).resolve()),
+                sha256=binding.sha256,
+            )
+        )
+    return AlgoInput(config=AlgoConfig(parameters=dict(parameters)), input_data=data).model_dump(mode="json")
+
+
 def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest: Manifest | None = None) -> str:
     """The step's cache key (see the module docstring); ``record.image_id`` must be resolved."""
     if not record.image_id:
@@ -102,29 +140,20 @@ def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest
         "command": list(record.command),
         "parameters": record.parameters,
         "inputs": sorted([slot, b.sha256] for slot, b in bindings.items()),
+        "gpu": (record.resource_request or {}).get("gpu", 0),
+        # Without a manifest (pure-logic callers) the descriptor is approximated by the sources.
+        "algo_input": {"sources": sorted([slot, b.uri or str(Path(b.path).resolve())] for slot, b in bindings.items())},
     }
     if manifest is not None:
         cp = manifest.container_parameters
         doc["env"] = dict(cp.env)
+        doc["gpu"] = cp.resource_request.gpu
+        doc["shm_mb"] = getattr(cp, "shm_mb", 0)
+        doc["algo_input"] = algo_input_view(manifest, bindings, record.parameters)
         doc["input_slots"] = sorted([s.name, s.format, s.multiple] for s in manifest.inputs)
         doc["output_slots"] = sorted([s.name, s.format, s.multiple, s.required] for s in manifest.outputs)
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def store_rel(store: Store, uri: str) -> str | None:
-    """``uri`` relative to the store's root, or None when it lives elsewhere."""
-    root = store.uri().rstrip("/")
-    if uri.startswith(root + "/"):
-        return uri[len(root) + 1 :]
-    local = store.local_path()
-    if local is not None and uri.startswith("file://"):
-        from algodock.store.backends import local_path_of
-
-        path = local_path_of(uri)
-        if path is not None and str(path).startswith(str(local) + "/"):
-            return str(path)[len(str(local)) + 1 :]
-    return None
 
 
 def _now() -> datetime:
@@ -169,7 +198,12 @@ class StoreCache:
         """
         record.cache_key = cache_key(record, bindings, manifest)
         earlier = self._earlier.get(record.id)
-        if earlier is not None and earlier.cache_key == record.cache_key and self._committed(o.uri for o in earlier.outputs):
+        if (
+            earlier is not None
+            and earlier.cache_key == record.cache_key
+            and self._committed(o.uri for o in earlier.outputs)
+            and self._intact(record.id, [(o.uri, o.sha256) for o in earlier.outputs])
+        ):
             log.info("step %s: kept from the earlier attempt of run %s", record.id, self.run_id)
             return earlier.model_copy(deep=True)
         if not use:
@@ -180,6 +214,8 @@ class StoreCache:
         uris = [self.store.uri(o.rel) for o in entry.outputs]
         if not all(self.store.output_exists(o.rel) for o in entry.outputs):
             log.info("step %s: cache entry %s names outputs of run %s that are gone; running it", record.id, record.cache_key[:12], entry.run_id)
+            return None
+        if not self._intact(record.id, [(uri, o.sha256) for o, uri in zip(entry.outputs, uris)]):
             return None
         now = _now()
         hit = record.model_copy(deep=True)
@@ -223,6 +259,46 @@ class StoreCache:
             created_at=_now(),
         )
         self.store.write_json(cache_rel(record.cache_key), entry.model_dump(mode="json"))
+
+    def _intact(self, step_id: str, outputs: list[tuple[str, str]]) -> bool:
+        """True when every ``(uri, sha256)`` still holds exactly the recorded bytes (re-hashed now)."""
+        for uri, expected in outputs:
+            try:
+                actual = hash_uri(uri, self.store)
+            except FileNotFoundError:
+                log.warning("step %s: cached output %s is gone; running the step", step_id, uri)
+                return False
+            if actual != expected:
+                log.warning(
+                    "step %s: cached output %s changed in the store (sha256 %s, recorded %s); not serving it, running the step",
+                    step_id, uri, actual, expected,
+                )
+                return False
+        return True
+
+    def same_bytes(self, sha256: str, filename: str) -> str | None:
+        """The URI of an output already stored with these bytes and this file name (verified), or None."""
+        raw = self.store.read_json(object_rel(sha256, filename))
+        if not isinstance(raw, dict) or not isinstance(raw.get("rel"), str):
+            return None
+        rel = raw["rel"]
+        try:
+            if not self.store.output_exists(rel):
+                return None
+        except Exception:
+            return None
+        uri = self.store.uri(rel)
+        return uri if self._intact(f"(object {sha256[:12]})", [(uri, sha256)]) else None
+
+    def remember_bytes(self, sha256: str, filename: str, uri: str) -> None:
+        """Name ``uri`` as the first stored copy of these bytes (the first writer wins; never replaced)."""
+        rel = store_rel(self.store, uri)
+        if rel is None:
+            return
+        try:
+            self.store.create_json(object_rel(sha256, filename), {"sha256": sha256, "rel": rel, "created_at": _now().isoformat()})
+        except FileExistsError:
+            pass
 
     def _entry(self, key: str) -> CacheEntry | None:
         raw = self.store.read_json(cache_rel(key))

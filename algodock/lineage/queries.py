@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 S3_BLOCK = 16 * 1024 * 1024
-_RUN_REL = re.compile(r"^runs/(?P<run>[^/]+)/steps/(?P<step>[^/]+)/outputs/(?P<file>[^/]+)(?:/(?P<member>.+))?$")
+_RUN_REL = re.compile(r"^runs/(?P<run>[^/]+)/steps/(?P<step>[^/]+)/(?:attempts/[^/]+/)?outputs/(?P<file>[^/]+)(?:/(?P<member>.+))?$")
 
 
 # ---------------------------------------------------------------- documents
@@ -76,9 +76,29 @@ def read_document(store: Store, run_id: str) -> LineageDocument:
         hint = f"runs in this store: {', '.join(known[-10:])}" if known else "this store has no runs yet"
         raise InvalidInput(f"run {run_id!r} has no lineage document at {store.uri(lineage_rel(run_id))} ({hint})")
     try:
-        return LineageDocument.model_validate(raw)
+        doc = LineageDocument.model_validate(raw)
     except ValidationError as exc:
         raise InvalidInput(f"{store.uri(lineage_rel(run_id))} is not a lineage document: {exc}") from exc
+    return _dead_writer(store, doc)
+
+
+def _dead_writer(store: Store, doc: LineageDocument) -> LineageDocument:
+    """A document left ``running`` by a process that died reads as failed, saying so (never ``running``)."""
+    if doc.status != "running":
+        return doc
+    from algodock.store.lease import describe, run_abandoned
+    from algodock.records import Failure
+
+    lease = run_abandoned(store, doc.run_id)
+    if lease is None:
+        return doc
+    message = f"the algodock process that wrote this run died ({describe(lease)}); run it again with --run-id {doc.run_id} to resume"
+    doc.status = "failed"
+    for step in doc.steps:
+        if step.status in ("running", "pending"):
+            step.status = "failed"
+            step.failure = Failure(kind="infrastructure", message=message)
+    return doc
 
 
 def run_ids(store: Store) -> list[str]:
@@ -96,6 +116,20 @@ def documents(store: Store) -> Iterator[LineageDocument]:
             yield LineageDocument.model_validate(raw)
         except ValidationError:
             continue
+
+
+def store_rel(store: Store, uri: str) -> str | None:
+    """``uri`` relative to the store's root, or None when it lives elsewhere."""
+    root = store.uri().rstrip("/")
+    if uri.startswith(root + "/"):
+        return uri[len(root) + 1 :]
+    local = store.local_path()
+    if local is not None and uri.startswith("file://"):
+        path = local_path_of(uri)
+        if path is not None and str(path).startswith(str(local) + "/"):
+            return str(path)[len(str(local)) + 1 :]
+    return None
+
 
 
 # ---------------------------------------------------------------- hashing stored data
@@ -161,7 +195,6 @@ class OutputCheck:
 
 def verify_run(store: Store, run_id: str) -> list[OutputCheck]:
     """Re-hash every output recorded in the run's lineage (cached steps' reused outputs too)."""
-    from algodock.lineage.cache import store_rel
 
     doc = read_document(store, run_id)
     checks: list[OutputCheck] = []

@@ -7,13 +7,26 @@ from S3 when the store is remote, used in place when local), asks the cache, res
 resources, runs the container through :func:`algodock.runtime.runner.run_step`, and commits the
 outputs and the full container log to the store. On a local store the container writes
 straight into the store's folder for the step (a hidden temporary name, renamed into place
-once the step succeeded), so no output byte is copied.
+once the step succeeded), so no output byte is copied, and the step's work folder (staged
+inputs) lives on the store's filesystem too (``<store>/.work/<run_id>/…``), so inputs are
+hardlinked, never copied.
+
+Every attempt writes under its own ``runs/<run>/steps/<step>/attempts/<attempt_id>/``:
+nothing a lineage document or cache entry points at is ever overwritten. Committing to the
+store is retried by itself (:func:`algodock.store.retrying`: backoff, a bound on each try)
+from the finished outputs on local disk; the container is never run again for a store
+fault. When the store stays down, the step fails with ``infrastructure`` naming the store,
+and the outputs are kept on local disk (their folder is logged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -25,11 +38,22 @@ from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
 from algodock.hashing import parquet_rows
-from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
+from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.outputs import copy_regular_tree
 from algodock.runtime.runner import run_step
 from algodock.runtime.staging import hash_input
-from algodock.store.backends import Store, fetch_input, local_path_of, log_rel, output_rel, step_rel
+from algodock.store.backends import (
+    WORK_DIR,
+    Store,
+    attempt_rel,
+    fetch_input,
+    local_path_of,
+    log_rel,
+    new_attempt_id,
+    output_rel,
+    retrying,
+    run_rel,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -165,11 +189,12 @@ def execute_step(
         attempts=attempt,
         task_run_id=task_run_id,
     )
-    scratch = ctx.scratch / f"{step_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+    attempt_id = new_attempt_id(attempt)
+    scratch = work_root(ctx) / f"{step_id}-{attempt_id}"
     scratch.mkdir(parents=True, exist_ok=True)
     _announce(ctx, "step_started", record, upstream)
     try:
-        record = _execute(ctx, step_id, upstream, record, scratch, attempt, on_log)
+        record = _execute(ctx, step_id, upstream, record, scratch, attempt, attempt_id, on_log)
         return record
     except StepFailure as failure:
         record.status = "failed"
@@ -177,7 +202,16 @@ def execute_step(
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # the run's work folder, once its last step is done
         _announce(ctx, "step_finished", record)
+
+
+def work_root(ctx: RunContext) -> Path:
+    """Where the steps of this run keep their work folders: on a local store, ``<store>/.work/<run_id>``
+    (the store's filesystem: staged inputs are hardlinks of stored outputs); else the run's scratch."""
+    local = ctx.store.local_path(WORK_DIR, ctx.run_id) if ctx.store.is_local else None
+    return local if local is not None else ctx.scratch
 
 
 def _execute(
@@ -187,6 +221,7 @@ def _execute(
     record: StepRecord,
     scratch: Path,
     attempt: int,
+    attempt_id: str,
     on_log: Callable[[str], None] | None,
 ) -> StepRecord:
     manifest = ctx.pipeline.manifests[step_id]
@@ -199,10 +234,10 @@ def _execute(
         if hit is not None:
             return hit
 
-    step_dir = ctx.store.local_path(step_rel(ctx.run_id, step_id))
-    if step_dir is not None:  # local store: the container writes into the store itself
-        step_dir.mkdir(parents=True, exist_ok=True)
-        output_dir = step_dir / f".tmp-outputs-{attempt}-{uuid.uuid4().hex[:6]}"
+    attempt_dir = ctx.store.local_path(attempt_rel(ctx.run_id, step_id, attempt_id))
+    if attempt_dir is not None:  # local store: the container writes into the store itself
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = attempt_dir / f".tmp-outputs-{uuid.uuid4().hex[:6]}"
     else:
         output_dir = scratch / "outputs"
     log_path = scratch / "container.log"
@@ -235,6 +270,7 @@ def _execute(
             image=image,
             on_log=on_log,
             log_path=log_path,
+            log_location=ctx.store.uri(log_rel(ctx.run_id, step_id, attempt_id)),  # where the "full log is in …" line points
             emit_limit=EMIT_LIMIT,
             work_dir=scratch / "work",
             before_start=acquire,
@@ -247,19 +283,64 @@ def _execute(
 
     record_from_result(record, result)
     record.attempts = attempt
-    if log_path.exists():
-        record.log_uri = ctx.store.put_output(log_path, log_rel(ctx.run_id, step_id), move=True)
+    say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
+    try:
+        if log_path.exists():
+            dest = log_rel(ctx.run_id, step_id, attempt_id)
+            record.log_uri = retrying(lambda: ctx.store.put_output(log_path, dest, move=True), f"storing the log at {ctx.store.uri(dest)}", on_retry=say)
+        if result.ok:
+            record.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
+    except InfrastructureError as exc:
+        if not result.ok:
+            log.warning("step %s: %s", step_id, exc)  # the step's own failure is what it reports
+        else:
+            kept = _keep_locally(ctx, step_id, attempt_id, output_dir)
+            message = f"the store {ctx.store.uri()} failed after the container succeeded: {exc}; the outputs are kept on local disk at {kept}"
+            log.error("step %s: %s", step_id, message)
+            record.status, record.outputs = "failed", []
+            record.failure = Failure(kind="infrastructure", message=message)
+            return record
     if result.ok:
-        record.outputs = [
-            o.model_copy(update={"uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
-            for o in result.outputs
-        ]
         _discard(output_dir)
         if ctx.cache is not None:
             ctx.cache.remember(ctx.run_id, record)
     else:
-        _keep_failed(ctx, step_id, attempt, output_dir)
+        _keep_failed(ctx, step_id, attempt_id, output_dir)
     return record
+
+
+def _commit(ctx: RunContext, step_id: str, attempt_id: str, o: OutputRecord, say: Callable[[str], None] | None) -> str:
+    """Store one output under this attempt's own prefix (retried), or reuse identical stored bytes; return its URI."""
+    filename = _filename(o)
+    if ctx.cache is not None and ctx.use_cache and hasattr(ctx.cache, "same_bytes"):
+        earlier = ctx.cache.same_bytes(o.sha256, filename)
+        if earlier is not None:
+            log.info("step %s: output %s has the bytes already stored at %s; recording that copy", step_id, o.name, earlier)
+            return earlier
+    dest = output_rel(ctx.run_id, step_id, filename, attempt_id)
+    uri = retrying(lambda: ctx.store.put_output(o.path, dest, move=True), f"storing output {o.name} at {ctx.store.uri(dest)}", on_retry=say)
+    if ctx.cache is not None and hasattr(ctx.cache, "remember_bytes"):
+        ctx.cache.remember_bytes(o.sha256, filename, uri)
+    return uri
+
+
+def keep_dir() -> Path:
+    """Where outputs the store would not take are kept (``ALGODOCK_KEEP_DIR``, default ``~/.algodock/kept``)."""
+    return Path(os.environ.get("ALGODOCK_KEEP_DIR") or Path.home() / ".algodock" / "kept")
+
+
+def _keep_locally(ctx: RunContext, step_id: str, attempt_id: str, output_dir: Path) -> Path:
+    """Move finished outputs out of the step's scratch folder (which is removed) to a kept folder."""
+    if ctx.store.is_local:
+        return output_dir  # already in the store's folder, under a hidden name
+    dest = keep_dir() / ctx.run_id / step_id / attempt_id
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(output_dir), str(dest))
+    except OSError as exc:
+        log.error("step %s: could not keep the outputs at %s (%s); they stay at %s until the run ends", step_id, dest, exc, output_dir)
+        return output_dir
+    return dest
 
 
 def _discard(output_dir: Path) -> None:
@@ -267,15 +348,67 @@ def _discard(output_dir: Path) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def _keep_failed(ctx: RunContext, step_id: str, attempt: int, output_dir: Path) -> None:
+def _keep_failed(ctx: RunContext, step_id: str, attempt_id: str, output_dir: Path) -> None:
     """Whatever a failed attempt wrote is kept beside the step for a post-mortem, never lost."""
     if output_dir.exists() and any(output_dir.iterdir()):
         kept = output_dir.with_name(f"{output_dir.name}-kept")  # beside it: same filesystem, hardlinks
         try:
             # Only regular files and folders: no symlink to a host file, no FIFO, for whoever reads the store.
             copy_regular_tree(output_dir, kept)
-            ctx.store.put_output(kept, f"{step_rel(ctx.run_id, step_id)}/failed-attempt-{attempt}", move=True)
+            ctx.store.put_output(kept, f"{attempt_rel(ctx.run_id, step_id, attempt_id)}/failed-outputs", move=True)
         except Exception as exc:  # a post-mortem copy must not hide the step's own failure
             log.warning("could not keep the outputs of failed step %s: %s", step_id, exc)
         _discard(kept)
     _discard(output_dir)
+
+
+_SCRATCH_SUFFIX = re.compile(r"^[a-z0-9_]{8}$")
+
+
+def recover_run(store: Store, run_id: str, client: docker.DockerClient | None = None) -> list[str]:
+    """Clean up after an earlier writer of ``run_id`` that died (call it holding the run's lease).
+
+    Removes containers whose owning process is gone (by label, pid checked), the run's
+    hidden ``.tmp-…`` folders in a local store, its work folders (``<store>/.work/<run_id>``)
+    and the scratch folders a killed flow left in the system temp folder. Returns what it removed.
+    """
+    removed: list[str] = []
+    if client is not None:
+        from algodock.runtime.engine import LABEL, _owner_alive
+
+        try:
+            # This run's containers only, from the list call alone (sparse: no inspect of each container,
+            # so an unrelated container the engine is slow to describe cannot stall the resume).
+            for c in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}.run_id={run_id}"}):
+                if not _owner_alive(c.attrs.get("Labels") or {}):
+                    c.remove(force=True)
+                    removed.append(f"container {c.id[:12]}")
+        except Exception as exc:  # the engine may be down; the run reports that itself
+            log.warning("run %s: could not remove leftover containers: %s", run_id, exc)
+    run_dir = store.local_path(run_rel(run_id)) if store.is_local else None
+    if run_dir is not None and run_dir.is_dir():
+        for dirpath, dirnames, _ in os.walk(run_dir):
+            for name in list(dirnames):
+                if name.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+                    removed.append(os.path.join(dirpath, name))
+                    dirnames.remove(name)
+    work = store.local_path(WORK_DIR, run_id) if store.is_local else None
+    if work is not None and work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(str(work))
+    prefix = f"algodock-{run_id}-"  # the flow's scratch: tempfile.mkdtemp(prefix=prefix), 8 random characters
+    tmp = Path(tempfile.gettempdir())
+    for entry in tmp.glob(f"{glob_escape(prefix)}*"):
+        if entry.is_dir() and _SCRATCH_SUFFIX.match(entry.name[len(prefix):]):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    if removed:
+        log.warning("run %s: removed what a crashed earlier writer left: %s", run_id, ", ".join(removed))
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)

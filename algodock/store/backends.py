@@ -4,17 +4,27 @@ Layout under the store's root (see the ``*_rel`` helpers)::
 
     runs/<run_id>/run.json
     runs/<run_id>/lineage.json
-    runs/<run_id>/steps/<step_id>/outputs/<name>.<ext> | <name>/
-    runs/<run_id>/steps/<step_id>/container.log
+    runs/<run_id>/lease.json                      who writes the run now (see algodock.store.lease)
+    runs/<run_id>/steps/<step_id>/attempts/<attempt_id>/outputs/<name>.<ext> | <name>/
+    runs/<run_id>/steps/<step_id>/attempts/<attempt_id>/container.log
     cache/<key>.json
+    cache/objects/<sha256>/<filename>.json        where bytes with this hash are already stored
+
+Stored outputs are immutable. Every attempt of a step writes under its own
+``attempts/<attempt_id>/`` (the attempt number and a random suffix), so neither a retried
+attempt nor a reused run id ever writes where a lineage document or cache entry points;
+:meth:`Store.put_output` refuses to replace an output that is already committed.
 
 A crash never leaves a half-written output that looks complete. The local store writes
 into a hidden ``.tmp-…`` name beside the destination and renames it into place (atomic on
 one filesystem). S3 has no atomic rename of a prefix, so :class:`S3Store` uploads the data
-first and a ``<rel>._COMMITTED.json`` marker (each file's path, size and sha256, measured
-from the bytes as they were uploaded) last; readers
-(:meth:`Store.output_exists`, :meth:`Store.fetch`) treat an output under ``runs/`` without
-its marker as absent. JSON records are one PUT on S3, which is atomic.
+first, under the attempt's own prefix, and a ``<rel>._COMMITTED.json`` marker (each file's
+path, size and sha256, measured from the bytes as they were uploaded) last, with one
+conditional PUT (``If-None-Match: *``): of two writers only one can commit, and no writer
+ever deletes or overwrites another's objects. Readers (:meth:`Store.output_exists`,
+:meth:`Store.fetch`) treat an output under ``runs/`` without its marker as absent. JSON
+records are one PUT on S3, which is atomic; :meth:`Store.create_json` and
+:meth:`Store.replace_json` are the conditional writes the run lease is built on.
 
 >>> import tempfile
 >>> store = open_store(tempfile.mkdtemp())
@@ -27,19 +37,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import random
 import shutil
 import stat
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urlparse
 
 from algodock.contract.manifest import safe_relative
@@ -48,6 +63,9 @@ from algodock.hashing import folder_digest, list_files, sort_key
 
 if TYPE_CHECKING:
     import s3fs
+
+log = logging.getLogger("algodock.store")
+T = TypeVar("T")
 
 DEFAULT_STORE = Path(".algodock/store")
 """The store used when none is given, relative to the working directory."""
@@ -61,6 +79,7 @@ _DOWNLOADS = 16
 
 _TMP = ".tmp-"
 _OLD = ".old-"
+_LOCK = ".lock-"
 
 
 # ---------------------------------------------------------------- layout
@@ -86,14 +105,47 @@ def step_rel(run_id: str, step_id: str) -> str:
     return f"runs/{run_id}/steps/{step_id}"
 
 
-def output_rel(run_id: str, step_id: str, filename: str) -> str:
-    """``runs/<run_id>/steps/<step_id>/outputs/<filename>`` (``<name>.<ext>`` or a folder ``<name>``)."""
+def attempt_rel(run_id: str, step_id: str, attempt_id: str) -> str:
+    """``runs/<run_id>/steps/<step_id>/attempts/<attempt_id>``: everything one attempt wrote."""
+    return f"runs/{run_id}/steps/{step_id}/attempts/{attempt_id}"
+
+
+def new_attempt_id(attempt: int) -> str:
+    """A fresh attempt id, ``<attempt>-<random>``: unique even when a run id is reused.
+
+    >>> new_attempt_id(2).startswith("2-"), len(new_attempt_id(1))
+    (True, 14)
+    """
+    return f"{attempt}-{uuid.uuid4().hex[:12]}"
+
+
+def output_rel(run_id: str, step_id: str, filename: str, attempt_id: str | None = None) -> str:
+    """Where an output goes: ``…/attempts/<attempt_id>/outputs/<filename>`` (``<name>.<ext>`` or a
+    folder ``<name>``); without ``attempt_id`` the pre-0.2 ``runs/<run_id>/steps/<step_id>/outputs/<filename>``."""
+    if attempt_id:
+        return f"{attempt_rel(run_id, step_id, attempt_id)}/outputs/{filename}"
     return f"runs/{run_id}/steps/{step_id}/outputs/{filename}"
 
 
-def log_rel(run_id: str, step_id: str) -> str:
-    """``runs/<run_id>/steps/<step_id>/container.log``: the step's full container log."""
+def log_rel(run_id: str, step_id: str, attempt_id: str | None = None) -> str:
+    """The attempt's full container log, ``…/attempts/<attempt_id>/container.log``."""
+    if attempt_id:
+        return f"{attempt_rel(run_id, step_id, attempt_id)}/container.log"
     return f"runs/{run_id}/steps/{step_id}/container.log"
+
+
+def lease_rel(run_id: str) -> str:
+    """``runs/<run_id>/lease.json``: who holds the run (one writer per run)."""
+    return f"runs/{run_id}/lease.json"
+
+
+def object_rel(sha256: str, filename: str) -> str:
+    """``cache/objects/<sha256>/<filename>.json``: where bytes with this hash and name are stored."""
+    return f"cache/objects/{sha256}/{filename}.json"
+
+
+WORK_DIR = ".work"
+"""Under a local store's root: the work folders of running steps (same filesystem, so inputs hardlink)."""
 
 
 def cache_rel(key: str) -> str:
@@ -142,17 +194,83 @@ def s3_filesystem(**kwargs: Any) -> s3fs.S3FileSystem:
     if endpoint:
         client_kwargs.setdefault("endpoint_url", endpoint)
     kwargs.setdefault("use_listings_cache", False)
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, **kwargs)
+    # A stalled endpoint must not hang a request for ever: bounded reads and few inner retries;
+    # algodock's own retry loop (:func:`retrying`) backs off between whole operations.
+    timeout = store_timeout()
+    config = dict(kwargs.pop("config_kwargs", {}))
+    config.setdefault("connect_timeout", min(timeout, 10.0))
+    config.setdefault("read_timeout", timeout)
+    config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config, **kwargs)
+    fs.retries = 2  # s3fs's own retry loop around each request (a class attribute, 5 by default)
+    return fs
+
+
+def store_timeout() -> float:
+    """Seconds one store request may stall before it counts as failed (``ALGODOCK_STORE_TIMEOUT``, default 60)."""
+    return float(os.environ.get("ALGODOCK_STORE_TIMEOUT", "60"))
+
+
+def retrying(op: Callable[[], T], what: str, *, attempts: int | None = None, timeout: float | None = None, backoff: float | None = None, on_retry: Callable[[str], None] | None = None) -> T:
+    """Run the store operation ``op`` until it succeeds, at most ``attempts`` times.
+
+    Each try is bounded by ``timeout`` seconds (a stalled endpoint cannot hang the step; the
+    stalled try is abandoned in its daemon thread), and tries are spaced by exponential
+    backoff with jitter (``backoff``, ``2·backoff``, … capped at 30 s). Only
+    :class:`InfrastructureError` and ``OSError`` are retried; the last one is raised as an
+    :class:`InfrastructureError` naming ``what``. Defaults: ``ALGODOCK_STORE_ATTEMPTS`` (5),
+    ``ALGODOCK_STORE_OP_TIMEOUT`` (4× the request timeout), ``ALGODOCK_STORE_BACKOFF`` (1 s).
+    """
+    attempts = attempts or int(os.environ.get("ALGODOCK_STORE_ATTEMPTS", "5"))
+    timeout = timeout or float(os.environ.get("ALGODOCK_STORE_OP_TIMEOUT", str(4 * store_timeout())))
+    backoff = backoff if backoff is not None else float(os.environ.get("ALGODOCK_STORE_BACKOFF", "1"))
+    last: BaseException | None = None
+    for n in range(1, attempts + 1):
+        try:
+            return _bounded(op, timeout, what)
+        except (InfrastructureError, OSError) as exc:
+            if isinstance(exc, (FileNotFoundError, FileExistsError)):
+                raise
+            last = exc
+            if n == attempts:
+                break
+            delay = min(backoff * 2 ** (n - 1), 30.0) * (0.5 + random.random() / 2)
+            message = f"{what} failed (try {n} of {attempts}): {exc}; retrying in {delay:.1f} s"
+            log.warning("%s", message)
+            if on_retry is not None:
+                on_retry(message)
+            time.sleep(delay)  # backoff between tries, not synchronization
+    raise InfrastructureError(f"{what} failed {attempts} times; last error: {last}") from last
+
+
+def _bounded(op: Callable[[], T], timeout: float, what: str) -> T:
+    """``op()`` in a daemon thread, waited for at most ``timeout`` seconds."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = op()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="algodock-store-op", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise InfrastructureError(f"{what}: no answer within {timeout:g} s (ALGODOCK_STORE_OP_TIMEOUT)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @contextmanager
 def _infra(what: str) -> Iterator[None]:
-    """Turn S3/network failures into :class:`InfrastructureError` (retryable); FileNotFoundError passes."""
+    """Turn S3/network failures into :class:`InfrastructureError` (retryable); FileNotFoundError and FileExistsError pass."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError):
         raise
     except (OSError, BotoCoreError, ClientError, asyncio.TimeoutError) as exc:
         raise InfrastructureError(f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -194,7 +312,7 @@ def _tmp_beside(dest: Path) -> Path:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith((_TMP, _OLD)) or name.endswith(MARKER_SUFFIX)
+    return name.startswith((_TMP, _OLD, _LOCK)) or name.endswith(MARKER_SUFFIX)
 
 
 # ---------------------------------------------------------------- fetching
@@ -436,6 +554,25 @@ class Store(ABC):
     def output_exists(self, rel: str) -> bool:
         """True when a complete (committed) output is at ``rel``."""
 
+    @abstractmethod
+    def create_json(self, rel: str, obj: Any) -> str:
+        """Write a JSON record only if nothing is at ``rel`` (one atomic step); return its version.
+
+        Raises :class:`FileExistsError` when a record is already there: of two writers racing
+        for ``rel``, exactly one wins.
+        """
+
+    @abstractmethod
+    def read_json_versioned(self, rel: str) -> tuple[Any | None, str | None]:
+        """The JSON record at ``rel`` and its version (an opaque token), or ``(None, None)``."""
+
+    @abstractmethod
+    def replace_json(self, rel: str, obj: Any, version: str) -> str:
+        """Replace the record at ``rel`` only if it still has ``version``; return the new version.
+
+        Raises :class:`FileExistsError` when someone else changed it in between.
+        """
+
     def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
         """Make data at ``uri`` (local path, file:// or s3://) available locally; see :func:`fetch_uri`."""
         return self.fetch_input(uri, dest, expected_sha256=expected_sha256).path
@@ -500,6 +637,50 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def create_json(self, rel: str, obj: Any) -> str:
+        dest = self.local_path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(obj, indent=2, default=str).encode()
+        tmp = _tmp_beside(dest)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, dest)  # fails with EEXIST when a record is there: atomic, unlike exists()+write
+        finally:
+            tmp.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_json_versioned(self, rel: str) -> tuple[Any | None, str | None]:
+        try:
+            data = self.local_path(rel).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return json.loads(data), hashlib.sha256(data).hexdigest()
+
+    def replace_json(self, rel: str, obj: Any, version: str) -> str:
+        dest = self.local_path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(obj, indent=2, default=str).encode()
+        # Compare-and-swap under an exclusive lock of a file beside the record (released by the
+        # kernel if this process dies); create_json needs no lock, it only writes where nothing is.
+        with open(dest.with_name(f"{_LOCK}{dest.name}"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = dest.read_bytes()
+            except FileNotFoundError:
+                raise FileExistsError(f"{dest}: the record is gone; someone else changed it") from None
+            if hashlib.sha256(current).hexdigest() != version:
+                raise FileExistsError(f"{dest}: someone else changed the record")
+            tmp = _tmp_beside(dest)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
     def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
         src = Path(local_path)
         dest = self.local_path(rel)
@@ -507,6 +688,8 @@ class LocalStore(Store):
             raise FileNotFoundError(f"{src}: nothing to store")
         if src.absolute() == dest or (dest.exists() and os.path.samefile(src, dest)):
             return str(dest)
+        if os.path.lexists(dest):  # stored outputs are immutable: a lineage document may point here
+            raise FileExistsError(f"{dest}: an output is already stored there; outputs are never replaced")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_beside(dest)
         try:
@@ -577,6 +760,33 @@ class S3Store(Store):
         names = {posixpath.basename(e.rstrip("/")) for e in entries}
         return sorted(n for n in names if n and not _hidden(n))
 
+    def create_json(self, rel: str, obj: Any) -> str:
+        with _infra(f"cannot write {self.uri(rel)}"):
+            out = self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode(), mode="create")  # If-None-Match: *
+        return _etag(out)
+
+    def read_json_versioned(self, rel: str) -> tuple[Any | None, str | None]:
+        with _infra(f"cannot read {self.uri(rel)}"):
+            try:
+                etag = self.fs.info(self._key(rel))["ETag"]
+                data = self.fs.cat_file(self._key(rel))
+            except FileNotFoundError:
+                return None, None
+        # A record replaced between the two calls gives new data with the old ETag: the next
+        # replace_json then fails its If-Match, which is the safe way round.
+        return json.loads(data), etag
+
+    def replace_json(self, rel: str, obj: Any, version: str) -> str:
+        try:
+            with _infra(f"cannot write {self.uri(rel)}"):
+                out = self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode(), IfMatch=version)
+        except InfrastructureError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EINVAL or "PreconditionFailed" in str(exc) or "412" in str(exc):
+                raise FileExistsError(f"{self.uri(rel)}: someone else changed the record") from exc
+            raise
+        return _etag(out)
+
     def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
         src = Path(local_path)
         key, marker = self._key(rel), self._key(rel) + MARKER_SUFFIX
@@ -585,13 +795,12 @@ class S3Store(Store):
         is_dir = src.is_dir() and not src.is_symlink()
         rels = list_files(src) if is_dir else [""]  # regular files only: links and special files never go up
         with _infra(f"cannot upload {src} to {self.uri(rel)}"):
-            # Uncommit first, and drop what an earlier attempt left (stale parquet parts).
-            try:
-                self.fs.rm_file(marker)
-            except FileNotFoundError:
-                pass
-            if self.fs.exists(key):
-                self.fs.rm(key, recursive=True)
+            # Nothing is deleted or overwritten: ``rel`` is under this attempt's own prefix, and
+            # the marker is one conditional PUT, so of two writers exactly one commits.
+            if self.fs.exists(marker):
+                if self._same_commit(marker, src, rels):  # an earlier try of this upload committed; its answer was lost
+                    return self.uri(rel)
+                raise FileExistsError(f"{self.uri(rel)}: an output is already committed there; outputs are never replaced")
             pairs = [(src / r if r else src, f"{key}/{r}" if r else key) for r in rels]
             try:
                 measured = _put_all_hashed(self.fs, pairs)
@@ -605,8 +814,28 @@ class S3Store(Store):
                 "files": files,
                 "committed_at": datetime.now(timezone.utc).isoformat(),
             }
-            self.fs.pipe_file(marker, json.dumps(record, indent=2).encode())
+            try:
+                self.fs.pipe_file(marker, json.dumps(record, indent=2).encode(), mode="create")  # If-None-Match: *
+            except FileExistsError:
+                # An earlier try of this same upload may have committed before its answer was lost.
+                if not self._same_commit(marker, src, rels, files):
+                    raise FileExistsError(f"{self.uri(rel)}: another writer committed different files there; outputs are never replaced") from None
         return self.uri(rel)
+
+    def _same_commit(self, marker: str, src: Path, rels: list[str], files: list[dict[str, Any]] | None = None) -> bool:
+        """True when the marker at ``marker`` lists exactly our files (paths and sizes; sha256 too when known).
+
+        Only the writer of an attempt writes under its prefix, so that is this upload, retried.
+        """
+        try:
+            earlier = json.loads(self.fs.cat_file(marker))
+        except (FileNotFoundError, ValueError):
+            return False
+        listed = earlier.get("files") or []
+        if files is not None:
+            return [(f.get("path"), f.get("size"), f.get("sha256")) for f in listed] == [(f["path"], f["size"], f["sha256"]) for f in files]
+        ours = [(r, (src / r if r else src).stat().st_size) for r in rels]
+        return [(f.get("path"), f.get("size")) for f in listed] == ours
 
     def fetch_input(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Fetched:
         """As :func:`fetch_input`; an output of this store's ``runs/`` must be committed, only the
@@ -631,6 +860,14 @@ class S3Store(Store):
     def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
         """As :meth:`fetch_input`, returning only the local path."""
         return self.fetch_input(uri, dest, expected_sha256=expected_sha256).path
+
+
+def _etag(response: Any) -> str:
+    """The ETag of a put_object response (s3fs returns it from pipe_file)."""
+    etag = (response or {}).get("ETag") if isinstance(response, dict) else None
+    if not etag:
+        raise InfrastructureError("the S3 endpoint returned no ETag for a conditional write")
+    return str(etag)
 
 
 def open_store(uri: str | None = None) -> Store:

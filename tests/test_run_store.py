@@ -1,0 +1,497 @@
+"""`algodock run --json` against its store, as a user runs it (a subprocess, real Docker, real
+Prefect API, a local store or a moto S3 server in its own process): immutable outputs and an
+honest cache, store faults retried without re-running the container, a run killed with
+SIGKILL and resumed, one writer per run.
+
+The steps are tiny busybox images; the Prefect test server is the session's harness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from algodock.runtime.engine import LABEL
+from algodock.hashing import sha256_path
+from algodock.store.backends import lease_rel, local_path_of, open_store, s3_filesystem
+from tests.lineage_support import STABLE, build_versioned, manifest, sh
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).parent / "algodock"
+ALGODOCK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "algodock.cli"]
+
+
+@pytest.fixture(scope="module")
+def image(docker_client, busybox_image) -> str:
+    return build_versioned(docker_client, STABLE, "stable")
+
+
+@pytest.fixture(scope="module")
+def prefect_env(prefect_harness) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: float = 0.05) -> Any:
+    """Wait until ``check()`` is truthy (returning it); fail naming ``what`` at the deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)  # polling interval, not synchronization: the state decides
+    pytest.fail(f"timed out after {deadline:g} s waiting for {what}")
+
+
+def algodock_run(spec: Path, env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run([*ALGODOCK, "run", str(spec), *args, "--json"], capture_output=True, text=True, env=env, timeout=timeout, cwd=spec.parent)
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"`algodock run` printed no JSON (exit {proc.returncode}); stderr:\n{proc.stderr[-4000:]}")
+    return proc.returncode, doc, proc.stderr
+
+
+def k_pipeline(folder: Path, image: str, *, seconds: int = 0, second_step: bool = False, out_mb: int = 0) -> Path:
+    """One step ``make`` writing its parameter ``k`` (and optional padding) to ``out.binary``;
+    optionally a step ``use`` that copies it (and records the inode it saw)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pad = f" && head -c {out_mb * 1024 * 1024} /dev/zero >> /work/output/out.binary" if out_mb else ""
+    wait = f"sleep {seconds} && " if seconds else ""
+    manifest(
+        folder / "make.json", name="make", image=image,
+        command=sh(f"{wait}grep -o '\"k\": *[0-9]*' /work/algo_input.json > /work/output/out.binary{pad}"),
+        inputs=[], outputs=[{"name": "out", "format": "binary"}],
+        parameters={"type": "object", "properties": {"k": {"type": "integer", "default": 1}}, "additionalProperties": False},
+    )
+    steps: list[dict[str, Any]] = [{"id": "make", "manifest": "make.json"}]
+    if second_step:
+        manifest(
+            folder / "use.json", name="use", image=image,
+            command=sh("stat -c %i /work/input/data/* > /work/output/inode.binary"),
+            inputs=[{"name": "data", "format": "binary"}], outputs=[{"name": "inode", "format": "binary"}],
+        )
+        steps.append({"id": "use", "manifest": "use.json", "inputs": {"data": "make.out"}})
+    path = folder / "pipeline.json"
+    path.write_text(json.dumps({"pipeline_version": "0.1", "name": "k", "steps": steps}))
+    return path
+
+
+def step(doc: dict[str, Any], step_id: str) -> dict[str, Any]:
+    return next(s for s in doc["steps"] if s["id"] == step_id)
+
+
+def lineage(store: Path | str, run_id: str) -> dict[str, Any]:
+    return open_store(str(store)).read_json(f"runs/{run_id}/lineage.json")
+
+
+def read_output(uri: str) -> bytes:
+    local = local_path_of(uri)
+    if local is not None:
+        return local.read_bytes()
+    return s3_filesystem().cat_file(uri.removeprefix("s3://"))
+
+
+class ContainerCreates:
+    """Counts the containers the engine creates for ``run_id``, from its live event stream (the
+    engine's event history is a short ring buffer on a busy engine, so it is watched from the start)."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.seen: list[str] = []
+        self._stream = client.events(decode=True, filters={"type": "container", "event": "create", "label": f"{LABEL}.run_id={run_id}"})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                self.seen.append(event.get("id", ""))
+        except Exception:  # closed
+            pass
+
+    def count(self, at_least: int) -> int:
+        """The count, once it reached ``at_least`` (events arrive a moment after the fact) or after 10 s."""
+        end = time.monotonic() + 10
+        while len(self.seen) < at_least and time.monotonic() < end:
+            time.sleep(0.05)  # polling interval
+        return len(self.seen)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+# ------------------------------------------------------------------ 1. immutable outputs, honest cache
+
+
+def test_reused_run_id_never_overwrites_what_the_cache_serves(tmp_path, image, prefect_env) -> None:
+    spec = k_pipeline(tmp_path / "p", image)
+    store = tmp_path / "store"
+    rc1, first, err1 = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "daily")
+    assert rc1 == 0, err1[-3000:]
+    rc2, second, err2 = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "daily", "--set", "make.k=2")
+    assert rc2 == 0, err2[-3000:]
+    assert step(second, "make")["status"] == "succeeded"
+    out1, out2 = step(first, "make")["outputs"][0], step(second, "make")["outputs"][0]
+    assert out1["uri"] != out2["uri"], "a reused run id wrote over the first run's output"
+    assert read_output(out1["uri"]).strip().endswith(b"1") and read_output(out2["uri"]).strip().endswith(b"2")
+
+    rc3, third, err3 = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "daily")
+    assert rc3 == 0, err3[-3000:]
+    out3 = step(third, "make")["outputs"][0]
+    assert step(third, "make")["status"] == "cached"
+    assert out3["sha256"] == out1["sha256"]
+    data = read_output(out3["uri"])
+    assert data.strip().endswith(b"1"), f"the cache served the k=2 bytes under k=1's sha256: {data!r}"
+    assert sha256_path(local_path_of(out3["uri"])) == out3["sha256"]
+
+
+def test_a_changed_cached_output_is_a_miss(tmp_path, image, prefect_env) -> None:
+    spec = k_pipeline(tmp_path / "p", image)
+    store = tmp_path / "store"
+    rc, first, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "a")
+    assert rc == 0, err[-3000:]
+    path = local_path_of(step(first, "make")["outputs"][0]["uri"])
+    assert path is not None
+    path.chmod(0o644)
+    path.write_bytes(b"tampered\n")
+    rc, second, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "b")
+    assert rc == 0, err[-3000:]
+    assert step(second, "make")["status"] == "succeeded", "a cached output whose bytes changed was served"
+    assert "changed in the store" in err
+    assert read_output(step(second, "make")["outputs"][0]["uri"]).strip().endswith(b"1")
+
+
+# ------------------------------------------------------------------ 5. the work folder on the store's filesystem
+
+
+def test_inputs_are_hardlinks_of_stored_outputs(tmp_path, image, prefect_env) -> None:
+    """The system temp folder on another filesystem (a tmpfs here) than the store: inputs must still be hardlinks."""
+    spec = k_pipeline(tmp_path / "p", image, second_step=True)
+    store = tmp_path / "store"
+    other_fs = Path("/dev/shm") / f"algodock-test-{uuid.uuid4().hex[:8]}"
+    other_fs.mkdir()
+    assert os.stat(other_fs).st_dev != os.stat(tmp_path).st_dev, "the test needs /dev/shm on another filesystem than the store"
+    try:
+        rc, doc, err = algodock_run(spec, {**prefect_env, "TMPDIR": str(other_fs)}, "--store", str(store), "--run-id", "links", "--no-cache")
+    finally:
+        import shutil
+
+        shutil.rmtree(other_fs, ignore_errors=True)
+    assert rc == 0, err[-3000:]
+    produced = local_path_of(step(doc, "make")["outputs"][0]["uri"])
+    seen = int(read_output(step(doc, "use")["outputs"][0]["uri"]).split()[0])
+    assert seen == os.stat(produced).st_ino, "the staged input is a copy, not the stored output itself"
+    assert not (store / ".work" / "links").exists(), "the run's work folder was left behind"
+
+
+# ------------------------------------------------------------------ 7. one writer per run
+
+
+def test_a_second_writer_of_the_same_run_is_refused(tmp_path, image, prefect_env, docker_client) -> None:
+    spec = k_pipeline(tmp_path / "p", image, seconds=30)
+    store = tmp_path / "store"
+    first = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", str(store), "--run-id", "one", "--no-cache", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_env, cwd=spec.parent)
+    try:
+        poll("the first run's container", lambda: docker_client.containers.list(filters={"label": f"{LABEL}.run_id=one"}), deadline=120)
+        rc, doc, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "one", "--no-cache")
+        assert rc == 1
+        assert doc["status"] == "failed" and doc["failure"]["kind"] == "invalid_input"
+        message = doc["failure"]["message"]
+        assert "'one'" in message and f"pid {first.pid}" in message and socket.gethostname() in message and "since" in message
+        assert docker_client.containers.list(all=True, filters={"label": f"{LABEL}.run_id=one"}).__len__() == 1, "the refused run started a container"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_lease_of_a_dead_holder_is_taken_over(tmp_path) -> None:
+    from algodock.store.lease import RunBusy, RunLease
+
+    store = open_store(str(tmp_path / "store"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    now = datetime.now(timezone.utc).isoformat()
+    store.create_json(lease_rel("r"), {"run_id": "r", "holder": {"host": socket.gethostname(), "pid": int(dead.stdout), "pid_start": "1", "token": "x"},
+                                       "since": now, "renewed_at": now, "expires_at": "2999-01-01T00:00:00+00:00", "released": False})
+    with RunLease(store, "r", ttl=30):
+        assert store.read_json(lease_rel("r"))["holder"]["pid"] == os.getpid()
+        child = subprocess.run([sys.executable, "-c", f"from algodock.store.lease import RunLease; from algodock.store.backends import open_store; RunLease(open_store({str(tmp_path / 'store')!r}), 'r').acquire()"],
+                               capture_output=True, text=True)
+        assert child.returncode != 0 and "RunBusy" in child.stderr and f"pid {os.getpid()}" in child.stderr
+    assert store.read_json(lease_rel("r"))["released"] is True
+    with RunLease(store, "r", ttl=30):  # released: free to take
+        pass
+    assert RunBusy.kind == "invalid_input"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_heartbeat_renews_and_a_stale_holder_learns_it_lost(tmp_path, where, s3_endpoint) -> None:
+    from algodock.store.lease import RunLease
+
+    if where == "s3":
+        bucket = f"beat-{uuid.uuid4().hex[:8]}"
+        s3_filesystem().mkdir(bucket)
+        store = open_store(f"s3://{bucket}/st")
+    else:
+        store = open_store(str(tmp_path / "store"))
+    lease = RunLease(store, "beat", ttl=0.6).acquire()
+    try:
+        first = store.read_json(lease_rel("beat"))
+        poll("a renewal", lambda: store.read_json(lease_rel("beat"))["renewed_at"] != first["renewed_at"], deadline=10)
+        assert not lease.lost.is_set()
+        # someone else takes the lease over (as if this holder had stalled past its expiry)
+        doc, version = store.read_json_versioned(lease_rel("beat"))
+        store.replace_json(lease_rel("beat"), {**doc, "holder": {"host": "elsewhere", "pid": 1, "token": "other"}}, version)
+        poll("the holder to notice it lost the lease", lease.lost.is_set, deadline=10)
+    finally:
+        lease.release()
+    assert store.read_json(lease_rel("beat"))["holder"]["host"] == "elsewhere", "a holder that lost the lease must not write it again"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_acquisition_is_race_free(tmp_path, where, s3_endpoint) -> None:
+    """Eight processes race for one run: exactly one holds it."""
+    if where == "s3":
+        bucket = f"lease-{uuid.uuid4().hex[:8]}"
+        s3_filesystem().mkdir(bucket)
+        uri = f"s3://{bucket}/st"
+    else:
+        uri = str(tmp_path / "store")
+    script = (
+        "import sys, time\n"
+        "from algodock.store.lease import RunBusy, RunLease\n"
+        "from algodock.store.backends import open_store\n"
+        "sys.stdin.readline()\n"
+        f"try:\n    RunLease(open_store({uri!r}), 'race', ttl=60).acquire()\nexcept RunBusy:\n    print('busy'); sys.exit(0)\n"
+        "print('held', flush=True)\nsys.stdin.readline()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(8)]
+    try:
+        for p in procs:  # all imported and waiting: release them together
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        answers = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert sorted(answers) == ["busy"] * 7 + ["held"], answers
+
+
+# ------------------------------------------------------------------ 3. conditional commits on S3
+
+
+def test_two_writers_cannot_both_commit_one_s3_output(tmp_path, s3_endpoint) -> None:
+    from algodock.store.backends import MARKER_SUFFIX, S3Store
+
+    bucket = f"cw-{uuid.uuid4().hex[:8]}"
+    s3_filesystem().mkdir(bucket)
+    store = S3Store(f"s3://{bucket}/st")
+    sources = []
+    for who in ("a", "b"):
+        folder = tmp_path / who
+        folder.mkdir()
+        for i in range(20):
+            (folder / f"part-{i:02d}.bin").write_bytes(who.encode() * (1000 + i) * (1 if who == "a" else 2))
+        sources.append(folder)
+    barrier = threading.Barrier(2)
+    outcome: dict[str, str] = {}
+
+    def write(src: Path) -> None:
+        barrier.wait()
+        try:
+            store.put_output(src, "runs/r/steps/s/attempts/1-x/outputs/out")
+            outcome[src.name] = "committed"
+        except FileExistsError as exc:
+            outcome[src.name] = f"refused: {exc}"
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(v.split(":")[0] for v in outcome.values()) == ["committed", "refused"], outcome
+    marker = store.read_json("runs/r/steps/s/attempts/1-x/outputs/out" + MARKER_SUFFIX)
+    assert marker["files"][0]["size"] in (1000, 2000)
+    with pytest.raises(FileExistsError):  # never replaced afterwards either
+        store.put_output(sources[0], "runs/r/steps/s/attempts/1-x/outputs/out")
+
+
+# ------------------------------------------------------------------ 4. a stalled store is retried, the container is not
+
+
+@pytest.fixture
+def moto_process() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A moto server in its own process (so it can be SIGSTOPped), on a free port of 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        poll("the moto server process", up, deadline=60)
+        yield endpoint, proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def _stderr_reader(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return lines, t
+
+
+def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, image, prefect_env, moto_process, docker_client) -> None:
+    endpoint, moto = moto_process
+    env = {**prefect_env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "ALGODOCK_STORE_TIMEOUT": "2", "ALGODOCK_STORE_OP_TIMEOUT": "4", "ALGODOCK_STORE_ATTEMPTS": "8", "ALGODOCK_STORE_BACKOFF": "0.5"}
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('stall')"], env=env, check=True, timeout=60)
+    spec = k_pipeline(tmp_path / "p", image, seconds=3, out_mb=8)
+    creates = ContainerCreates(docker_client, "stall")
+    proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", "s3://stall/st", "--run-id", "stall", "--no-cache", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=spec.parent)
+    lines, reader = _stderr_reader(proc)
+    try:
+        poll("the step's container to run", lambda: docker_client.containers.list(filters={"label": f"{LABEL}.run_id=stall"}), deadline=120)
+        moto.send_signal(signal.SIGSTOP)  # the endpoint stalls: connections are accepted, nothing answers
+        poll("a retried store operation", lambda: any("retrying in" in line for line in lines), deadline=120)
+        moto.send_signal(signal.SIGCONT)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    doc = json.loads(stdout)
+    assert proc.returncode == 0, "".join(lines)[-4000:]
+    assert step(doc, "make")["status"] == "succeeded"
+    assert creates.count(1) == 1, "the container ran again for a store fault"
+    creates.close()
+    out = step(doc, "make")["outputs"][0]
+    assert out["uri"].startswith("s3://stall/st/runs/stall/steps/make/attempts/")
+
+
+def test_a_store_that_stays_down_fails_the_step_as_infrastructure_and_keeps_the_outputs(tmp_path, image, prefect_env, moto_process, docker_client) -> None:
+    """With one Prefect attempt: the store is named, the finished outputs stay on local disk."""
+    endpoint, moto = moto_process
+    keep = tmp_path / "kept"
+    env = {**prefect_env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "ALGODOCK_STORE_TIMEOUT": "1", "ALGODOCK_STORE_OP_TIMEOUT": "2", "ALGODOCK_STORE_ATTEMPTS": "2", "ALGODOCK_STORE_BACKOFF": "0.1",
+           "ALGODOCK_KEEP_DIR": str(keep)}
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('down')"], env=env, check=True, timeout=60)
+    from algodock.pipeline.execute import RunContext, execute_step  # in-process: one attempt, no flow retries
+    from algodock.pipeline.capacity import Capacity, ResourcePool
+    from algodock.pipeline import load_pipeline
+    from algodock.store.backends import S3Store
+
+    spec = k_pipeline(tmp_path / "p", image, seconds=3)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "ALGODOCK_"))})
+    try:
+        store = S3Store("s3://down/st")
+        cap = Capacity(cpu_millicore=2000, memory_gb=2)
+        ctx = RunContext(pipeline=load_pipeline(spec, capacity=cap), store=store, run_id="down", client=docker_client, pool=ResourcePool(cap), scratch=tmp_path / "scratch")
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(record=execute_step(ctx, "make", {})))
+        t.start()
+        poll("the step's container to run", lambda: docker_client.containers.list(filters={"label": f"{LABEL}.run_id=down"}), deadline=120)
+        moto.send_signal(signal.SIGSTOP)
+        t.join(300)
+        moto.send_signal(signal.SIGCONT)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    record = result["record"]
+    assert record.status == "failed" and record.failure.kind == "infrastructure"
+    assert "s3://down/st" in record.failure.message and str(keep) in record.failure.message
+    kept = list(keep.rglob("out.binary"))
+    assert len(kept) == 1 and kept[0].read_bytes().strip().endswith(b"1")
+
+
+# ------------------------------------------------------------------ 6. crash and resume
+
+
+def test_killed_run_resumes_with_the_same_run_id(tmp_path, image, prefect_env, docker_client) -> None:
+    spec = k_pipeline(tmp_path / "p", image, second_step=False)
+    # a second, slow step after a finished first one: the kill lands while it runs
+    slow = json.loads((tmp_path / "p" / "make.json").read_text())
+    slow["name"] = "slow"
+    slow["container_parameters"]["command"] = sh("sleep 30; cat /work/input/data/* > /work/output/copy.binary")
+    slow["inputs"] = [{"name": "data", "format": "binary"}]
+    slow["outputs"] = [{"name": "copy", "format": "binary"}]
+    (tmp_path / "p" / "slow.json").write_text(json.dumps(slow))
+    doc = json.loads(spec.read_text())
+    doc["steps"].append({"id": "slow", "manifest": "slow.json", "inputs": {"data": "make.out"}})
+    spec.write_text(json.dumps(doc))
+    store = tmp_path / "store"
+    creates = ContainerCreates(docker_client, "crash")
+
+    proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", str(store), "--run-id", "crash", "--no-cache", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=prefect_env, cwd=spec.parent)
+    try:
+        poll("the slow step's container", lambda: docker_client.containers.list(filters={"label": f"{LABEL}.step_id=slow"}), deadline=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = docker_client.containers.list(all=True, filters={"label": f"{LABEL}.run_id=crash"})
+    assert left, "the killed run's container should still be there before the resume"
+    crashed = subprocess.run([*ALGODOCK, "lineage", "crash", "--store", str(store), "--json"], capture_output=True, text=True, env=prefect_env)
+    shown = json.loads(crashed.stdout)
+    assert shown["status"] != "running" and "died" in json.dumps(shown), shown
+    assert list(store.rglob(".tmp-outputs-*")), "a killed step leaves its temporary outputs (until the resume)"
+
+    rc, resumed, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "crash")
+    assert rc == 0, err[-4000:]
+    assert step(resumed, "make")["status"] in ("succeeded", "cached")
+    assert creates.count(3) == 3, "the finished step ran again"  # make, slow (killed), slow
+    creates.close()
+    present = {x["Id"] for x in docker_client.api.containers(all=True)}
+    assert not [c.id for c in left if c.id in present], "the killed run's container was not removed"
+    assert not list(store.rglob(".tmp-outputs-*")) and not list(store.rglob(".tmp-*"))
+    assert not (store / ".work" / "crash").exists()
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("algodock-crash-*"))
+    doc = lineage(store, "crash")
+    assert doc["status"] == "succeeded" and all(s["status"] != "running" for s in doc["steps"])
+    verify = subprocess.run([*ALGODOCK, "lineage", "verify", "crash", "--store", str(store)], capture_output=True, text=True, env=prefect_env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
