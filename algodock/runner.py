@@ -136,12 +136,15 @@ def run_step(
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
+    flow_run_id: str | None = None,
 ) -> StepResult:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
     ``before_start`` is called once the container is created, just before it starts (a
     resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
     as it has exited, before the clean-up (the pool gets its resources back at once).
+    ``flow_run_id``: the Prefect flow run the step belongs to, stamped as a container label so
+    that cancelling the flow run finds its containers.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -176,7 +179,7 @@ def run_step(
         work = work_dir or Path(tempfile.mkdtemp(prefix=f".algodock-{step_id}-", dir=output_dir.parent))
         result.inputs = prepare_work_dir(work, manifest, bindings, result.parameters)
 
-        labels = container_labels(run_id, step_id, attempt)
+        labels = container_labels(run_id, step_id, attempt, flow_run_id=flow_run_id)
         if staging_mode(client) == "volume":  # the engine cannot see our folders: go through its archive API
             workspace = VolumeWorkspace(client, labels)
             mounts = read_only_mounts(workspace.work.name, workspace.output.name)

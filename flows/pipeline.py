@@ -24,27 +24,32 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.context import get_run_context
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Failed
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from algodock.cache import StoreCache
 from algodock.capacity import Capacity, ResourcePool
-from algodock.engine import docker_client, kill_run_containers
-from algodock.errors import StepFailure
+from algodock.engine import kill_run_containers
 from algodock.execute import RunContext, execute_step
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store import Store, lineage_rel, open_store, run_json_rel
-from flows.artifacts import emit_step_assets, publish_run_artifacts
+from algodock.store import Store, lineage_rel, output_rel, run_json_rel
+from blocks import DockerHost, StoreBlock
+from flows.artifacts import asset_key, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
 USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
 """Failure kinds retried only when the step sets ``retries``."""
+RETRY_DELAYS_SECONDS = [2.0, 10.0]
+"""Prefect's wait before each retry of a step (the last repeats): an engine or store that just
+failed gets time to come back instead of all attempts being spent within a second."""
+RETRY_JITTER_FACTOR = 0.5
+"""Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
+MATERIALIZED_BY = "algodock"
 
 
 LISTENERS: list[Any] = []
@@ -80,33 +85,102 @@ def _retry_condition(max_user_retries: int):
     return should_retry
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> StepRecord:
-    """Run one step; raise :class:`StepFailed` on failure so Prefect can retry it."""
+def cached_state(record: StepRecord) -> State:
+    """Prefect's ``Cached`` state (Completed, named "Cached") for a cache hit, naming the run it reuses."""
+    return Completed(
+        name="Cached",
+        data=record,
+        message=f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {(record.cache_key or '')[:12]})",
+    )
+
+
+def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
+    """The body of a step's task: run it; raise :class:`StepFailed` on failure so Prefect can retry it.
+
+    ``upstream``: the records of the steps it reads from; their task runs are this task's
+    ``wait_for`` (see :func:`_schedule`), which Prefect records as its ``task_inputs``.
+    """
     from prefect.runtime import task_run
 
     logger = get_run_logger()
     attempt = int(task_run.run_count or 1)
-    with concurrency(concurrency_limit, occupy=1, strict=True) if concurrency_limit else contextlib.nullcontext():
-        record = execute_step(
-            ctx,
-            step_id,
-            upstream,
-            attempt=attempt,
-            on_log=logger.info,
-            task_run_id=str(task_run.id) if task_run.id else None,
-        )
+
+    def slot() -> Any:  # the Prefect slot is held only while the container runs
+        return concurrency(concurrency_limit, occupy=1, strict=True)
+
+    record = execute_step(
+        ctx,
+        step_id,
+        upstream,
+        attempt=attempt,
+        on_log=logger.info,
+        task_run_id=str(task_run.id) if task_run.id else None,
+        around_container=slot if concurrency_limit else None,
+    )
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
-    emit_step_assets(record, ctx.run_id)  # Prefect asset materializations of a succeeded step's outputs
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
         raise StepFailed(record)
+    if record.status == "cached":
+        logger.info("step %s cached from run %s", step_id, record.cached_from)
+        return cached_state(record)  # Prefect emits no asset event for a Cached state, as for its own cache hits
+    _add_asset_metadata(record, ctx.run_id)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record
+
+
+def _add_asset_metadata(record: StepRecord, run_id: str) -> None:
+    """Attach the sha256, rows, image id, … of each output to its materialization event."""
+    try:
+        from prefect.assets import add_asset_metadata
+        from prefect.context import AssetContext
+
+        planned = {a.key for a in (AssetContext.get().downstream_assets if AssetContext.get() else ())}
+        for o in record.outputs:
+            key = asset_key(o.uri)
+            if key not in planned:
+                continue
+            add_asset_metadata(key, {"sha256": o.sha256, "format": o.format, "rows": o.rows, "uri": o.uri, "step": record.id,
+                                     "run_id": run_id, "image": record.image, "image_id": record.image_id, "repo_digest": record.repo_digest})
+    except Exception as exc:  # the asset view must not fail the step
+        logging.getLogger("algodock").warning("could not add the asset metadata of step %s: %s", record.id, exc)
+
+
+def step_task(ctx: RunContext, step_id: str) -> Any:
+    """The Prefect task of ``step_id``: a materializing task (``prefect.assets.materialize``) of
+    the step's outputs, with the external inputs it reads as asset dependencies.
+
+    The asset keys are where the outputs will be stored (``file://…`` or ``s3://…``); the
+    upstream assets come from the upstream tasks' own materializations through ``task_inputs``.
+    """
+    from prefect.assets import materialize
+
+    spec = next(s for s in ctx.pipeline.spec.steps if s.id == step_id)
+    manifest = ctx.pipeline.manifests[step_id]
+    options: dict[str, Any] = dict(
+        name=step_id,
+        task_run_name=step_id,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=max(spec.retries, INFRA_RETRIES),
+        retry_delay_seconds=RETRY_DELAYS_SECONDS,
+        retry_jitter_factor=RETRY_JITTER_FACTOR,
+        retry_condition_fn=_retry_condition(spec.retries),
+    )
+    externals = [ctx.pipeline.inputs.get(ref.name, "") for ref in ctx.pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
+    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
+    if deps:
+        options["asset_deps"] = deps
+    outputs = sorted(
+        {k for k in (asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}"))) for o in manifest.outputs) if k}
+    )
+    if outputs:
+        return materialize(*outputs, by=MATERIALIZED_BY, **options)(_run_step)
+    return task(_run_step, **options)
 
 
 class Ledger:
@@ -198,12 +272,29 @@ def default_run_id(flow_run_id: str | None = None) -> str:
 
 
 def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
-    """Flow hook: when a worker cancels or crashes the run, remove its containers by label."""
-    run_id = (flow_run.parameters or {}).get("run_id") or flow_run.id
+    """Flow hook: when a worker cancels or crashes the run, remove its containers by label.
+
+    Containers carry the flow-run id as a label (a deployment run's run id is derived from
+    the flow-run name, so the flow-run id is what a hook always knows); a run started with
+    an explicit ``run_id`` is also looked up by it.
+    """
+    params = flow_run.parameters or {}
     try:
-        kill_run_containers(docker_client(), str(run_id))
+        engine = params.get("engine")
+        client = _engine_client(engine if isinstance(engine, str) else None)
+        killed = kill_run_containers(client, flow_run_id=str(flow_run.id))
+        if params.get("run_id"):
+            killed += kill_run_containers(client, str(params["run_id"]))
+        if killed:
+            logging.getLogger("algodock").warning("flow run %s ended (%s): removed containers %s", flow_run.id, state.name, ", ".join(killed))
     except Exception as exc:  # the hook must not mask the cancellation itself
-        logging.getLogger("algodock").warning("could not remove containers of run %s: %s", run_id, exc)
+        logging.getLogger("algodock").warning("could not remove containers of flow run %s: %s", flow_run.id, exc)
+
+
+def _engine_client(engine: Any) -> Any:
+    from blocks import resolve_engine
+
+    return resolve_engine(engine)
 
 
 def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event) -> None:
@@ -225,37 +316,42 @@ def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event
 
 @flow(
     name="algodock-pipeline",
-    task_runner=ThreadPoolTaskRunner(max_workers=64),
     on_cancellation=[_kill_on_cancel],
     on_crashed=[_kill_on_cancel],
     validate_parameters=True,
 )
 def run_pipeline(
     spec: str | dict[str, Any],
-    store: str | None = None,
+    store: str | StoreBlock | None = None,
     run_id: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     capacity: str | None = None,
     no_cache: bool = False,
     concurrency_limit: str | None = None,
+    engine: str | DockerHost | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
 
-    ``store``: local folder or ``s3://bucket/prefix`` (default ``./.algodock/store``);
+    ``store``: local folder, ``s3://bucket/prefix``, a saved store block by name
+    (``"algodock-store/lake"``) or a :class:`~blocks.StoreBlock` (default ``./.algodock/store``);
+    ``engine``: the Docker engine, a prefect-docker ``DockerHost`` block or its name
+    (``"docker-host/gpu-box"``; default ``DOCKER_HOST`` or the local socket);
     ``overrides``: ``{step_id: {param: value}}``; ``capacity``: ``cpu_millicore=N,memory_gb=M``
     (default: the engine's CPUs and memory); ``no_cache``: run every step;
     ``concurrency_limit``: the name of a Prefect global concurrency limit that every step also
-    holds one slot of while it runs: a limit shared by all hosts and runs (the capacity packs
-    this host; Prefect's limits poll, so they are no tool for packing).
+    holds one slot of while its container runs: a limit shared by all hosts and runs (the
+    capacity packs this host; Prefect's limits poll, so they are no tool for packing).
     """
+    from blocks import resolve_store
+
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    client = docker_client()
+    client = _engine_client(engine)
     cap = Capacity.parse(capacity) if capacity else Capacity.from_engine(client)
     pipeline = _load(spec, overrides, cap)
     if concurrency_limit:
         _check_limit(concurrency_limit)
-    the_store = open_store(store)
+    the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
@@ -272,7 +368,8 @@ def run_pipeline(
     )
     ledger = Ledger(doc, the_store, on_change=_notify)
     ledger.start()
-    logger.info("run %s of pipeline %s: %d steps, capacity %s, store %s", run_id, pipeline.spec.name, len(order), cap, the_store.uri())
+    workers = max_workers(pipeline, cap)
+    logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
 
     stop_watch = threading.Event()
     if flow_run_id:
@@ -280,7 +377,8 @@ def run_pipeline(
         watch = contextvars.copy_context()
         threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch), daemon=True).start()
     try:
-        status = _schedule(ctx, pipeline, order, ledger, concurrency_limit)
+        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+            status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit)
     finally:
         stop_watch.set()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -291,6 +389,24 @@ def run_pipeline(
         failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
         return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)  # type: ignore[return-value]
     return summary
+
+
+def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
+    """Threads for the step tasks: as many steps as the capacity can run at once, plus one.
+
+    The most steps that fit together is found by packing the smallest requests first; the
+    extra thread stages the next step's inputs (or serves a cache hit) while the capacity is
+    full. Never more than the number of steps, never less than one.
+    """
+    requests = sorted(
+        ((m.container_parameters.resource_request.cpu_millicore, m.container_parameters.resource_request.memory_gb) for m in pipeline.manifests.values()),
+    )
+    cpu, mem, fit = capacity.cpu_millicore, capacity.memory_gb, 0
+    for c, m in requests:
+        if c > cpu or m > mem:
+            break
+        cpu, mem, fit = cpu - c, mem - m, fit + 1
+    return max(1, min(len(requests), fit + 1))
 
 
 def _check_limit(name: str) -> None:
@@ -310,13 +426,21 @@ def _check_limit(name: str) -> None:
             ) from None
 
 
-def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, concurrency_limit: str | None = None) -> str:
-    """Submit each step when its dependencies are done; skip dependents of failures."""
+def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, runner: ThreadPoolTaskRunner, concurrency_limit: str | None = None) -> str:
+    """Submit each step when its dependencies are done; dependents of a failure are not run.
+
+    A step's task waits for its upstream tasks' futures (``wait_for``), so Prefect records
+    them in the task run's ``task_inputs`` (the run graph's edges); the upstream records
+    themselves are passed as data (the futures are already done). A dependent of a
+    failed step is still submitted with those futures: Prefect itself then gives it the state
+    it gives any task whose upstream did not complete, ``NotReady`` (Pending, "Upstream task
+    run … did not reach a 'COMPLETED' state"), without calling it; the lineage says ``skipped``.
+    """
     records: dict[str, StepRecord] = {}
     running: dict[concurrent.futures.Future, str] = {}
     prefect_futures: dict[str, Any] = {}
     waiting = list(order)
-    specs = {s.id: s for s in pipeline.spec.steps}
+    skipping: set[str] = set()
 
     def submit_ready() -> None:
         for step_id in list(waiting):
@@ -324,21 +448,24 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             if any(records.get(d) is None for d in deps):
                 continue
             waiting.remove(step_id)
-            if any(records[d].status not in ("succeeded", "cached") for d in deps) or ctx.cancel.is_set():
-                records[step_id] = StepRecord(id=step_id, status="skipped")
+            upstream = [prefect_futures[d] for d in sorted(deps) if d in prefect_futures]
+            blocked = any(records[d].status not in ("succeeded", "cached") for d in deps)
+            if ctx.cancel.is_set() or (blocked and len(upstream) < len(deps)):
+                records[step_id] = StepRecord(id=step_id, status="skipped")  # nothing in Prefect to point at
                 ledger.update(records[step_id])
                 continue
-            retries = specs[step_id].retries
-            task_fn = run_step_task.with_options(
-                name=step_id,
-                task_run_name=step_id,
-                retries=max(retries, INFRA_RETRIES),
-                retry_condition_fn=_retry_condition(retries),
+            if blocked:
+                skipping.add(step_id)
+            else:
+                # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
+                ledger.update(StepRecord(id=step_id, status="running"))
+            task_fn = step_task(ctx, step_id)
+            inputs = {d: records[d] for d in deps if not blocked}
+            fut = runner.submit(
+                task_fn,
+                {"ctx": quote(ctx), "step_id": step_id, "upstream": quote(inputs), "ledger": quote(ledger), "concurrency_limit": concurrency_limit},
+                wait_for=upstream,
             )
-            upstream = {d: records[d] for d in deps}
-            # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
-            ledger.update(StepRecord(id=step_id, status="running"))
-            fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger), concurrency_limit)
             prefect_futures[step_id] = fut
             running[fut.wrapped_future] = step_id
 
@@ -347,6 +474,10 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
         done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
         for f in done:
             step_id = running.pop(f)
+            if step_id in skipping:
+                records[step_id] = StepRecord(id=step_id, status="skipped")
+                ledger.update(records[step_id])
+                continue
             try:
                 value = prefect_futures[step_id].result(raise_on_failure=True)
                 records[step_id] = value
