@@ -85,13 +85,16 @@ def _retry_condition(max_user_retries: int):
     return should_retry
 
 
-def cached_state(record: StepRecord) -> State:
-    """Prefect's ``Cached`` state (Completed, named "Cached") for a cache hit, naming the run it reuses."""
-    return Completed(
-        name="Cached",
-        data=record,
-        message=f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {(record.cache_key or '')[:12]})",
-    )
+def cached_state(record: StepRecord, run_id: str) -> State:
+    """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
+    naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
+    of this run (a retried flow run keeps what already succeeded)."""
+    key = (record.cache_key or "")[:12]
+    if record.status == "cached":
+        message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
+    else:
+        message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
+    return Completed(name="Cached", data=record, message=message)
 
 
 def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
@@ -125,9 +128,11 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
         raise StepFailed(record)
-    if record.status == "cached":
-        logger.info("step %s cached from run %s", step_id, record.cached_from)
-        return cached_state(record)  # Prefect emits no asset event for a Cached state, as for its own cache hits
+    this_run = str(task_run.id) if task_run.id else None
+    kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
+    if record.status == "cached" or kept:
+        logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
+        return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
     _add_asset_metadata(record, ctx.run_id)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record

@@ -119,9 +119,30 @@ def deploy_pipeline(name: str, pool: str, parameters: dict) -> str:
     """Register flows/pipeline.py:run_pipeline (from this checkout) as a deployment; returns ``flow/deployment``."""
     from flows.pipeline import run_pipeline
 
-    source = run_pipeline.from_source(source=str(REPO), entrypoint="flows/pipeline.py:run_pipeline")
-    source.deploy(name=name, work_pool_name=pool, parameters=parameters, build=False, push=False, print_next_steps=False)
+    def deploy() -> None:
+        source = run_pipeline.from_source(source=str(REPO), entrypoint="flows/pipeline.py:run_pipeline")
+        source.deploy(name=name, work_pool_name=pool, parameters=parameters, build=False, push=False, print_next_steps=False)
+
+    off_loop(deploy)
     return f"algodock-pipeline/{name}"
+
+
+def start_deployment(name: str):
+    """``run_deployment(name, timeout=0)``: the new flow run, not waited for."""
+    from prefect.deployments import run_deployment
+
+    return off_loop(lambda: run_deployment(name, timeout=0))
+
+
+def off_loop(fn):
+    """Call ``fn`` in a thread without an event loop: Prefect's dual sync/async functions return
+    coroutines when they see one (Playwright's sync API runs one in the test's thread)."""
+    import concurrent.futures
+    import contextvars
+
+    ctx = contextvars.copy_context()  # the Prefect settings of the test go along
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(ctx.run, fn).result()
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition"):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, write_manifest
-from tests.prefect_server import PrefectServer, deploy_pipeline, wait_for
+from tests.prefect_server import start_deployment, PrefectServer, deploy_pipeline, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server]
 
@@ -25,13 +25,12 @@ def _containers(client, label: str) -> list:
 def test_cancelling_a_deployment_run_removes_its_containers(tmp_path, on_prefect_server, process_worker, docker_client, busybox_image):
     """A deployment run (no run_id parameter) run by a real worker, cancelled through the API."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
     write_manifest(tmp_path / "sleep.json", name="sleeper", image=busybox_image, command=["sh", "-c", "echo started; sleep 300"], container=SMALL)
     (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: cancel-deploy\nsteps:\n  - {id: slow, manifest: sleep.json}\n')
     name = deploy_pipeline("cancel-test", process_worker.pool, {"spec": str(tmp_path / "p.yaml"), "store": str(tmp_path / "store"), "no_cache": True})
-    flow_run = run_deployment(name, timeout=0)
+    flow_run = start_deployment(name)
     label = f"io.algodock.flow_run_id={flow_run.id}"
     try:
         wait_for(lambda: [c for c in _containers(docker_client, label) if c.status == "running"], timeout=180, what=f"a running container labelled {label}")

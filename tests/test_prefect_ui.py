@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_manifest
-from tests.prefect_server import deploy_pipeline, wait_for
+from tests.prefect_server import start_deployment, deploy_pipeline, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server, pytest.mark.browser]
 
@@ -59,7 +59,6 @@ def _upstream(task_run) -> set[str]:
 
 def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, process_worker, docker_client, busybox_image, browser):
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
 
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -82,12 +81,13 @@ def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, 
         "  - {id: last, manifest: last.json, inputs: {prev: check.out}}\n"
     )
     name = deploy_pipeline("retry-test", process_worker.pool, {"spec": str(spec), "store": str(tmp_path / "store")})
-    flow_run = run_deployment(name, timeout=0)
+    flow_run = start_deployment(name)
     with get_client(sync_client=True) as client:
         first = wait_for(lambda: (s := client.read_flow_run(flow_run.id).state) and s.is_final() and s, timeout=240, what="the first attempt to end")
     assert first.is_failed(), first
     runs = _latest_task_runs(flow_run.id)
     assert runs["make"].state.is_completed() and runs["check"].state.is_failed() and runs["last"].state.name == "NotReady"
+    first_make_id = str(runs["make"].id)
 
     (gate / "ok").write_text("open")  # the fix, before Retry
     retry_from = int(time.time())
@@ -113,8 +113,10 @@ def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, 
     assert ran == ["check", "last"], ran
     (run_dir,) = list((tmp_path / "store/runs").iterdir())  # one run id: the retried flow run keeps it
     by = {s["id"]: s for s in json.loads((run_dir / "lineage.json").read_text())["steps"]}
-    assert (by["make"]["status"], by["check"]["status"], by["last"]["status"]) == ("cached", "succeeded", "succeeded")
+    assert (by["make"]["status"], by["check"]["status"], by["last"]["status"]) == ("succeeded",) * 3
+    assert by["make"]["task_run_id"] == first_make_id  # kept from the first attempt: no container ran
     runs = _latest_task_runs(flow_run.id)
-    assert runs["make"].state.name == "Cached" and runs["check"].state.name == "Completed" and runs["last"].state.name == "Completed"
+    assert runs["make"].state.name == "Cached" and first_make_id in runs["make"].state.message
+    assert runs["check"].state.name == "Completed" and runs["last"].state.name == "Completed"
     assert _upstream(runs["check"]) == {str(runs["make"].id)}
     assert _upstream(runs["last"]) == {str(runs["check"].id)}
