@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -62,6 +62,64 @@ def _notify(record: StepRecord) -> None:
             listener(record)
         except Exception:  # a broken view must not break the run
             pass
+
+
+API_PROBE_SECONDS = 1.0
+API_LOST_AFTER = 3
+"""Consecutive failed probes of the Prefect API's /health (one a second) after which the run
+goes on without Prefect: the steps' outcome is what counts, Prefect's record stays incomplete."""
+
+
+class RunWatch:
+    """What a caller sees of a run without asking Prefect: whether it finished, whether
+    Prefect's API went away, and which path (Prefect's task, or direct) runs each step."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+        self.prefect_lost = threading.Event()
+        self.final: dict[str, StepRecord] = {}
+        self._claims: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, step_id: str, by: str) -> bool:
+        """True when ``by`` ("prefect" or "direct") runs ``step_id``: the first claim wins."""
+        with self._lock:
+            return self._claims.setdefault(step_id, by) == by
+
+
+_WATCHES: dict[str, RunWatch] = {}
+
+
+def run_watch(run_id: str) -> RunWatch:
+    """The :class:`RunWatch` of ``run_id`` in this process (created on first use)."""
+    return _WATCHES.setdefault(run_id, RunWatch())
+
+
+def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
+    """Probe the Prefect API; set ``watch.prefect_lost`` when it stops answering at all.
+
+    Any HTTP answer counts as alive (a Cloud API may want auth for /health): only refused
+    connections and timeouts count as misses.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return  # an in-process API cannot go away without this process
+    misses = 0
+    while not stop.wait(API_PROBE_SECONDS):
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=2.0)
+            misses = 0
+        except httpx.HTTPError:
+            misses += 1
+        if misses >= API_LOST_AFTER:
+            logging.getLogger("algodock").warning(
+                "the Prefect API at %s does not answer: the run goes on without it; Prefect's record of this run will be incomplete", url
+            )
+            watch.prefect_lost.set()
+            return
 
 
 class StepFailed(Exception):
@@ -107,6 +165,9 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
 
     logger = get_run_logger()
     attempt = int(task_run.run_count or 1)
+    watch = run_watch(ctx.run_id)
+    if not watch.claim(step_id, "prefect"):  # run directly while the Prefect API was away
+        return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
 
     def slot() -> Any:  # the Prefect slot is held only while the container runs
         return concurrency(concurrency_limit, occupy=1, strict=True)
@@ -124,6 +185,7 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
+    watch.final[step_id] = record  # what the scheduler uses if Prefect cannot be told
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
@@ -377,17 +439,23 @@ def run_pipeline(
     logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
 
     stop_watch = threading.Event()
+    watch = run_watch(run_id)
     if flow_run_id:
-        # In a copy of this context, so the watcher talks to the same Prefect API (settings set in code included).
-        watch = contextvars.copy_context()
-        threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch), daemon=True).start()
+        # In copies of this context, so the watchers talk to the same Prefect API (settings set in code included).
+        for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch)), (_watch_api, (watch, stop_watch))):
+            threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
+    runner = ThreadPoolTaskRunner(max_workers=workers).__enter__()
     try:
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit)
+        status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit, watch, workers)
     finally:
         stop_watch.set()
         shutil.rmtree(scratch, ignore_errors=True)
     ledger.finish(status)
+    watch.finished.set()
+    if watch.prefect_lost.is_set():  # task threads may still be retrying calls to the API: do not wait for them
+        logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
+        return ledger.summary()
+    runner.__exit__(None, None, None)
     publish_run_artifacts(ledger.doc, pipeline)
     summary = ledger.summary()
     if status != "succeeded":
@@ -431,7 +499,16 @@ def _check_limit(name: str) -> None:
             ) from None
 
 
-def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, runner: ThreadPoolTaskRunner, concurrency_limit: str | None = None) -> str:
+def _schedule(
+    ctx: RunContext,
+    pipeline: Pipeline,
+    order: list[str],
+    ledger: Ledger,
+    runner: ThreadPoolTaskRunner,
+    concurrency_limit: str | None = None,
+    watch: RunWatch | None = None,
+    workers: int = 1,
+) -> str:
     """Submit each step when its dependencies are done; dependents of a failure are not run.
 
     A step's task waits for its upstream tasks' futures (``wait_for``), so Prefect records
@@ -440,12 +517,36 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
     failed step is still submitted with those futures: Prefect itself then gives it the state
     it gives any task whose upstream did not complete, ``NotReady`` (Pending, "Upstream task
     run … did not reach a 'COMPLETED' state"), without calling it; the lineage says ``skipped``.
+
+    When the Prefect API goes away (``watch.prefect_lost``), a step whose task already
+    recorded its outcome is done, and the steps not yet started run directly
+    (:func:`execute_step` in a thread pool of the same size): the run ends as its steps do.
     """
+    watch = watch or RunWatch()
     records: dict[str, StepRecord] = {}
     running: dict[concurrent.futures.Future, str] = {}
+    direct: set[concurrent.futures.Future] = set()
     prefect_futures: dict[str, Any] = {}
     waiting = list(order)
     skipping: set[str] = set()
+    direct_pool: concurrent.futures.ThreadPoolExecutor | None = None
+    log = logging.getLogger("algodock")
+
+    def run_direct(step_id: str) -> None:
+        nonlocal direct_pool
+        if direct_pool is None:
+            direct_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="algodock-direct")
+        inputs = {d: records[d] for d in pipeline.dependencies[step_id]}
+        ledger.update(StepRecord(id=step_id, status="running"))
+
+        def body() -> StepRecord:
+            record = execute_step(ctx, step_id, inputs, on_log=logging.getLogger(f"algodock.step.{step_id}").info)
+            ledger.update(record)
+            return record
+
+        fut = direct_pool.submit(contextvars.copy_context().run, body)
+        direct.add(fut)
+        running[fut] = step_id
 
     def submit_ready() -> None:
         for step_id in list(waiting):
@@ -455,9 +556,14 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             waiting.remove(step_id)
             upstream = [prefect_futures[d] for d in sorted(deps) if d in prefect_futures]
             blocked = any(records[d].status not in ("succeeded", "cached") for d in deps)
-            if ctx.cancel.is_set() or (blocked and len(upstream) < len(deps)):
+            lost = watch.prefect_lost.is_set()
+            if ctx.cancel.is_set() or (blocked and (lost or len(upstream) < len(deps))):
                 records[step_id] = StepRecord(id=step_id, status="skipped")  # nothing in Prefect to point at
                 ledger.update(records[step_id])
+                continue
+            if lost:
+                if watch.claim(step_id, "direct"):
+                    run_direct(step_id)
                 continue
             if blocked:
                 skipping.add(step_id)
@@ -474,29 +580,91 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             prefect_futures[step_id] = fut
             running[fut.wrapped_future] = step_id
 
-    submit_ready()
-    while running:
-        done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
-        for f in done:
-            step_id = running.pop(f)
-            if step_id in skipping:
+    def without_prefect() -> None:
+        """The API is gone: take each step's outcome from its task's own record, or run it here."""
+        for f, step_id in list(running.items()):
+            if f in direct:
+                continue
+            if step_id in watch.final:
+                records[step_id] = watch.final[step_id]
+            elif step_id in skipping:
                 records[step_id] = StepRecord(id=step_id, status="skipped")
                 ledger.update(records[step_id])
+            elif watch.claim(step_id, "direct"):  # its task never started: Prefect could not create its run
+                del running[f]
+                run_direct(step_id)
                 continue
-            try:
-                value = prefect_futures[step_id].result(raise_on_failure=True)
-                records[step_id] = value
-            except StepFailed as exc:
-                records[step_id] = exc.record
-            except BaseException as exc:  # a crash of the task itself, not of the algorithm
-                records[step_id] = StepRecord(
-                    id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
-                )
-                ledger.update(records[step_id])
-        submit_ready()
+            else:
+                continue  # its task is running the step: its record will come
+            del running[f]
+
+    submit_ready()
+    try:
+        while running:
+            done, _ = concurrent.futures.wait(list(running), timeout=API_PROBE_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                step_id = running.pop(f)
+                if f in direct:
+                    try:
+                        records[step_id] = f.result()
+                    except BaseException as exc:  # execute_step never raises; a bug must still end the step
+                        records[step_id] = StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}"))
+                        ledger.update(records[step_id])
+                    continue
+                if step_id in skipping:
+                    records[step_id] = StepRecord(id=step_id, status="skipped")
+                    ledger.update(records[step_id])
+                    continue
+                try:
+                    value = prefect_futures[step_id].result(raise_on_failure=True)
+                    records[step_id] = value
+                except StepFailed as exc:
+                    records[step_id] = exc.record
+                except BaseException as exc:  # a crash of the task itself, or Prefect's API failing around a finished step
+                    if step_id in watch.final:
+                        records[step_id] = watch.final[step_id]
+                        continue
+                    records[step_id] = StepRecord(
+                        id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
+                    )
+                    ledger.update(records[step_id])
+            if watch.prefect_lost.is_set():
+                without_prefect()
+            submit_ready()
+    finally:
+        if direct_pool is not None:
+            direct_pool.shutdown(wait=True)
     for step_id in waiting:  # only reachable when a dependency never finished
         records[step_id] = StepRecord(id=step_id, status="skipped")
         ledger.update(records[step_id])
     if ctx.cancel.is_set():
         return "cancelled"
     return "succeeded" if all(r.status in ("succeeded", "cached") for r in records.values()) else "failed"
+
+
+def run_with_watchdog(on_prefect_lost: Any, **params: Any) -> Any:
+    """``run_pipeline(**params, return_state=True)`` for a command-line run.
+
+    When the Prefect API went away and every step of the run has ended (the lineage holds
+    the outcome), ``on_prefect_lost()`` is called from another thread: it must report and
+    end the process, since Prefect's engine would go on retrying its calls to the API for
+    minutes. ``params`` must name the ``run_id``.
+    """
+    watch = run_watch(params["run_id"])
+    lock = threading.Lock()
+    returned = threading.Event()
+
+    def watchdog() -> None:
+        while not returned.is_set():
+            if watch.finished.wait(0.5) and watch.prefect_lost.is_set():
+                with lock:
+                    if not returned.is_set():
+                        on_prefect_lost()
+                return
+
+    threading.Thread(target=watchdog, name="algodock-watchdog", daemon=True).start()
+    try:
+        return run_pipeline(**params, return_state=True)
+    finally:
+        with lock:
+            returned.set()
