@@ -247,6 +247,8 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     from algodock.pipeline import load_pipeline, parse_overrides
 
     _terminate_on_sigterm()
+    # Without PREFECT_API_URL Prefect starts a temporary server: it must not phone home (offline it prints errors).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if sys.stderr.isatty():
         # The live table shows step states; the log lines stay in the Prefect UI and the store.
         # (Set before Prefect is imported: its logging is configured then.)

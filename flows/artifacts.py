@@ -146,12 +146,14 @@ def run_markdown(doc: LineageDocument, pipeline: Pipeline | None = None) -> str:
             status += f": {s.failure.kind}"
         duration = _duration(s)
         lines.append(f"| {name} | {_cell(status)} | {_cell(', '.join(reads))} | `{(s.image_id or '')[:19]}` | {'' if duration is None else f'{duration:g} s'} |")
-    lines += ["", "| step | output | location | size | rows | sha256 |", "|---|---|---|---|---|---|"]
+    lines += ["", "| step | output | rows | size | sha256 | in the store |", "|---|---|---|---|---|---|"]
+    prefix = doc.store.rstrip("/") + "/"
     for s in doc.steps:
         for o in s.outputs:
             rows = "" if o.rows is None else str(o.rows)
             size = getattr(o, "size", None)
-            lines.append(f"| {s.id} | {o.name} | `{_cell(o.uri)}` | {_human(size if size is not None else _size(o.uri))} | {rows} | `{o.sha256[:16]}…` |")
+            where = o.uri[len(prefix):] if o.uri.startswith(prefix) else o.uri
+            lines.append(f"| {s.id} | {o.name} | {rows} | {_human(size if size is not None else _size(o.uri))} | `{o.sha256[:16]}…` | `{_cell(where)}` |")
     lines += ["", f"The full record: `algodock lineage {doc.run_id} --store {doc.store}`."]
     return "\n".join(lines) + "\n"
 
