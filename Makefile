@@ -17,7 +17,7 @@ VENV_STAMP = $(VENV)/.algodock-installed
 EXAMPLE_IMAGES = device-visits dwell-stats
 EXAMPLE_VERSION = 1.0.0
 
-.PHONY: help venv engine base-image wheels images schemas browser test demo bench clean
+.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser test demo bench clean
 
 help: ## list the targets
 	@echo "make targets:"
@@ -55,8 +55,8 @@ images: base-image wheels ## build algodock/device-visits:1.0.0 and algodock/dwe
 	    -t algodock/$$algo:$(EXAMPLE_VERSION) examples/$$algo; \
 	done
 
-schemas: venv ## regenerate the JSON schemas (python -m algodock.schemas)
-	$(VENV)/bin/python -m algodock.schemas
+schemas: venv ## regenerate the JSON schemas (python -m algodock.contract.schemas)
+	$(VENV)/bin/python -m algodock.contract.schemas
 
 browser: ## make sure Debian's chromium is installed (the UI tests drive it with Playwright; no browser download)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null || echo present)"; \
@@ -64,8 +64,14 @@ browser: ## make sure Debian's chromium is installed (the UI tests drive it with
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium; fi
 
-test: venv engine base-image images browser ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
+lint-imports: venv ## check the import layers (import-linter contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports
+
+test: venv lint-imports engine base-image images browser ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+fuzz: venv ## the property tests of tests/test_fuzz.py with the long profile (thousands of examples each)
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
 
 demo: venv engine base-image images ## generate sample pings and run the demo pipeline
 	$(VENV)/bin/python examples/generate_pings.py --out .algodock/demo/pings --devices 50 --hours 24 --parts 4 --seed 7

@@ -2,7 +2,7 @@
 
 Import this module first: it points Prefect at a private ``PREFECT_HOME`` (so concurrent
 sessions on one machine never share ``~/.prefect``'s sqlite) before Prefect is imported,
-and puts the repository on ``sys.path`` so ``algodock``, ``flows`` and ``tests`` import.
+and puts the repository on ``sys.path`` so ``algodock`` and ``tests`` import.
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="algodock-bench-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The flows this process runs report to the server :func:`prefect_server` starts on this
+# port; set before Prefect is imported, so every thread (the flow's cancellation watcher
+# included) sees it.
+_PREFECT_PORT = _free_port()
+_PREFECT_API_URL = f"http://127.0.0.1:{_PREFECT_PORT}/api"
+os.environ["PREFECT_API_URL"] = _PREFECT_API_URL
 # Task-run logs still go to the API (a real cost of the flow); only the console is quiet.
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
@@ -112,36 +128,6 @@ def busybox_image(client: Any) -> str:
     )
 
 
-def docker_run_argv(cfg: dict[str, Any], *, remove: bool = True) -> list[str]:
-    """The ``docker run`` command line with exactly the sandbox of ``algodock.sandbox.container_config``."""
-    argv = ["docker", "run"]
-    if remove:
-        argv.append("--rm")
-    argv += ["--user", cfg["user"], "--network", cfg["network_mode"], "--ipc", cfg["ipc_mode"]]
-    if cfg.get("read_only"):
-        argv.append("--read-only")
-    for path, opts in cfg.get("tmpfs", {}).items():
-        argv += ["--tmpfs", f"{path}:{opts}"]
-    for cap in cfg.get("cap_drop", []):
-        argv += ["--cap-drop", cap]
-    for opt in cfg.get("security_opt", []):
-        argv += ["--security-opt", opt]
-    argv += ["--pids-limit", str(cfg["pids_limit"]), "--cpus", f"{cfg['nano_cpus'] / 1e9:g}"]
-    argv += ["--memory", f"{cfg['mem_limit']}b", "--memory-swap", f"{cfg['memswap_limit']}b"]
-    for key, value in cfg.get("environment", {}).items():
-        argv += ["--env", f"{key}={value}"]
-    for key, value in cfg.get("labels", {}).items():
-        argv += ["--label", f"{key}={value}"]
-    for m in cfg.get("mounts", []):
-        argv += ["--mount", f"type={m['Type']},source={m['Source']},target={m['Target']}" + (",readonly" if m.get("ReadOnly") else "")]
-    log_config = cfg.get("log_config")
-    if log_config is not None:
-        argv += ["--log-driver", log_config.type]
-        for key, value in (log_config.config or {}).items():
-            argv += ["--log-opt", f"{key}={value}"]
-    return argv + [cfg["image"], *cfg["command"]]
-
-
 def write_manifest(path: Path, *, image: str, command: list[str], **extra: Any) -> Path:
     from tests.conftest import write_manifest as write
 
@@ -155,33 +141,21 @@ def _template_db() -> Path:
     """A migrated Prefect sqlite database, built once per Prefect version and copied per bench.
 
     Migrating a fresh database takes 20-50 s on a busy 2-core machine; the benches would
-    spend most of their time there. The template is built in a child process and renamed
-    into place, so concurrent benches never see half of it.
+    spend most of their time there. The template is built with Prefect's own command
+    (``prefect server database upgrade``) in a child process and renamed into place, so
+    concurrent benches never see half of it.
     """
     import subprocess
 
     import prefect
 
-    template = Path(tempfile.gettempdir()) / f"algodock-bench-prefect-{prefect.__version__}-v2.db"
+    template = Path(tempfile.gettempdir()) / f"algodock-bench-prefect-{prefect.__version__}-v3.db"
     if template.exists():
         return template
     tmp = template.with_name(f".{template.name}-{os.getpid()}")
-    code = (
-        "import asyncio, sqlite3, sys\n"
-        "from prefect.server.database import provide_database_interface\n"
-        "from prefect.server.models.block_registration import run_block_auto_registration\n"
-        "async def build():\n"
-        "    db = provide_database_interface()\n"
-        "    await db.create_db()\n"
-        "    async with await db.session() as session:\n"
-        "        await run_block_auto_registration(session=session)\n"
-        "        await session.commit()\n"
-        "asyncio.run(build())\n"
-        "con = sqlite3.connect(sys.argv[1]); con.execute('PRAGMA wal_checkpoint(TRUNCATE)'); con.close()\n"
-    )
     env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"}
     print("bench: building a migrated Prefect database template (once per Prefect version) ...", flush=True)
-    subprocess.run([sys.executable, "-c", code, str(tmp)], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
     os.replace(tmp, template)
     for suffix in ("-wal", "-shm"):
         Path(f"{tmp}{suffix}").unlink(missing_ok=True)
@@ -190,44 +164,44 @@ def _template_db() -> Path:
 
 @contextmanager
 def prefect_server() -> Iterator[str]:
-    """A temporary Prefect server (as ``prefect_test_harness`` starts) on a private copy of
-    a migrated database; yields its API URL. Flows run in this process report to it."""
-    import socket
-
-    import prefect.context
-    import prefect.settings as ps
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
+    """A Prefect server as a user starts it (``prefect server start`` on 127.0.0.1) on a
+    private copy of a migrated database; yields its API URL. Flows this process runs report
+    to it: ``PREFECT_API_URL`` was set when this module was imported, before Prefect was."""
+    import subprocess
+    import urllib.request
 
     db = Path(_PREFECT_HOME) / "server.db"
     shutil.copyfile(_template_db(), db)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ready = {  # the copy is migrated and has the block types: skip both at start-up
-        ps.PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}",
-        ps.PREFECT_API_DATABASE_MIGRATE_ON_START: False,
-        ps.PREFECT_API_BLOCKS_REGISTER_ON_START: False,
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+        "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",  # the copy is migrated
     }
-    with ps.temporary_settings(updates=ready):
-        server = SubprocessASGIServer(port=port)
-        server.start(timeout=120)
+    log = open(Path(_PREFECT_HOME) / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
     try:
-        with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
-            # Threads started without a copy of this context (the flow's cancellation
-            # watcher) read the global settings: point those at the server too, as the test
-            # harness does.
-            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
-                yield server.api_url
-            # Drain the workers before the server goes (as the test harness does).
+        deadline = time.monotonic() + 120
+        while True:
             try:
-                APILogWorker.instance().drain()
-            except RuntimeError:
+                with urllib.request.urlopen(f"{_PREFECT_API_URL}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
                 pass
-            EventsWorker.drain_all()
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"bench: the Prefect server did not start; its log: {log.name}")
+            time.sleep(0.2)  # polling the server's health with a deadline, not synchronising on time
+        yield _PREFECT_API_URL
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 class FlowRun(NamedTuple):
@@ -243,10 +217,10 @@ class FlowRun(NamedTuple):
 
 
 def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> FlowRun:
-    """Run ``flows.pipeline.run_pipeline`` (inside :func:`prefect_server`) with ``no_cache=True``."""
+    """Run ``algodock.flows.pipeline.run_pipeline`` (inside :func:`prefect_server`) with ``no_cache=True``."""
     import json
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     called = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -309,26 +283,26 @@ class StepProfiler:
 
     PHASES: list[tuple[str, str, str, int]] = [  # (label, module, attribute, depth)
         ("task submit (Prefect)", "prefect.tasks", "Task.submit", 0),
-        ("task body (run_step_task)", "flows.pipeline", "run_step_task.fn", 0),
-        ("execute_step", "flows.pipeline", "execute_step", 1),
-        ("bind_inputs", "algodock.execute", "bind_inputs", 2),
-        ("resolve_image", "algodock.execute", "resolve_image", 2),
-        ("cache lookup", "algodock.cache", "StoreCache.lookup", 2),
-        ("run_step", "algodock.execute", "run_step", 2),
-        ("plan_inputs (check)", "algodock.runner", "plan_inputs", 3),
-        ("prepare_work_dir (staging)", "algodock.runner", "prepare_work_dir", 3),
-        ("container create", "algodock.runner", "_create", 3),
-        ("pool acquire", "algodock.capacity", "ResourcePool.acquire", 3),
+        ("task body (run_step_task)", "algodock.flows.pipeline", "run_step_task.fn", 0),
+        ("execute_step", "algodock.flows.pipeline", "execute_step", 1),
+        ("bind_inputs", "algodock.pipeline.execute", "bind_inputs", 2),
+        ("resolve_image", "algodock.pipeline.execute", "resolve_image", 2),
+        ("cache lookup", "algodock.lineage.cache", "StoreCache.lookup", 2),
+        ("run_step", "algodock.pipeline.execute", "run_step", 2),
+        ("plan_inputs (check)", "algodock.runtime.runner", "plan_inputs", 3),
+        ("prepare_work_dir (staging)", "algodock.runtime.runner", "prepare_work_dir", 3),
+        ("container create", "algodock.runtime.runner", "_create", 3),
+        ("pool acquire", "algodock.pipeline.capacity", "ResourcePool.acquire", 3),
         ("container attach", "docker.models.containers", "Container.attach", 3),
         ("container start", "docker.models.containers", "Container.start", 3),
-        ("container wait", "algodock.runner", "_wait", 3),
+        ("container wait", "algodock.runtime.runner", "_wait", 3),
         ("container reload", "docker.models.containers", "Container.reload", 3),
-        ("collect_outputs (hash)", "algodock.runner", "collect_outputs", 3),
-        ("container remove", "algodock.runner", "_remove", 3),
-        ("store put_output", "algodock.store", "LocalStore.put_output", 2),
-        ("cache remember", "algodock.cache", "StoreCache.remember", 2),
-        ("ledger update", "flows.pipeline", "Ledger.update", 0),
-        ("ledger write", "flows.pipeline", "Ledger._write", 1),
+        ("collect_outputs (hash)", "algodock.runtime.runner", "collect_outputs", 3),
+        ("container remove", "algodock.runtime.runner", "_remove", 3),
+        ("store put_output", "algodock.store.backends", "LocalStore.put_output", 2),
+        ("cache remember", "algodock.lineage.cache", "StoreCache.remember", 2),
+        ("ledger update", "algodock.flows.pipeline", "Ledger.update", 0),
+        ("ledger write", "algodock.flows.pipeline", "Ledger._write", 1),
     ]
 
     def __init__(self) -> None:

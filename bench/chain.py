@@ -9,7 +9,7 @@ resolve). Measured in the same run:
   a local store, ``no_cache=True``: every step a Prefect task, staged by hardlink, hashed,
   committed, recorded in the lineage document;
 * ``raw``: the same containers started one after another with ``docker run --rm`` and the
-  exact sandbox flags of ``algodock.sandbox.container_config`` (each step's input folder
+  exact sandbox flags of ``algodock.runtime.sandbox.container_config`` (each step's input folder
   is the previous step's output folder, mounted read-only).
 
 Target (issue 3, item 10): flow marginal <= 1.25x raw marginal.
@@ -33,7 +33,6 @@ from pathlib import Path
 from _util import (
     StepProfiler,
     busybox_image,
-    docker_run_argv,
     fmt_s,
     prefect_server,
     print_table,
@@ -45,9 +44,9 @@ from _util import (
     write_manifest,
 )
 
-from algodock.contract import INPUT_DIR, load_manifest
-from algodock.engine import container_labels, docker_client
-from algodock.sandbox import UNPRIVILEGED_UID, container_config
+from algodock.contract.manifest import INPUT_DIR, load_manifest
+from algodock.runtime.engine import container_labels, docker_client
+from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
 
 TARGET_RATIO = 1.25
 CAPACITY = "cpu_millicore=2000,memory_gb=8"

@@ -8,7 +8,7 @@ Ideal: 4 rounds of 2 steps = 8 s. Measured in the same run:
   (``started_at`` is taken just before the container is started, ``finished_at`` when it
   exited), and the flow's whole wall time is reported beside it;
 * ``raw``: 8 ``docker run --rm`` of the same container with the exact sandbox flags of
-  ``algodock.sandbox.container_config``, 2 at a time (a thread pool of 2).
+  ``algodock.runtime.sandbox.container_config``, 2 at a time (a thread pool of 2).
 
 The most steps that overlapped (from their started/finished times) must never exceed 2.
 Target (issue 3, item 5): makespan <= 1.25 x 8 s = 10 s.
@@ -31,7 +31,6 @@ from pathlib import Path
 from _util import (
     StepProfiler,
     busybox_image,
-    docker_run_argv,
     fmt_s,
     handoff_gaps,
     max_overlap,
@@ -45,9 +44,9 @@ from _util import (
     write_manifest,
 )
 
-from algodock.contract import load_manifest
-from algodock.engine import container_labels, docker_client
-from algodock.sandbox import UNPRIVILEGED_UID, container_config
+from algodock.contract.manifest import load_manifest
+from algodock.runtime.engine import container_labels, docker_client
+from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
 
 STEPS, SECONDS, SLOTS = 8, 2, 2
 IDEAL = STEPS * SECONDS / SLOTS

@@ -1,4 +1,4 @@
-"""S3 staging: ``algodock.store.fetch_uri`` of a prefix of parts against s3fs's own ``get``.
+"""S3 staging: ``algodock.store.backends.fetch_uri`` of a prefix of parts against s3fs's own ``get``.
 
 A moto server (``tests/s3server.start_moto_server``, over HTTP on loopback) runs in a child
 process, so its request handling does not share this process's GIL with the client being
@@ -68,7 +68,7 @@ def main() -> int:
 
 
 def _run(endpoint: str, nparts: int, part_mb: int, reps: int, total: int) -> int:
-    from algodock.store import S3Store, fetch_uri, s3_filesystem
+    from algodock.store.backends import S3Store, fetch_uri, s3_filesystem
 
     fs = s3_filesystem()
     fs.mkdir("bench")

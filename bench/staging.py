@@ -25,10 +25,10 @@ from pathlib import Path
 
 from _util import best_and_median, fmt_s, print_table, quick, scratch_dir, timed, verdict
 
-from algodock.contract import parse_manifest
+from algodock.contract.manifest import parse_manifest
 from algodock.hashing import sha256_file
-from algodock.results import InputBinding
-from algodock.staging import prepare_work_dir
+from algodock.records import InputBinding
+from algodock.runtime.staging import prepare_work_dir
 
 MB = 1024 * 1024
 TARGET_SIZE, TARGET_SECONDS = 2048 * MB, 0.1

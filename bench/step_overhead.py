@@ -4,10 +4,10 @@ The step is a no-op-ish busybox command (``echo hi > /work/output/out.csv``). Ea
 runs, in a rotating order so drift hits all alike:
 
 * ``docker run``: ``docker run --rm`` with exactly the flags of
-  ``algodock.sandbox.container_config`` (network none, read-only root, tmpfs /tmp, cap-drop
+  ``algodock.runtime.sandbox.container_config`` (network none, read-only root, tmpfs /tmp, cap-drop
   ALL, no-new-privileges, pids limit, cpus, memory and memory-swap, user, the three bind
   mounts, labels, log driver) on a work folder prepared beforehand (not timed);
-* ``run_step``: :func:`algodock.runner.run_step` in this process: parameters, staging,
+* ``run_step``: :func:`algodock.runtime.runner.run_step` in this process: parameters, staging,
   image resolution, create/attach/start/wait, reading and hashing outputs, removal;
 * ``algodock run-step``: the command as a subprocess (adds Python start-up and imports).
 
@@ -35,13 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _util import busybox_image, docker_run_argv, fmt_s, print_table, scratch_dir, verdict
+from _util import busybox_image, fmt_s, print_table, scratch_dir, verdict
 
-from algodock import runner
-from algodock.contract import Manifest, parse_manifest
-from algodock.engine import container_labels, docker_client
-from algodock.sandbox import container_config, run_as
-from algodock.staging import prepare_work_dir
+from algodock.runtime import runner
+from algodock.contract.manifest import Manifest, parse_manifest
+from algodock.runtime.engine import container_labels, docker_client
+from algodock.runtime.sandbox import container_config, docker_run_argv, run_as
+from algodock.runtime.staging import prepare_work_dir
 
 TARGET = 1.10
 COMMAND = ["sh", "-c", "echo hi > /work/output/out.csv"]

@@ -29,7 +29,7 @@ def _need_engine(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def docker_client():
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
     from algodock.errors import InfrastructureError
 
     try:
@@ -37,18 +37,16 @@ def docker_client():
     except InfrastructureError as exc:
         _need_engine(f"no Docker engine answers: {exc}")
     yield client
-    from algodock.engine import MANAGED_LABEL
-
-    from algodock.engine import _owner_alive
+    from algodock.runtime.engine import MANAGED_LABEL, _owner_alive, list_containers, remove_container
 
     # Ours, or orphaned by a process that is gone (a concurrent session's live containers are not ours).
     left = [
         c
-        for c in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})
+        for c in list_containers(client, f"{MANAGED_LABEL}=true")
         if c.labels.get("io.algodock.pid") == str(os.getpid()) or not _owner_alive(c.labels)
     ]
     for c in left:
-        c.remove(force=True)
+        remove_container(client, c)
     assert not left, f"containers left behind by the suite: {[c.name for c in left]}"
 
 

@@ -1,6 +1,6 @@
 """Small pipelines of busybox steps for the lineage, cache and OpenLineage tests.
 
-:func:`run_local` drives a pipeline through :func:`algodock.execute.execute_step` step by
+:func:`run_local` drives a pipeline through :func:`algodock.pipeline.execute.execute_step` step by
 step, the way the Prefect flow does (same cache, same records, the lineage document written
 to the store), but without Prefect, so most tests run in seconds. A few tests go through the
 real flow for what only the flow does (retries of a flow run, artifacts, asset events).
@@ -20,12 +20,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from algodock.cache import StoreCache
-from algodock.capacity import Capacity, ResourcePool
-from algodock.execute import RunContext, execute_step
+from algodock.lineage.cache import StoreCache
+from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.lineage.openlineage import OpenLineageObserver
+from algodock.pipeline.execute import RunContext, execute_step
 from algodock.pipeline import Pipeline, load_pipeline
 from algodock.records import LineageDocument, StepRecord
-from algodock.store import Store, lineage_rel
+from algodock.store.backends import Store, lineage_rel
 from tests.conftest import BUSYBOX_IMAGE, build_image
 
 MOVED = "algodock-test/lineage-moved:1"
@@ -115,7 +116,7 @@ def run_local(
     """Run every step in order through ``execute_step`` (no Prefect); write and return the lineage document."""
     pipeline = spec if isinstance(spec, Pipeline) else load_pipeline(spec, overrides=overrides, capacity=CAPACITY)
     with tempfile.TemporaryDirectory(prefix="algodock-test-run-") as scratch:
-        ctx = RunContext(pipeline=pipeline, store=store, run_id=run_id, client=client, pool=ResourcePool(CAPACITY), scratch=Path(scratch), use_cache=use_cache, flow_run_id=flow_run_id)
+        ctx = RunContext(pipeline=pipeline, store=store, run_id=run_id, client=client, pool=ResourcePool(CAPACITY), scratch=Path(scratch), use_cache=use_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
         ctx.cache = StoreCache(store, run_id=run_id)
         doc = LineageDocument(
             run_id=run_id, pipeline=pipeline.spec.name, spec_sha256=pipeline.spec_sha256, flow_run_id=flow_run_id, store=store.uri(), started_at=datetime.now(timezone.utc)

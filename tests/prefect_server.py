@@ -116,11 +116,11 @@ class ProcessWorker:
 
 
 def deploy_pipeline(name: str, pool: str, parameters: dict) -> str:
-    """Register flows/pipeline.py:run_pipeline (from this checkout) as a deployment; returns ``flow/deployment``."""
-    from flows.pipeline import run_pipeline
+    """Register flows/algodock_flows.py:run_pipeline (prefect.yaml's entry point, from this checkout) as a deployment; returns ``flow/deployment``."""
+    from algodock.flows.pipeline import run_pipeline
 
     def deploy() -> None:
-        source = run_pipeline.from_source(source=str(REPO), entrypoint="flows/pipeline.py:run_pipeline")
+        source = run_pipeline.from_source(source=str(REPO), entrypoint="flows/algodock_flows.py:run_pipeline")
         source.deploy(name=name, work_pool_name=pool, parameters=parameters, build=False, push=False, print_next_steps=False)
 
     off_loop(deploy)

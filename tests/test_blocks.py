@@ -14,7 +14,7 @@ pytestmark = pytest.mark.prefect
 
 def test_algorithm_block_round_trip_and_pipeline_reference(tmp_path, prefect_harness):
     from algodock.pipeline import build_pipeline
-    from blocks import AlgorithmBlock, manifest_from_block
+    from algodock.blocks import AlgorithmBlock, manifest_from_block
 
     AlgorithmBlock.from_manifest_file(REPO / "examples/device-visits/manifest.json").save("device-visits-test", overwrite=True)
     m = manifest_from_block("device-visits-test")
@@ -30,7 +30,7 @@ def test_algorithm_block_round_trip_and_pipeline_reference(tmp_path, prefect_har
 def test_algorithm_block_with_a_bad_manifest_fails_before_save(prefect_harness):
     from pydantic import ValidationError
 
-    from blocks import AlgorithmBlock
+    from algodock.blocks import AlgorithmBlock
 
     with pytest.raises(ValidationError) as exc:
         AlgorithmBlock(manifest={"manifest_version": "0.1", "name": "x", "version": "1", "container_parameters": {"image": "a:1"}})
@@ -45,7 +45,7 @@ def test_a_saved_bad_manifest_names_the_block(prefect_harness):
     from prefect.client.schemas.actions import BlockDocumentCreate
 
     from algodock.errors import InvalidManifest
-    from blocks import AlgorithmBlock, manifest_from_block
+    from algodock.blocks import AlgorithmBlock, manifest_from_block
 
     AlgorithmBlock.register_type_and_schema()
     with get_client(sync_client=True) as client:
@@ -64,7 +64,7 @@ def test_store_block_takes_s3_credentials_from_an_aws_credentials_block(prefect_
     import boto3
     from prefect_aws import AwsCredentials
 
-    from blocks import StoreBlock, resolve_store
+    from algodock.blocks import StoreBlock, resolve_store
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="blocks")
     AwsCredentials(aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
@@ -82,9 +82,9 @@ def test_store_block_takes_s3_credentials_from_an_aws_credentials_block(prefect_
 def test_engine_block_by_name_reaches_the_engine(prefect_harness):
     from prefect_docker import DockerHost
 
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
     from algodock.errors import InfrastructureError, InvalidInput
-    from blocks import resolve_engine
+    from algodock.blocks import resolve_engine
 
     docker_client = connect()
     base_url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
@@ -106,6 +106,6 @@ def test_blocks_register_with_prefect_cli(prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "blocks"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "algodock.blocks"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "algodock Algorithm" in proc.stdout and "algodock Store" in proc.stdout

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from algodock.cache import StoreCache, cache_key
+from algodock.lineage.cache import StoreCache, cache_key
 from algodock.records import StepRecord
-from algodock.results import InputBinding
-from algodock.store import cache_rel, lineage_rel, open_store
+from algodock.records import InputBinding
+from algodock.store.backends import cache_rel, lineage_rel, open_store
 from tests.lineage_support import MOVED, STABLE, build_versioned, five_step_pipeline, manifest, run_local, sh, statuses, write_table
 
 pytestmark = pytest.mark.docker
@@ -177,7 +177,7 @@ def test_lookup_without_resolved_image_is_an_error(tmp_path) -> None:
 @pytest.mark.prefect
 def test_retried_flow_run_reruns_only_failed_and_skipped_steps(tmp_path, docker_client, images, prefect_harness) -> None:
     """A flow run retried (same run id) keeps the steps that succeeded, re-runs the failed one and the skipped ones."""
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = five_step_pipeline(tmp_path)
     # make `copy` fail the first time: its manifest is rewritten before the retry

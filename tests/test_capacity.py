@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from algodock import capacity as capacity_module
-from algodock.capacity import Cancelled, Capacity, ResourcePool
-from algodock.contract import ResourceRequest
+from algodock.pipeline import capacity as capacity_module
+from algodock.pipeline.capacity import Cancelled, Capacity, ResourcePool
+from algodock.contract.manifest import ResourceRequest
 from algodock.errors import InvalidInput
 
 WAIT = 10  # seconds; only a bound for a broken implementation, never a synchronisation

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from algodock.engine import LABEL
+from algodock.runtime.engine import LABEL
 from tests.conftest import write_manifest
 
 pytestmark = pytest.mark.docker

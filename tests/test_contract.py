@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from algodock.contract import Manifest, load_manifest, parse_manifest, safe_relative
+from algodock.contract.manifest import Manifest, load_manifest, parse_manifest, safe_relative
 from algodock.errors import InvalidInput, InvalidManifest
-from algodock.params import parse_assignments, parse_value, resolve_parameters
+from algodock.contract.params import parse_assignments, parse_value, resolve_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -116,7 +116,7 @@ def _read_parquet(uri: str) -> pa.Table:
 
 @pytest.fixture
 def example_image(docker_client) -> str:
-    from algodock.engine import resolve_image
+    from algodock.runtime.engine import resolve_image
     from algodock.errors import ImageNotFound
 
     try:
@@ -128,7 +128,7 @@ def example_image(docker_client) -> str:
 
 
 def test_fan_out_fan_in_local_store(tmp_path, prefect_harness, example_image):
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
     store = tmp_path / "store"
@@ -150,7 +150,7 @@ def test_fan_out_fan_in_local_store(tmp_path, prefect_harness, example_image):
 
 
 def test_failing_middle_step_skips_dependents_keeps_the_rest(tmp_path, prefect_harness, example_image):
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")), factor=-1)
     store = tmp_path / "store"
@@ -168,7 +168,7 @@ def test_failing_middle_step_skips_dependents_keeps_the_rest(tmp_path, prefect_h
 def test_s3_store_and_s3_input(tmp_path, prefect_harness, example_image, s3_endpoint):
     import boto3
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     for bucket in ("raw", "lake"):
@@ -218,7 +218,7 @@ def test_cancelling_the_flow_run_kills_its_containers(tmp_path, prefect_harness,
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     write_manifest(tmp_path / "sleep.json", name="sleeper", image=busybox_image, command=["sh", "-c", "echo started; sleep 300"],
                    container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
@@ -259,7 +259,7 @@ def test_cancelling_the_flow_run_kills_its_containers(tmp_path, prefect_harness,
 
 
 def test_step_retries_apply_to_exit_code_failures_only_when_set(tmp_path, prefect_harness, busybox_image):
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     write_manifest(tmp_path / "fail.json", name="fail", image=busybox_image, command=["sh", "-c", "echo attempt; exit 4"],
                    container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
@@ -281,8 +281,8 @@ def test_a_log_flood_is_bounded_in_prefect_and_whole_in_the_store(tmp_path, pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from algodock.execute import EMIT_LIMIT
-    from flows.pipeline import run_pipeline
+    from algodock.pipeline.execute import EMIT_LIMIT
+    from algodock.flows.pipeline import run_pipeline
 
     line = "x" * 999
     write_manifest(tmp_path / "flood.json", name="flood", image=busybox_image,
@@ -311,7 +311,7 @@ def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, pre
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from algodock.errors import InvalidInput
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="algodock-test-one", limit=1))
@@ -347,7 +347,7 @@ def _upstream_ids(task_run) -> set[str]:
 
 def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, prefect_harness, example_image):
     """Prefect's run graph draws the edges from task_inputs; a rerun on the same store is all Cached."""
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
     store = tmp_path / "store"
@@ -371,7 +371,7 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
 
 
 def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, example_image):
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")), factor=-1)
     state = run_pipeline(spec=str(spec), store=str(tmp_path / "store"), run_id="skip1", no_cache=True, return_state=True)
@@ -385,9 +385,9 @@ def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, 
 
 
 def test_max_workers_follows_the_capacity(tmp_path):
-    from algodock.capacity import Capacity
+    from algodock.pipeline.capacity import Capacity
     from algodock.pipeline import load_pipeline
-    from flows.pipeline import max_workers
+    from algodock.flows.pipeline import max_workers
 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
     p = load_pipeline(spec)  # three steps of 500 millicores, 0.5 GB

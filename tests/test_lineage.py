@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from algodock.cli import main
 from algodock.hashing import list_files
-from algodock.lineage import read_document, trace, verify_run
-from algodock.store import lineage_rel, local_path_of, open_store
+from algodock.lineage.queries import read_document, trace, verify_run
+from algodock.store.backends import lineage_rel, local_path_of, open_store
 from tests.lineage_support import MOVED, STABLE, build_versioned, five_step_pipeline, manifest, run_local, sh, statuses, write_table
 
 pytestmark = pytest.mark.docker
@@ -118,9 +118,9 @@ def test_document_records_what_produced_what(tmp_path, docker_client, images) ->
 
 
 def test_lineage_schema_is_exported() -> None:
-    from algodock.lineage import LineageDocument
+    from algodock.lineage.queries import LineageDocument
     from algodock.records import LineageDocument as Model
-    from algodock.schemas import build_schemas
+    from algodock.contract.schemas import build_schemas
 
     assert LineageDocument is Model
     schema = build_schemas()["lineage.schema.json"]
@@ -228,7 +228,7 @@ def test_flow_run_writes_lineage_artifacts_and_asset_events(tmp_path, docker_cli
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    from flows.pipeline import run_pipeline
+    from algodock.flows.pipeline import run_pipeline
 
     spec = folder_pipeline(tmp_path)
     store_dir = tmp_path / "store"

@@ -3,7 +3,7 @@
 The events are read back from the file the transport appends to, and each is validated
 against the vendored OpenLineage 2-0-2 JSON Schema (``tests/fixtures/openlineage/``), each
 standard facet against its facet schema and each custom facet against
-``algodock.openlineage.FACET_SCHEMAS``. Unconfigured, no client is even created.
+``algodock.lineage.openlineage.FACET_SCHEMAS``. Unconfigured, no client is even created.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from algodock import openlineage
-from algodock.openlineage import FACET_SCHEMAS, configured, dataset_name, get_client
-from algodock.store import local_path_of, open_store
+from algodock.lineage import openlineage
+from algodock.lineage.openlineage import FACET_SCHEMAS, configured, dataset_name, get_client
+from algodock.store.backends import local_path_of, open_store
 from tests.lineage_support import MOVED, STABLE, build_versioned, five_step_pipeline, manifest, run_local, sh, statuses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openlineage"

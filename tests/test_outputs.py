@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from algodock.contract import parse_manifest
+from algodock.contract.manifest import parse_manifest
 from algodock.errors import InvalidInput, InvalidOutput, MissingOutput
 from algodock.hashing import folder_digest, list_files, parquet_rows, sha256_file, sha256_path
-from algodock.outputs import MAX_ALGO_OUTPUT_BYTES, collect_outputs, read_algo_output
-from algodock.results import InputBinding
-from algodock.staging import plan_inputs, prepare_work_dir
+from algodock.runtime.outputs import MAX_ALGO_OUTPUT_BYTES, collect_outputs, read_algo_output
+from algodock.records import InputBinding
+from algodock.runtime.staging import plan_inputs, prepare_work_dir
 
 
 def manifest(outputs: list[dict[str, Any]] | None = None, inputs: list[dict[str, Any]] | None = None):

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from algodock.capacity import Capacity
-from algodock.contract import load_manifest
+from algodock.pipeline.capacity import Capacity
+from algodock.contract.manifest import load_manifest
 from algodock.errors import InvalidInput, InvalidManifest
 from algodock.pipeline import (
     Pipeline,

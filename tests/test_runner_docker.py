@@ -2,7 +2,7 @@
 
 Every restriction of §2 is proved from inside the container: a probe script prints what it
 sees as ``PROBE key=value`` lines, and the tests assert on them. Every failure kind of §4 is
-produced through :func:`algodock.runner.run_step`. After each test no container of this
+produced through :func:`algodock.runtime.runner.run_step`. After each test no container of this
 process is left (the autouse fixture below), whatever the outcome.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from algodock import sandbox
-from algodock.contract import Manifest, parse_manifest
-from algodock.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
+from algodock.runtime import sandbox
+from algodock.contract.manifest import Manifest, parse_manifest
+from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
 from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
-from algodock.results import InputBinding, StepResult
-from algodock.runner import run_step
+from algodock.records import InputBinding, StepResult
+from algodock.runtime.runner import run_step
 from tests.conftest import build_image
 
 pytestmark = pytest.mark.docker
@@ -601,7 +601,7 @@ def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, 
 
 
 def test_infrastructure_when_the_engine_is_unreachable(busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from algodock.engine import docker_client as connect
+    from algodock.runtime.engine import docker_client as connect
 
     with pytest.raises(InfrastructureError, match="No Docker engine answers at unix:///nonexistent.sock"):
         connect("unix:///nonexistent.sock")
@@ -660,7 +660,7 @@ def test_log_flood_is_bounded_in_memory_and_whole_on_disk(docker_client: Any, bu
 
 
 def _pump(chunks: list[Any], **kw: Any) -> tuple[Any, list[str]]:
-    from algodock.logstream import LogPump
+    from algodock.runtime.logs import LogPump
 
     lines: list[str] = []
     pump = LogPump(iter(chunks), on_line=lines.append, **kw).start()
@@ -679,7 +679,7 @@ def test_log_pump_keeps_stderr_apart_for_the_failure_message() -> None:
 
 
 def test_log_pump_splits_lines_across_chunks_and_bounds_long_ones(tmp_path: Path) -> None:
-    from algodock.logstream import MAX_LINE
+    from algodock.runtime.logs import MAX_LINE
 
     huge = b"x" * (3 * MAX_LINE)
     pump, lines = _pump([b"hel", b"lo\nwor", b"ld\n", huge[: MAX_LINE + 5], huge[MAX_LINE + 5 :], b"\nend"], log_path=tmp_path / "l.log")
@@ -701,7 +701,7 @@ def test_log_pump_stops_emitting_at_the_limit_but_keeps_the_tail() -> None:
 def test_a_gpu_request_on_an_engine_without_gpus_says_so(tmp_path: Path, docker_client, busybox_image: str) -> None:
     if "nvidia" in (docker_client.info().get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime: the GPU request would be honoured")
-    from algodock.contract import parse_manifest
+    from algodock.contract.manifest import parse_manifest
 
     m = parse_manifest({"manifest_version": "0.1", "name": "gpu", "version": "1",
                         "container_parameters": {"image": busybox_image, "command": ["true"], "resource_request": {"gpu": 1}}})

@@ -16,7 +16,7 @@ import pytest
 
 from algodock.errors import InfrastructureError, InvalidInput
 from algodock.hashing import list_files, sha256_path
-from algodock.store import (
+from algodock.store.backends import (
     DEFAULT_STORE,
     MARKER_SUFFIX,
     LocalStore,

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from algodock.contract import parse_manifest
-from algodock.runner import run_step
+from algodock.contract.manifest import parse_manifest
+from algodock.runtime.runner import run_step
 
 pytestmark = pytest.mark.docker
 

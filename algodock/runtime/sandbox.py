@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from algodock.contract import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, ContainerParameters
+from algodock.contract.manifest import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, ContainerParameters
 
 UNPRIVILEGED_UID = int(os.environ.get("ALGODOCK_UID", "10001"))
 """The uid an image runs as when it names no non-root USER."""
@@ -116,3 +116,40 @@ def container_config(
     if rr.gpu > 0:
         config["device_requests"] = [DeviceRequest(count=rr.gpu, capabilities=[["gpu"]])]
     return config
+
+
+def docker_run_argv(cfg: dict[str, Any], *, remove: bool = True) -> list[str]:
+    """The ``docker run`` command line equivalent to ``cfg`` (a :func:`container_config`).
+
+    For people and benches that want the very same sandbox outside algodock: the raw
+    ``docker run`` baseline of ``bench/`` is built from this, never from a second list of
+    flags.
+    """
+    argv = ["docker", "run"]
+    if remove:
+        argv.append("--rm")
+    argv += ["--user", cfg["user"], "--network", cfg["network_mode"], "--ipc", cfg["ipc_mode"]]
+    if cfg.get("read_only"):
+        argv.append("--read-only")
+    for path, opts in cfg.get("tmpfs", {}).items():
+        argv += ["--tmpfs", f"{path}:{opts}"]
+    for cap in cfg.get("cap_drop", []):
+        argv += ["--cap-drop", cap]
+    for opt in cfg.get("security_opt", []):
+        argv += ["--security-opt", opt]
+    argv += ["--pids-limit", str(cfg["pids_limit"]), "--cpus", f"{cfg['nano_cpus'] / 1e9:g}"]
+    argv += ["--memory", f"{cfg['mem_limit']}b", "--memory-swap", f"{cfg['memswap_limit']}b"]
+    for key, value in cfg.get("environment", {}).items():
+        argv += ["--env", f"{key}={value}"]
+    for key, value in cfg.get("labels", {}).items():
+        argv += ["--label", f"{key}={value}"]
+    for m in cfg.get("mounts", []):
+        argv += ["--mount", f"type={m['Type']},source={m['Source']},target={m['Target']}" + (",readonly" if m.get("ReadOnly") else "")]
+    for request in cfg.get("device_requests", []) or []:
+        argv += ["--gpus", "all" if request.count == -1 else str(request.count)]
+    log_config = cfg.get("log_config")
+    if log_config is not None:
+        argv += ["--log-driver", log_config.type]
+        for key, value in (log_config.config or {}).items():
+            argv += ["--log-opt", f"{key}={value}"]
+    return argv + [cfg["image"], *cfg["command"]]

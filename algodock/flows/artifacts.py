@@ -19,7 +19,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from algodock.records import LineageDocument, StepRecord
-from algodock.store import local_path_of
+from algodock.store.backends import local_path_of
 
 if TYPE_CHECKING:
     from algodock.pipeline import Pipeline

@@ -2,11 +2,11 @@
 
 Editors use these files to autocomplete and check manifests; ``tests/test_schemas.py``
 fails when a committed file differs from a fresh export, so the models stay the source.
-The pipeline and lineage schemas join once :mod:`algodock.pipeline` and
-:mod:`algodock.lineage` exist.
+The pipeline and lineage schemas join once :mod:`algodock.pipeline.spec` and
+:mod:`algodock.lineage.queries` exist.
 
-    python -m algodock.schemas           # (re)write schemas/*.schema.json
-    python -m algodock.schemas --check   # exit 1 naming every stale file
+    python -m algodock.contract.schemas           # (re)write schemas/*.schema.json
+    python -m algodock.contract.schemas --check   # exit 1 naming every stale file
 
 >>> docs = build_schemas()
 >>> docs["manifest.schema.json"]["$schema"]
@@ -26,14 +26,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from algodock.contract import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
+from algodock.contract.manifest import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DEST = REPO / "schemas"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SUFFIX = ".schema.json"
 
-log = logging.getLogger("algodock.schemas")
+log = logging.getLogger("algodock.contract.schemas")
 
 
 def _optional(module: str, attr: str) -> Callable[[], type[BaseModel] | None]:
@@ -57,8 +57,8 @@ SCHEMAS: dict[str, tuple[str, Callable[[], type[BaseModel] | None]]] = {
     "manifest": ("the algorithm manifest (CONTRACT.md §1)", lambda: Manifest),
     "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", lambda: AlgoInput),
     "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", lambda: AlgoOutput),
-    "pipeline": ("a pipeline spec", _optional("algodock.pipeline", "PipelineSpec")),
-    "lineage": ("the lineage record of a run (CONTRACT.md §5)", _optional("algodock.lineage", "LineageDocument")),
+    "pipeline": ("a pipeline spec", _optional("algodock.pipeline.spec", "PipelineSpec")),
+    "lineage": ("the lineage record of a run (CONTRACT.md §5)", _optional("algodock.lineage.queries", "LineageDocument")),
 }
 """File stem -> (what it describes, the model or a loader returning None when unavailable)."""
 
@@ -120,7 +120,7 @@ def stale_schemas(dest: Path = DEFAULT_DEST) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m algodock.schemas", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m algodock.contract.schemas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 naming every stale file.")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"Folder of the schema files (default: {DEFAULT_DEST}).")
     args = parser.parse_args(argv)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(f"stale: {line}", file=sys.stderr)
         if problems:
-            print("run `python -m algodock.schemas` to regenerate them", file=sys.stderr)
+            print("run `python -m algodock.contract.schemas` to regenerate them", file=sys.stderr)
             return 1
         print(f"schemas in {args.dest} are up to date")
         return 0

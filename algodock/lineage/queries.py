@@ -20,7 +20,7 @@ The same as commands::
     algodock lineage verify RUN_ID [--store URI] [--json]
 
 >>> import tempfile
->>> from algodock.store import open_store
+>>> from algodock.store.backends import open_store
 >>> store = open_store(tempfile.mkdtemp())
 >>> store.write_json("runs/r1/lineage.json", LineageDocument(run_id="r1", pipeline="p", spec_sha256="0", store=store.uri()).model_dump(mode="json"))
 >>> read_document(store, "r1").pipeline, run_ids(store)
@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from algodock.errors import InvalidInput
 from algodock.hashing import folder_digest, sha256_path
 from algodock.records import LineageDocument, OutputLineage, StepRecord
-from algodock.store import S3Store, Store, lineage_rel, local_path_of, open_store, s3_filesystem
+from algodock.store.backends import S3Store, Store, lineage_rel, local_path_of, open_store, s3_filesystem
 
 if TYPE_CHECKING:
     import s3fs
@@ -161,7 +161,7 @@ class OutputCheck:
 
 def verify_run(store: Store, run_id: str) -> list[OutputCheck]:
     """Re-hash every output recorded in the run's lineage (cached steps' reused outputs too)."""
-    from algodock.cache import store_rel
+    from algodock.lineage.cache import store_rel
 
     doc = read_document(store, run_id)
     checks: list[OutputCheck] = []

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from algodock.contract import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
+from algodock.contract.manifest import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
 from algodock.errors import InvalidOutput, MissingOutput
 from algodock.hashing import parquet_rows, sha256_path
-from algodock.results import OutputRecord
+from algodock.records import OutputRecord
 
 MAX_ALGO_OUTPUT_BYTES = 8 * 1024 * 1024
 

@@ -1,7 +1,7 @@
 """The algorithm container contract (CONTRACT.md §1-3) as pydantic models.
 
 The models are the source of the JSON Schemas in ``schemas/`` (see
-:func:`algodock.schemas.export_schemas`). Manifests reject unknown keys so that a typo
+:func:`algodock.contract.schemas.export_schemas`). Manifests reject unknown keys so that a typo
 never passes silently; what an algorithm writes (``algo_output.json``) is read leniently
 but checked for everything the platform relies on.
 
@@ -245,9 +245,11 @@ def _yaml_loader() -> Any:
 def read_document(path: Path) -> Any:
     """Parse a JSON or YAML file (duplicate keys rejected); raise :class:`InvalidManifest` naming the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidManifest(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidManifest(f"{path}: not UTF-8 text: {exc}") from exc
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text, object_pairs_hook=_no_duplicates)

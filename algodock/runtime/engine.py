@@ -11,15 +11,15 @@ import logging
 import os
 import socket
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from algodock.errors import ImageNotFound, InfrastructureError
-from algodock.results import ResolvedImage
+from algodock.records import ResolvedImage
 
 if TYPE_CHECKING:
     import docker
 
-log = logging.getLogger("algodock.engine")
+log = logging.getLogger("algodock.runtime.engine")
 
 LABEL = "io.algodock"
 MANAGED_LABEL = f"{LABEL}.managed"
@@ -96,22 +96,44 @@ def _owner_alive(labels: dict[str, str]) -> bool:
     return bool(start) and start == labels.get(f"{LABEL}.pid_start", start)
 
 
-def sweep_orphans(client: docker.DockerClient) -> list[str]:
-    """Remove algodock containers on this host whose owning process is gone; return their names."""
+class ContainerRef(NamedTuple):
+    """A container as the engine's list call gives it (no per-container inspect, so a
+    container removed meanwhile by someone else cannot make the listing fail)."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+
+
+def list_containers(client: docker.DockerClient, *labels: str) -> list[ContainerRef]:
+    """Every container, running or not, carrying all of ``labels`` (``key=value`` filters)."""
+    rows = client.api.containers(all=True, filters={"label": list(labels)})
+    return [ContainerRef(r["Id"], (r.get("Names") or ["/" + r["Id"][:12]])[0].lstrip("/"), r.get("Labels") or {}) for r in rows]
+
+
+def remove_container(client: docker.DockerClient, ref: ContainerRef) -> bool:
+    """Force-remove ``ref``; False when it is already gone or the engine refused."""
     from docker.errors import APIError, NotFound
 
+    try:
+        client.api.remove_container(ref.id, force=True)
+        return True
+    except NotFound:
+        return False
+    except APIError as exc:
+        log.warning("could not remove container %s: %s", ref.name, exc)
+        return False
+
+
+def sweep_orphans(client: docker.DockerClient) -> list[str]:
+    """Remove algodock containers on this host whose owning process is gone; return their names."""
     removed = []
-    for c in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
+    for c in list_containers(client, f"{MANAGED_LABEL}=true"):
         if _owner_alive(c.labels):
             continue
-        try:
-            c.remove(force=True)
+        if remove_container(client, c):
             removed.append(c.name)
             log.warning("removed container %s left by a crashed run (%s)", c.name, c.labels.get(f"{LABEL}.run_id"))
-        except NotFound:
-            pass
-        except APIError as exc:
-            log.warning("could not remove leftover container %s: %s", c.name, exc)
     for v in client.volumes.list(filters={"label": f"{MANAGED_LABEL}=true"}):  # named-volume staging
         if _owner_alive(v.attrs.get("Labels") or {}):
             continue
@@ -134,8 +156,7 @@ def _remove_quietly(obj: object) -> bool:
 def kill_run_containers(client: docker.DockerClient, run_id: str | None = None, *, flow_run_id: str | None = None) -> list[str]:
     """Kill and remove every container of ``run_id``, or of the Prefect flow run ``flow_run_id`` (used when a flow run is cancelled)."""
     label = f"{FLOW_RUN_LABEL}={flow_run_id}" if flow_run_id else f"{LABEL}.run_id={run_id}"
-    containers = client.containers.list(all=True, filters={"label": label})
-    return [c.name for c in containers if _remove_quietly(c)]
+    return [c.name for c in list_containers(client, label) if remove_container(client, c)]
 
 
 def _repo_of(ref: str) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from algodock.contract import safe_relative
+from algodock.contract.manifest import safe_relative
 from algodock.errors import InfrastructureError, InvalidInput
 from algodock.hashing import list_files
 

@@ -2,9 +2,9 @@
 
 :func:`run_step` never raises a :class:`~algodock.errors.StepFailure`: every failure,
 including bad parameters or inputs (found before any container starts), comes back as the
-``failure`` of a :class:`~algodock.results.StepResult`. The container is always removed.
+``failure`` of a :class:`~algodock.records.StepResult`. The container is always removed.
 
->>> from algodock.contract import load_manifest                    # doctest: +SKIP
+>>> from algodock.contract.manifest import load_manifest                    # doctest: +SKIP
 >>> result = run_step(load_manifest("examples/device-visits/manifest.json"),
 ...                   inputs={"pings": "data/pings"}, output_dir="out")  # doctest: +SKIP
 >>> result.status, [o.name for o in result.outputs]              # doctest: +SKIP
@@ -25,22 +25,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from algodock.contract import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
-from algodock.engine import container_labels, docker_client, resolve_image, sweep_orphans
+from algodock.contract.manifest import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
+from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
 from algodock.errors import ExitCodeFailure, InfrastructureError, InvalidInput, OomFailure, StepFailure, TimeoutFailure
-from algodock.logstream import LogPump
-from algodock.outputs import collect_outputs, read_algo_output
-from algodock.params import resolve_parameters
-from algodock.results import InputBinding, ResolvedImage, StepResult
-from algodock.sandbox import RunAs, container_config, lookup_user, run_as
-from algodock.staging import plan_inputs, prepare_work_dir
-from algodock.volumes import VolumeWorkspace, read_only_mounts, staging_mode
+from algodock.runtime.logs import LogPump
+from algodock.runtime.outputs import collect_outputs, read_algo_output
+from algodock.contract.params import resolve_parameters
+from algodock.records import InputBinding, ResolvedImage, StepResult
+from algodock.runtime.sandbox import RunAs, container_config, lookup_user, run_as
+from algodock.runtime.staging import plan_inputs, prepare_work_dir
+from algodock.runtime.volumes import VolumeWorkspace, read_only_mounts, staging_mode
 
 if TYPE_CHECKING:
     import docker
     from docker.models.containers import Container
 
-log = logging.getLogger("algodock.runner")
+log = logging.getLogger("algodock.runtime.runner")
 
 KILL_GRACE_SECONDS = 30
 _swept: set[int] = set()

@@ -1,7 +1,7 @@
 """The Prefect flow that runs a pipeline: one task per step, named after the step.
 
 A step is submitted as soon as every step it depends on succeeded (or was cached); it then
-waits in the engine's :class:`~algodock.capacity.ResourcePool` until its resource request
+waits in the engine's :class:`~algodock.pipeline.capacity.ResourcePool` until its resource request
 fits, so independent steps run concurrently and the host is packed tightly. A failed step's
 dependents are ``skipped`` while independent branches finish; the flow run fails when any
 step failed. The lineage document in the store is rewritten as each step ends.
@@ -29,15 +29,16 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from algodock.cache import StoreCache
-from algodock.capacity import Capacity, ResourcePool
-from algodock.engine import kill_run_containers
-from algodock.execute import RunContext, execute_step
+from algodock.lineage.cache import StoreCache
+from algodock.lineage.openlineage import OpenLineageObserver
+from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.runtime.engine import kill_run_containers
+from algodock.pipeline.execute import RunContext, execute_step
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store import Store, lineage_rel, output_rel, run_json_rel
-from blocks import DockerHost, StoreBlock
-from flows.artifacts import asset_key, publish_run_artifacts
+from algodock.store.backends import Store, lineage_rel, output_rel, run_json_rel
+from algodock.blocks import DockerHost, StoreBlock
+from algodock.flows.artifacts import asset_key, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
@@ -323,7 +324,7 @@ class Ledger:
 
 
 def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
-    from blocks import manifest_from_block
+    from algodock.blocks import manifest_from_block
 
     if isinstance(spec, dict):
         return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
@@ -359,7 +360,7 @@ def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 def _engine_client(engine: Any) -> Any:
-    from blocks import resolve_engine
+    from algodock.blocks import resolve_engine
 
     return resolve_engine(engine)
 
@@ -409,7 +410,7 @@ def run_pipeline(
     holds one slot of while its container runs: a limit shared by all hosts and runs (the
     capacity packs this host; Prefect's limits poll, so they are no tool for packing).
     """
-    from blocks import resolve_store
+    from algodock.blocks import resolve_store
 
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
@@ -421,7 +422,7 @@ def run_pipeline(
     the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id)
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     order = pipeline.topological_order()
     doc = LineageDocument(

@@ -4,7 +4,7 @@
 engine, the resource pool, the run's scratch folder and the external inputs fetched once.
 :func:`execute_step` binds a step's inputs (upstream outputs or external inputs, fetched
 from S3 when the store is remote, used in place when local), asks the cache, reserves
-resources, runs the container through :func:`algodock.runner.run_step`, and commits the
+resources, runs the container through :func:`algodock.runtime.runner.run_step`, and commits the
 outputs and the full container log to the store. On a local store the container writes
 straight into the store's folder for the step (a hidden temporary name, renamed into place
 once the step succeeded), so no output byte is copied.
@@ -20,27 +20,48 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from algodock import openlineage
-from algodock.capacity import Cancelled, ResourcePool
-from algodock.engine import resolve_image
+from algodock.pipeline.capacity import Cancelled, ResourcePool
+from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
 from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
-from algodock.results import InputBinding, OutputRecord, ResolvedImage, StepResult
-from algodock.runner import run_step
-from algodock.store import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
+from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepResult
+from algodock.runtime.runner import run_step
+from algodock.store.backends import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
 
 if TYPE_CHECKING:
     import docker
 
     from algodock.pipeline import Pipeline
 
-log = logging.getLogger("algodock.execute")
+log = logging.getLogger("algodock.pipeline.execute")
 
 EMIT_LIMIT = 1024 * 1024
 """Bytes of container log a step sends to its logger (the Prefect task-run logs); the rest is only in the store."""
+
+
+class StepObserver(Protocol):
+    """Learns of step events (OpenLineage, Prefect assets, a live view subscribe this way).
+
+    The engine announces; it imports no observer. An observer that raises is logged and
+    ignored: it never fails a step.
+    """
+
+    def step_started(self, ctx: RunContext, record: StepRecord, upstream: Mapping[str, StepRecord]) -> None:
+        """``record`` (status ``running``) is about to stage inputs and run its container."""
+
+    def step_finished(self, ctx: RunContext, record: StepRecord) -> None:
+        """``record`` ended: succeeded, cached or failed."""
+
+
+def _announce(ctx: RunContext, event: str, *args: Any) -> None:
+    for observer in ctx.observers:
+        try:
+            getattr(observer, event)(ctx, *args)
+        except Exception as exc:  # an observer's fault is never the step's
+            log.warning("step observer %s failed on %s: %s", type(observer).__name__, event, exc)
 
 
 @dataclass
@@ -57,9 +78,11 @@ class RunContext:
     use_cache: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
     cache: Any = None
-    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.cache)."""
+    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.lineage.cache)."""
     flow_run_id: str | None = None
     """The Prefect flow-run id, when there is one (the parent run of the steps' OpenLineage events)."""
+    observers: list[StepObserver] = field(default_factory=list)
+    """Told when each step starts and ends (see :class:`StepObserver`)."""
     _external: dict[str, InputBinding] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _images: dict[str, ResolvedImage] = field(default_factory=dict)
@@ -145,7 +168,7 @@ def execute_step(
     )
     scratch = ctx.scratch / f"{step_id}-{attempt}-{uuid.uuid4().hex[:6]}"
     scratch.mkdir(parents=True, exist_ok=True)
-    events = openlineage.step_started(ctx, record, upstream)  # START now, COMPLETE/FAIL below; a no-op when unconfigured
+    _announce(ctx, "step_started", record, upstream)
     try:
         record = _execute(ctx, step_id, upstream, record, scratch, attempt, on_log, around_container)
         return record
@@ -155,7 +178,7 @@ def execute_step(
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        events.finished(record)
+        _announce(ctx, "step_finished", record)
 
 
 def _execute(

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from algodock.contract import INPUT_DIR, AlgoConfig, AlgoInput, InputData, Manifest
+from algodock.contract.manifest import INPUT_DIR, AlgoConfig, AlgoInput, InputData, Manifest
 from algodock.errors import InvalidInput
 from algodock.hashing import folder_digest, list_files, sha256_file
-from algodock.results import InputBinding, InputRecord
+from algodock.records import InputBinding, InputRecord
 
 
 class StagedFile(NamedTuple):

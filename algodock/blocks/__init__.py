@@ -1,6 +1,6 @@
 """Prefect blocks of algodock: saved algorithms and stores; the engine is prefect-docker's ``DockerHost``.
 
-Register them with ``prefect block register -m blocks`` (``-m algodock.blocks`` once the
+Register them with ``prefect block register -m algodock.blocks`` (``-m algodock.blocks`` once the
 folders are namespaced); then create and save them in the UI or in code::
 
     AlgorithmBlock.from_manifest_file("examples/device-visits/manifest.json").save("device-visits")
@@ -25,7 +25,7 @@ from prefect_aws import AwsCredentials
 from prefect_docker import DockerHost
 from pydantic import Field, field_validator
 
-from algodock.contract import Manifest, load_manifest, parse_manifest
+from algodock.contract.manifest import Manifest, load_manifest, parse_manifest
 from algodock.errors import InfrastructureError, InvalidInput, InvalidManifest
 
 __all__ = ["AlgorithmBlock", "AwsCredentials", "DockerHost", "StoreBlock", "load_block", "manifest_from_block", "resolve_engine", "resolve_store"]
@@ -113,8 +113,8 @@ class StoreBlock(Block):
         return kwargs
 
     def open(self) -> Any:
-        """The :class:`algodock.store.Store` this block describes."""
-        from algodock.store import S3Store, open_store, s3_filesystem
+        """The :class:`algodock.store.backends.Store` this block describes."""
+        from algodock.store.backends import S3Store, open_store, s3_filesystem
 
         if not self.uri.startswith("s3://"):
             return open_store(self.uri)
@@ -137,7 +137,7 @@ def load_block(ref: str, expected: type[Block]) -> Block:
 
 def resolve_store(store: str | StoreBlock | None) -> Any:
     """The store of a flow's ``store`` parameter: a path/URI, ``"algodock-store/NAME"``, or a :class:`StoreBlock`."""
-    from algodock.store import open_store
+    from algodock.store.backends import open_store
 
     if isinstance(store, StoreBlock):
         return store.open()
@@ -148,13 +148,13 @@ def resolve_store(store: str | StoreBlock | None) -> Any:
 
 def resolve_engine(engine: str | DockerHost | None) -> Any:
     """The Docker client of a flow's ``engine`` parameter: ``"docker-host/NAME"``, a :class:`DockerHost`, or None (``DOCKER_HOST`` / the local socket)."""
-    from algodock.engine import docker_client
+    from algodock.runtime.engine import docker_client
 
     if engine is None:
         return docker_client()
     from docker.errors import DockerException
 
-    from algodock.engine import ENGINE_HINT
+    from algodock.runtime.engine import ENGINE_HINT
 
     host = engine if isinstance(engine, DockerHost) else load_block(engine, DockerHost)
     try:

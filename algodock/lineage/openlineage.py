@@ -43,20 +43,18 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attr
 
 from algodock.records import StepRecord
-from algodock.store import local_path_of
+from algodock.store.backends import local_path_of
 
 if TYPE_CHECKING:
     from openlineage.client import OpenLineageClient
     from openlineage.client.generated.base import InputDataset, OutputDataset, RunFacet
 
-    from algodock.execute import RunContext
-
-log = logging.getLogger("algodock.openlineage")
+log = logging.getLogger("algodock.lineage.openlineage")
 
 DEFAULT_NAMESPACE = "algodock"
 NAMESPACE_ENV = "OPENLINEAGE_NAMESPACE"
@@ -247,7 +245,7 @@ def _parquet_schema(uri: str, store: Any = None) -> Any | None:
                     return None
                 path = parts[0]
             return pq.read_schema(path)
-        from algodock.store import S3Store, s3_filesystem
+        from algodock.store.backends import S3Store, s3_filesystem
 
         fs = store.fs if isinstance(store, S3Store) else s3_filesystem()
         key = uri.removeprefix("s3://").rstrip("/")
@@ -451,6 +449,36 @@ PRODUCER = _producer()
 """The ``producer`` URI of every event (``urn:algodock:<version>``)."""
 
 
+class RunContext(Protocol):
+    """What the events need of a run (algodock.pipeline.execute.RunContext satisfies it)."""
+
+    run_id: str
+    flow_run_id: str | None
+    pipeline: Any
+    store: Any
+
+
+class OpenLineageObserver:
+    """A step observer (algodock.pipeline.execute.StepObserver) that sends START when a step
+    starts and COMPLETE or FAIL when it ends. Sends nothing when OpenLineage is not configured.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, int], StepEvents | _NoEvents] = {}
+        self._lock = threading.Lock()
+
+    def step_started(self, ctx: RunContext, record: StepRecord, upstream: Mapping[str, StepRecord]) -> None:
+        events = step_started(ctx, record, upstream)
+        with self._lock:
+            self._events[(record.id, record.attempts)] = events
+
+    def step_finished(self, ctx: RunContext, record: StepRecord) -> None:
+        with self._lock:
+            events = self._events.pop((record.id, record.attempts), None)
+        if events is not None:
+            events.finished(record)
+
+
 def step_started(ctx: RunContext, record: StepRecord, upstream: Mapping[str, StepRecord] | None = None) -> StepEvents | _NoEvents:
     """Emit START for ``record``'s step now; call ``.finished(record)`` on the result at the end.
 
@@ -466,4 +494,4 @@ def step_started(ctx: RunContext, record: StepRecord, upstream: Mapping[str, Ste
         return _NoEvents()
 
 
-__all__ = ["FACET_SCHEMAS", "PRODUCER", "StepEvents", "configured", "dataset_name", "facet_classes", "get_client", "step_started"]
+__all__ = ["FACET_SCHEMAS", "PRODUCER", "OpenLineageObserver", "StepEvents", "configured", "dataset_name", "facet_classes", "get_client", "step_started"]

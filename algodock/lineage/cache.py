@@ -29,7 +29,7 @@ succeeded there (same key, outputs still committed) unchanged, even with ``use=F
 a retry re-runs only what failed or was skipped.
 
 >>> import tempfile
->>> from algodock.store import open_store
+>>> from algodock.store.backends import open_store
 >>> cache = StoreCache(open_store(tempfile.mkdtemp()))
 >>> rec = StepRecord(id="a", image_id="sha256:" + "0" * 64, command=["true"])
 >>> cache.lookup(rec, {}) is None, len(rec.cache_key)
@@ -48,13 +48,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, ValidationError
 
 from algodock.records import InputLineage, LineageDocument, OutputLineage, StepRecord
-from algodock.results import InputBinding
-from algodock.store import Store, cache_rel, lineage_rel
+from algodock.records import InputBinding
+from algodock.store.backends import Store, cache_rel, lineage_rel
 
 if TYPE_CHECKING:
-    from algodock.contract import Manifest
+    from algodock.contract.manifest import Manifest
 
-log = logging.getLogger("algodock.cache")
+log = logging.getLogger("algodock.lineage.cache")
 
 CACHE_VERSION = "1"
 """Bumped whenever the key's definition changes, so old entries simply miss."""
@@ -119,7 +119,7 @@ def store_rel(store: Store, uri: str) -> str | None:
         return uri[len(root) + 1 :]
     local = store.local_path()
     if local is not None and uri.startswith("file://"):
-        from algodock.store import local_path_of
+        from algodock.store.backends import local_path_of
 
         path = local_path_of(uri)
         if path is not None and str(path).startswith(str(local) + "/"):

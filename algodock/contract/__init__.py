@@ -1,0 +1,6 @@
+"""The algorithm contract (CONTRACT.md): the manifest, what the container sees, what it returns.
+
+``manifest`` holds the pydantic models of the manifest, ``algo_input.json`` and
+``algo_output.json``; ``params`` fills in and checks parameters against a manifest's JSON
+Schema; ``schemas`` exports the models as the JSON Schema files in ``schemas/``.
+"""

@@ -1,0 +1,156 @@
+"""``algodock run``: a pipeline as a Prefect flow, from the command line.
+
+The engine's command group (:mod:`algodock.cli`) loads this module only when ``run`` is
+called, so the engine's own commands never import Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from algodock.console import log_to, print_errors, terminate_on_sigterm
+from algodock.errors import StepFailure
+
+
+def _live_view(order: list[str]):
+    """A live table of step states on stderr (only when stderr is a terminal)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None, None
+    states: dict[str, Any] = {s: None for s in order}
+    colours = {"succeeded": "green", "cached": "cyan", "failed": "red", "skipped": "yellow", "running": "blue"}
+
+    def render() -> Table:
+        table = Table(title="algodock run", expand=False)
+        for col in ("step", "status", "image id", "outputs / failure"):
+            table.add_column(col)
+        for step_id, rec in states.items():
+            status = rec.status if rec else "pending"
+            detail = ""
+            if rec is not None and rec.failure:
+                detail = f"{rec.failure.kind}: {rec.failure.message.splitlines()[0][:80]}"
+            elif rec is not None:
+                detail = ", ".join(f"{o.name} ({o.rows} rows)" if o.rows is not None else o.name for o in rec.outputs)
+            image_id = (rec.image_id or "")[7:19] if rec else ""
+            table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, detail)
+        return table
+
+    live = Live(render(), console=console, refresh_per_second=4, transient=False, redirect_stderr=True)
+
+    def listener(record: Any) -> None:
+        states[record.id] = record
+        live.update(render())
+
+    return live, listener
+
+
+@click.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix for outputs and records [default: ./.algodock/store].")
+@click.option("--run-id", metavar="ID", help="Name of this run in the store [default: a timestamp].")
+@click.option("--set", "sets", multiple=True, metavar="STEP.KEY=VALUE", help="Override a step's parameter; VALUE is JSON when it parses.")
+@click.option("--capacity", metavar="cpu_millicore=N,memory_gb=M", help="What running steps may use together [default: the engine's CPUs and memory].")
+@click.option("--no-cache", is_flag=True, help="Run every step, even when an identical earlier run could be reused.")
+@click.option("--concurrency-limit", metavar="NAME", help="A Prefect global concurrency limit each step also holds a slot of (a limit shared across hosts).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the run summary) on stdout.")
+def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, as_json: bool) -> None:
+    """Run a pipeline as a Prefect flow: each step a task, independent steps concurrently.
+
+    Uses the Prefect server at PREFECT_API_URL when set, else a temporary local one.
+    The spec is validated first: a bad spec starts no container. Exit 0 only when every
+    step succeeded or was cached.
+
+    \b
+    Example:
+      algodock run deployments/device-visits-daily.yaml --set visits.look_back_time=7200
+    """
+    from algodock.pipeline.capacity import Capacity
+    from algodock.pipeline import load_pipeline, parse_overrides
+
+    terminate_on_sigterm()
+    # Without PREFECT_API_URL Prefect starts a temporary server: it must not phone home (offline it prints errors).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if sys.stderr.isatty():
+        # The live table shows step states; the log lines stay in the Prefect UI and the store.
+        # (Set before Prefect is imported: its logging is configured then.)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    try:
+        overrides = parse_overrides(list(sets))
+        cap = Capacity.parse(capacity) if capacity else None
+        if cap is None:
+            from algodock.runtime.engine import docker_client
+
+            cap = Capacity.from_engine(docker_client())
+        from algodock.blocks import manifest_from_block
+
+        spec = load_pipeline(pipeline, overrides=overrides, capacity=cap, resolve_block=manifest_from_block)
+    except StepFailure as exc:
+        print_errors(exc)
+        if as_json:
+            click.echo(json.dumps({"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": exc.as_dict(), "steps": []}, indent=2))
+        sys.exit(1)
+
+    from algodock.flows import pipeline as flows_pipeline
+    from algodock.store.backends import open_store, run_json_rel
+
+    run_id = run_id or flows_pipeline.default_run_id(None)
+    live, listener = _live_view(spec.topological_order())
+    if listener:
+        flows_pipeline.LISTENERS.append(listener)
+    params = dict(spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None, capacity=str(cap),
+                  no_cache=no_cache, concurrency_limit=concurrency_limit)
+
+    def finish(prefect_problem: str | None) -> int:
+        if live:
+            live.stop()
+            log_to(sys.stderr)
+        summary = open_store(store).read_json(run_json_rel(run_id))
+        if summary is None:
+            message = prefect_problem or (state.message if state is not None else None) or "the flow run failed before it recorded anything"
+            summary = {"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": {"kind": "infrastructure", "message": message}, "steps": []}
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            if not live:  # the live table already showed them
+                for step in summary["steps"]:
+                    click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
+            click.echo(f"run {run_id}: {summary['status']}; lineage at {summary.get('lineage_uri')}", err=True)
+            ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL") or "").removesuffix("/api")
+            if ui and summary.get("flow_run_id"):
+                click.echo(f"in the Prefect UI: {ui}/runs/flow-run/{summary['flow_run_id']}", err=True)
+        if prefect_problem and summary["steps"]:
+            click.echo(f"warning: Prefect's record of run {run_id} is incomplete ({prefect_problem}); the lineage in the store is the record of what ran", err=True)
+        return 0 if summary["status"] == "succeeded" else 1
+
+    def prefect_lost() -> None:  # called by the watchdog: the steps have ended, Prefect cannot be told
+        code = finish("the Prefect API stopped answering during the run")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # Prefect's engine threads would retry their API calls for minutes
+
+    state = None
+    problem: str | None = None
+    try:
+        if live:
+            live.start()
+            log_to(sys.stderr)  # Live has replaced sys.stderr with a proxy that prints above the table
+        state = flows_pipeline.run_with_watchdog(prefect_lost, **params)
+    except Exception as exc:  # Prefect's own calls failed (the API went away at the very end, …)
+        import httpx
+
+        if not isinstance(exc, (httpx.HTTPError, OSError)) and "prefect" not in type(exc).__module__:
+            raise
+        problem = f"{type(exc).__name__}: {exc}"
+    sys.exit(finish(problem))
