@@ -448,6 +448,17 @@ def run_pipeline(
     runner = ThreadPoolTaskRunner(max_workers=workers).__enter__()
     try:
         status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit, watch, workers)
+    except BaseException:
+        # The process is being ended (a worker's SIGTERM on cancellation arrives here as an
+        # exception, before Prefect could run any hook) or the flow crashed: no container of
+        # this run may outlive it.
+        ctx.cancel.set()
+        ctx.pool.wake_all()
+        for label in ({"flow_run_id": flow_run_id} if flow_run_id else {}, {"run_id": run_id}):
+            if label:
+                with contextlib.suppress(Exception):
+                    kill_run_containers(client, **label)
+        raise
     finally:
         stop_watch.set()
         shutil.rmtree(scratch, ignore_errors=True)
