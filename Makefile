@@ -55,8 +55,8 @@ images: base-image wheels ## build algodock/device-visits:1.0.0 and algodock/dwe
 	    -t algodock/$$algo:$(EXAMPLE_VERSION) examples/$$algo; \
 	done
 
-schemas: venv ## regenerate the JSON schemas (python -m algodock.contract.schemas)
-	$(VENV)/bin/python -m algodock.contract.schemas
+schemas: venv ## regenerate the JSON schemas (python -m algodock.schemas)
+	$(VENV)/bin/python -m algodock.schemas
 
 browser: ## make sure Debian's chromium is installed (the UI tests drive it with Playwright; no browser download)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null || echo present)"; \

@@ -112,7 +112,7 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
     """
     from algodock.contract.manifest import load_manifest
     from algodock.contract.params import parse_assignments
-    from algodock.records import StepResult
+    from algodock.records import StepRecord
     from algodock.runtime.runner import run_step
 
     terminate_on_sigterm()
@@ -130,10 +130,10 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
             log_path=log_file,
         )
     except StepFailure as exc:  # caught before the runner: manifest or command-line input
-        result = StepResult(status="failed", image=image, failure=exc)
+        result = StepRecord(id=manifest.stem, status="failed", image=image, failure=exc)
     sys.stderr.flush()
     if as_json:
-        click.echo(json.dumps(result.summary(), indent=2))
+        click.echo(json.dumps(result.step_summary(), indent=2))
     if result.ok:
         if not as_json:
             for o in result.outputs:

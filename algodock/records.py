@@ -1,8 +1,9 @@
 """Records of step runs and pipeline runs (CONTRACT.md §5).
 
-The runner returns a :class:`StepResult` (plain dataclasses: what one container run
-produced); a pipeline keeps one :class:`StepRecord` per step in the run's lineage document
-(pydantic: exported as ``schemas/lineage.schema.json``). The lineage document is the source
+One record per concept: a :class:`StepRecord` is what ``run_step`` returns and what a
+pipeline keeps per step in the run's lineage document (exported as
+``schemas/lineage.schema.json``), with :class:`InputRecord` and :class:`OutputRecord` for its
+data; :class:`InputBinding` and :class:`ResolvedImage` are what a run is given. The lineage document is the source
 of truth about a run. It is rewritten in the store as each step ends, so a crash mid-run
 leaves every finished step recorded. The run summary that ``algodock run --json`` prints is
 a view of it.
@@ -10,12 +11,12 @@ a view of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from algodock.errors import StepFailure
 
@@ -36,41 +37,9 @@ class InputBinding:
     """Step id that produced the data, None for an external input."""
     rows: int | None = None
     """Known parquet row count, if any."""
-
-
-@dataclass(frozen=True)
-class InputRecord:
-    name: str
-    uri: str
-    sha256: str
-    format: str
-    produced_by: str | None = None
-    rows: int | None = None
-    files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class OutputRecord:
-    """One declared output found in the output folder, hashed."""
-
-    name: str
-    path: Path
-    """Absolute local path of the file or folder."""
-    format: str
-    sha256: str
-    rows: int | None
-    multiple: bool
-    uri: str | None = None
-    """Where it was stored (filled by the pipeline's store); ``path`` when None."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "uri": self.uri or str(self.path),
-            "sha256": self.sha256,
-            "format": self.format,
-            "rows": self.rows,
-        }
+    files: tuple[str, ...] | None = None
+    """For a folder: the relative files ``sha256`` was computed over. Staging stages exactly
+    these (the folder is not listed again), so a file added since is never staged unhashed."""
 
 
 @dataclass(frozen=True)
@@ -87,82 +56,81 @@ class ResolvedImage:
     """The image's ``USER`` (empty when unset)."""
 
 
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat() if t else None
-
-
-@dataclass
-class StepResult:
-    """Everything lineage needs about one step run (CONTRACT.md §5)."""
-
-    status: Literal["succeeded", "failed"]
-    image: str
-    image_id: str | None = None
-    repo_digest: str | None = None
-    command: list[str] = field(default_factory=list)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    resource_request: dict[str, Any] = field(default_factory=dict)
-    inputs: list[InputRecord] = field(default_factory=list)
-    outputs: list[OutputRecord] = field(default_factory=list)
-    failure: StepFailure | None = None
-    exit_code: int | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    message: str | None = None
-    log_tail: list[str] = field(default_factory=list)
-    container_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "succeeded"
-
-    def summary(self) -> dict[str, Any]:
-        """The ``algodock run-step --json`` document."""
-        return {
-            "status": self.status,
-            "failure": self.failure.as_dict() if self.failure else None,
-            "image": self.image,
-            "image_id": self.image_id,
-            "repo_digest": self.repo_digest,
-            "outputs": [o.as_dict() for o in self.outputs],
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-        }
-
-
 LINEAGE_VERSION = "0.1"
 StepStatus = Literal["pending", "running", "succeeded", "failed", "cached", "skipped"]
 HASH_DESCRIPTION = (
-    "sha256 (hex) of the file's bytes; for a folder, the sha256 of the sha256sum-style listing of its regular files, "
-    'one line "<hex sha256>  <path relative to the folder>\\n" per file, sorted by path (see algodock.hashing).'
+    "sha256 (hex) of the file's bytes; for a folder, the sha256 of one framed entry per regular file, "
+    '"<hex sha256> <byte length of the path>:<path relative to the folder>\\n", sorted by the path\'s bytes '
+    "(length-prefixed, so no file name can forge it; see algodock.hashing for a shell line that reproduces it)."
 )
 
 
 class Failure(BaseModel):
+    """How a step failed: one of CONTRACT.md §4's kinds (see :mod:`algodock.errors`)."""
+
     kind: str
     message: str
     exit_code: int | None = None
 
+    @classmethod
+    def of(cls, error: StepFailure) -> Failure:
+        return cls(kind=error.kind, message=error.message, exit_code=error.exit_code)
 
-class InputLineage(BaseModel):
+    @property
+    def retryable(self) -> bool:
+        """Whether retrying the step may help (the kind's own answer, see :mod:`algodock.errors`)."""
+        from algodock.errors import FAILURE_KINDS
+
+        return FAILURE_KINDS[self.kind].retryable if self.kind in FAILURE_KINDS else False
+
+    @property
+    def errors(self) -> list[str]:
+        """The message's lines (validation failures list one error a line)."""
+        return self.message.splitlines() or [self.kind]
+
+
+class InputRecord(BaseModel):
+    """One input slot as staged for a step: where its data came from and its content hash."""
+
     name: str
     uri: str
     sha256: str = Field(description=HASH_DESCRIPTION)
+    format: str | None = None
     produced_by: str | None = Field(None, description="Step id that produced it; null for an external input.")
     rows: int | None = None
+    files: list[str] = Field(default_factory=list, exclude=True)
+    """The files as the container sees them (in algo_input.json; not recorded in lineage)."""
 
 
-class OutputLineage(BaseModel):
+class OutputRecord(BaseModel):
+    """One declared output: found in the output folder, hashed, then (in a pipeline) stored."""
+
     name: str
-    uri: str
+    uri: str = Field(description="Where it is: the store's file:// path or s3:// URI (a local path for run-step).")
     sha256: str = Field(description=HASH_DESCRIPTION)
     format: str
     rows: int | None = None
+    path: Path | None = Field(None, exclude=True)
+    """The local file or folder while the step runs (not recorded)."""
+    multiple: bool = Field(False, exclude=True)
+    """A folder of files (``multiple: true`` slot)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri_from_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("uri") and data.get("path") is not None:
+            data = {**data, "uri": str(data["path"])}
+        return data
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 class StepRecord(BaseModel):
-    """Everything recorded about one step of a run."""
+    """Everything recorded about one step (CONTRACT.md §5): what ``run_step`` returns, and
+    one entry of a run's lineage document. Fields marked ``exclude`` stay in memory only."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
     id: str
     status: StepStatus = "pending"
@@ -174,8 +142,8 @@ class StepRecord(BaseModel):
     command: list[str] = Field(default_factory=list)
     parameters: dict[str, Any] = Field(default_factory=dict, description="After defaults.")
     resource_request: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[InputLineage] = Field(default_factory=list)
-    outputs: list[OutputLineage] = Field(default_factory=list)
+    inputs: list[InputRecord] = Field(default_factory=list)
+    outputs: list[OutputRecord] = Field(default_factory=list)
     failure: Failure | None = None
     exit_code: int | None = None
     started_at: datetime | None = None
@@ -186,6 +154,25 @@ class StepRecord(BaseModel):
     cached_from: str | None = Field(None, description="Run id whose outputs a cached step reuses.")
     log_uri: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    message: str | None = Field(None, description="The algorithm's own message (algo_output.json).")
+    log_tail: list[str] = Field(default_factory=list, exclude=True)
+    container_id: str | None = Field(None, exclude=True)
+
+    @field_validator("failure", mode="before")
+    @classmethod
+    def _failure_of_error(cls, value: Any) -> Any:
+        return Failure.of(value) if isinstance(value, StepFailure) else value
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    def step_summary(self) -> dict[str, Any]:
+        """The ``algodock run-step --json`` document."""
+        return self.model_dump(
+            mode="json",
+            include={"status", "failure", "image", "image_id", "repo_digest", "outputs", "started_at", "finished_at"},
+        )
 
     def summary(self) -> dict[str, Any]:
         """The step object of ``algodock run --json``."""
@@ -213,22 +200,15 @@ class LineageDocument(BaseModel):
         return next(s for s in self.steps if s.id == step_id)
 
 
-def record_from_result(record: StepRecord, result: StepResult) -> StepRecord:
-    """Fill a step record from the runner's result (outputs as they were stored)."""
-    record.image = result.image
-    record.image_id = result.image_id
-    record.repo_digest = result.repo_digest
-    record.command = result.command
-    record.parameters = result.parameters
-    record.resource_request = result.resource_request
-    record.inputs = [
-        InputLineage(name=i.name, uri=i.uri, sha256=i.sha256, produced_by=i.produced_by, rows=i.rows) for i in result.inputs
-    ]
-    record.outputs = [OutputLineage(**o.as_dict()) for o in result.outputs]
-    record.failure = Failure(**result.failure.as_dict()) if result.failure else None
-    record.exit_code = result.exit_code
-    record.started_at = result.started_at
-    record.finished_at = result.finished_at
-    record.metrics = result.metrics
-    record.status = "succeeded" if result.ok else "failed"
+RUN_FIELDS = (
+    "status", "image", "image_id", "repo_digest", "command", "parameters", "resource_request", "inputs", "outputs",
+    "failure", "exit_code", "started_at", "finished_at", "metrics", "message", "log_tail", "container_id",
+)
+"""What one container run fills in (``run_step``); a pipeline adds the rest (id, attempts, cache, task run)."""
+
+
+def record_from_result(record: StepRecord, result: StepRecord) -> StepRecord:
+    """``record`` (a pipeline's record of the step) with the fields ``run_step`` filled in ``result``."""
+    for name in RUN_FIELDS:
+        setattr(record, name, getattr(result, name))
     return record

@@ -7,8 +7,8 @@ the same page cache and CPU:
 
 * ``file``: ``sha256_path`` of one file, against ``hashlib.sha256`` fed the same file in 1 MiB
   reads (the plain loop anyone would write);
-* ``folder``: ``sha256_path`` of a folder of parts (the sha256sum-style folder hash: one
-  sha256 per part, then one over the listing), against one ``hashlib.sha256`` over the bytes of
+* ``folder``: ``sha256_path`` of a folder of parts (the framed folder hash: one
+  sha256 per part, then one over the length-prefixed listing), against one ``hashlib.sha256`` over the bytes of
   every part in order, the same total.
 
 Reported: seconds per GiB (median of the rounds) and the ratio algodock / hashlib.

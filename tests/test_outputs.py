@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import pytest
 from algodock.contract.manifest import parse_manifest
 from algodock.errors import InvalidInput, InvalidOutput, MissingOutput
 from algodock.hashing import folder_digest, list_files, parquet_rows, sha256_file, sha256_path
-from algodock.runtime.outputs import MAX_ALGO_OUTPUT_BYTES, collect_outputs, read_algo_output
+from algodock.runtime.outputs import MAX_ALGO_OUTPUT_BYTES, collect_outputs, copy_regular_tree, parse_algo_output, read_algo_output
 from algodock.records import InputBinding
-from algodock.runtime.staging import plan_inputs, prepare_work_dir
+from algodock.runtime.staging import hash_input, plan_inputs, prepare_work_dir
 
 
 def manifest(outputs: list[dict[str, Any]] | None = None, inputs: list[dict[str, Any]] | None = None):
@@ -186,7 +187,7 @@ def test_fallback_symlink_out_is_rejected(out: Path) -> None:
 def test_fifo_in_a_folder_output_is_rejected(out: Path) -> None:
     (out / "v").mkdir()
     os.mkfifo(out / "v" / "pipe")
-    with pytest.raises(InvalidOutput, match="v/pipe is not a regular file"):
+    with pytest.raises(InvalidOutput, match="v/pipe is a FIFO, not a regular file"):
         collect(out, {"name": "v", "format": "binary"})
 
 
@@ -213,12 +214,13 @@ def test_absurdly_nested_algo_output_is_invalid_not_a_crash(out: Path) -> None:
         read_algo_output(out)
 
 
-def test_symlink_that_stays_inside_is_accepted(out: Path) -> None:
+def test_symlink_that_stays_inside_is_rejected_too(out: Path) -> None:
+    """CONTRACT §3 (0.2): only regular files and folders count; a symlink is never followed, even inward."""
     (out / "data").mkdir()
     (out / "data" / "v.csv").write_text("a,b\n1,2\n")
     (out / "v.csv").symlink_to("data/v.csv")
-    [rec] = collect(out, {"name": "v", "format": "csv"})
-    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest()
+    with pytest.raises(InvalidOutput, match="v.csv is a symlink .*even a symlink that stays inside"):
+        collect(out, {"name": "v", "format": "csv"})
 
 
 # ------------------------------------------------------------------ finding outputs
@@ -297,24 +299,51 @@ def test_undeclared_files_are_ignored(out: Path) -> None:
 # ------------------------------------------------------------------ hashing definition
 
 
-def test_folder_hash_is_sha256sum_of_sorted_listing(tmp_path: Path) -> None:
+SHELL_LINE = next(line.strip() for line in sys.modules["algodock.hashing"].__doc__.splitlines() if line.strip().startswith("find . -type f"))
+
+
+def _framed(d: Path) -> str:
+    """The definition, written out independently of algodock.hashing."""
+    h = hashlib.sha256()
+    for r in sorted(list_files(d), key=os.fsencode):
+        raw = os.fsencode(r)
+        h.update(hashlib.sha256((d / r).read_bytes()).hexdigest().encode() + b" %d:" % len(raw) + raw + b"\n")
+    return h.hexdigest()
+
+
+def test_folder_hash_is_framed_and_the_documented_shell_line_reproduces_it(tmp_path: Path) -> None:
     d = tmp_path / "f"
     (d / "b" / "c").mkdir(parents=True)
     (d / "empty").mkdir()
     (d / "a.txt").write_bytes(b"a")
+    (d / "a.txt.d").mkdir()
+    (d / "a.txt.d" / "x").write_bytes(b"sorted by bytes: '.' < '/'")
     (d / "b" / "x y.bin").write_bytes(os.urandom(3000))
     (d / "b" / "c" / "z").write_bytes(b"")
     (d / "B.txt").write_bytes(b"upper")
+    (d / "with\nnewline  and %s").write_bytes(b"inputs may have such names")
+    (d / "\u00e9t\u00e9.csv").write_bytes(b"utf-8")
     (d / "link").symlink_to("a.txt")  # never followed, never counted
-    assert list_files(d) == ["B.txt", "a.txt", "b/c/z", "b/x y.bin"]
-    listing = "".join(f"{hashlib.sha256((d / r).read_bytes()).hexdigest()}  {r}\n" for r in sorted(list_files(d)))
-    assert sha256_path(d) == hashlib.sha256(listing.encode()).hexdigest()
-    shell = subprocess.run(
-        "find . -type f | sed 's|^\\./||' | LC_ALL=C sort | tr '\\n' '\\0' | xargs -0 sha256sum | sha256sum",
-        shell=True, cwd=d, capture_output=True, text=True, check=True,
-    )
-    assert sha256_path(d) == shell.stdout.split()[0]
+    os.mkfifo(d / "fifo")  # never opened, never counted
+    assert list_files(d) == ["B.txt", "a.txt", "a.txt.d/x", "b/c/z", "b/x y.bin", "with\nnewline  and %s", "\u00e9t\u00e9.csv"]
+    assert sha256_path(d) == _framed(d)
+    shell = subprocess.run(["bash", "-c", SHELL_LINE], cwd=d, capture_output=True, text=True, check=True, timeout=60)
+    assert shell.stdout.split()[0] == sha256_path(d), SHELL_LINE
     assert folder_digest([(r, sha256_file(d / r)) for r in reversed(list_files(d))]) == sha256_path(d)
+
+
+def test_a_file_name_cannot_forge_a_folder_hash(tmp_path: Path) -> None:
+    """Before framing, {a, b} hashed like one file named "a\n<sha256 of b>  b" holding a's bytes."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    (two / "a").write_bytes(b"A")
+    (two / "b").write_bytes(b"B")
+    forged = "a\n" + hashlib.sha256(b"B").hexdigest() + "  b"
+    (one / forged).write_bytes(b"A")
+    unframed = lambda d: hashlib.sha256("".join(f"{sha256_file(d / r)}  {r}\n" for r in sorted(list_files(d))).encode()).hexdigest()  # noqa: E731
+    assert unframed(two) == unframed(one), "the forgery the framing prevents"
+    assert sha256_path(two) != sha256_path(one)
 
 
 def test_parquet_rows_of_non_parquet_is_none(tmp_path: Path) -> None:
@@ -426,3 +455,198 @@ def test_all_binding_errors_are_listed_together(tmp_path: Path, data: Path) -> N
     with pytest.raises(InvalidInput) as info:
         plan_inputs(manifest(inputs=INPUTS), _bindings(nope=data / "cfg.json", config=data / "absent"), tmp_path)
     assert len(info.value.errors) == 3
+
+
+# ------------------------------------------------------------------ CONTRACT 0.2 §3: only regular files and folders
+
+
+def test_a_symlink_anywhere_in_the_output_folder_is_invalid_even_undeclared(out: Path) -> None:
+    (out / "v.csv").write_text("x\n")
+    (out / "debug").mkdir()
+    (out / "debug" / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(InvalidOutput, match="debug/passwd is a symlink leading outside"):
+        collect(out, {"name": "v", "format": "csv"})
+
+
+def test_special_files_are_invalid_and_never_opened(out: Path) -> None:
+    """A FIFO opened for hashing would block forever: the test returning at all shows it was not opened."""
+    import socket
+
+    (out / "v").mkdir()
+    (out / "v" / "ok.bin").write_bytes(b"1")
+    os.mkfifo(out / "v" / "fifo")
+    with pytest.raises(InvalidOutput, match="v/fifo is a FIFO"):
+        collect(out, {"name": "v", "format": "binary"})
+    os.unlink(out / "v" / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(out / "v" / "sock"))
+        with pytest.raises(InvalidOutput, match="v/sock is a socket"):
+            collect(out, {"name": "v", "format": "binary"})
+    os.unlink(out / "v" / "sock")
+    try:
+        os.mknod(out / "v" / "null", 0o600 | 0o020000, os.makedev(1, 3))  # a character device, as /dev/null
+    except PermissionError:
+        return  # not root: no device file to test with
+    with pytest.raises(InvalidOutput, match="v/null is a device file"):
+        collect(out, {"name": "v", "format": "binary"})
+
+
+@pytest.mark.parametrize("name", ["a\nb.csv", "tab\there", "bell\x07", "del\x7f", "c1\x85"], ids=["newline", "tab", "bell", "del", "c1"])
+def test_control_characters_in_names_are_invalid(out: Path, name: str) -> None:
+    (out / "v").mkdir()
+    (out / "v" / name).write_text("x")
+    with pytest.raises(InvalidOutput, match="has a control character in its name"):
+        collect(out, {"name": "v", "format": "binary"})
+
+
+def test_names_that_are_not_utf8_are_invalid(out: Path) -> None:
+    (out / "v").mkdir()
+    with open(os.path.join(os.fsencode(out / "v"), b"\xff\xfe.bin"), "wb") as fh:
+        fh.write(b"x")
+    with pytest.raises(InvalidOutput, match="not valid UTF-8"):
+        collect(out, {"name": "v", "format": "binary"})
+
+
+def test_a_listed_path_with_a_newline_is_invalid(out: Path) -> None:
+    (out / "v.csv").write_text("x\n")
+    algo_output(out, ("v", "csv", "v.csv\n"))
+    with pytest.raises(InvalidOutput, match="control character"):
+        collect(out, {"name": "v", "format": "csv"})
+
+
+@pytest.mark.parametrize(
+    ("entries", "files", "expected"),
+    [
+        ([("a", "csv", "t.csv"), ("b", "csv", "t.csv")], ["t.csv"], "both name 't.csv'"),
+        ([("a", "csv", "t.csv"), ("b", "csv", "./t.csv")], ["t.csv"], "both name 't.csv'"),
+        ([("a", "binary", "d"), ("b", "csv", "d/x.csv")], ["d/x.csv"], "'d/x.csv' is inside 'd'"),
+        ([("b", "csv", "a/x.csv")], ["a/x.csv"], "'a/x.csv' is inside 'a'"),  # a falls back to a/
+    ],
+    ids=["same-path", "same-path-spelled-differently", "nested", "nested-with-fallback"],
+)
+def test_overlapping_outputs_are_invalid(out: Path, entries: list[tuple[str, str, str]], files: list[str], expected: str) -> None:
+    for f in files:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("x\n")
+    algo_output(out, *entries)
+    with pytest.raises(InvalidOutput, match=expected):
+        collect(out, {"name": "a", "format": "binary" if any(e[1] == "binary" for e in entries) or len(entries) == 1 else "csv"}, {"name": "b", "format": "csv"})
+
+
+def test_an_output_listed_twice_or_naming_the_folder_itself_is_invalid(out: Path) -> None:
+    (out / "x.csv").write_text("x\n")
+    algo_output(out, ("v", "csv", "x.csv"), ("v", "csv", "x.csv"))
+    with pytest.raises(InvalidOutput, match="lists output 'v' more than once"):
+        collect(out, {"name": "v", "format": "csv"})
+    algo_output(out, ("v", "binary", "."))
+    with pytest.raises(InvalidOutput, match="names the output folder itself"):
+        collect(out, {"name": "v", "format": "binary"})
+
+
+def test_algo_output_over_1_mib_is_invalid_even_when_valid_json(out: Path) -> None:
+    assert MAX_ALGO_OUTPUT_BYTES == 1024 * 1024
+    (out / "v.csv").write_text("x\n")
+    doc = json.dumps({"status": "success", "message": "m" * (MAX_ALGO_OUTPUT_BYTES - 40)})
+    assert len(doc) <= MAX_ALGO_OUTPUT_BYTES
+    (out / "algo_output.json").write_text(doc)
+    assert read_algo_output(out) is not None  # at the limit: fine
+    (out / "algo_output.json").write_text(doc + " " * (MAX_ALGO_OUTPUT_BYTES - len(doc) + 1))
+    with pytest.raises(InvalidOutput, match="the limit is 1048576"):
+        read_algo_output(out)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"metrics": {"x": NaN}}', b'{"message": "\\ud800"}', b'{"metrics": {"x": 1e999999}}', b"9" * 5000, b'{"a": ' * 50_000, b"\x00"],
+    ids=["nan", "lone-surrogate", "infinite-float", "huge-int", "deep", "nul"],
+)
+def test_hostile_algo_output_bytes_are_invalid_output(raw: bytes) -> None:
+    with pytest.raises(InvalidOutput):
+        parse_algo_output(raw)
+
+
+def test_read_algo_output_never_raises_anything_else_for_any_bytes(out: Path) -> None:
+    """A seeded fuzz of mutations of a valid document: parses, or InvalidOutput; never another exception."""
+    import random
+
+    rng = random.Random(7)
+    seed = json.dumps({"version": "0.1.0", "status": "success", "output_data": [{"name": "v", "format": "csv", "path": "v.csv"}], "metrics": {"n": 1}, "message": "ok"}).encode()
+    tokens = [b"{", b"}", b"[", b"]", b'"', b"\\u0000", b"\\ud83d", b"NaN", b"-0", b"1e400", b"null", b",", b":", b"\xff", b"\x00"]
+    for _ in range(1500):
+        raw = bytearray(seed)
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(raw) + 1)
+            if rng.random() < 0.5 and raw:
+                del raw[i : i + rng.randint(1, 4)]
+            else:
+                raw[i:i] = rng.choice(tokens) if rng.random() < 0.7 else bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
+        (out / "algo_output.json").write_bytes(bytes(raw))
+        try:
+            read_algo_output(out)
+        except (InvalidOutput, MissingOutput):
+            pass
+
+
+def test_copy_regular_tree_keeps_only_regular_files_and_folders(tmp_path: Path) -> None:
+    src = tmp_path / "failed"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "a.csv").write_text("a")
+    (src / "d" / "e" / "b.bin").write_bytes(b"b")
+    (src / "passwd").symlink_to("/etc/passwd")
+    (src / "d" / "inside").symlink_to("../a.csv")
+    (src / "d" / "etc").symlink_to("/etc")
+    os.mkfifo(src / "d" / "fifo")
+    (src / "bad\nname").write_text("x")
+    dropped = copy_regular_tree(src, tmp_path / "kept")
+    assert sorted(dropped) == ["bad\nname", "d/etc", "d/fifo", "d/inside", "passwd"]
+    kept = tmp_path / "kept"
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == ["a.csv", "d", "d/e", "d/e/b.bin"]
+    assert all(not p.is_symlink() for p in kept.rglob("*"))
+    assert (kept / "a.csv").stat().st_ino == (src / "a.csv").stat().st_ino, "hardlinked, no bytes copied"
+
+
+# ------------------------------------------------------------------ inputs: listed once
+
+
+def test_a_folder_is_listed_once_and_a_file_added_later_is_not_staged(tmp_path: Path, data: Path) -> None:
+    digest, files = hash_input(data / "pings")
+    assert files == ("day=1/part-0.parquet", "part-1.parquet") and digest == sha256_path(data / "pings")
+    write_parquet(data / "pings" / "part-2.parquet", 9)  # arrives between hashing and staging
+    binding = {"pings": InputBinding(slot="pings", path=data / "pings", sha256=digest, files=files)}
+    [rec] = prepare_work_dir(tmp_path / "w", manifest(inputs=INPUTS[:1]), binding, {})
+    assert list_files(tmp_path / "w" / "input" / "pings") == list(files)
+    assert rec.sha256 == digest == sha256_path(tmp_path / "w" / "input" / "pings"), "what was hashed is what is staged"
+
+
+def test_a_listed_input_file_swapped_for_a_symlink_is_refused(tmp_path: Path, data: Path) -> None:
+    digest, files = hash_input(data / "pings")
+    os.unlink(data / "pings" / "part-1.parquet")
+    (data / "pings" / "part-1.parquet").symlink_to("/etc/passwd")
+    binding = {"pings": InputBinding(slot="pings", path=data / "pings", sha256=digest, files=files)}
+    with pytest.raises(InvalidInput, match="no longer a regular file"):
+        prepare_work_dir(tmp_path / "w", manifest(inputs=INPUTS[:1]), binding, {})
+
+
+# ------------------------------------------------------------------ the framing is injective (property)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from algodock.hashing import folder_entry  # noqa: E402
+
+_names = st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x2FF, exclude_characters="/"), min_size=1, max_size=12)
+_digests = st.sampled_from([hashlib.sha256(bytes([i])).hexdigest() for i in range(4)])
+_folders = st.dictionaries(st.lists(_names, min_size=1, max_size=3).map("/".join), _digests, max_size=4)
+
+
+def _listing(folder: dict[str, str]) -> bytes:
+    return b"".join(folder_entry(rel, folder[rel]) for rel in sorted(folder, key=os.fsencode))
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_folders, b=_folders)
+def test_two_different_folders_never_share_a_framed_listing(a: dict[str, str], b: dict[str, str]) -> None:
+    """Names may hold newlines, spaces, digits and colons: the length prefix still tells entries apart."""
+    if a != b:
+        assert _listing(a) != _listing(b)
+    assert folder_digest(a.items()) == hashlib.sha256(_listing(a)).hexdigest()

@@ -26,7 +26,7 @@ from algodock.contract.manifest import Manifest, parse_manifest
 from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
 from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
-from algodock.records import InputBinding, StepResult
+from algodock.records import InputBinding, StepRecord
 from algodock.runtime.runner import run_step
 from tests.conftest import build_image
 
@@ -77,7 +77,7 @@ class Run:
 
         self.out = out
         t0 = time.monotonic()
-        self.result: StepResult = run_step(m, output_dir=out, client=client, on_log=on_log, **kw)
+        self.result: StepRecord = run_step(m, output_dir=out, client=client, on_log=on_log, **kw)
         self.elapsed = time.monotonic() - t0
 
     @property
@@ -97,7 +97,7 @@ class Run:
         return facts
 
 
-def assert_gone(client: Any, result: StepResult) -> None:
+def assert_gone(client: Any, result: StepRecord) -> None:
     from docker.errors import NotFound
 
     assert result.container_id, "no container was created"
@@ -288,7 +288,7 @@ def test_inputs_are_hardlinked_and_read_only_inside(probe: dict[str, Any]) -> No
     assert f["data"] == "a,b;1,2;", "readable"
     assert probe["data"].read_text() == "a,b\n1,2\n", "the source is untouched"
     [rec] = probe["run"].result.inputs
-    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest() and rec.files == ("/work/input/data/data.csv",)
+    assert rec.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest() and rec.files == ["/work/input/data/data.csv"]
 
 
 def test_algo_input_as_the_container_reads_it(probe: dict[str, Any]) -> None:
@@ -574,7 +574,7 @@ def test_outputs_found_by_name_without_algo_output(docker_client: Any, busybox_i
     table, parts = run.result.outputs
     assert table.path == out / "table.csv" and table.sha256 == hashlib.sha256(b"a,b\n").hexdigest()
     assert parts.path == out / "parts" and parts.multiple
-    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()}  {r}\n" for r in ["p0", "sub/p1"])
+    listing = "".join(f"{hashlib.sha256((out / 'parts' / r).read_bytes()).hexdigest()} {len(r)}:{r}\n" for r in ["p0", "sub/p1"])  # framed
     assert list_files(out / "parts") == ["p0", "sub/p1"]
     assert parts.sha256 == hashlib.sha256(listing.encode()).hexdigest(), "the folder hash of algodock/hashing.py"
 
@@ -596,7 +596,7 @@ def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, 
     assert run.result.metrics == {"rows": 321} and run.result.message == "done"
     [i] = run.result.inputs
     assert (i.uri, i.produced_by, i.sha256) == ("s3://raw/pings.parquet", "up", sha256_file(src))
-    summary = run.result.summary()
+    summary = run.result.step_summary()
     assert summary["outputs"] == [{"name": "visits", "uri": str(o.path), "sha256": o.sha256, "format": "parquet", "rows": 321}]
 
 

@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from algodock.contract.manifest import CONTRACT_VERSION, parse_manifest
-from algodock.contract.schemas import DRAFT, build_schemas, export_schemas, render, stale_schemas
+from algodock.schemas import DRAFT, build_schemas, export_schemas, render, stale_schemas
 from tests.test_contract import GOOD as CONTRACT_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +31,8 @@ def test_committed_schemas_equal_a_fresh_export(tmp_path: Path) -> None:
     assert {p.name for p in written} >= {"manifest.schema.json", "algo_input.schema.json", "algo_output.schema.json"}
     for path in written:
         committed = SCHEMAS / path.name
-        assert committed.exists(), f"{committed} is missing: run `python -m algodock.contract.schemas`"
-        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `python -m algodock.contract.schemas`"
+        assert committed.exists(), f"{committed} is missing: run `python -m algodock.schemas`"
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `python -m algodock.schemas`"
     assert stale_schemas(SCHEMAS) == []
 
 
@@ -49,19 +49,19 @@ def test_export_is_deterministic_and_well_formed(tmp_path: Path) -> None:
         Draft202012Validator.check_schema(doc)
 
 
-def test_optional_schemas_join_when_their_module_imports() -> None:
-    names = set(build_schemas())
-    for module, attr, name in (("algodock.pipeline.spec", "PipelineSpec", "pipeline.schema.json"), ("algodock.lineage.queries", "LineageDocument", "lineage.schema.json")):
-        try:
-            available = hasattr(__import__(module, fromlist=[attr]), attr)
-        except Exception:
-            available = False
-        assert (name in names) == available, f"{name} exported={name in names} but {module}.{attr} importable={available}"
+def test_every_document_has_a_schema() -> None:
+    assert set(build_schemas()) == {f"{n}.schema.json" for n in ("manifest", "algo_input", "algo_output", "pipeline", "lineage")}
 
+
+def test_the_lineage_schema_is_what_is_written() -> None:
+    """Fields kept only in memory while a step runs (local paths, the log tail) are not in it."""
+    text = render(build_schemas()["lineage.schema.json"])
+    for private in ('"container_id"', '"log_tail"', '"multiple"', '"files"'):
+        assert private not in text
 
 def test_check_names_stale_files_and_exits_1(tmp_path: Path) -> None:
     export_schemas(tmp_path)
-    cmd = [sys.executable, "-m", "algodock.contract.schemas", "--check", "--dest", str(tmp_path)]
+    cmd = [sys.executable, "-m", "algodock.schemas", "--check", "--dest", str(tmp_path)]
     ok = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
 
@@ -74,7 +74,7 @@ def test_check_names_stale_files_and_exits_1(tmp_path: Path) -> None:
     assert "algo_input.schema.json: missing" in bad.stderr
     assert "old.schema.json: no model exports it" in bad.stderr
 
-    fix = subprocess.run([sys.executable, "-m", "algodock.contract.schemas", "--dest", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    fix = subprocess.run([sys.executable, "-m", "algodock.schemas", "--dest", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert fix.returncode == 0 and "manifest.schema.json" in fix.stdout
     assert stale_schemas(tmp_path) == [f"{tmp_path / 'old.schema.json'}: no model exports it any more"]
 

@@ -205,7 +205,8 @@ def test_s3_put_and_fetch_a_file(s3_store: S3Store, tmp_path: Path) -> None:
     uri = s3_store.put_output(src, rel)
     assert uri == f"s3://{s3_store.root}/{rel}" and s3_store.output_exists(rel)
     marker = s3_store.read_json(rel + MARKER_SUFFIX)
-    assert marker["kind"] == "file" and marker["files"] == [{"path": "", "size": src.stat().st_size}]
+    assert marker["kind"] == "file" and marker["files"] == [{"path": "", "size": src.stat().st_size, "sha256": sha256_path(src)}]
+    assert marker["sha256"] == sha256_path(src)
     assert s3_store.list("runs/r1/steps/visits/outputs") == ["visits.parquet"]  # markers hidden
     got = s3_store.fetch(uri, tmp_path / "staged")
     assert got == tmp_path / "staged" / "visits.parquet"

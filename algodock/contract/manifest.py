@@ -1,7 +1,7 @@
 """The algorithm container contract (CONTRACT.md §1-3) as pydantic models.
 
 The models are the source of the JSON Schemas in ``schemas/`` (see
-:func:`algodock.contract.schemas.export_schemas`). Manifests reject unknown keys so that a typo
+:func:`algodock.schemas.export_schemas`). Manifests reject unknown keys so that a typo
 never passes silently; what an algorithm writes (``algo_output.json``) is read leniently
 but checked for everything the platform relies on.
 

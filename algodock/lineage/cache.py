@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from algodock.records import InputLineage, LineageDocument, OutputLineage, StepRecord
+from algodock.records import InputRecord, LineageDocument, OutputRecord, StepRecord
 from algodock.records import InputBinding
 from algodock.store.backends import Store, cache_rel, lineage_rel
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("algodock.lineage.cache")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: framed folder hashes (algodock.hashing); entries keyed on the old hash miss
 """Bumped whenever the key's definition changes, so old entries simply miss."""
 
 REUSABLE = ("succeeded", "cached")
@@ -186,10 +186,10 @@ class StoreCache:
         hit.status = "cached"
         hit.cached_from = entry.run_id
         hit.inputs = [
-            InputLineage(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
+            InputRecord(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
             for slot, b in sorted(bindings.items())
         ]
-        hit.outputs = [OutputLineage(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
+        hit.outputs = [OutputRecord(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
         hit.metrics = dict(entry.metrics)
         hit.log_uri = self.store.uri(entry.log_rel) if entry.log_rel else None
         hit.exit_code = None  # no container ran for this record

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from algodock.errors import InvalidInput
 from algodock.hashing import folder_digest, sha256_path
-from algodock.records import LineageDocument, OutputLineage, StepRecord
+from algodock.records import LineageDocument, OutputRecord, StepRecord
 from algodock.store.backends import S3Store, Store, lineage_rel, local_path_of, open_store, s3_filesystem
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class Located:
 
     doc: LineageDocument
     step: StepRecord
-    output: OutputLineage
+    output: OutputRecord
     member: str | None = None
     """The file inside a folder output that was asked about, if any."""
 
@@ -281,7 +281,7 @@ def _producer(step: StepRecord, doc: LineageDocument) -> dict[str, Any]:
     }
 
 
-def _node(doc: LineageDocument, step: StepRecord, out: OutputLineage, member: str | None, depth: int) -> dict[str, Any]:
+def _node(doc: LineageDocument, step: StepRecord, out: OutputRecord, member: str | None, depth: int) -> dict[str, Any]:
     node: dict[str, Any] = {
         "uri": out.uri,
         "member": member,

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
-from algodock.hashing import parquet_rows, sha256_path
-from algodock.records import Failure, OutputLineage, StepRecord, record_from_result
-from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepResult
+from algodock.hashing import parquet_rows
+from algodock.records import InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
+from algodock.runtime.outputs import copy_regular_tree
 from algodock.runtime.runner import run_step
-from algodock.store.backends import Store, fetch_uri, local_path_of, log_rel, output_rel, step_rel
+from algodock.runtime.staging import hash_input
+from algodock.store.backends import Store, fetch_input, local_path_of, log_rel, output_rel, step_rel
 
 if TYPE_CHECKING:
     import docker
@@ -100,16 +101,22 @@ class RunContext:
                 return self._external[name]
             uri = self.pipeline.inputs[name]
             local = local_path_of(uri)
-            if local is None:
-                local = fetch_uri(uri, self.scratch / "external" / name)
+            if local is None:  # hashed as it streams in; its listing is what gets staged
+                fetched = fetch_input(uri, self.scratch / "external" / name)
+                local, digest, files = fetched.path, fetched.sha256, fetched.files
             elif not local.exists():
                 raise InvalidInput(f"pipeline input {name!r}: {uri} does not exist")
-            binding = InputBinding(slot=name, path=local, uri=uri, sha256=sha256_path(local), rows=parquet_rows(local) if _looks_parquet(local) else None)
+            else:  # listed once: the files hashed are the files staged
+                digest, files = hash_input(local)
+            rows = parquet_rows(local, files) if _looks_parquet(local, files) else None
+            binding = InputBinding(slot=name, path=local, uri=uri, sha256=digest, rows=rows, files=files)
             self._external[name] = binding
             return binding
 
 
-def _looks_parquet(path: Path) -> bool:
+def _looks_parquet(path: Path, files: tuple[str, ...] | None = None) -> bool:
+    if files is not None:  # the one listing of the folder
+        return any(f.endswith(".parquet") for f in files)
     if path.is_dir():
         return any(p.suffix == ".parquet" for p in path.rglob("*.parquet"))
     return path.suffix == ".parquet"
@@ -125,13 +132,13 @@ def bind_inputs(ctx: RunContext, step_id: str, upstream: Mapping[str, StepRecord
     for slot, ref in ctx.pipeline.bindings[step_id].items():
         if ref.kind == "input":
             ext = ctx.external_input(ref.name)
-            bindings[slot] = InputBinding(slot=slot, path=ext.path, uri=ext.uri, sha256=ext.sha256, rows=ext.rows)
+            bindings[slot] = InputBinding(slot=slot, path=ext.path, uri=ext.uri, sha256=ext.sha256, rows=ext.rows, files=ext.files)
             continue
         producer = upstream[ref.name]
         out = next(o for o in producer.outputs if o.name == ref.output)
         local = local_path_of(out.uri)
         if local is None:
-            local = ctx.store.fetch(out.uri, dest / slot)
+            local = ctx.store.fetch(out.uri, dest / slot, expected_sha256=out.sha256)  # checked as it streams in
         bindings[slot] = InputBinding(slot=slot, path=local, uri=out.uri, sha256=out.sha256, produced_by=ref.name, rows=out.rows)
     return bindings
 
@@ -174,7 +181,7 @@ def execute_step(
         return record
     except StepFailure as failure:
         record.status = "failed"
-        record.failure = Failure(**failure.as_dict())
+        record.failure = failure
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -228,7 +235,7 @@ def _execute(
             ctx.pool.release(rr)
 
     try:
-        result: StepResult = run_step(
+        result = run_step(
             manifest,
             inputs=bindings,
             parameters=ctx.pipeline.parameters[step_id],
@@ -258,7 +265,7 @@ def _execute(
         record.log_uri = ctx.store.put_output(log_path, log_rel(ctx.run_id, step_id), move=True)
     if result.ok:
         record.outputs = [
-            OutputLineage(**{**o.as_dict(), "uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
+            o.model_copy(update={"uri": ctx.store.put_output(o.path, output_rel(ctx.run_id, step_id, _filename(o)), move=True)})
             for o in result.outputs
         ]
         _discard(output_dir)
@@ -277,8 +284,12 @@ def _discard(output_dir: Path) -> None:
 def _keep_failed(ctx: RunContext, step_id: str, attempt: int, output_dir: Path) -> None:
     """Whatever a failed attempt wrote is kept beside the step for a post-mortem, never lost."""
     if output_dir.exists() and any(output_dir.iterdir()):
+        kept = output_dir.with_name(f"{output_dir.name}-kept")  # beside it: same filesystem, hardlinks
         try:
-            ctx.store.put_output(output_dir, f"{step_rel(ctx.run_id, step_id)}/failed-attempt-{attempt}", move=True)
+            # Only regular files and folders: no symlink to a host file, no FIFO, for whoever reads the store.
+            copy_regular_tree(output_dir, kept)
+            ctx.store.put_output(kept, f"{step_rel(ctx.run_id, step_id)}/failed-attempt-{attempt}", move=True)
         except Exception as exc:  # a post-mortem copy must not hide the step's own failure
             log.warning("could not keep the outputs of failed step %s: %s", step_id, exc)
+        _discard(kept)
     _discard(output_dir)

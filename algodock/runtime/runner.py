@@ -2,7 +2,7 @@
 
 :func:`run_step` never raises a :class:`~algodock.errors.StepFailure`: every failure,
 including bad parameters or inputs (found before any container starts), comes back as the
-``failure`` of a :class:`~algodock.records.StepResult`. The container is always removed.
+``failure`` of a :class:`~algodock.records.StepRecord`. The container is always removed.
 
 >>> from algodock.contract.manifest import load_manifest                    # doctest: +SKIP
 >>> result = run_step(load_manifest("examples/device-visits/manifest.json"),
@@ -31,7 +31,7 @@ from algodock.errors import ExitCodeFailure, InfrastructureError, InvalidInput, 
 from algodock.runtime.logs import LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
 from algodock.contract.params import resolve_parameters
-from algodock.records import InputBinding, ResolvedImage, StepResult
+from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.sandbox import RunAs, container_config, lookup_user, run_as
 from algodock.runtime.staging import plan_inputs, prepare_work_dir
 from algodock.runtime.volumes import VolumeWorkspace, read_only_mounts, staging_mode
@@ -137,7 +137,7 @@ def run_step(
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
     flow_run_id: str | None = None,
-) -> StepResult:
+) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
     ``before_start`` is called once the container is created, just before it starts (a
@@ -150,7 +150,8 @@ def run_step(
     step_id = step_id or manifest.name
     run_id = run_id or f"adhoc-{uuid.uuid4().hex[:12]}"
     output_dir = Path(output_dir).absolute()
-    result = StepResult(
+    result = StepRecord(
+        id=step_id,
         status="failed",
         image=cp.image,
         command=list(cp.command),
@@ -221,7 +222,7 @@ def run_step(
             raise ExitCodeFailure(f"the container exited with code {result.exit_code}; last log lines:\n{tail}", exit_code=result.exit_code)
 
         if workspace is not None:
-            workspace.export_output(container, output_dir)
+            workspace.export_output(container, output_dir, cp)  # bounded by output_mb / output_files
         algo_output = read_algo_output(output_dir)
         if algo_output is not None:
             result.metrics, result.message = algo_output.metrics, algo_output.message

@@ -4,6 +4,12 @@ A step's work folder holds ``algo_input.json`` and ``input/<slot>/…``; it is m
 read-only into the container. Files are hardlinked when source and folder share a
 filesystem (no bytes copied; the read-only mount keeps the source safe) and copied
 otherwise, or when the container's uid could not read the original.
+
+A folder is listed once: :func:`hash_input` returns the hash together with the listing it
+was computed over, a binding carries both, and staging stages exactly that listing (each
+file checked with ``lstat`` to still be a regular file), so a file added between hashing
+and staging is never staged unhashed. Without a known hash, staging hashes the files it
+staged.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Literal, NamedTuple
 
 from algodock.contract.manifest import INPUT_DIR, AlgoConfig, AlgoInput, InputData, Manifest
 from algodock.errors import InvalidInput
-from algodock.hashing import folder_digest, list_files, sha256_file
+from algodock.hashing import folder_digest, list_files, sha256_file, sha256_regular
 from algodock.records import InputBinding, InputRecord
 
 
@@ -43,6 +49,22 @@ class StagedSlot(NamedTuple):
     files: list[StagedFile]
 
 
+def hash_input(path: Path) -> tuple[str, tuple[str, ...] | None]:
+    """The sha256 of a local input and, for a folder, the one listing it was computed over.
+
+    Give both to the :class:`InputBinding` (``sha256=``, ``files=``): staging then stages
+    that listing and nothing else.
+    """
+    path = Path(path)
+    if path.is_dir():
+        try:
+            files = tuple(list_files(path))
+            return folder_digest([(rel, sha256_regular(path / rel)) for rel in files]), files
+        except OSError as exc:
+            raise InvalidInput(f"{path}: cannot hash {exc.filename}: {exc.strerror} (did it change while being read?)") from exc
+    return sha256_file(path), None
+
+
 def plan_inputs(manifest: Manifest, bindings: Mapping[str, InputBinding], input_root: Path) -> list[StagedSlot]:
     """Check bindings against the manifest's slots and decide where every file goes (no writes)."""
     errors = [f"inputs.{name}: the manifest declares no input slot {name!r}" for name in bindings if not manifest.input_slot(name)]
@@ -63,7 +85,14 @@ def plan_inputs(manifest: Manifest, bindings: Mapping[str, InputBinding], input_
         if not os.access(src, os.R_OK):
             errors.append(f"inputs.{slot.name}: {src} is not readable")
             continue
-        rels = list_files(src) if src.is_dir() else [src.name]
+        if src.is_dir():
+            try:
+                rels = list(binding.files) if binding.files is not None else list_files(src)
+            except OSError as exc:  # a subfolder that cannot be listed: never skipped silently
+                errors.append(f"inputs.{slot.name}: cannot list {exc.filename}: {exc.strerror}")
+                continue
+        else:
+            rels = [src.name]
         base = src if src.is_dir() else src.parent
         if not rels:
             errors.append(f"inputs.{slot.name}: {src} holds no files")
@@ -81,10 +110,17 @@ def plan_inputs(manifest: Manifest, bindings: Mapping[str, InputBinding], input_
     return plan
 
 
-def _place(source: Path, target: Path) -> None:
-    """Hardlink when possible and readable by others, else copy (readable by the container)."""
+def _place(source: Path, target: Path, in_folder: bool) -> None:
+    """Hardlink when possible and readable by others, else copy (readable by the container).
+
+    A file of a folder must still be a regular file (``lstat``): a symlink swapped in since
+    the listing is refused, never followed.
+    """
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    mode = source.stat().st_mode
+    st = source.lstat() if in_folder else source.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{source}: no longer a regular file (the input folder changed while it was staged)")
+    mode = st.st_mode
     if mode & stat.S_IROTH:
         try:
             os.link(source, target)
@@ -100,15 +136,16 @@ def stage_inputs(plan: list[StagedSlot]) -> list[tuple[InputRecord, InputData]]:
     """Do the I/O of a plan; hash what has no known hash. Returns the record and the descriptor."""
     out = []
     for binding, fmt, files in plan:
+        in_folder = Path(binding.path).is_dir()
         try:
             for f in files:
-                _place(f.source, f.target)
+                _place(f.source, f.target, in_folder)
         except OSError as exc:
             raise InvalidInput(f"inputs.{binding.slot}: cannot stage {exc.filename}: {exc.strerror}") from exc
         digest = binding.sha256
         if digest is None:
             if Path(binding.path).is_dir():
-                digest = folder_digest([(f.relative, sha256_file(f.target)) for f in files])
+                digest = folder_digest([(f.relative, sha256_regular(f.target)) for f in files])
             else:
                 digest = sha256_file(files[0].target)
         uri = binding.uri or str(Path(binding.path).resolve())
@@ -119,7 +156,7 @@ def stage_inputs(plan: list[StagedSlot]) -> list[tuple[InputRecord, InputData]]:
             format=fmt,
             produced_by=binding.produced_by,
             rows=binding.rows,
-            files=tuple(f.container_path for f in files),
+            files=[f.container_path for f in files],
         )
         data = InputData(
             name=binding.slot,

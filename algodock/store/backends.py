@@ -11,7 +11,8 @@ Layout under the store's root (see the ``*_rel`` helpers)::
 A crash never leaves a half-written output that looks complete. The local store writes
 into a hidden ``.tmp-…`` name beside the destination and renames it into place (atomic on
 one filesystem). S3 has no atomic rename of a prefix, so :class:`S3Store` uploads the data
-first and a ``<rel>._COMMITTED.json`` marker (file list and sizes) last; readers
+first and a ``<rel>._COMMITTED.json`` marker (each file's path, size and sha256, measured
+from the bytes as they were uploaded) last; readers
 (:meth:`Store.output_exists`, :meth:`Store.fetch`) treat an output under ``runs/`` without
 its marker as absent. JSON records are one PUT on S3, which is atomic.
 
@@ -26,22 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import os
 import posixpath
 import shutil
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
 from algodock.contract.manifest import safe_relative
-from algodock.errors import InfrastructureError, InvalidInput
-from algodock.hashing import list_files
+from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput
+from algodock.hashing import folder_digest, list_files, sort_key
 
 if TYPE_CHECKING:
     import s3fs
@@ -51,6 +54,10 @@ DEFAULT_STORE = Path(".algodock/store")
 
 MARKER_SUFFIX = "._COMMITTED.json"
 """An S3 output ``rel`` is complete once ``rel + MARKER_SUFFIX`` exists."""
+
+_CHUNK = 1024 * 1024
+_DOWNLOADS = 16
+"""Objects downloaded (and uploaded) at once."""
 
 _TMP = ".tmp-"
 _OLD = ".old-"
@@ -193,19 +200,37 @@ def _hidden(name: str) -> bool:
 # ---------------------------------------------------------------- fetching
 
 
-def fetch_uri(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None) -> Path:
+class Fetched(NamedTuple):
+    """Data made available locally for staging, with what was measured on the way in."""
+
+    path: Path
+    """The local file or folder."""
+    sha256: str | None
+    """The sha256 of the bytes as they streamed in (folder hash for a prefix); None for local data, not read."""
+    files: tuple[str, ...] | None
+    """The relative files of a downloaded folder, in hash order; None for a file or local data."""
+
+
+def fetch_uri(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None, *, expected_sha256: str | None = None) -> Path:
+    """Make the file or folder at ``uri`` available locally, for staging (see :func:`fetch_input`)."""
+    return fetch_input(uri, dest, fs, expected_sha256=expected_sha256).path
+
+
+def fetch_input(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None, *, expected_sha256: str | None = None) -> Fetched:
     """Make the file or folder at ``uri`` available locally, for staging.
 
-    A local path or ``file://`` URI is returned as is (no copy at all). An ``s3://`` file or
-    prefix is downloaded, its files concurrently, to ``dest/<base name>`` (replaced whole,
-    via a temporary name) and that path is returned. Missing data raises
+    A local path or ``file://`` URI is returned as is (no copy at all, nothing read). An
+    ``s3://`` file or prefix is downloaded, its files concurrently, to ``dest/<base name>``
+    (replaced whole, via a temporary name) and hashed as it streams in; when
+    ``expected_sha256`` is given (the producer's record) a mismatch is an
+    :class:`InfrastructureError` naming the object. Missing data raises
     :class:`InvalidInput`; S3 failures :class:`InfrastructureError`.
     """
     local = local_path_of(uri)
     if local is not None:
         if not local.exists():
             raise InvalidInput(f"{uri}: no such file or folder")
-        return local
+        return Fetched(local, None, None)
     fs = fs or s3_filesystem()
     path = _s3_path(uri)
     with _infra(f"cannot download {uri}"):
@@ -222,11 +247,66 @@ def fetch_uri(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None) -> Path
             )
         else:
             rels = []
-        return _download(fs, path, rels, info["type"] == "directory", dest)
+        return _download(fs, path, rels, info["type"] == "directory", dest, expected_sha256=expected_sha256)
 
 
-def _download(fs: s3fs.S3FileSystem, path: str, rels: list[str], is_dir: bool, dest: Path) -> Path:
-    """Download ``path`` (a key, or a prefix with the files ``rels``) to ``dest/<base name>``."""
+async def _get_hashed(fs: s3fs.S3FileSystem, key: str, local: str) -> tuple[str, int]:
+    """Stream one object to ``local``, hashing each chunk as it arrives; returns (sha256, size)."""
+    bucket, name, version = fs.split_path(key)
+    extra = {"VersionId": version} if version else {}
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=name, **extra, **fs.req_kw)
+    body = resp["Body"]
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(local, "wb") as fh:
+            while chunk := await body.read(_CHUNK):
+                h.update(chunk)
+                fh.write(chunk)
+                size += len(chunk)
+    finally:
+        body.close()
+    return h.hexdigest(), size
+
+
+def _get_all_hashed(fs: s3fs.S3FileSystem, pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    """:func:`_get_hashed` for every ``(key, local)`` pair, at most ``_DOWNLOADS`` at a time."""
+    from fsspec.asyn import sync
+
+    async def run() -> list[tuple[str, int]]:
+        gate = asyncio.Semaphore(_DOWNLOADS)
+
+        async def one(key: str, local: str) -> tuple[str, int]:
+            async with gate:
+                return await _get_hashed(fs, key, local)
+
+        return list(await asyncio.gather(*(one(k, p) for k, p in pairs)))
+
+    return sync(fs.loop, run)
+
+
+def _mismatch(what: str, got: str, expected: str) -> InfrastructureError:
+    return InfrastructureError(
+        f"{what}: the downloaded bytes have sha256 {got} but its producer recorded {expected}; "
+        "the stored object changed after it was written, or the download was corrupted"
+    )
+
+
+def _download(
+    fs: s3fs.S3FileSystem,
+    path: str,
+    rels: list[str],
+    is_dir: bool,
+    dest: Path,
+    *,
+    expected_sha256: str | None = None,
+    expected_files: dict[str, str] | None = None,
+) -> Fetched:
+    """Download ``path`` (a key, or a prefix with the files ``rels``) to ``dest/<base name>``, hashing as it streams.
+
+    ``expected_files`` (relative path -> sha256, from a commit marker) and ``expected_sha256``
+    (the whole file or folder) are checked before the download is put in place.
+    """
     for rel in rels:
         if not safe_relative(rel):
             raise InvalidInput(f"s3://{path}: key {rel!r} would land outside the staging folder")
@@ -236,14 +316,79 @@ def _download(fs: s3fs.S3FileSystem, path: str, rels: list[str], is_dir: bool, d
     try:
         if is_dir:
             tmp.mkdir()
-            if rels:
-                fs.get([f"{path}/{r}" for r in rels], [str(tmp / r) for r in rels])
+            for rel in rels:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            got = _get_all_hashed(fs, [(f"{path}/{r}", str(tmp / r)) for r in rels])
+            digests = {rel: digest for rel, (digest, _) in zip(rels, got)}
+            for rel, digest in digests.items():
+                want = (expected_files or {}).get(rel)
+                if want is not None and want != digest:
+                    raise _mismatch(f"s3://{path}/{rel}", digest, want)
+            total = folder_digest(digests.items())
         else:
-            fs.get_file(path, str(tmp))
+            [(total, _)] = _get_all_hashed(fs, [(path, str(tmp))])
+            want = (expected_files or {}).get("")
+            if want is not None and want != total:
+                raise _mismatch(f"s3://{path}", total, want)
+        if expected_sha256 is not None and expected_sha256 != total:
+            raise _mismatch(f"s3://{path}", total, expected_sha256)
         _replace(tmp, target)
     finally:
         _remove(tmp)
-    return target
+    return Fetched(target, total, tuple(sorted(rels, key=sort_key)) if is_dir else None)
+
+
+def _open_regular(local: Path) -> int:
+    """A descriptor of the regular file ``local``; a symlink or special file is refused, never followed."""
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidOutput(f"{local}: a symlink is never uploaded (only regular files and folders count)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidOutput(f"{local}: not a regular file; it is never uploaded")
+    return fd
+
+
+def _hash_fd(fd: int) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := os.pread(fd, _CHUNK, size):
+        h.update(chunk)
+        size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _put_all_hashed(fs: s3fs.S3FileSystem, pairs: list[tuple[Path, str]]) -> list[tuple[int, str]]:
+    """Upload every ``(local, key)``, at most ``_DOWNLOADS`` at a time; returns each file's (size, sha256).
+
+    Each file is opened once with ``O_NOFOLLOW`` (:func:`_open_regular`); that descriptor is
+    hashed and uploaded (s3fs reads it as ``/proc/self/fd/N``: the same open inode, so the
+    bytes recorded are the bytes sent, and no link is followed).
+    """
+    import mimetypes
+
+    from fsspec.asyn import sync
+
+    async def one(gate: asyncio.Semaphore, local: Path, key: str) -> tuple[int, str]:
+        async with gate:
+            fd = _open_regular(local)
+            try:
+                measured = await asyncio.to_thread(_hash_fd, fd)
+                content_type = mimetypes.guess_type(local.name)[0]
+                extra = {"ContentType": content_type} if content_type else {}
+                await fs._put_file(f"/proc/self/fd/{fd}", key, **extra)
+                return measured
+            finally:
+                os.close(fd)
+
+    async def run() -> list[tuple[int, str]]:
+        gate = asyncio.Semaphore(_DOWNLOADS)
+        return list(await asyncio.gather(*(one(gate, local, key) for local, key in pairs)))
+
+    return sync(fs.loop, run)
 
 
 # ---------------------------------------------------------------- stores
@@ -291,9 +436,13 @@ class Store(ABC):
     def output_exists(self, rel: str) -> bool:
         """True when a complete (committed) output is at ``rel``."""
 
-    def fetch(self, uri: str, dest: Path) -> Path:
+    def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
         """Make data at ``uri`` (local path, file:// or s3://) available locally; see :func:`fetch_uri`."""
-        return fetch_uri(uri, dest)
+        return self.fetch_input(uri, dest, expected_sha256=expected_sha256).path
+
+    def fetch_input(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Fetched:
+        """As :meth:`fetch`, with the sha256 measured while downloading (see :func:`fetch_input`)."""
+        return fetch_input(uri, dest, expected_sha256=expected_sha256)
 
     def _rel(self, *parts: str) -> str:
         rel = posixpath.join(*parts) if parts else ""
@@ -433,8 +582,8 @@ class S3Store(Store):
         key, marker = self._key(rel), self._key(rel) + MARKER_SUFFIX
         if not os.path.lexists(src):
             raise FileNotFoundError(f"{src}: nothing to store")
-        rels = list_files(src) if src.is_dir() else []
-        sizes = {r: (src / r).stat().st_size for r in rels} if src.is_dir() else {"": src.stat().st_size}
+        is_dir = src.is_dir() and not src.is_symlink()
+        rels = list_files(src) if is_dir else [""]  # regular files only: links and special files never go up
         with _infra(f"cannot upload {src} to {self.uri(rel)}"):
             # Uncommit first, and drop what an earlier attempt left (stale parquet parts).
             try:
@@ -443,39 +592,45 @@ class S3Store(Store):
                 pass
             if self.fs.exists(key):
                 self.fs.rm(key, recursive=True)
+            pairs = [(src / r if r else src, f"{key}/{r}" if r else key) for r in rels]
             try:
-                if src.is_dir():
-                    if rels:
-                        self.fs.put([str(src / r) for r in rels], [f"{key}/{r}" for r in rels])
-                else:
-                    self.fs.put_file(str(src), key)
+                measured = _put_all_hashed(self.fs, pairs)
             except FileNotFoundError as exc:
                 raise InfrastructureError(f"cannot upload to {self.uri(rel)}: does the bucket exist? ({exc})") from exc
+            files = [{"path": r, "size": n, "sha256": h} for r, (n, h) in zip(rels, measured)]
             record = {
                 "uri": self.uri(rel),
-                "kind": "folder" if src.is_dir() else "file",
-                "files": [{"path": r, "size": n} for r, n in sizes.items()],
+                "kind": "folder" if is_dir else "file",
+                "sha256": folder_digest((f["path"], f["sha256"]) for f in files) if is_dir else files[0]["sha256"],
+                "files": files,
                 "committed_at": datetime.now(timezone.utc).isoformat(),
             }
             self.fs.pipe_file(marker, json.dumps(record, indent=2).encode())
         return self.uri(rel)
 
-    def fetch(self, uri: str, dest: Path) -> Path:
-        """As :func:`fetch_uri`; an output of this store's ``runs/`` must be committed, and only
-        the files its marker lists are downloaded."""
+    def fetch_input(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Fetched:
+        """As :func:`fetch_input`; an output of this store's ``runs/`` must be committed, only the
+        files its marker lists are downloaded, and each is checked against the sha256 the marker
+        recorded (markers written before sha256 was recorded are checked by ``expected_sha256`` only)."""
         if not uri.startswith(f"s3://{self.root}/runs/"):
-            return fetch_uri(uri, dest, fs=self.fs if uri.startswith("s3://") else None)
+            return fetch_input(uri, dest, fs=self.fs if uri.startswith("s3://") else None, expected_sha256=expected_sha256)
         path = _s3_path(uri)
         marker = self.read_json(path[len(self.root) + 1 :] + MARKER_SUFFIX)
         if marker is None:
             raise InvalidInput(f"{uri}: not committed (no {MARKER_SUFFIX} marker); the step that wrote it did not finish")
         is_dir = marker.get("kind") == "folder"
-        rels = [f["path"] for f in marker.get("files", [])] if is_dir else []
+        listed = marker.get("files", [])
+        rels = [f["path"] for f in listed] if is_dir else []
+        expected_files = {f["path"]: f["sha256"] for f in listed if isinstance(f.get("sha256"), str)}
         with _infra(f"cannot download {uri}"):
             try:
-                return _download(self.fs, path, rels, is_dir, dest)
+                return _download(self.fs, path, rels, is_dir, dest, expected_sha256=expected_sha256, expected_files=expected_files)
             except FileNotFoundError as exc:
                 raise InvalidInput(f"{uri}: a committed file is missing: {exc}") from exc
+
+    def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
+        """As :meth:`fetch_input`, returning only the local path."""
+        return self.fetch_input(uri, dest, expected_sha256=expected_sha256).path
 
 
 def open_store(uri: str | None = None) -> Store:

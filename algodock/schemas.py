@@ -5,8 +5,8 @@ fails when a committed file differs from a fresh export, so the models stay the 
 The pipeline and lineage schemas join once :mod:`algodock.pipeline.spec` and
 :mod:`algodock.lineage.queries` exist.
 
-    python -m algodock.contract.schemas           # (re)write schemas/*.schema.json
-    python -m algodock.contract.schemas --check   # exit 1 naming every stale file
+    python -m algodock.schemas           # (re)write schemas/*.schema.json
+    python -m algodock.schemas --check   # exit 1 naming every stale file
 
 >>> docs = build_schemas()
 >>> docs["manifest.schema.json"]["$schema"]
@@ -16,56 +16,41 @@ The pipeline and lineage schemas join once :mod:`algodock.pipeline.spec` and
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from algodock.contract.manifest import CONTRACT_VERSION, AlgoInput, AlgoOutput, Manifest
+from algodock.pipeline.spec import PipelineSpec
+from algodock.records import LineageDocument
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO / "schemas"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SUFFIX = ".schema.json"
 
-log = logging.getLogger("algodock.contract.schemas")
+log = logging.getLogger("algodock.schemas")
 
 
-def _optional(module: str, attr: str) -> Callable[[], type[BaseModel] | None]:
-    """A model from a module that may not exist yet: None (skipped) until it imports."""
-
-    def load() -> type[BaseModel] | None:
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                log.warning("skipping %s.%s: %s", module, attr, exc)
-            return None
-        except Exception as exc:  # a module half-written by its author must not break the others
-            log.warning("skipping %s.%s: %s: %s", module, attr, type(exc).__name__, exc)
-            return None
-
-    return load
-
-
-SCHEMAS: dict[str, tuple[str, Callable[[], type[BaseModel] | None]]] = {
-    "manifest": ("the algorithm manifest (CONTRACT.md §1)", lambda: Manifest),
-    "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", lambda: AlgoInput),
-    "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", lambda: AlgoOutput),
-    "pipeline": ("a pipeline spec", _optional("algodock.pipeline.spec", "PipelineSpec")),
-    "lineage": ("the lineage record of a run (CONTRACT.md §5)", _optional("algodock.lineage.queries", "LineageDocument")),
+SCHEMAS: dict[str, tuple[str, type[BaseModel], JsonSchemaMode]] = {
+    "manifest": ("the algorithm manifest (CONTRACT.md §1)", Manifest, "validation"),
+    "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", AlgoInput, "validation"),
+    "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", AlgoOutput, "validation"),
+    "pipeline": ("a pipeline spec", PipelineSpec, "validation"),
+    # Written by algodock, read by people and tools: the schema of what is written.
+    "lineage": ("the lineage record of a run (CONTRACT.md §5)", LineageDocument, "serialization"),
 }
-"""File stem -> (what it describes, the model or a loader returning None when unavailable)."""
+"""File stem -> (what it describes, the model, which side of it: what is read or what is written)."""
 
 
-def schema_of(stem: str, what: str, model: type[BaseModel]) -> dict[str, Any]:
+def schema_of(stem: str, what: str, model: type[BaseModel], mode: JsonSchemaMode = "validation") -> dict[str, Any]:
     """The JSON Schema of ``model`` with ``$schema``, ``$id`` and a title carrying the contract version."""
-    schema = model.model_json_schema(mode="validation")
+    schema = model.model_json_schema(mode=mode)
     return {
         "$schema": DRAFT,
         "$id": f"urn:algodock:schema:{CONTRACT_VERSION}:{stem}",
@@ -78,10 +63,8 @@ def schema_of(stem: str, what: str, model: type[BaseModel]) -> dict[str, Any]:
 def build_schemas() -> dict[str, dict[str, Any]]:
     """File name -> schema document, for every model available."""
     out = {}
-    for stem, (what, load) in SCHEMAS.items():
-        model = load()
-        if model is not None:
-            out[f"{stem}{SUFFIX}"] = schema_of(stem, what, model)
+    for stem, (what, model, mode) in SCHEMAS.items():
+        out[f"{stem}{SUFFIX}"] = schema_of(stem, what, model, mode)
     return out
 
 
@@ -120,7 +103,7 @@ def stale_schemas(dest: Path = DEFAULT_DEST) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m algodock.contract.schemas", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m algodock.schemas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 naming every stale file.")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"Folder of the schema files (default: {DEFAULT_DEST}).")
     args = parser.parse_args(argv)
@@ -130,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(f"stale: {line}", file=sys.stderr)
         if problems:
-            print("run `python -m algodock.contract.schemas` to regenerate them", file=sys.stderr)
+            print("run `python -m algodock.schemas` to regenerate them", file=sys.stderr)
             return 1
         print(f"schemas in {args.dest} are up to date")
         return 0
