@@ -394,3 +394,39 @@ def test_max_workers_follows_the_capacity(tmp_path):
     assert max_workers(p, Capacity.parse("cpu_millicore=500,memory_gb=8")) == 2
     assert max_workers(p, Capacity.parse("cpu_millicore=1000,memory_gb=8")) == 3
     assert max_workers(p, Capacity.parse("cpu_millicore=64000,memory_gb=64")) == 3
+
+
+def test_a_concurrency_slot_is_held_only_while_the_container_runs(tmp_path, prefect_harness, busybox_image):
+    """Capacity for one container at a time, a global limit of 2: the step waiting for local
+    resources must not hold a slot (it would if the slot covered the whole task)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from algodock.flows.pipeline import run_pipeline
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="algodock-test-two", limit=2))
+    write_manifest(tmp_path / "nap.json", name="nap", image=busybox_image, command=["sleep", "3"],
+                   container={"resource_request": {"cpu_millicore": 1000, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: slots\nsteps:\n  - {id: a, manifest: nap.json}\n  - {id: b, manifest: nap.json}\n')
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(0.2):
+                seen.append(client.read_global_concurrency_limit_by_name("algodock-test-two").active_slots)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="slots1", no_cache=True,
+                             capacity="cpu_millicore=1000,memory_gb=4", concurrency_limit="algodock-test-two", return_state=True)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert state.is_completed(), state.message
+    assert 1 in seen, f"no slot was ever seen held: {seen}"
+    assert max(seen) == 1, f"a slot was held by a step that was not running its container: {seen}"
