@@ -21,6 +21,9 @@ class _Commands(click.Group):
     LAZY = {
         "lineage": ("algodock.lineage.queries", "lineage_cli"),
         "run": ("algodock.flows.cli", "run_cmd"),
+        "init": ("algodock.authoring.cli", "init_cmd"),
+        "check-image": ("algodock.authoring.cli", "check_image_cmd"),
+        "usage": ("algodock.authoring.cli", "usage_cmd"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -45,6 +48,9 @@ def main(verbose: bool) -> None:
     algodock run-step MANIFEST ...    run one algorithm container on local data
     algodock run PIPELINE ...         run a pipeline as a Prefect flow
     algodock lineage RUN_ID           show what produced what in a run
+    algodock init NAME                scaffold an algorithm project
+    algodock check-image MANIFEST     check an image meets the contract, in the sandbox
+    algodock usage STEP_OR_IMAGE      what a step used over its last runs
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     CONTRACT.md; JSON Schemas for editors are in schemas/.
@@ -134,6 +140,11 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
     sys.stderr.flush()
     if as_json:
         click.echo(json.dumps(result.step_summary(), indent=2))
+    elif result.usage is not None:
+        from algodock.runtime.usage import sizing_hint, usage_text
+
+        hint = sizing_hint(result.usage, m.container_parameters.resource_request.memory_gb)
+        click.echo(f"used: {usage_text(result.usage.as_dict())}" + (f" ({hint})" if hint else ""), err=True)
     if result.ok:
         if not as_json:
             for o in result.outputs:

@@ -126,6 +126,23 @@ class OutputRecord(BaseModel):
         return self.model_dump(mode="json")
 
 
+class Usage(BaseModel):
+    """What a step's container used, from the engine's cgroup accounting (see algodock.runtime.usage).
+
+    None means not measured (never a guess).
+    """
+
+    peak_memory_bytes: int | None = Field(None, description="Highest memory charged to the container's cgroup (page cache and the /tmp tmpfs included).")
+    cpu_seconds: float | None = Field(None, description="CPU time of all its processes, user and system.")
+    wall_seconds: float | None = Field(None, description="From the container's start to its exit.")
+    output_bytes: int | None = Field(None, description="Bytes of the regular files it wrote to /work/output (algo_output.json included).")
+    output_files: int | None = Field(None, description="Files plus folders it wrote to /work/output.")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``usage`` object of ``run-step --json`` and of the lineage document."""
+        return self.model_dump(mode="json")
+
+
 class StepRecord(BaseModel):
     """Everything recorded about one step (CONTRACT.md §5): what ``run_step`` returns, and
     one entry of a run's lineage document. Fields marked ``exclude`` stay in memory only."""
@@ -157,6 +174,7 @@ class StepRecord(BaseModel):
     message: str | None = Field(None, description="The algorithm's own message (algo_output.json).")
     log_tail: list[str] = Field(default_factory=list, exclude=True)
     container_id: str | None = Field(None, exclude=True)
+    usage: Usage | None = Field(None, description="What the container used; null when no container ran (cached, skipped, failed before start).")
 
     @field_validator("failure", mode="before")
     @classmethod
@@ -171,14 +189,14 @@ class StepRecord(BaseModel):
         """The ``algodock run-step --json`` document."""
         return self.model_dump(
             mode="json",
-            include={"status", "failure", "image", "image_id", "repo_digest", "outputs", "started_at", "finished_at"},
+            include={"status", "failure", "image", "image_id", "repo_digest", "outputs", "started_at", "finished_at", "usage"},
         )
 
     def summary(self) -> dict[str, Any]:
         """The step object of ``algodock run --json``."""
         return self.model_dump(
             mode="json",
-            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs"},
+            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage"},
         )
 
 
@@ -202,7 +220,7 @@ class LineageDocument(BaseModel):
 
 RUN_FIELDS = (
     "status", "image", "image_id", "repo_digest", "command", "parameters", "resource_request", "inputs", "outputs",
-    "failure", "exit_code", "started_at", "finished_at", "metrics", "message", "log_tail", "container_id",
+    "failure", "exit_code", "started_at", "finished_at", "metrics", "message", "log_tail", "container_id", "usage",
 )
 """What one container run fills in (``run_step``); a pipeline adds the rest (id, attempts, cache, task run)."""
 

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).parent / "algodock"
 ALGODOCK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "algodock.cli"]
 
-SUMMARY_KEYS = {"status", "failure", "image", "image_id", "repo_digest", "outputs", "started_at", "finished_at"}
+SUMMARY_KEYS = {"status", "failure", "image", "image_id", "repo_digest", "outputs", "started_at", "finished_at", "usage"}
+USAGE_KEYS = {"peak_memory_bytes", "cpu_seconds", "wall_seconds", "output_bytes", "output_files"}
 OUTPUT_KEYS = {"name", "uri", "sha256", "format", "rows"}
 
 
@@ -74,6 +75,7 @@ def test_success_prints_one_json_document(busybox_image: str, tmp_path: Path, no
     assert proc.returncode == 0, proc.stderr
     doc = one_json_document(proc.stdout)
     assert set(doc) == SUMMARY_KEYS
+    assert set(doc["usage"]) == USAGE_KEYS and doc["usage"]["output_files"] >= 1
     assert doc["status"] == "succeeded" and doc["failure"] is None
     assert doc["image"] == "algodock-test/busybox:1" and doc["image_id"] == busybox_image and doc["repo_digest"] is None
     assert assert_iso_with_zone(doc["started_at"]) <= assert_iso_with_zone(doc["finished_at"])

@@ -79,6 +79,8 @@ def _outputs_text(step: StepRecord) -> str:
 
 def steps_table(doc: LineageDocument) -> list[dict[str, Any]]:
     """The rows of the steps table artifact."""
+    from algodock.runtime.usage import usage_text
+
     rows = []
     for s in doc.steps:
         rows.append(
@@ -90,6 +92,7 @@ def steps_table(doc: LineageDocument) -> list[dict[str, Any]]:
                 "image_id": s.image_id or "",
                 "duration_s": _duration(s),
                 "failure": f"{s.failure.kind}: {s.failure.message.splitlines()[0][:200]}" if s.failure else "",
+                "usage": usage_text(s.usage.model_dump()) if s.usage else "",
                 "outputs": _outputs_text(s),
             }
         )

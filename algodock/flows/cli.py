@@ -24,6 +24,8 @@ def _live_view(order: list[str]):
     from rich.live import Live
     from rich.table import Table
 
+    from algodock.runtime.usage import usage_text
+
     console = Console(stderr=True)
     if not console.is_terminal:
         return None, None
@@ -32,7 +34,7 @@ def _live_view(order: list[str]):
 
     def render() -> Table:
         table = Table(title="algodock run", expand=False)
-        for col in ("step", "status", "image id", "outputs / failure"):
+        for col in ("step", "status", "image id", "used", "outputs / failure"):
             table.add_column(col)
         for step_id, rec in states.items():
             status = rec.status if rec else "pending"
@@ -42,7 +44,8 @@ def _live_view(order: list[str]):
             elif rec is not None:
                 detail = ", ".join(f"{o.name} ({o.rows} rows)" if o.rows is not None else o.name for o in rec.outputs)
             image_id = (rec.image_id or "")[7:19] if rec else ""
-            table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, detail)
+            used = usage_text(rec.usage.model_dump()) if rec is not None and rec.usage else ""
+            table.add_row(step_id, f"[{colours.get(status, 'white')}]{status}[/]", image_id, used, detail)
         return table
 
     live = Live(render(), console=console, refresh_per_second=4, transient=False, redirect_stderr=True)

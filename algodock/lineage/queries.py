@@ -365,10 +365,12 @@ def render_document(doc: LineageDocument, console: Any) -> None:
     """A table of the run's steps on a rich console."""
     from rich.table import Table
 
+    from algodock.runtime.usage import usage_text
+
     colours = {"succeeded": "green", "cached": "cyan", "failed": "red", "skipped": "yellow", "running": "blue"}
     console.print(f"run [bold]{doc.run_id}[/] of pipeline [bold]{doc.pipeline}[/]: {doc.status}  (spec sha256 {_short(doc.spec_sha256)}, flow run {doc.flow_run_id or '-'})")
     table = Table(show_lines=True)
-    for col in ("step", "status", "algorithm", "image id", "time", "inputs", "outputs (sha256, rows)"):
+    for col in ("step", "status", "algorithm", "image id", "time", "used", "inputs", "outputs (sha256, rows)"):
         table.add_column(col, overflow="fold")
     for s in doc.steps:
         status = f"[{colours.get(s.status, 'white')}]{s.status}[/]"
@@ -379,7 +381,8 @@ def render_document(doc: LineageDocument, console: Any) -> None:
         algo = f"{s.algorithm or ''} {s.algorithm_version or ''}".strip()
         inputs = "\n".join(f"{i.name} ← {i.produced_by or 'external'}" for i in s.inputs)
         outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") for o in s.outputs)
-        table.add_row(s.id, status, algo, _short(s.image_id), _duration(s), inputs, outputs)
+        used = usage_text(s.usage.model_dump()).replace(", ", "\n") if s.usage else ""
+        table.add_row(s.id, status, algo, _short(s.image_id), _duration(s), used, inputs, outputs)
     console.print(table)
 
 

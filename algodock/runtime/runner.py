@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from algodock.contract.manifest import ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
+from algodock.contract.manifest import ALGO_INPUT_PATH, ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
 from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
 from algodock.errors import ExitCodeFailure, InfrastructureError, InvalidInput, OomFailure, StepFailure, TimeoutFailure
 from algodock.runtime.logs import LogPump
@@ -34,6 +34,7 @@ from algodock.contract.params import resolve_parameters
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.sandbox import RunAs, container_config, lookup_user, run_as
 from algodock.runtime.staging import plan_inputs, prepare_work_dir
+from algodock.runtime.usage import UsageSampler, fmt_bytes, output_totals
 from algodock.runtime.volumes import VolumeWorkspace, read_only_mounts, staging_mode
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def _read_passwd(container: Container) -> str:
         return ""
 
 
-def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImage, work: Path, output_dir: Path, labels: dict[str, str], step_id: str, mounts: list | None = None) -> tuple[Container, RunAs]:
+def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImage, work: Path, output_dir: Path, labels: dict[str, str], step_id: str, mounts: list | None = None, descriptor_path: str = ALGO_INPUT_PATH) -> tuple[Container, RunAs]:
     """Create the container as a non-root user, resolving a named USER with the image's passwd."""
     who = run_as(image.user)
 
@@ -103,6 +104,7 @@ def _create(client: docker.DockerClient, manifest: Manifest, image: ResolvedImag
             labels=labels,
             name=f"algodock-{step_id}-{uuid.uuid4().hex[:10]}",
             mounts=mounts,
+            descriptor_path=descriptor_path,
         )
         return client.containers.create(**cfg)
 
@@ -136,6 +138,7 @@ def run_step(
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
+    descriptor_path: str = ALGO_INPUT_PATH,
     flow_run_id: str | None = None,
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
@@ -143,6 +146,9 @@ def run_step(
     ``before_start`` is called once the container is created, just before it starts (a
     resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
     as it has exited, before the clean-up (the pool gets its resources back at once).
+    ``descriptor_path`` is where the container sees ``algo_input.json`` (and what
+    ``ALGORITHM_INPUT_PATH`` says); ``algodock check-image`` moves it to catch algorithms
+    that hard-code the default.
     ``flow_run_id``: the Prefect flow run the step belongs to, stamped as a container label so
     that cancelling the flow run finds its containers.
     """
@@ -164,6 +170,7 @@ def run_step(
     pump: LogPump | None = None
     workspace: VolumeWorkspace | None = None
     mounts: list | None = None
+    sampler: UsageSampler | None = None
     try:
         if not parameters_resolved:
             result.parameters = resolve_parameters(manifest.parameters, parameters or {})
@@ -184,7 +191,7 @@ def run_step(
         if staging_mode(client) == "volume":  # the engine cannot see our folders: go through its archive API
             workspace = VolumeWorkspace(client, labels)
             mounts = read_only_mounts(workspace.work.name, workspace.output.name)
-        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id, mounts)
+        container, who = _create(client, manifest, resolved, work, output_dir, labels, step_id, mounts, descriptor_path)
         result.container_id = container.id
         if workspace is not None:
             workspace.fill(resolved.id, work, who.uid, who.gid)  # type: ignore[arg-type]
@@ -197,8 +204,11 @@ def run_step(
         result.started_at = _now()
         pump.start()
         _start(container, cp.resource_request.gpu)
+        sampler = UsageSampler.start(client, container)
         status, timed_out = _wait(container, cp.timeout_seconds)
         result.finished_at = _now()
+        result.usage = sampler.stop()
+        result.usage.wall_seconds = round((result.finished_at - result.started_at).total_seconds(), 3)
         if on_exit is not None:
             on_exit()
         pump.join(KILL_GRACE_SECONDS)
@@ -213,8 +223,10 @@ def run_step(
         if timed_out:
             raise TimeoutFailure(f"the container ran past timeout_seconds={cp.timeout_seconds:g} and was killed", exit_code=result.exit_code)
         if state.get("OOMKilled"):
+            peak = result.usage.peak_memory_bytes
+            reached = f" (peak {fmt_bytes(peak)} of {fmt_bytes(cp.resource_request.memory_bytes)})" if peak else ""
             raise OomFailure(
-                f"the container was killed for exceeding its memory limit of {cp.resource_request.memory_gb:g} GB "
+                f"the container was killed for exceeding its memory limit of {cp.resource_request.memory_gb:g} GB{reached} "
                 "(raise resource_request.memory_gb, or use less memory)",
                 exit_code=result.exit_code,
             )
@@ -223,6 +235,7 @@ def run_step(
 
         if workspace is not None:
             workspace.export_output(container, output_dir, cp)  # bounded by output_mb / output_files
+        result.usage.output_bytes, result.usage.output_files = output_totals(output_dir)
         algo_output = read_algo_output(output_dir)
         if algo_output is not None:
             result.metrics, result.message = algo_output.metrics, algo_output.message
@@ -243,6 +256,8 @@ def run_step(
             raise
         result.failure = InfrastructureError(f"{type(exc).__name__}: {exc}")
     finally:
+        if sampler is not None and result.usage is None:  # the wait itself failed: stop sampling anyway
+            result.usage = sampler.stop()
         if container is not None:
             _remove(container)
         if workspace is not None:

@@ -72,10 +72,13 @@ def container_config(
     labels: dict[str, str],
     name: str | None = None,
     mounts: list[Any] | None = None,
+    descriptor_path: str = ALGO_INPUT_PATH,
 ) -> dict[str, Any]:
     """Keyword arguments for ``client.containers.create`` (docker SDK) of a sandboxed step.
 
     ``mounts`` replaces the bind mounts of ``work_dir`` and ``output_dir`` (named-volume staging).
+    ``descriptor_path`` is where ``algo_input.json`` is mounted and what ``ALGORITHM_INPUT_PATH``
+    says (only ``algodock check-image`` moves it; bind mounts only).
     """
     from docker.types import DeviceRequest, LogConfig, Mount
 
@@ -85,7 +88,7 @@ def container_config(
         "image": image_id,
         "command": list(params.command),
         "user": user,
-        "environment": {**params.env, "ALGORITHM_INPUT_PATH": ALGO_INPUT_PATH, "HOME": "/tmp"},
+        "environment": {**params.env, "ALGORITHM_INPUT_PATH": descriptor_path, "HOME": "/tmp"},
         "labels": labels,
         "name": name,
         "network_mode": "none",
@@ -104,7 +107,7 @@ def container_config(
         "ipc_mode": "none",
         "mounts": mounts
         or [
-            Mount(ALGO_INPUT_PATH, str(work_dir / "algo_input.json"), type="bind", read_only=True),
+            Mount(descriptor_path, str(work_dir / "algo_input.json"), type="bind", read_only=True),
             Mount(INPUT_DIR, str(work_dir / "input"), type="bind", read_only=True),
             Mount(OUTPUT_DIR, str(output_dir), type="bind", read_only=False),
         ],
