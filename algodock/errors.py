@@ -79,6 +79,12 @@ class InvalidOutput(StepFailure):
     kind = "invalid_output"
 
 
+class DiskLimitFailure(StepFailure):
+    """The algorithm wrote more than ``output_mb`` or ``output_files`` into ``/work/output`` and was stopped."""
+
+    kind = "disk_limit"
+
+
 class MissingOutput(StepFailure):
     """A required declared output was not produced."""
 
@@ -102,6 +108,7 @@ FAILURE_KINDS: dict[str, type[StepFailure]] = {
         TimeoutFailure,
         OomFailure,
         InvalidOutput,
+        DiskLimitFailure,
         MissingOutput,
         InfrastructureError,
     )

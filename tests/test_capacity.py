@@ -6,6 +6,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -264,3 +265,66 @@ def test_cancel_is_noticed_without_wake_all(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(Cancelled):  # already set: no wait at all
         cancel.set()
         pool.acquire(ResourceRequest(), cancel=cancel)
+
+
+# ------------------------------------------------------------------ GPUs of the engine (recorded `docker info`)
+
+RUNC_ONLY = {"NCPU": 8, "MemTotal": 16 * 1024**3, "Runtimes": {"io.containerd.runc.v2": {"path": "runc"}, "runc": {"path": "runc"}}, "DefaultRuntime": "runc"}
+NVIDIA_RUNTIME = {**RUNC_ONLY, "Runtimes": {**RUNC_ONLY["Runtimes"], "nvidia": {"path": "nvidia-container-runtime"}}}
+
+
+def _dev(tmp_path: Path, *names: str) -> Path:
+    for name in names:
+        (tmp_path / name).touch()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("info", "local", "devices", "smi", "hook", "expected"),
+    [
+        (RUNC_ONLY, True, [], None, None, 0),
+        (RUNC_ONLY, True, ["nvidia0", "nvidia1", "nvidiactl"], None, None, 0),  # devices, but nothing hands them to containers
+        (NVIDIA_RUNTIME, True, ["nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-modeset"], None, None, 2),
+        (RUNC_ONLY, True, ["nvidia0", "nvidiactl"], None, "/usr/bin/nvidia-container-runtime-hook", 1),  # the toolkit, --gpus
+        ({**RUNC_ONLY, "DefaultRuntime": "nvidia"}, True, ["nvidia0"], None, None, 1),
+        (NVIDIA_RUNTIME, True, [], None, None, 0),  # a runtime without devices
+        (NVIDIA_RUNTIME, False, ["nvidia0"], None, None, 0),  # remote: this host's devices are not the engine's
+        ({**RUNC_ONLY, "GenericResources": [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 4}}]}, False, [], None, None, 4),
+        ({**RUNC_ONLY, "GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-a"}},
+                                            {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-b"}}]}, True, [], None, None, 2),
+    ],
+    ids=["runc-only", "devices-without-toolkit", "nvidia-runtime-two-gpus", "toolkit-hook", "nvidia-default-runtime",
+         "runtime-without-devices", "remote-engine", "generic-resources-discrete", "generic-resources-named"],
+)
+def test_engine_gpus(tmp_path: Path, info: dict, local: bool, devices: list[str], smi: str | None, hook: str | None, expected: int) -> None:
+    from algodock.runtime.engine import engine_gpus
+
+    assert engine_gpus(info, local=local, dev=_dev(tmp_path, *devices), nvidia_smi=smi, hook=hook) == expected
+
+
+def test_engine_gpus_counts_nvidia_smi_when_no_device_files(tmp_path: Path) -> None:
+    from algodock.runtime.engine import engine_gpus
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100 (UUID: GPU-1)'\necho 'GPU 1: NVIDIA A100 (UUID: GPU-2)'\necho 'GPU 2: NVIDIA A100 (UUID: GPU-3)'\n")
+    smi.chmod(0o755)
+    assert engine_gpus(NVIDIA_RUNTIME, local=True, dev=tmp_path / "nodev", nvidia_smi=str(smi)) == 3
+
+
+def test_from_engine_detects_gpus_and_a_gpu_step_on_an_engine_without_them_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import algodock.runtime.engine as engine
+
+    class Engine:
+        def __init__(self, info: dict) -> None:
+            self._info = info
+
+        def info(self) -> dict:
+            return self._info
+
+    real = engine.engine_gpus
+    monkeypatch.setattr(engine, "engine_gpus", lambda info, **kw: real(info, **{**kw, "dev": _dev(tmp_path, "nvidia0", "nvidia1")}))
+    assert Capacity.from_engine(Engine(NVIDIA_RUNTIME)) == Capacity(8000, 16.0, 2)
+    without = Capacity.from_engine(Engine(RUNC_ONLY))
+    assert without.gpu == 0
+    with pytest.raises(ValueError, match="can never fit the capacity .*gpu 1 > 0"):
+        ResourcePool(without).acquire(ResourceRequest(gpu=1))

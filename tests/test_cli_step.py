@@ -216,7 +216,14 @@ def test_400_mb_log_flood_stays_under_350_mb_rss(busybox_image: str, tmp_path: P
     assert one_json_document(report["stdout"])["status"] == "succeeded"
     assert report["peak_rss_mb"] < 350
     assert report["seconds"] < 300
-    assert log_file.stat().st_size == size + len("\nflood-done\n")
+    # The log keeps its head and its tail, 64 MiB in all, and says what it dropped (CONTRACT.md §5).
+    assert log_file.stat().st_size <= 64 * 1024 * 1024
     with open(log_file, "rb") as fh:
+        assert fh.read(41) == b"0123456789012345678901234567890123456789\n"
         fh.seek(-len("flood-done\n"), os.SEEK_END)
         assert fh.read() == b"flood-done\n"
+    with open(log_file, "rb") as fh:
+        fh.seek(32 * 1024 * 1024 - 1024)
+        middle = fh.read(4096)
+    dropped = size + len("\nflood-done\n") - (log_file.stat().st_size - len(middle.split(b"\n[algodock] ")[1].split(b"\n")[0]) - len("\n[algodock] \n"))
+    assert f"[algodock] {dropped} bytes of log dropped here".encode() in middle

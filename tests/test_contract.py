@@ -99,7 +99,7 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
         changed(lambda d: d["parameters"]["properties"].update(n={"type": "int"})),
         "parameters: not a valid JSON Schema at properties/n/type",
     ),
-    ("wrong-manifest-version", changed(lambda d: d.update(manifest_version="1.0")), "manifest_version: Input should be '0.1'"),
+    ("wrong-manifest-version", changed(lambda d: d.update(manifest_version="1.0")), "manifest_version: Input should be '0.1' or '0.2'"),
     ("missing-manifest-version", changed(lambda d: d.pop("manifest_version")), "manifest_version: required field is missing"),
     ("non-mapping-root", ["a", "list"], "(root): expected a mapping, got list"),
     ("null-root", None, "(root): expected a mapping, got NoneType"),
@@ -337,3 +337,41 @@ def test_parse_assignments() -> None:
 )
 def test_safe_relative(path: str, ok: bool) -> None:
     assert safe_relative(path) is ok
+
+
+# ------------------------------------------------------------------ contract 0.2
+
+
+def test_manifest_version_0_2_is_read_and_0_1_stays_valid() -> None:
+    assert parse_manifest(changed(lambda d: d.update(manifest_version="0.2"))).manifest_version == "0.2"
+    assert parse_manifest(GOOD).manifest_version == "0.1"
+
+
+def test_output_limits_and_shm_defaults() -> None:
+    cp = parse_manifest(GOOD).container_parameters
+    assert (cp.output_mb, cp.output_files, cp.shm_mb) == (10240, 100000, 0)
+    cp = parse_manifest(changed(_cp(output_mb=100, output_files=10, shm_mb=64))).container_parameters
+    assert (cp.output_mb, cp.output_files, cp.shm_mb) == (100, 10, 64)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_cp(timeout_seconds=10_000_000_000), "container_parameters.timeout_seconds: Input should be less than or equal to 604800"),
+        (_cp(timeout_seconds=604_800.5), "container_parameters.timeout_seconds: Input should be less than or equal to 604800"),
+        (_cp(timeout_seconds=float("inf")), "container_parameters.timeout_seconds"),
+        (_cp(output_mb=0), "container_parameters.output_mb: Input should be greater than 0"),
+        (_cp(output_files=0), "container_parameters.output_files: Input should be greater than 0"),
+        (_cp(shm_mb=-1), "container_parameters.shm_mb: Input should be greater than or equal to 0"),
+        (_cp(output_mb="lots"), "container_parameters.output_mb"),
+    ],
+    ids=["timeout-1e10", "timeout-just-over-7-days", "timeout-inf", "output-mb-0", "output-files-0", "shm-negative", "output-mb-string"],
+)
+def test_contract_0_2_bounds(edit: Callable[[dict[str, Any]], None], expected: str) -> None:
+    with pytest.raises(InvalidManifest) as info:
+        parse_manifest(changed(edit), "m.json")
+    assert any(expected in line for line in info.value.errors), info.value.errors
+
+
+def test_seven_days_is_the_longest_timeout() -> None:
+    assert parse_manifest(changed(_cp(timeout_seconds=604_800))).container_parameters.timeout_seconds == 604_800

@@ -109,9 +109,11 @@ def assert_gone(client: Any, result: StepRecord) -> None:
 def no_container_left(docker_client: Any) -> Iterator[None]:
     """Every container this process started is removed, after success and after every failure."""
     yield
-    left = docker_client.containers.list(all=True, filters={"label": [f"{MANAGED_LABEL}=true", MY_PID_LABEL]})
+    from algodock.runtime.engine import list_containers, remove_container
+
+    left = list_containers(docker_client, f"{MANAGED_LABEL}=true", MY_PID_LABEL)  # no inspect: no 404 race
     for c in left:
-        c.remove(force=True)
+        remove_container(docker_client, c)
     assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
@@ -389,16 +391,20 @@ def test_gpu_becomes_a_device_request_only_when_asked(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ who the container runs as
 
 USER_PROBE = 'echo "PROBE uid=$(id -u)"; echo "PROBE gid=$(id -g)"; echo "PROBE owner=$(stat -c %u:%g /work/output)"; touch /work/output/ok'
-PASSWD = b"root:x:0:0:root:/root:/bin/sh\ntoor:x:0:0:another root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n"
+PASSWD = (
+    b"root:x:0:0:root:/root:/bin/sh\ntoor:x:0:0:another root:/root:/bin/sh\napp:x:1234:2345:app:/home/app:/bin/sh\n"
+    b"zero:x:000:000:uid 0 spelt with zeros:/:/bin/sh\napp0:x:1234:0:app in the root group:/:/bin/sh\n"
+)
+USERS = ["0", "root", "1000", "1000:0", "app", "toor", "ghost", "0000:0000", "00", "0:0", "root:root", "zero", "app0", "4294967296"]
 
 
 @pytest.fixture(scope="module")
 def user_images(docker_client: Any, busybox_image: str) -> dict[str, str]:
     images = {}
-    for tag, user in [("user-0", "0"), ("user-root", "root"), ("user-1000", "1000"), ("user-1000-0", "1000:0"), ("user-app", "app"), ("user-toor", "toor"), ("user-ghost", "ghost")]:
+    for user in USERS:
         images[user] = build_image(
             docker_client,
-            f"algodock-test/{tag}:1",
+            f"algodock-test/user-{user.replace(':', '-')}:1",
             f"FROM {busybox_image}\nCOPY passwd /etc/passwd\nUSER {user}\n",
             {"passwd": PASSWD},
         )
@@ -415,8 +421,16 @@ def user_images(docker_client: Any, busybox_image: str) -> dict[str, str]:
         ("app", 1234, 2345),
         ("toor", 10001, 10001),
         ("ghost", 10001, 10001),
+        ("0000:0000", 10001, 10001),
+        ("00", 10001, 10001),
+        ("0:0", 10001, 10001),
+        ("root:root", 10001, 10001),
+        ("zero", 10001, 10001),
+        ("app0", 1234, 1234),
+        ("4294967296", 10001, 10001),
     ],
-    ids=["USER-0", "USER-root", "USER-1000", "USER-1000-group-0", "USER-named", "USER-name-of-uid-0", "USER-unknown-name"],
+    ids=["USER-0", "USER-root", "USER-1000", "USER-1000-group-0", "USER-named", "USER-name-of-uid-0", "USER-unknown-name",
+         "USER-0000-0000", "USER-00", "USER-0-0", "USER-root-root", "USER-name-of-uid-000", "USER-named-in-group-0", "USER-2-to-the-32"],
 )
 def test_never_uid_0_whatever_the_image_says(docker_client: Any, user_images: dict[str, str], out: Path, user: str, uid: int, gid: int) -> None:
     run = Run(docker_client, manifest(user_images[user], USER_PROBE), out)
@@ -426,6 +440,40 @@ def test_never_uid_0_whatever_the_image_says(docker_client: Any, user_images: di
     assert f["owner"] == f"{uid}:{gid}", "the output folder belongs to the container's user"
     assert (out.stat().st_uid, out.stat().st_gid) == (uid, gid)
     assert (out / "ok").stat().st_uid == uid
+
+
+def _base_image() -> str:
+    path = Path(__file__).resolve().parents[1] / ".build" / "base-image"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but .build/base-image is missing (`make base-image`)", pytrace=False)
+        pytest.skip(".build/base-image is missing (`make base-image`)")
+    return path.read_text().strip()
+
+
+@pytest.mark.parametrize("user", ["root", "0000:0000", "00", "0:0"])
+def test_never_uid_0_on_the_base_image(docker_client: Any, out: Path, user: str) -> None:
+    """A real distribution image (its own /etc/passwd, root named root) with USER spelling uid 0."""
+    image = build_image(docker_client, f"algodock-test/base-user-{user.replace(':', '-')}:1", f"FROM {_base_image()}\nUSER {user}\n")
+    run = Run(docker_client, manifest(image, ["sh", "-c", 'echo "PROBE uid=$(id -u)"; echo "PROBE groups=$(id -G)"; touch /work/output/ok']), out)
+    assert run.result.ok, (run.result.failure, run.lines)
+    f = run.probe()
+    assert f["uid"] == str(sandbox.UNPRIVILEGED_UID), f"ran as uid {f['uid']}"
+    assert "0" not in f["groups"].split(), f"in root's group: {f['groups']}"
+    assert (out / "ok").stat().st_uid == sandbox.UNPRIVILEGED_UID
+
+
+def test_a_passwd_that_is_a_symlink_runs_unprivileged(docker_client: Any, busybox_image: str, out: Path) -> None:
+    """A hostile /etc/passwd (a symlink to a file naming app uid 0) must neither crash the runner nor give root."""
+    image = build_image(
+        docker_client,
+        "algodock-test/user-passwd-symlink:1",
+        f"FROM {busybox_image}\nCOPY passwd /etc/real-passwd\nRUN rm -f /etc/passwd && ln -s /etc/real-passwd /etc/passwd\nUSER app\n",
+        {"passwd": b"app:x:0:0::/:/bin/sh\n"},
+    )
+    run = Run(docker_client, manifest(image, USER_PROBE), out)
+    assert run.result.ok, (run.result.failure, run.lines)
+    assert run.probe()["uid"] == str(sandbox.UNPRIVILEGED_UID)
 
 
 # ------------------------------------------------------------------ failure kinds (§4)
@@ -625,7 +673,9 @@ def test_sweep_removes_containers_of_dead_processes_only(docker_client: Any, bus
     try:
         removed = sweep_orphans(docker_client)
         assert orphan.name in removed and live.name not in removed
-        names = {c.name for c in docker_client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"})}
+        from algodock.runtime.engine import list_containers
+
+        names = {c.name for c in list_containers(docker_client, f"{MANAGED_LABEL}=true")}  # other sessions remove theirs meanwhile
         assert orphan.name not in names and live.name in names
     finally:
         for c in (orphan, live):
@@ -709,3 +759,238 @@ def test_a_gpu_request_on_an_engine_without_gpus_says_so(tmp_path: Path, docker_
     assert result.failure is not None and result.failure.kind == "infrastructure"
     assert "asks for 1 GPU(s)" in result.failure.message
     assert not docker_client.containers.list(all=True, filters={"label": "io.algodock.step_id=gpu"})
+
+
+def test_log_pump_sends_at_most_20000_lines_then_says_where_the_log_is(tmp_path: Path) -> None:
+    chunks = [b"".join(b"line %d\n" % (i * 1000 + j) for j in range(1000)) for i in range(50)]  # 50,000 short lines
+    pump, lines = _pump(chunks, emit_limit=10**9, log_path=tmp_path / "c.log", log_location="s3://bucket/runs/r/steps/s/container.log")
+    assert len(lines) == 20_001
+    assert lines[:2] == ["line 0", "line 1"] and lines[19_999] == "line 19999"
+    assert lines[-1] == "[algodock] log output past 20000 lines is not shown here; the full log is in s3://bucket/runs/r/steps/s/container.log"
+    assert pump.tail(1) == ["line 49999"]
+    assert (tmp_path / "c.log").read_bytes() == b"".join(chunks), "under 64 MiB the stored log is whole"
+
+
+def test_a_slow_log_callback_does_not_hold_up_the_stream() -> None:
+    from algodock.runtime.logs import LogPump
+
+    release = threading.Event()
+    got: list[str] = []
+
+    def stuck(line: str) -> None:  # a logger whose API stopped answering
+        got.append(line)
+        release.wait(30)
+
+    chunks = [b"x\n" * 10_000 for _ in range(20)]
+    pump = LogPump(iter(chunks), on_line=stuck).start()
+    t0 = time.monotonic()
+    assert pump.join(10, drain_seconds=0.5)
+    assert time.monotonic() - t0 < 5, "join waits for the stream, and only drain_seconds for the callback"
+    assert pump.total == 20 * 20_000, "the stream was read to its end while the callback was stuck"
+    release.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (got and got[-1].startswith("[algodock]")):
+        time.sleep(0.01)
+    assert got[-1].startswith("[algodock] the log callback fell behind"), got[-3:]
+    assert len(got) <= 20_001
+
+
+@pytest.mark.parametrize(("total", "keep"), [(10, 300), (299, 300), (1000, 300), (100_000, 1000), (10_007, 257)])
+def test_bounded_log_keeps_head_and_tail(tmp_path: Path, total: int, keep: int) -> None:
+    import random
+    import re
+
+    from algodock.runtime.logs import BoundedLog
+
+    data = bytes(random.Random(total).randrange(256) for _ in range(total))
+    log = BoundedLog(tmp_path / "l.log", max_bytes=keep)
+    pos = 0
+    rng = random.Random(keep)
+    while pos < total:  # chunks of every size, some larger than the ring
+        n = rng.choice([1, 7, 64, keep // 2, keep * 2])
+        log.write(data[pos : pos + n])
+        pos += n
+    log.close()
+    stored = (tmp_path / "l.log").read_bytes()
+    assert not (tmp_path / "l.log.tail").exists()
+    if total <= keep - 256:
+        assert stored == data
+        return
+    m = re.search(rb"\n\[algodock\] (\d+) bytes of log dropped here \(the stored log keeps the first (\d+) and the last (\d+) of (\d+) bytes\)\n", stored)
+    if m is None:  # nothing dropped: head and tail joined
+        assert stored == data
+        return
+    dropped, head, tail, whole = map(int, m.groups())
+    assert whole == total and head + tail + dropped == total
+    assert len(stored) <= keep
+    assert stored[: m.start()] == data[:head] and stored[m.end() :] == data[total - tail :]
+
+
+def test_a_200_mb_flood_of_short_lines_is_capped_and_does_not_slow_the_step(docker_client: Any, busybox_image: str, tmp_path: Path) -> None:
+    exited: list[float] = []
+    log_path = tmp_path / "container.log"
+    m = manifest(busybox_image, "yes 0123456789 | head -c 200000000; echo; echo flood-done", timeout_seconds=300)
+    run = Run(docker_client, m, tmp_path / "out", log_path=log_path, emit_limit=10**9, on_exit=lambda: exited.append(time.monotonic()))
+    returned = time.monotonic()
+    assert run.result.ok, run.result.failure
+    assert returned - exited[0] < 10, f"run_step returned {returned - exited[0]:.1f} s after the container's exit"
+    assert len(run.lines) == 20_001 and run.lines[-1].startswith("[algodock] log output past 20000 lines is not shown here")
+    assert log_path.stat().st_size <= 64 * 1024 * 1024
+    stored = log_path.read_bytes()
+    assert stored.startswith(b"0123456789\n") and stored.endswith(b"\nflood-done\n")
+    assert b" bytes of log dropped here" in stored
+    print(f"\n200 MB flood: {run.elapsed:.1f} s in all, returned {returned - exited[0]:.2f} s after the exit")
+
+
+# ------------------------------------------------------------------ output limits while the container runs
+
+
+class PeakWatcher:
+    """Samples what an output folder holds on the host while a step runs: the disk's own view."""
+
+    def __init__(self, root: Path) -> None:
+        from algodock.runtime.limits import measure
+
+        self.peak = 0
+        self._stop = threading.Event()
+
+        def watch() -> None:
+            while not self._stop.is_set():
+                if root.exists():
+                    self.peak = max(self.peak, measure(root).bytes)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        return self.peak
+
+
+MB = 1024 * 1024
+
+
+def test_writing_3_gb_with_output_mb_100_is_stopped_as_disk_limit(docker_client: Any, busybox_image: str, out: Path) -> None:
+    peak = PeakWatcher(out)
+    script = "dd if=/dev/zero of=/work/output/big bs=1M count=3000 2>&1; echo wrote-it-all"
+    run = Run(docker_client, manifest(busybox_image, script, output_mb=100, timeout_seconds=120), out)
+    most = peak.stop()
+    assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
+    assert "output_mb=100" in run.message
+    assert "wrote-it-all" not in run.lines, "stopped while it ran"
+    print(f"\noutput_mb=100: the host held at most {most / MB:.0f} MiB (slack {max(0, most - 100 * MB) / MB:.0f} MiB)")
+    assert most < 100 * MB + 700 * MB, f"the host held {most / MB:.0f} MiB"
+    assert run.result.outputs == []
+    assert_gone(docker_client, run.result)
+
+
+def test_too_many_files_is_disk_limit(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = "i=0; while [ $i -lt 200000 ]; do : > /work/output/f$i; i=$((i+1)); done; echo made-them-all"
+    run = Run(docker_client, manifest(busybox_image, script, output_files=500, timeout_seconds=120), out)
+    assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
+    assert "output_files=500" in run.message
+    assert "made-them-all" not in run.lines
+    assert sum(1 for _ in out.iterdir()) < 50_000
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "dd if=/dev/zero of=/work/output/big bs=1M count=150 2>/dev/null",  # quicker than one watcher interval
+        "dd if=/dev/zero of=/work/output/sparse bs=1 count=1 seek=200M 2>/dev/null",  # 4 KiB on disk, 200 MiB when read
+        "mkdir -p /work/output/a/b/c && dd if=/dev/zero of=/work/output/a/b/c/deep bs=1M count=150 2>/dev/null",
+    ],
+    ids=["fast-then-exit", "sparse-file", "deep-folder"],
+)
+def test_over_the_limit_at_exit_is_disk_limit(docker_client: Any, busybox_image: str, out: Path, script: str) -> None:
+    run = Run(docker_client, manifest(busybox_image, script, output_mb=100, outputs=[{"name": "big", "format": "binary", "required": False}]), out)
+    assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
+
+
+def test_under_the_limits_succeeds(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = "dd if=/dev/zero of=/work/output/big.binary bs=1M count=20 2>/dev/null; for i in 1 2 3; do : > /work/output/f$i; done"
+    run = Run(docker_client, manifest(busybox_image, script, output_mb=25, output_files=4, outputs=[{"name": "big", "format": "binary"}]), out)
+    assert run.result.ok, run.result.failure
+
+
+def test_volume_mode_output_over_the_limit_is_disk_limit(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named-volume staging: checked when the output is read back, which stops at the limit."""
+    monkeypatch.setenv("ALGODOCK_STAGING", "volume")
+    peak = PeakWatcher(out)
+    run = Run(docker_client, manifest(busybox_image, "dd if=/dev/zero of=/work/output/big bs=1M count=300 2>/dev/null", output_mb=50), out)
+    most = peak.stop()
+    assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
+    assert most <= 60 * MB, f"the host took {most / MB:.0f} MiB while reading the output back"
+    assert not docker_client.volumes.list(filters={"label": f"{LABEL}.run_id={run.result.container_id}"})
+
+
+def test_shm_mb_gives_a_writable_dev_shm_of_that_size(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = 'echo "PROBE shm_kb=$(df -k /dev/shm | tail -1 | awk \'{print $2}\')"; (echo x > /dev/shm/probe) 2>/dev/null; echo "PROBE shm_write=$?"'
+    run = Run(docker_client, manifest(busybox_image, script, shm_mb=32), out)
+    assert run.result.ok, run.result.failure
+    f = run.probe()
+    assert f["shm_write"] == "0" and int(f["shm_kb"]) == 32 * 1024
+    # shm_mb 0 (the default): no writable /dev/shm, as the probe above checks for every path
+
+
+# ------------------------------------------------------------------ every way a step ends is a failure kind
+
+
+class _CreateThenLoseTheAnswer:
+    """A real client whose ``containers.create`` makes the container, then reports a timeout (a lost answer)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.created: list[str] = []
+        outer = self
+
+        class Containers:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(client.containers, name)
+
+            def create(self, *args: Any, **kwargs: Any) -> Any:
+                from requests.exceptions import ReadTimeout
+
+                outer.created.append(client.containers.create(*args, **kwargs).id)
+                raise ReadTimeout("read timed out (injected after the engine created the container)")
+
+        self.containers = Containers()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_a_container_created_when_the_call_timed_out_is_still_removed(docker_client: Any, busybox_image: str, out: Path) -> None:
+    from docker.errors import NotFound
+
+    client = _CreateThenLoseTheAnswer(docker_client)
+    result = run_step(manifest(busybox_image, "true"), output_dir=out, client=client, run_id="lost-create")
+    assert result.failure is not None and result.failure.kind == "infrastructure", result.failure
+    assert len(client.created) == 1
+    with pytest.raises(NotFound):
+        docker_client.containers.get(client.created[0])
+
+
+@pytest.mark.parametrize("hook", ["before_start", "on_exit"])
+def test_a_failing_hook_is_a_failure_kind_not_a_traceback(docker_client: Any, busybox_image: str, out: Path, hook: str) -> None:
+    def boom() -> None:
+        raise RuntimeError("the pool broke")
+
+    result = run_step(manifest(busybox_image, "true"), output_dir=out, client=docker_client, **{hook: boom})
+    assert result.failure is not None and result.failure.kind == "infrastructure"
+    assert "the pool broke" in result.failure.message
+    assert_gone(docker_client, result)
+
+
+def test_an_unreadable_output_is_the_algorithms_fault() -> None:
+    from algodock.runtime.runner import _as_failure
+
+    denied = PermissionError(13, "Permission denied", "/out/v.csv")
+    assert _as_failure(denied, reading_outputs=True).kind == "invalid_output"
+    assert "/out/v.csv" in _as_failure(denied, reading_outputs=True).message
+    assert _as_failure(denied, reading_outputs=False).kind == "infrastructure"
+    from requests.exceptions import ConnectionError
+
+    assert _as_failure(ConnectionError("engine gone"), reading_outputs=True).kind == "infrastructure", "an OSError subclass, but the engine's"

@@ -86,7 +86,7 @@ def test_manifest_schema_accepts_the_contract_example_and_rejects_what_the_model
     bad_cases = [
         {**GOOD, "nmae": "typo"},
         {**GOOD, "name": "Bad Name"},
-        {**GOOD, "manifest_version": "0.2"},
+        {**GOOD, "manifest_version": "0.3"},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "command": []}},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "env": {"ALGORITHM_INPUT_PATH": "/x"}}},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "resource_request": {"cpu_millicore": 0}}},
@@ -133,3 +133,12 @@ def test_example_manifests_validate_against_the_schema(path: Path) -> None:
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator("manifest.schema.json").iter_errors(doc)]
     assert errors == []
     parse_manifest(doc, str(path))
+
+
+def test_manifest_schema_knows_contract_0_2() -> None:
+    v = _validator("manifest.schema.json")
+    good = {**GOOD, "manifest_version": "0.2", "container_parameters": {**GOOD["container_parameters"], "output_mb": 100, "output_files": 10, "shm_mb": 64}}
+    assert not list(v.iter_errors(good))
+    for bad in ({"timeout_seconds": 604801}, {"output_mb": 0}, {"output_files": 0}, {"shm_mb": -1}):
+        doc = {**GOOD, "container_parameters": {**GOOD["container_parameters"], **bad}}
+        assert list(v.iter_errors(doc)), f"schema accepted {bad}"

@@ -6,7 +6,7 @@ never passes silently; what an algorithm writes (``algo_output.json``) is read l
 but checked for everything the platform relies on.
 
 >>> m = Manifest.model_validate({
-...     "manifest_version": "0.1", "name": "echo", "version": "1.0.0",
+...     "manifest_version": "0.2", "name": "echo", "version": "1.0.0",
 ...     "container_parameters": {"image": "busybox:latest", "command": ["true"]},
 ... })
 >>> m.container_parameters.resource_request.cpu_millicore
@@ -24,8 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from algodock.errors import InvalidManifest
 
-CONTRACT_VERSION = "0.1"
-"""The manifest version this platform reads."""
+CONTRACT_VERSION = "0.2"
+"""The newest manifest version this platform reads."""
+
+MANIFEST_VERSIONS = ("0.1", "0.2")
+"""Every manifest version this platform reads (0.2 added output limits and ``shm_mb``; 0.1 stays valid)."""
+
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+"""The longest ``timeout_seconds`` (CONTRACT.md §1): a bound keeps deadlines inside what clocks can represent."""
 
 ALGO_IO_VERSION = "0.1.0"
 """The version written into ``algo_input.json``."""
@@ -69,7 +75,9 @@ class ContainerParameters(_Strict):
     )
     command: list[str] = Field(min_length=1, description="argv list run in the container.")
     resource_request: ResourceRequest = Field(default_factory=ResourceRequest)
-    timeout_seconds: float = Field(3600, gt=0, description="Wall-clock limit; the container is killed after it.")
+    timeout_seconds: float = Field(
+        3600, gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False, description="Wall-clock limit in seconds (at most 7 days); the container is killed after it."
+    )
     env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
         default_factory=dict,
         description="Extra environment variables.",
@@ -77,6 +85,13 @@ class ContainerParameters(_Strict):
         json_schema_extra={"additionalProperties": False, "not": {"required": ["ALGORITHM_INPUT_PATH"]}},
     )
     scratch_mb: int = Field(64, gt=0, description="Size of the /tmp tmpfs in MiB; counts against memory.")
+    output_mb: int = Field(
+        10240, gt=0, description="Most MiB the algorithm may write into /work/output; enforced while it runs (failure kind disk_limit)."
+    )
+    output_files: int = Field(
+        100000, gt=0, description="Most files plus folders the algorithm may create in /work/output; enforced while it runs (disk_limit)."
+    )
+    shm_mb: int = Field(0, ge=0, description="Size of a writable /dev/shm tmpfs in MiB (counts against memory); 0: no /dev/shm.")
 
     @field_validator("env")
     @classmethod
@@ -105,7 +120,7 @@ class OutputSlot(_Slot):
 class Manifest(_Strict):
     """What an algorithm author ships beside the image (CONTRACT.md §1)."""
 
-    manifest_version: Literal["0.1"]
+    manifest_version: Literal["0.1", "0.2"]
     name: Name
     version: str = Field(min_length=1)
     description: str = ""

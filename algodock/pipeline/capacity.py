@@ -86,9 +86,15 @@ class Capacity:
 
     @classmethod
     def from_engine(cls, client: Any) -> Capacity:
-        """The engine's CPUs x 1000 millicores and its total memory (docker SDK ``client.info()``); no GPUs."""
+        """The engine's CPUs x 1000 millicores, its total memory and the GPUs it can hand out.
+
+        GPUs: see :func:`algodock.runtime.engine.engine_gpus` (an NVIDIA runtime or toolkit,
+        and the devices of a local engine; a remote engine's count comes from ``--capacity``).
+        """
+        from algodock.runtime.engine import detect_gpus
+
         info = client.info()
-        return cls(cpu_millicore=int(info["NCPU"]) * 1000, memory_gb=int(info["MemTotal"]) / GIB, gpu=0)
+        return cls(cpu_millicore=int(info["NCPU"]) * 1000, memory_gb=int(info["MemTotal"]) / GIB, gpu=detect_gpus(client, info))
 
     def fits(self, request: Request) -> bool:
         """True when ``request`` is no larger than this capacity in every dimension."""

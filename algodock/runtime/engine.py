@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from algodock.errors import ImageNotFound, InfrastructureError
 from algodock.records import ResolvedImage
@@ -193,3 +194,97 @@ def resolve_image(client: docker.DockerClient, ref: str, *, pull: bool = True) -
         repo_digest = next((d for d in digests if d.split("@", 1)[0] == repo), digests[0] if digests else None)
     user = (image.attrs.get("Config") or {}).get("User") or ""
     return ResolvedImage(ref=ref, id=image.id, repo_digest=repo_digest, user=user)
+
+
+def _is_local(client: Any) -> bool:
+    """True when ``client`` talks to an engine on this host (a unix socket, or localhost)."""
+    from urllib.parse import urlparse
+
+    base = str(getattr(getattr(client, "api", None), "base_url", "") or "")
+    if not base:
+        return True
+    url = urlparse(base)
+    return url.scheme in ("http+unix", "http+docker", "unix", "npipe") or url.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def _nvidia_toolkit(info: dict[str, Any]) -> bool:
+    """The engine can hand GPUs to containers: an ``nvidia`` runtime (or one whose path says so)."""
+    runtimes = info.get("Runtimes") or {}
+    return info.get("DefaultRuntime") == "nvidia" or any(
+        "nvidia" in name or "nvidia" in str((spec or {}).get("path", "")) for name, spec in runtimes.items()
+    )
+
+
+def _generic_gpus(info: dict[str, Any]) -> int:
+    """GPUs the engine advertises as generic resources (``dockerd --node-generic-resource NVIDIA-GPU=...``)."""
+    count = 0
+    for res in info.get("GenericResources") or []:
+        discrete = res.get("DiscreteResourceSpec") or {}
+        named = res.get("NamedResourceSpec") or {}
+        if "GPU" in str(discrete.get("Kind", "")).upper():
+            count += int(discrete.get("Value", 0) or 0)
+        elif "GPU" in str(named.get("Kind", "")).upper():
+            count += 1
+    return count
+
+
+def _local_gpus(dev: Path, nvidia_smi: str | None) -> int:
+    """NVIDIA GPUs on this host: ``/dev/nvidiaN`` devices, else the lines of ``nvidia-smi -L``."""
+    import re
+    import subprocess
+
+    try:
+        devices = sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name))
+    except OSError:
+        devices = 0
+    if devices or not nvidia_smi:
+        return devices
+    try:
+        out = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def engine_gpus(
+    info: dict[str, Any],
+    *,
+    local: bool,
+    dev: Path = Path("/dev"),
+    nvidia_smi: str | None = None,
+    hook: str | None = None,
+) -> int:
+    """How many GPUs the engine of ``info`` (``docker info``) can give containers.
+
+    Advertised generic resources count first. Otherwise the engine needs NVIDIA support (an
+    ``nvidia`` runtime, or on a local engine the toolkit's ``nvidia-container-runtime-hook``
+    that Docker's ``--gpus`` calls) and, on a local engine, the GPUs are counted from
+    ``/dev/nvidiaN`` or ``nvidia-smi -L``. A remote engine's GPUs cannot be counted from here:
+    0, and ``--capacity ...,gpu=N`` says how many.
+
+    >>> engine_gpus({"Runtimes": {"runc": {"path": "runc"}}}, local=True, dev=Path("/nonexistent"))
+    0
+    >>> engine_gpus({"GenericResources": [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}]}, local=False)
+    2
+    """
+    generic = _generic_gpus(info)
+    if generic:
+        return generic
+    if not local:
+        return 0
+    if not (_nvidia_toolkit(info) or hook):
+        return 0
+    return _local_gpus(dev, nvidia_smi)
+
+
+def detect_gpus(client: Any, info: dict[str, Any] | None = None) -> int:
+    """:func:`engine_gpus` for a docker client (looks at this host when the engine is local)."""
+    import shutil
+
+    info = info if info is not None else client.info()
+    return engine_gpus(
+        info,
+        local=_is_local(client),
+        nvidia_smi=shutil.which("nvidia-smi"),
+        hook=shutil.which("nvidia-container-runtime-hook"),
+    )

@@ -1,7 +1,7 @@
 """The sandbox of CONTRACT.md §2 as one pure function from a manifest to engine arguments.
 
 Everything that restricts an algorithm lives here, so a reader can audit it in one place:
-no network, read-only root, a ``/tmp`` tmpfs, never uid 0, no capabilities,
+no network, read-only root, a ``/tmp`` tmpfs (and ``/dev/shm`` only when ``shm_mb`` > 0), never uid 0, no capabilities,
 ``no-new-privileges``, a pids limit, a CPU quota, memory with swap equal to it, GPUs only
 when asked for, and no log kept by the engine (the runner reads output as it comes).
 """
@@ -18,7 +18,9 @@ from algodock.contract.manifest import ALGO_INPUT_PATH, INPUT_DIR, OUTPUT_DIR, C
 UNPRIVILEGED_UID = int(os.environ.get("ALGODOCK_UID", "10001"))
 """The uid an image runs as when it names no non-root USER."""
 PIDS_LIMIT = int(os.environ.get("ALGODOCK_PIDS_LIMIT", "512"))
-ROOT_NAMES = {"", "0", "root"}
+ROOT_NAMES = {"", "root"}
+MAX_ID = 2**31 - 1
+"""Larger numeric ids are refused: an engine may wrap them (2**32 is uid 0 once truncated to 32 bits)."""
 
 
 @dataclass(frozen=True)
@@ -32,32 +34,58 @@ class RunAs:
     gid: int | None
 
 
+def _numeric(text: str) -> int | None:
+    """``text`` as an id when it is one (ASCII digits only: ``"00"`` is 0), else None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _unprivileged() -> RunAs:
+    return RunAs(f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+
+
+def _group(group: str, default: int) -> int:
+    """The numeric group asked for, unless it is root's (0) or not a number: then ``default``."""
+    gid = _numeric(group)
+    return gid if gid is not None and 0 < gid <= MAX_ID else default
+
+
 def run_as(image_user: str) -> RunAs:
     """Decide the user from the image's ``USER``: its own when non-root, else the unprivileged uid.
 
-    >>> run_as("0").user, run_as("root:root").user, run_as("1000").user, run_as("app").uid
-    ('10001:10001', '10001:10001', '1000:1000', None)
+    The test is numeric: ``0``, ``00``, ``0000:0000`` and ``root`` are all uid 0. A name is
+    looked up later in the image's ``/etc/passwd`` (:func:`lookup_user`).
+
+    >>> run_as("0").user, run_as("0000:0000").user, run_as("root:root").user, run_as("1000").user, run_as("app").uid
+    ('10001:10001', '10001:10001', '10001:10001', '1000:1000', None)
     """
     name, _, group = image_user.partition(":")
-    if name in ROOT_NAMES:
-        return RunAs(f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-    if name.isdigit():
-        gid = int(group) if group.isdigit() and group != "0" else int(name)
-        return RunAs(f"{name}:{gid}", int(name), gid)
+    uid = _numeric(name)
+    if name.strip() in ROOT_NAMES or uid == 0 or (uid is not None and uid > MAX_ID):
+        return _unprivileged()
+    if uid is not None:
+        gid = _group(group, uid)
+        return RunAs(f"{uid}:{gid}", uid, gid)
     return RunAs(image_user, None, None)
 
 
 def lookup_user(passwd: str, image_user: str) -> RunAs | None:
-    """Resolve a named ``USER`` with the image's ``/etc/passwd``; None when unknown or root."""
+    """Resolve a named ``USER`` with the image's ``/etc/passwd``; None when unknown or root (uid 0, however spelt).
+
+    >>> lookup_user("toor:x:000:0::/:/bin/sh\napp:x:1234:2345::/:/bin/sh\n", "toor") is None
+    True
+    >>> lookup_user("app:x:1234:2345::/:/bin/sh\n", "app").user
+    '1234:2345'
+    """
     name, _, group = image_user.partition(":")
     for line in passwd.splitlines():
         fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
-            uid, gid = int(fields[2]), int(fields[3])
-            if uid == 0:
+        if len(fields) >= 4 and fields[0] == name:  # the first entry wins, as getpwnam's does
+            uid, gid = _numeric(fields[2]), _numeric(fields[3])
+            if uid is None or uid == 0 or uid > MAX_ID:
                 return None
-            if group.isdigit() and group != "0":
-                gid = int(group)
+            gid = gid if gid is not None and 0 < gid <= MAX_ID else uid
+            gid = _group(group, gid)
             return RunAs(f"{uid}:{gid}", uid, gid)
     return None
 
@@ -96,6 +124,8 @@ def container_config(
         "tmpfs": {
             "/tmp": f"rw,nosuid,nodev,size={params.scratch_mb}m,mode=1777",
             "/dev/mqueue": "ro,nosuid,nodev,noexec,size=4k",  # hides the engine's writable POSIX queues
+            # shm_mb > 0: POSIX shared memory on request; tmpfs pages are charged to the container's memory.
+            **({"/dev/shm": f"rw,nosuid,nodev,noexec,size={params.shm_mb}m,mode=1777"} if params.shm_mb > 0 else {}),
         },
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
@@ -103,7 +133,7 @@ def container_config(
         "nano_cpus": rr.cpu_millicore * 1_000_000,
         "mem_limit": memory,
         "memswap_limit": memory,
-        # No /dev/shm or /dev/mqueue: CONTRACT.md §2 leaves only /tmp and /work/output writable.
+        # No engine /dev/shm (only the tmpfs above, when shm_mb > 0) and a read-only /dev/mqueue.
         "ipc_mode": "none",
         "mounts": mounts
         or [
