@@ -17,7 +17,7 @@ VENV_STAMP = $(VENV)/.algodock-installed
 EXAMPLE_IMAGES = device-visits dwell-stats
 EXAMPLE_VERSION = 1.0.0
 
-.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas test demo bench clean cluster cluster-down
+.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser test demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@echo "make targets:"
@@ -58,10 +58,16 @@ images: base-image wheels ## build algodock/device-visits:1.0.0 and algodock/dwe
 schemas: venv ## regenerate the JSON schemas (python -m algodock.schemas)
 	$(VENV)/bin/python -m algodock.schemas
 
+browser: ## make sure Debian's chromium is installed (the UI tests drive it with Playwright; no browser download)
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null || echo present)"; \
+	else echo "installing Debian's chromium"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium; fi
+
 lint-imports: venv ## check the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports
 
-test: venv lint-imports engine base-image images ## run the test suite (PYTEST_ARGS=... to pass options)
+test: venv lint-imports engine base-image images browser ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 fuzz: venv ## the property tests of tests/test_fuzz.py with the long profile (thousands of examples each)

@@ -15,7 +15,10 @@ if curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
 else
   echo "starting a Prefect server with its UI at $UI (log: .algodock/prefect-server.log)"
   host=$(echo "$UI" | sed -E 's|https?://([^:/]+).*|\1|'); port=$(echo "$UI" | sed -E 's|.*:([0-9]+).*|\1|')
-  setsid nohup "$PREFECT" server start --host "$host" --port "$port" > .algodock/prefect-server.log 2>&1 < /dev/null &
+  # Its own SQLite file: no other Prefect process on this machine (a temporary server of an
+  # `algodock run` without PREFECT_API_URL, a test harness) writes to it, so no "database is locked".
+  PREFECT_SERVER_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$PWD/.algodock/prefect-demo.db" \
+    setsid nohup "$PREFECT" server start --host "$host" --port "$port" > .algodock/prefect-server.log 2>&1 < /dev/null &
   echo $! > .algodock/prefect-server.pid
   for _ in $(seq 1 120); do
     curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break
@@ -37,19 +40,26 @@ rc=$?
 set -e
 "$VENV/bin/python" - <<'PY'
 import json, os
+from prefect.client.orchestration import get_client
+
 s = json.load(open(".algodock/demo/run.json"))
 ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
 print(f"\nrun {s['run_id']}: {s['status']}")
 for step in s["steps"]:
     outs = ", ".join(f"{o['name']} ({o['rows']} rows) {o['uri']}" for o in step.get("outputs") or [])
     print(f"  {step['id']:<8} {step['status']:<10} {(step.get('image_id') or '')[:19]}  {outs}")
-print(f"\nWhere to look in the Prefect UI ({ui}):")
+deployment = None
+try:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("algodock-pipeline/device-visits-daily")
+except Exception:
+    pass
+print("\nStop the server with: kill $(cat .algodock/prefect-server.pid)")
+if deployment is not None:
+    print(f"The daily deployment (a worker runs it: prefect worker start --pool algodock-local): {ui}/deployments/deployment/{deployment.id}")
+print(f"\nPrefect UI:  {ui}")
 if s.get("flow_run_id"):
-    print(f"  this run, its step tasks, logs and artifacts: {ui}/runs/flow-run/{s['flow_run_id']}")
-print(f"  all runs:        {ui}/runs")
-print(f"  the deployment:  {ui}/deployments  (algodock-pipeline/device-visits-daily)")
-print(f"  assets (lineage): {ui}/assets")
-print(f"Lineage document: {s.get('lineage_uri')}   (algodock lineage {s['run_id']})")
-print("Stop the server with: kill $(cat .algodock/prefect-server.pid)")
+    print(f"This run:    {ui}/runs/flow-run/{s['flow_run_id']}   (graph: the steps and their edges; Artifacts: steps and outputs)")
+print(f"Lineage:     .venv/bin/algodock lineage {s['run_id']}")
 PY
 exit $rc

@@ -108,3 +108,32 @@ def write_manifest(path: Path, *, image: str, command: list[str], **extra) -> Pa
     }
     path.write_text(json.dumps(doc))
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` process (UI included) for the session's UI and worker tests."""
+    from tests.prefect_server import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def process_worker(prefect_server):
+    """A ``prefect worker start`` on the process work pool ``algodock-test`` of :func:`prefect_server`."""
+    from tests.prefect_server import ProcessWorker
+
+    worker = ProcessWorker(prefect_server, "algodock-test")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def on_prefect_server(prefect_server):
+    """This test's Prefect client talks to :func:`prefect_server` (not the harness)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield prefect_server

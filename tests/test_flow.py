@@ -330,3 +330,104 @@ def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, pre
 
     with pytest.raises(InvalidInput, match="no Prefect global concurrency limit named 'nope'"):
         run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="gcl2", concurrency_limit="nope")
+
+
+def _task_runs(flow_run_id: str) -> dict:
+    """The flow run's task runs by name, read back through Prefect's client."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def _upstream_ids(task_run) -> set[str]:
+    return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
+
+
+def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, prefect_harness, example_image):
+    """Prefect's run graph draws the edges from task_inputs; a rerun on the same store is all Cached."""
+    from algodock.flows.pipeline import run_pipeline
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
+    store = tmp_path / "store"
+    state = run_pipeline(spec=str(spec), store=str(store), run_id="graph1", return_state=True)
+    assert state.is_completed(), state.message
+    runs = _task_runs(str(state.state_details.flow_run_id))
+    assert set(runs) == {"double", "square", "merge"}
+    assert _upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
+    assert _upstream_ids(runs["double"]) == set() and _upstream_ids(runs["square"]) == set()
+    assert all(r.state.name == "Completed" for r in runs.values())
+
+    state = run_pipeline(spec=str(spec), store=str(store), run_id="graph2", return_state=True)
+    assert state.is_completed(), state.message
+    runs = _task_runs(str(state.state_details.flow_run_id))
+    for name, run in runs.items():
+        assert run.state.is_completed() and run.state.name == "Cached", (name, run.state)
+        assert "run graph1" in run.state.message, run.state.message
+    assert _upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
+    summary = state.result()
+    assert [s["status"] for s in summary["steps"]] == ["cached"] * 3
+
+
+def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, example_image):
+    from algodock.flows.pipeline import run_pipeline
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")), factor=-1)
+    state = run_pipeline(spec=str(spec), store=str(tmp_path / "store"), run_id="skip1", no_cache=True, return_state=True)
+    assert state.is_failed()
+    runs = _task_runs(str(state.state_details.flow_run_id))
+    assert runs["double"].state.is_failed() and runs["square"].state.is_completed()
+    merge = runs["merge"]
+    assert merge.state.name == "NotReady" and str(runs["double"].id) in merge.state.message
+    assert merge.start_time is None  # never ran
+    assert _upstream_ids(merge) == {str(runs["double"].id), str(runs["square"].id)}
+
+
+def test_max_workers_follows_the_capacity(tmp_path):
+    from algodock.pipeline.capacity import Capacity
+    from algodock.pipeline import load_pipeline
+    from algodock.flows.pipeline import max_workers
+
+    spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")))
+    p = load_pipeline(spec)  # three steps of 500 millicores, 0.5 GB
+    assert max_workers(p, Capacity.parse("cpu_millicore=500,memory_gb=8")) == 2
+    assert max_workers(p, Capacity.parse("cpu_millicore=1000,memory_gb=8")) == 3
+    assert max_workers(p, Capacity.parse("cpu_millicore=64000,memory_gb=64")) == 3
+
+
+def test_a_concurrency_slot_is_held_only_while_the_container_runs(tmp_path, prefect_harness, busybox_image):
+    """Capacity for one container at a time, a global limit of 2: the step waiting for local
+    resources must not hold a slot (it would if the slot covered the whole task)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from algodock.flows.pipeline import run_pipeline
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="algodock-test-two", limit=2))
+    write_manifest(tmp_path / "nap.json", name="nap", image=busybox_image, command=["sleep", "3"],
+                   container={"resource_request": {"cpu_millicore": 1000, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: slots\nsteps:\n  - {id: a, manifest: nap.json}\n  - {id: b, manifest: nap.json}\n')
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(0.2):
+                seen.append(client.read_global_concurrency_limit_by_name("algodock-test-two").active_slots)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="slots1", no_cache=True,
+                             capacity="cpu_millicore=1000,memory_gb=4", concurrency_limit="algodock-test-two", return_state=True)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert state.is_completed(), state.message
+    assert 1 in seen, f"no slot was ever seen held: {seen}"
+    assert max(seen) == 1, f"a slot was held by a step that was not running its container: {seen}"

@@ -249,8 +249,9 @@ def test_flow_run_writes_lineage_artifacts_and_asset_events(tmp_path, docker_cli
         rows = json.loads(table.data) if isinstance(table.data, str) else table.data
         assert [r["step"] for r in rows] == ["split", "join"]
         assert rows[0]["image_id"] == images[STABLE] and doc.step("split").outputs[0].sha256 in rows[0]["outputs"]
-        dag = by_key["algodock-folders-dag"].data
-        assert "```mermaid" in dag and "s_split -->|parts| s_join" in dag and "in_raw -->|raw| s_split" in dag
+        run_md = by_key["algodock-folders-run"].data  # markdown the UI renders (the DAG is the run graph)
+        assert "```" not in run_md and "parts ← split.parts" in run_md and "raw ← input raw" in run_md
+        assert f"[split](/runs/task-run/{doc.step('split').task_run_id})" in run_md
 
         joined_key = "file://" + doc.step("join").outputs[0].uri
         parts_key = "file://" + doc.step("split").outputs[0].uri

@@ -2,15 +2,12 @@
 
 * Per run, two artifacts on the flow run (also under stable keys, so the Artifacts page keeps
   the history of a pipeline): ``algodock-<pipeline>-steps``, a table of the steps (status,
-  image id, duration, outputs with their sha256), and ``algodock-<pipeline>-dag``, markdown
-  with the DAG as a mermaid graph and the outputs as links.
-* Per succeeded step, Prefect asset events for its outputs: ``prefect.asset.materialization.succeeded``
-  for each output (asset key: the output's URI, ``file:///…`` or ``s3://…``) with the step's
-  inputs as upstream assets (related resources with role ``asset``, each also announced by a
-  ``prefect.asset.referenced`` event), ``materialized_by: algodock``, and the sha256, format,
-  row count and image id as the event payload. This is what ``@materialize`` emits, without
-  having to know the outputs when the task is defined. Cached steps materialize nothing (as
-  Prefect's own cached tasks), so the Assets page shows when bytes were really produced.
+  image id, duration, outputs with their sha256), and ``algodock-<pipeline>-run``, markdown
+  the UI renders: each step (linked to its task run) with what it reads, and each output
+  with its location, size, rows and sha256. The DAG itself is Prefect's run graph: every
+  step's task run names its upstream task runs in ``task_inputs``.
+* Asset materializations come from the step tasks themselves (``prefect.assets.materialize``,
+  see flows.pipeline.step_task); :func:`asset_key` names an output or input as an asset.
 
 Nothing here may fail a run: every function logs and returns on error.
 """
@@ -28,17 +25,6 @@ if TYPE_CHECKING:
     from algodock.pipeline import Pipeline
 
 log = logging.getLogger("algodock.flows.artifacts")
-
-MATERIALIZED_BY = "algodock"
-_STATUS_STYLE = {
-    "succeeded": "fill:#d1fadf,stroke:#12b76a",
-    "cached": "fill:#d1e9ff,stroke:#2e90fa",
-    "failed": "fill:#fee4e2,stroke:#f04438",
-    "skipped": "fill:#fef0c7,stroke:#f79009",
-    "running": "fill:#f2f4f7,stroke:#667085",
-    "pending": "fill:#f2f4f7,stroke:#98a2b3",
-}
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -113,56 +99,65 @@ def steps_table(doc: LineageDocument) -> list[dict[str, Any]]:
     return rows
 
 
-def _node_id(prefix: str, name: str) -> str:
-    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"
+def _size(uri: str) -> int | None:
+    """Bytes of a stored output (a file, or a folder's files); None when not on this host's disk."""
+    local = local_path_of(uri)
+    try:
+        if local is None or not local.exists():
+            return None
+        if local.is_file():
+            return local.stat().st_size
+        return sum(p.stat().st_size for p in local.rglob("*") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return None
 
 
-def _label(text: str) -> str:
-    return text.replace('"', "#quot;")
+def _human(n: int | None) -> str:
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
 
 
-def dag_markdown(doc: LineageDocument, pipeline: Pipeline | None = None) -> str:
-    """The markdown artifact: the DAG as mermaid (status colours, data edges labelled with the input slot) and output links."""
-    steps = {s.id: s for s in doc.steps}
-    lines = ["```mermaid", "graph LR"]
-    edges: list[str] = []
-    externals: dict[str, str] = {}
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def run_markdown(doc: LineageDocument, pipeline: Pipeline | None = None) -> str:
+    """The markdown artifact the Prefect UI renders: the steps with what they read, then the outputs.
+
+    The DAG itself is the run graph (every step's task run names its upstream task runs);
+    this lists each step's inputs, linking a step to its task run page, and each output
+    with its size, rows, sha256 and the image id that made it.
+    """
+    lines = [f"**Run** `{doc.run_id}` of `{doc.pipeline}`: **{doc.status}** · spec sha256 `{doc.spec_sha256[:12]}` · store `{doc.store}`", ""]
+    lines += ["| step | status | reads | image id | duration |", "|---|---|---|---|---|"]
     for s in doc.steps:
-        status = s.status + (f" from {s.cached_from}" if s.cached_from else "")
-        image = f"<br/>{(s.image_id or '')[:19]}" if s.image_id else ""
-        lines.append(f'  {_node_id("s", s.id)}["{_label(s.id)}<br/><i>{_label(status)}</i>{image}"]:::{s.status}')
-        data_deps: set[str] = set()
+        reads: list[str] = []
         if pipeline is not None and s.id in pipeline.bindings:
             for slot, ref in sorted(pipeline.bindings[s.id].items()):
-                if ref.kind == "input":
-                    externals[ref.name] = pipeline.inputs.get(ref.name, "")
-                    edges.append(f"  {_node_id('in', ref.name)} -->|{_label(slot)}| {_node_id('s', s.id)}")
-                else:
-                    data_deps.add(ref.name)
-                    edges.append(f"  {_node_id('s', ref.name)} -->|{_label(slot)}| {_node_id('s', s.id)}")
-            for dep in sorted(pipeline.dependencies.get(s.id, set()) - data_deps):
-                edges.append(f"  {_node_id('s', dep)} -.->|after| {_node_id('s', s.id)}")
-        else:
-            for inp in s.inputs:
-                if inp.produced_by is None:
-                    externals[inp.name] = inp.uri
-                    edges.append(f"  {_node_id('in', inp.name)} -->|{_label(inp.name)}| {_node_id('s', s.id)}")
-                elif inp.produced_by in steps:
-                    edges.append(f"  {_node_id('s', inp.produced_by)} -->|{_label(inp.name)}| {_node_id('s', s.id)}")
-    for name, uri in sorted(externals.items()):
-        lines.append(f'  {_node_id("in", name)}[("{_label(name)}<br/>{_label(uri)}")]')
-    lines += edges
-    lines += [f"  classDef {status} {style}" for status, style in _STATUS_STYLE.items()]
-    lines.append("```")
-
-    lines += ["", f"**Run** `{doc.run_id}` of `{doc.pipeline}`: **{doc.status}** · spec sha256 `{doc.spec_sha256[:12]}` · store `{doc.store}`", ""]
-    lines += ["| step | output | location | sha256 | rows |", "|---|---|---|---|---|"]
+                reads.append(f"{slot} ← input {ref.name}" if ref.kind == "input" else f"{slot} ← {ref.name}.{ref.output}")
+            data = {ref.name for ref in pipeline.bindings[s.id].values() if ref.kind != "input"}
+            reads += [f"after {d}" for d in sorted(pipeline.dependencies.get(s.id, set()) - data)]
+        name = f"[{s.id}](/runs/task-run/{s.task_run_id})" if s.task_run_id else s.id
+        status = s.status + (f" (from run `{s.cached_from}`)" if s.cached_from else "")
+        if s.failure:
+            status += f": {s.failure.kind}"
+        duration = _duration(s)
+        lines.append(f"| {name} | {_cell(status)} | {_cell(', '.join(reads))} | `{(s.image_id or '')[:19]}` | {'' if duration is None else f'{duration:g} s'} |")
+    lines += ["", "| step | output | rows | size | sha256 | in the store |", "|---|---|---|---|---|---|"]
+    prefix = doc.store.rstrip("/") + "/"
     for s in doc.steps:
         for o in s.outputs:
-            key = asset_key(o.uri)
-            link = f"[{o.uri}]({key})" if key and key.startswith("file://") else f"`{o.uri}`"
             rows = "" if o.rows is None else str(o.rows)
-            lines.append(f"| {s.id} | {o.name} | {link} | `{o.sha256[:16]}…` | {rows} |")
+            size = getattr(o, "size", None)
+            where = o.uri[len(prefix):] if o.uri.startswith(prefix) else o.uri
+            lines.append(f"| {s.id} | {o.name} | {rows} | {_human(size if size is not None else _size(o.uri))} | `{o.sha256[:16]}…` | `{_cell(where)}` |")
+    lines += ["", f"The full record: `algodock lineage {doc.run_id} --store {doc.store}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -180,52 +175,12 @@ def publish_run_artifacts(doc: LineageDocument, pipeline: Pipeline | None = None
             description=f"Steps of run {doc.run_id} ({doc.status}); the full record is {doc.store}/runs/{doc.run_id}/lineage.json",
         )
         create_markdown_artifact(
-            markdown=dag_markdown(doc, pipeline),
-            key=artifact_key(doc.pipeline, "dag"),
-            description=f"DAG and outputs of run {doc.run_id}",
+            markdown=run_markdown(doc, pipeline),
+            key=artifact_key(doc.pipeline, "run"),
+            description=f"Steps and outputs of run {doc.run_id} (the DAG is the run graph)",
         )
     except Exception as exc:  # the UI's view of a run must not fail the run
         log.warning("could not create the artifacts of run %s: %s", doc.run_id, exc)
 
 
-def emit_step_assets(record: StepRecord, run_id: str | None = None) -> None:
-    """Asset materialization events for a succeeded step's outputs, with its inputs as upstream assets."""
-    if record.status != "succeeded" or record.cached_from or not record.outputs:
-        return
-    try:
-        from prefect.assets import Asset, AssetProperties
-        from prefect.context import AssetContext
-        from prefect.states import Completed
-
-        upstream = {Asset(key=k) for k in (asset_key(i.uri) for i in record.inputs) if k}
-        downstream: set[Asset] = set()
-        metadata: dict[str, dict[str, Any]] = {}
-        for o in record.outputs:
-            key = asset_key(o.uri)
-            if key is None:
-                log.info("step %s: output %s cannot be a Prefect asset key; no materialization event", record.id, o.uri)
-                continue
-            downstream.add(Asset(key=key, properties=AssetProperties(name=f"{record.id}.{o.name}", description=f"Output {o.name!r} of step {record.id} ({o.format})")))
-            metadata[key] = {
-                "sha256": o.sha256,
-                "format": o.format,
-                "rows": o.rows,
-                "step": record.id,
-                "run_id": run_id,
-                "image": record.image,
-                "image_id": record.image_id,
-                "repo_digest": record.repo_digest,
-            }
-        if not downstream:
-            return
-        AssetContext(
-            downstream_assets=downstream,
-            upstream_assets=upstream,
-            materialized_by=MATERIALIZED_BY,
-            materialization_metadata=metadata,
-        ).emit_events(Completed())
-    except Exception as exc:
-        log.warning("could not emit the asset events of step %s: %s", record.id, exc)
-
-
-__all__ = ["artifact_key", "asset_key", "dag_markdown", "emit_step_assets", "publish_run_artifacts", "steps_table"]
+__all__ = ["artifact_key", "asset_key", "publish_run_artifacts", "run_markdown", "steps_table"]

@@ -83,6 +83,8 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     from algodock.pipeline import load_pipeline, parse_overrides
 
     terminate_on_sigterm()
+    # Without PREFECT_API_URL Prefect starts a temporary server: it must not phone home (offline it prints errors).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if sys.stderr.isatty():
         # The live table shows step states; the log lines stay in the Prefect UI and the store.
         # (Set before Prefect is imported: its logging is configured then.)
@@ -127,32 +129,59 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     live, listener = _live_view(spec.topological_order())
     if listener:
         flows_pipeline.LISTENERS.append(listener)
+    params = dict(spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
+                  capacity=str(cap) if cap else None, cluster=cluster, shared_store=shared_store,
+                  no_cache=no_cache, concurrency_limit=concurrency_limit)
+    released = False
+
+    def finish(prefect_problem: str | None) -> int:
+        nonlocal released
+        if not released:  # [store] the run is given back however it ended (os._exit included)
+            released = True
+            lease.release()
+        if live:
+            live.stop()
+            log_to(sys.stderr)
+        summary = open_store(store).read_json(run_json_rel(run_id))
+        if summary is None:
+            message = prefect_problem or (state.message if state is not None else None) or "the flow run failed before it recorded anything"
+            summary = {"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": {"kind": "infrastructure", "message": message}, "steps": []}
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            if not live:  # the live table already showed them
+                for step in summary["steps"]:
+                    click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
+            click.echo(f"run {run_id}: {summary['status']}; lineage at {summary.get('lineage_uri')}", err=True)
+            ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL") or "").removesuffix("/api")
+            if ui and summary.get("flow_run_id"):
+                click.echo(f"in the Prefect UI: {ui}/runs/flow-run/{summary['flow_run_id']}", err=True)
+        if prefect_problem and summary["steps"]:
+            click.echo(f"warning: Prefect's record of run {run_id} is incomplete ({prefect_problem}); the lineage in the store is the record of what ran", err=True)
+        return 0 if summary["status"] == "succeeded" else 1
+
+    def prefect_lost() -> None:  # called by the watchdog: the steps have ended, Prefect cannot be told
+        code = finish("the Prefect API stopped answering during the run")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # Prefect's engine threads would retry their API calls for minutes
+
+    state = None
+    problem: str | None = None
     try:
         if live:
             live.start()
             log_to(sys.stderr)  # Live has replaced sys.stderr with a proxy that prints above the table
-        state = flows_pipeline.run_pipeline(
-            spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
-            capacity=str(cap) if cap else None, cluster=cluster, shared_store=shared_store,
-            no_cache=no_cache, concurrency_limit=concurrency_limit, return_state=True,
-        )
-    finally:
-        lease.release()  # [store]
-        if live:
-            live.stop()
-            log_to(sys.stderr)
-    summary = open_store(store).read_json(run_json_rel(run_id))
-    if summary is None:
-        message = state.message or "the flow run failed before it recorded anything"
-        summary = {"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": {"kind": "infrastructure", "message": message}, "steps": []}
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        if not live:  # the live table already showed them
-            for step in summary["steps"]:
-                click.echo(f"{step['id']:<20} {step['status']:<10} {(step.get('failure') or {}).get('kind', '')}")
-        click.echo(f"run {run_id}: {summary['status']}; lineage at {summary.get('lineage_uri')}", err=True)
-        ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL") or "").removesuffix("/api")
-        if ui and summary.get("flow_run_id"):
-            click.echo(f"in the Prefect UI: {ui}/runs/flow-run/{summary['flow_run_id']}", err=True)
-    sys.exit(0 if summary["status"] == "succeeded" else 1)
+        state = flows_pipeline.run_with_watchdog(prefect_lost, **params)
+    except Exception as exc:  # Prefect's own calls failed (the API went away at the very end, …)
+        import httpx
+
+        if not isinstance(exc, (httpx.HTTPError, OSError)) and "prefect" not in type(exc).__module__:
+            raise
+        problem = f"{type(exc).__name__}: {exc}"
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: the run is still given back
+        if not released:
+            released = True
+            lease.release()
+        raise
+    sys.exit(finish(problem))

@@ -197,7 +197,6 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
 
     from algodock.pipeline.execute import execute_step
     from algodock.worker import current_engine
-    from algodock.flows.artifacts import emit_step_assets
     logger = get_run_logger()
     worker = get_worker()
     engine = current_engine()
@@ -221,7 +220,6 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
         {**claim, "status": record.status, "finished_at": datetime.now(timezone.utc).isoformat(), "failure": record.failure.model_dump() if record.failure else None},
     )
     record.attempt_history = _attempt_history(ctx.store, run_id, step_id)
-    emit_step_assets(record, run_id)
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)

@@ -24,29 +24,34 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.context import get_run_context
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Failed
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from algodock.lineage.cache import StoreCache
-from algodock.pipeline.capacity import Capacity, ResourcePool
-from algodock.runtime.engine import docker_client, kill_run_containers
-from algodock.errors import StepFailure
 from algodock.lineage.openlineage import OpenLineageObserver
+from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.runtime.engine import kill_run_containers
 from algodock.pipeline.execute import RunContext, execute_step, recover_run
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store.backends import Store, lineage_rel, open_store, run_json_rel
-from algodock.flows.artifacts import emit_step_assets, publish_run_artifacts
+from algodock.store.backends import Store, lineage_rel, output_rel, run_json_rel
+from algodock.blocks import DockerHost, StoreBlock
+from algodock.flows.artifacts import asset_key, publish_run_artifacts
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
 USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
 """Failure kinds retried only when the step sets ``retries``."""
+RETRY_DELAYS_SECONDS = [2.0, 10.0]
+"""Prefect's wait before each retry of a step (the last repeats): an engine or store that just
+failed gets time to come back instead of all attempts being spent within a second."""
+RETRY_JITTER_FACTOR = 0.5
+"""Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
+MATERIALIZED_BY = "algodock"
 
 
 LISTENERS: list[Any] = []
@@ -59,6 +64,64 @@ def _notify(record: StepRecord) -> None:
             listener(record)
         except Exception:  # a broken view must not break the run
             pass
+
+
+API_PROBE_SECONDS = 1.0
+API_LOST_AFTER = 3
+"""Consecutive failed probes of the Prefect API's /health (one a second) after which the run
+goes on without Prefect: the steps' outcome is what counts, Prefect's record stays incomplete."""
+
+
+class RunWatch:
+    """What a caller sees of a run without asking Prefect: whether it finished, whether
+    Prefect's API went away, and which path (Prefect's task, or direct) runs each step."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+        self.prefect_lost = threading.Event()
+        self.final: dict[str, StepRecord] = {}
+        self._claims: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, step_id: str, by: str) -> bool:
+        """True when ``by`` ("prefect" or "direct") runs ``step_id``: the first claim wins."""
+        with self._lock:
+            return self._claims.setdefault(step_id, by) == by
+
+
+_WATCHES: dict[str, RunWatch] = {}
+
+
+def run_watch(run_id: str) -> RunWatch:
+    """The :class:`RunWatch` of ``run_id`` in this process (created on first use)."""
+    return _WATCHES.setdefault(run_id, RunWatch())
+
+
+def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
+    """Probe the Prefect API; set ``watch.prefect_lost`` when it stops answering at all.
+
+    Any HTTP answer counts as alive (a Cloud API may want auth for /health): only refused
+    connections and timeouts count as misses.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return  # an in-process API cannot go away without this process
+    misses = 0
+    while not stop.wait(API_PROBE_SECONDS):
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=2.0)
+            misses = 0
+        except httpx.HTTPError:
+            misses += 1
+        if misses >= API_LOST_AFTER:
+            logging.getLogger("algodock").warning(
+                "the Prefect API at %s does not answer: the run goes on without it; Prefect's record of this run will be incomplete", url
+            )
+            watch.prefect_lost.set()
+            return
 
 
 class StepFailed(Exception):
@@ -85,32 +148,60 @@ def _retry_condition(max_user_retries: int):
     return should_retry
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def run_step_task(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> StepRecord:
-    """Run one step; raise :class:`StepFailed` on failure so Prefect can retry it."""
+def cached_state(record: StepRecord, run_id: str) -> State:
+    """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
+    naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
+    of this run (a retried flow run keeps what already succeeded)."""
+    key = (record.cache_key or "")[:12]
+    if record.status == "cached":
+        message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
+    else:
+        message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
+    return Completed(name="Cached", data=record, message=message)
+
+
+def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
+    """The body of a step's task: run it; raise :class:`StepFailed` on failure so Prefect can retry it.
+
+    ``upstream``: the records of the steps it reads from; their task runs are this task's
+    ``wait_for`` (see :func:`_schedule`), which Prefect records as its ``task_inputs``.
+    """
     from prefect.runtime import task_run
 
     logger = get_run_logger()
     attempt = int(task_run.run_count or 1)
-    with concurrency(concurrency_limit, occupy=1, strict=True) if concurrency_limit else contextlib.nullcontext():
-        record = execute_step(
-            ctx,
-            step_id,
-            upstream,
-            attempt=attempt,
-            on_log=logger.info,
-            task_run_id=str(task_run.id) if task_run.id else None,
-        )
+    watch = run_watch(ctx.run_id)
+    if not watch.claim(step_id, "prefect"):  # run directly while the Prefect API was away
+        return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
+
+    def slot() -> Any:  # the Prefect slot is held only while the container runs
+        return concurrency(concurrency_limit, occupy=1, strict=True)
+
+    record = execute_step(
+        ctx,
+        step_id,
+        upstream,
+        attempt=attempt,
+        on_log=logger.info,
+        task_run_id=str(task_run.id) if task_run.id else None,
+        around_container=slot if concurrency_limit else None,
+    )
     record.engine = _engine_identity(ctx.client)
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
-    emit_step_assets(record, ctx.run_id)  # Prefect asset materializations of a succeeded step's outputs
+    watch.final[step_id] = record  # what the scheduler uses if Prefect cannot be told
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
         raise StepFailed(record)
+    this_run = str(task_run.id) if task_run.id else None
+    kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
+    if record.status == "cached" or kept:
+        logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
+        return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
+    _add_asset_metadata(record, ctx.run_id)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record
 
@@ -128,6 +219,56 @@ def _engine_identity(client: Any) -> dict[str, str] | None:
         except Exception:  # the record matters more than naming its engine
             return None
     return _ENGINES[id(client)]
+
+
+def _add_asset_metadata(record: StepRecord, run_id: str) -> None:
+    """Attach the sha256, rows, image id, … of each output to its materialization event."""
+    try:
+        from prefect.assets import add_asset_metadata
+        from prefect.context import AssetContext
+
+        planned = {a.key for a in (AssetContext.get().downstream_assets if AssetContext.get() else ())}
+        for o in record.outputs:
+            key = asset_key(o.uri)
+            if key not in planned:
+                continue
+            add_asset_metadata(key, {"sha256": o.sha256, "format": o.format, "rows": o.rows, "uri": o.uri, "step": record.id,
+                                     "run_id": run_id, "image": record.image, "image_id": record.image_id, "repo_digest": record.repo_digest})
+    except Exception as exc:  # the asset view must not fail the step
+        logging.getLogger("algodock").warning("could not add the asset metadata of step %s: %s", record.id, exc)
+
+
+def step_task(ctx: RunContext, step_id: str) -> Any:
+    """The Prefect task of ``step_id``: a materializing task (``prefect.assets.materialize``) of
+    the step's outputs, with the external inputs it reads as asset dependencies.
+
+    The asset keys are where the outputs will be stored (``file://…`` or ``s3://…``); the
+    upstream assets come from the upstream tasks' own materializations through ``task_inputs``.
+    """
+    from prefect.assets import materialize
+
+    spec = next(s for s in ctx.pipeline.spec.steps if s.id == step_id)
+    manifest = ctx.pipeline.manifests[step_id]
+    options: dict[str, Any] = dict(
+        name=step_id,
+        task_run_name=step_id,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=max(spec.retries, INFRA_RETRIES),
+        retry_delay_seconds=RETRY_DELAYS_SECONDS,
+        retry_jitter_factor=RETRY_JITTER_FACTOR,
+        retry_condition_fn=_retry_condition(spec.retries),
+    )
+    externals = [ctx.pipeline.inputs.get(ref.name, "") for ref in ctx.pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
+    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
+    if deps:
+        options["asset_deps"] = deps
+    outputs = sorted(
+        {k for k in (asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}"))) for o in manifest.outputs) if k}
+    )
+    if outputs:
+        return materialize(*outputs, by=MATERIALIZED_BY, **options)(_run_step)
+    return task(_run_step, **options)
 
 
 class Ledger:
@@ -231,17 +372,34 @@ def default_run_id(flow_run_id: str | None = None) -> str:
 
 
 def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
-    """Flow hook: when a worker cancels or crashes the run, remove its containers by label."""
-    run_id = (flow_run.parameters or {}).get("run_id") or flow_run.id
+    """Flow hook: when a worker cancels or crashes the run, remove its containers by label.
+
+    Containers carry the flow-run id as a label (a deployment run's run id is derived from
+    the flow-run name, so the flow-run id is what a hook always knows); a run started with
+    an explicit ``run_id`` is also looked up by it.
+    """
+    params = flow_run.parameters or {}
     try:
-        if (flow_run.parameters or {}).get("cluster"):
+        if params.get("cluster"):  # the containers are on the workers' engines
             from algodock.flows.cluster import cancel_on_cluster
 
-            cancel_on_cluster(flow_run.parameters["cluster"], str(run_id))
+            cancel_on_cluster(params["cluster"], str(params.get("run_id") or default_run_id(str(flow_run.id))))
             return
-        kill_run_containers(docker_client(), str(run_id))
+        engine = params.get("engine")
+        client = _engine_client(engine if isinstance(engine, str) else None)
+        killed = kill_run_containers(client, flow_run_id=str(flow_run.id))
+        if params.get("run_id"):
+            killed += kill_run_containers(client, str(params["run_id"]))
+        if killed:
+            logging.getLogger("algodock").warning("flow run %s ended (%s): removed containers %s", flow_run.id, state.name, ", ".join(killed))
     except Exception as exc:  # the hook must not mask the cancellation itself
-        logging.getLogger("algodock").warning("could not remove containers of run %s: %s", run_id, exc)
+        logging.getLogger("algodock").warning("could not remove containers of flow run %s: %s", flow_run.id, exc)
+
+
+def _engine_client(engine: Any) -> Any:
+    from algodock.blocks import resolve_engine
+
+    return resolve_engine(engine)
 
 
 def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event, kill: Any = None) -> None:
@@ -263,58 +421,59 @@ def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event
 
 @flow(
     name="algodock-pipeline",
-    task_runner=ThreadPoolTaskRunner(max_workers=64),
     on_cancellation=[_kill_on_cancel],
     on_crashed=[_kill_on_cancel],
     validate_parameters=True,
 )
 def run_pipeline(
     spec: str | dict[str, Any],
-    store: str | None = None,
+    store: str | StoreBlock | None = None,
     run_id: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     capacity: str | None = None,
     no_cache: bool = False,
     concurrency_limit: str | None = None,
+    engine: str | DockerHost | None = None,
     cluster: str | None = None,
     shared_store: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
 
-    ``store``: local folder or ``s3://bucket/prefix`` (default ``./.algodock/store``);
+    ``store``: local folder, ``s3://bucket/prefix``, a saved store block by name
+    (``"algodock-store/lake"``) or a :class:`~blocks.StoreBlock` (default ``./.algodock/store``);
+    ``engine``: the Docker engine, a prefect-docker ``DockerHost`` block or its name
+    (``"docker-host/gpu-box"``; default ``DOCKER_HOST`` or the local socket);
     ``overrides``: ``{step_id: {param: value}}``; ``capacity``: ``cpu_millicore=N,memory_gb=M``
     (default: the engine's CPUs and memory); ``no_cache``: run every step;
     ``concurrency_limit``: the name of a Prefect global concurrency limit that every step also
-    holds one slot of while it runs: a limit shared by all hosts and runs (the capacity packs
-    this host; Prefect's limits poll, so they are no tool for packing).
+    holds one slot of while its container runs: a limit shared by all hosts and runs (the
+    capacity packs this host; Prefect's limits poll, so they are no tool for packing).
     ``cluster``: a Dask scheduler address (``tcp://HOST:8786``): steps run on its
-    ``algodock worker``s, placed by their resource requests (see algodock.flows.cluster); the store must
-    then be S3, or a path every host mounts, declared with ``shared_store``.
+    ``algodock worker``s, placed by their resource requests (see algodock.flows.cluster); the
+    store must then be S3, or a path every host mounts, declared with ``shared_store``.
     """
+    from algodock.blocks import resolve_store
+
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     session = None
     if cluster:  # refuse a host-local store before anything starts
         from algodock.flows.cluster import ClusterSession, check_shared_store
 
-        check_shared_store(store, shared_store)
+        check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
         session = ClusterSession(cluster).__enter__()
-    client = docker_client() if session is None else None
+    client = _engine_client(engine) if session is None else None
     cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
     pipeline = _load(spec, overrides, cap)
     if concurrency_limit:
         _check_limit(concurrency_limit)
-    the_store = open_store(store)
+    the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
-    # --- [store] run lease and resume (issue 7 item 8) ---
     lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
-    recover_run(the_store, run_id, client)  # containers, .tmp-outputs-* and work folders of a dead earlier writer
-    # --- [store] end ---
+    recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
-    if session is not None:
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
     order = pipeline.topological_order()
     doc = LineageDocument(
         run_id=run_id,
@@ -327,29 +486,71 @@ def run_pipeline(
     )
     ledger = Ledger(doc, the_store, on_change=_notify)
     ledger.start()
-    logger.info("run %s of pipeline %s: %d steps, capacity %s, store %s", run_id, pipeline.spec.name, len(order), cap, the_store.uri())
+    if session is not None:
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
+    workers = max_workers(pipeline, cap)
+    logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
 
     stop_watch = threading.Event()
+    watch = run_watch(run_id)
     if flow_run_id:
-        # In a copy of this context, so the watcher talks to the same Prefect API (settings set in code included).
-        watch = contextvars.copy_context()
+        # In copies of this context, so the watchers talk to the same Prefect API (settings set in code included).
         kill = session.cancel_everywhere if session is not None else None
-        threading.Thread(target=watch.run, args=(_watch_cancellation, flow_run_id, ctx, stop_watch, kill), daemon=True).start()
+        for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch, kill)), (_watch_api, (watch, stop_watch))):
+            threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
+    runner = ThreadPoolTaskRunner(max_workers=workers).__enter__()
     try:
-        status = _schedule(ctx, pipeline, order, ledger, concurrency_limit, cluster=session)
+        status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit, watch, workers, cluster=session)
+    except BaseException:
+        # The process is being ended (a worker's SIGTERM on cancellation arrives here as an
+        # exception, before Prefect could run any hook) or the flow crashed: no container of
+        # this run may outlive it.
+        ctx.cancel.set()
+        ctx.pool.wake_all()
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.cancel_everywhere()
+        for label in ({"flow_run_id": flow_run_id} if flow_run_id else {}, {"run_id": run_id}):
+            if label and client is not None:
+                with contextlib.suppress(Exception):
+                    kill_run_containers(client, **label)
+        raise
     finally:
         stop_watch.set()
+        shutil.rmtree(scratch, ignore_errors=True)
         if session is not None:
             session.__exit__(None, None, None)
-        shutil.rmtree(scratch, ignore_errors=True)
     ledger.finish(status)
-    lease.release()  # [store] the run is written; another process may take it now
+    lease.release()  # the run is written; another process may take it now
+    watch.finished.set()
+    if watch.prefect_lost.is_set():  # task threads may still be retrying calls to the API: do not wait for them
+        logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
+        return ledger.summary()
+    runner.__exit__(None, None, None)
     publish_run_artifacts(ledger.doc, pipeline)
     summary = ledger.summary()
     if status != "succeeded":
         failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
         return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)  # type: ignore[return-value]
     return summary
+
+
+def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
+    """Threads for the step tasks: as many steps as the capacity can run at once, plus one.
+
+    The most steps that fit together is found by packing the smallest requests first; the
+    extra thread stages the next step's inputs (or serves a cache hit) while the capacity is
+    full. Never more than the number of steps, never less than one.
+    """
+    requests = sorted(
+        ((m.container_parameters.resource_request.cpu_millicore, m.container_parameters.resource_request.memory_gb) for m in pipeline.manifests.values()),
+    )
+    cpu, mem, fit = capacity.cpu_millicore, capacity.memory_gb, 0
+    for c, m in requests:
+        if c > cpu or m > mem:
+            break
+        cpu, mem, fit = cpu - c, mem - m, fit + 1
+    return max(1, min(len(requests), fit + 1))
 
 
 def _check_limit(name: str) -> None:
@@ -369,13 +570,58 @@ def _check_limit(name: str) -> None:
             ) from None
 
 
-def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, concurrency_limit: str | None = None, cluster: Any = None) -> str:
-    """Submit each step when its dependencies are done; skip dependents of failures."""
+def _schedule(
+    ctx: RunContext,
+    pipeline: Pipeline,
+    order: list[str],
+    ledger: Ledger,
+    runner: ThreadPoolTaskRunner,
+    concurrency_limit: str | None = None,
+    watch: RunWatch | None = None,
+    workers: int = 1,
+    cluster: Any = None,
+) -> str:
+    """Submit each step when its dependencies are done; dependents of a failure are not run.
+
+    A step's task waits for its upstream tasks' futures (``wait_for``), so Prefect records
+    them in the task run's ``task_inputs`` (the run graph's edges); the upstream records
+    themselves are passed as data (the futures are already done). A dependent of a
+    failed step is still submitted with those futures: Prefect itself then gives it the state
+    it gives any task whose upstream did not complete, ``NotReady`` (Pending, "Upstream task
+    run … did not reach a 'COMPLETED' state"), without calling it; the lineage says ``skipped``.
+
+    When the Prefect API goes away (``watch.prefect_lost``), a step whose task already
+    recorded its outcome is done, and the steps not yet started run directly
+    (:func:`execute_step` in a thread pool of the same size): the run ends as its steps do.
+
+    With ``cluster`` (a :class:`~algodock.flows.cluster.ClusterSession`) each step runs on a
+    Dask worker with room for its resource request; its record comes back here, and the
+    ledger is updated here. A dependent of a failure is skipped without a task.
+    """
+    watch = watch or RunWatch()
     records: dict[str, StepRecord] = {}
     running: dict[concurrent.futures.Future, str] = {}
+    direct: set[concurrent.futures.Future] = set()
     prefect_futures: dict[str, Any] = {}
     waiting = list(order)
-    specs = {s.id: s for s in pipeline.spec.steps}
+    skipping: set[str] = set()
+    direct_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def run_direct(step_id: str) -> None:
+        nonlocal direct_pool
+        if direct_pool is None:
+            direct_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="algodock-direct")
+        inputs = {d: records[d] for d in pipeline.dependencies[step_id]}
+        ledger.update(StepRecord(id=step_id, status="running"))
+
+        def body() -> StepRecord:
+            record = execute_step(ctx, step_id, inputs, on_log=logging.getLogger(f"algodock.step.{step_id}").info)
+            ledger.update(record)
+            return record
+
+        fut = direct_pool.submit(contextvars.copy_context().run, body)
+        direct.add(fut)
+        running[fut] = step_id
 
     def submit_ready() -> None:
         for step_id in list(waiting):
@@ -383,53 +629,147 @@ def _schedule(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Led
             if any(records.get(d) is None for d in deps):
                 continue
             waiting.remove(step_id)
-            if any(records[d].status not in ("succeeded", "cached") for d in deps) or ctx.cancel.is_set():
-                records[step_id] = StepRecord(id=step_id, status="skipped")
+            upstream = [prefect_futures[d] for d in sorted(deps) if d in prefect_futures]
+            blocked = any(records[d].status not in ("succeeded", "cached") for d in deps)
+            lost = watch.prefect_lost.is_set()
+            if ctx.cancel.is_set() or (blocked and (lost or len(upstream) < len(deps))):
+                records[step_id] = StepRecord(id=step_id, status="skipped")  # nothing in Prefect to point at
                 ledger.update(records[step_id])
                 continue
-            retries = specs[step_id].retries
+            if lost:
+                if watch.claim(step_id, "direct"):
+                    run_direct(step_id)
+                continue
             if cluster is not None:
-                from algodock.flows.cluster import run_cluster_step
-            task_fn = (run_cluster_step if cluster is not None else run_step_task).with_options(
-                name=step_id,
-                task_run_name=step_id,
-                retries=max(retries, INFRA_RETRIES),
-                retry_condition_fn=_retry_condition(retries),
-            )
-            upstream = {d: records[d] for d in deps}
-            # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
-            ledger.update(StepRecord(id=step_id, status="running"))
-            if cluster is not None:  # on a Dask worker with room for the request; the ledger is updated here
-                fut, waitable = cluster.submit(task_fn, step_id, upstream, pipeline.manifests[step_id].container_parameters.resource_request)
+                submit_to_cluster(step_id, deps, blocked)
+                continue
+            if blocked:
+                skipping.add(step_id)
             else:
-                fut = task_fn.submit(quote(ctx), step_id, quote(upstream), quote(ledger), concurrency_limit)
-                waitable = fut.wrapped_future
+                # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
+                ledger.update(StepRecord(id=step_id, status="running"))
+            task_fn = step_task(ctx, step_id)
+            inputs = {d: records[d] for d in deps if not blocked}
+            fut = runner.submit(
+                task_fn,
+                {"ctx": quote(ctx), "step_id": step_id, "upstream": quote(inputs), "ledger": quote(ledger), "concurrency_limit": concurrency_limit},
+                wait_for=upstream,
+            )
             prefect_futures[step_id] = fut
-            running[waitable] = step_id
+            running[fut.wrapped_future] = step_id
+
+    def submit_to_cluster(step_id: str, deps: set[str], blocked: bool) -> None:
+        from algodock.flows.cluster import run_cluster_step
+
+        if blocked:
+            records[step_id] = StepRecord(id=step_id, status="skipped")
+            ledger.update(records[step_id])
+            return
+        retries = pipeline.steps[step_id].retries
+        task_fn = run_cluster_step.with_options(
+            name=step_id,
+            task_run_name=step_id,
+            retries=max(retries, INFRA_RETRIES),
+            retry_delay_seconds=RETRY_DELAYS_SECONDS,
+            retry_jitter_factor=RETRY_JITTER_FACTOR,
+            retry_condition_fn=_retry_condition(retries),
+        )
+        # "running" before submitting: a fast (cached) step may finish before submit returns
+        ledger.update(StepRecord(id=step_id, status="running"))
+        request = pipeline.manifests[step_id].container_parameters.resource_request
+        fut, waitable = cluster.submit(task_fn, step_id, {d: records[d] for d in deps}, request)
+        prefect_futures[step_id] = fut
+        running[waitable] = step_id
+
+    def without_prefect() -> None:
+        """The API is gone: take each step's outcome from its task's own record, or run it here."""
+        for f, step_id in list(running.items()):
+            if f in direct:
+                continue
+            if step_id in watch.final:
+                records[step_id] = watch.final[step_id]
+            elif step_id in skipping:
+                records[step_id] = StepRecord(id=step_id, status="skipped")
+                ledger.update(records[step_id])
+            elif watch.claim(step_id, "direct"):  # its task never started: Prefect could not create its run
+                del running[f]
+                run_direct(step_id)
+                continue
+            else:
+                continue  # its task is running the step: its record will come
+            del running[f]
 
     submit_ready()
-    while running:
-        done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
-        for f in done:
-            step_id = running.pop(f)
-            try:
-                value = prefect_futures[step_id].result(raise_on_failure=True)
-                records[step_id] = value
-                if cluster is not None:
-                    ledger.update(value)
-            except StepFailed as exc:
-                records[step_id] = exc.record
-                if cluster is not None:
-                    ledger.update(exc.record)
-            except BaseException as exc:  # a crash of the task itself, not of the algorithm
-                records[step_id] = StepRecord(
-                    id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
-                )
-                ledger.update(records[step_id])
-        submit_ready()
+    try:
+        while running:
+            done, _ = concurrent.futures.wait(list(running), timeout=API_PROBE_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                step_id = running.pop(f)
+                if f in direct:
+                    try:
+                        records[step_id] = f.result()
+                    except BaseException as exc:  # execute_step never raises; a bug must still end the step
+                        records[step_id] = StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}"))
+                        ledger.update(records[step_id])
+                    continue
+                if step_id in skipping:
+                    records[step_id] = StepRecord(id=step_id, status="skipped")
+                    ledger.update(records[step_id])
+                    continue
+                try:
+                    value = prefect_futures[step_id].result(raise_on_failure=True)
+                    records[step_id] = value
+                    if cluster is not None:  # a worker cannot reach this process's ledger
+                        ledger.update(value)
+                except StepFailed as exc:
+                    records[step_id] = exc.record
+                    if cluster is not None:
+                        ledger.update(exc.record)
+                except BaseException as exc:  # a crash of the task itself, or Prefect's API failing around a finished step
+                    if step_id in watch.final:
+                        records[step_id] = watch.final[step_id]
+                        continue
+                    records[step_id] = StepRecord(
+                        id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
+                    )
+                    ledger.update(records[step_id])
+            if watch.prefect_lost.is_set():
+                without_prefect()
+            submit_ready()
+    finally:
+        if direct_pool is not None:
+            direct_pool.shutdown(wait=True)
     for step_id in waiting:  # only reachable when a dependency never finished
         records[step_id] = StepRecord(id=step_id, status="skipped")
         ledger.update(records[step_id])
     if ctx.cancel.is_set():
         return "cancelled"
     return "succeeded" if all(r.status in ("succeeded", "cached") for r in records.values()) else "failed"
+
+
+def run_with_watchdog(on_prefect_lost: Any, **params: Any) -> Any:
+    """``run_pipeline(**params, return_state=True)`` for a command-line run.
+
+    When the Prefect API went away and every step of the run has ended (the lineage holds
+    the outcome), ``on_prefect_lost()`` is called from another thread: it must report and
+    end the process, since Prefect's engine would go on retrying its calls to the API for
+    minutes. ``params`` must name the ``run_id``.
+    """
+    watch = run_watch(params["run_id"])
+    lock = threading.Lock()
+    returned = threading.Event()
+
+    def watchdog() -> None:
+        while not returned.is_set():
+            if watch.finished.wait(0.5) and watch.prefect_lost.is_set():
+                with lock:
+                    if not returned.is_set():
+                        on_prefect_lost()
+                return
+
+    threading.Thread(target=watchdog, name="algodock-watchdog", daemon=True).start()
+    try:
+        return run_pipeline(**params, return_state=True)
+    finally:
+        with lock:
+            returned.set()

@@ -174,8 +174,15 @@ def execute_step(
     attempt: int = 1,
     on_log: Callable[[str], None] | None = None,
     task_run_id: str | None = None,
+    around_container: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> StepRecord:
-    """Run one step of ``ctx.pipeline``; returns its record (never raises a StepFailure)."""
+    """Run one step of ``ctx.pipeline``; returns its record (never raises a StepFailure).
+
+    ``around_container``: a context manager factory entered once the step's local resources
+    are held, just before its container starts, and exited as soon as the container exited
+    (e.g. a Prefect global concurrency slot): held neither while inputs are staged nor while
+    the step waits for resources.
+    """
     manifest = ctx.pipeline.manifests[step_id]
     record = StepRecord(
         id=step_id,
@@ -194,7 +201,7 @@ def execute_step(
     scratch.mkdir(parents=True, exist_ok=True)
     _announce(ctx, "step_started", record, upstream)
     try:
-        record = _execute(ctx, step_id, upstream, record, scratch, attempt, attempt_id, on_log)
+        record = _execute(ctx, step_id, upstream, record, scratch, attempt, attempt_id, on_log, around_container)
         return record
     except StepFailure as failure:
         record.status = "failed"
@@ -223,6 +230,7 @@ def _execute(
     attempt: int,
     attempt_id: str,
     on_log: Callable[[str], None] | None,
+    around_container: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> StepRecord:
     manifest = ctx.pipeline.manifests[step_id]
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
@@ -244,14 +252,18 @@ def _execute(
 
     rr = manifest.container_parameters.resource_request
     held = False
+    slot = contextlib.ExitStack()
 
     def acquire() -> None:  # run_step calls it with the container created: only the start waits
         nonlocal held
         ctx.pool.acquire(rr, ctx.cancel, on_wait=lambda: on_log and on_log(f"[algodock] waiting for resources ({rr.cpu_millicore} millicores, {rr.memory_gb:g} GB)"))
         held = True
+        if around_container is not None:
+            slot.enter_context(around_container())
 
     def release() -> None:  # as soon as the container exited, before its clean-up
         nonlocal held
+        slot.close()
         if held:
             held = False
             ctx.pool.release(rr)
@@ -275,6 +287,7 @@ def _execute(
             work_dir=scratch / "work",
             before_start=acquire,
             on_exit=release,
+            flow_run_id=ctx.flow_run_id,
         )
     except Cancelled as exc:
         raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc

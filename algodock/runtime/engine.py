@@ -30,16 +30,21 @@ ENGINE_HINT = (
 )
 
 
-def docker_client(base_url: str | None = None, timeout: int = 120) -> docker.DockerClient:
-    """A client for ``base_url`` (default: ``DOCKER_HOST`` or the local socket) that answers ping."""
+def docker_client(base_url: str | None = None, timeout: int = 120, *, client: docker.DockerClient | None = None) -> docker.DockerClient:
+    """A client for ``base_url`` (default: ``DOCKER_HOST`` or the local socket) that answers ping.
+
+    ``client``: an already configured client (e.g. from prefect-docker's ``DockerHost`` block,
+    with its TLS settings) that is only checked; ``base_url`` and ``DOCKER_HOST`` are then unused.
+    """
     import docker
     from docker.errors import DockerException
 
     try:
-        client = docker.DockerClient(base_url=base_url, timeout=timeout) if base_url else docker.from_env(timeout=timeout)
+        if client is None:
+            client = docker.DockerClient(base_url=base_url, timeout=timeout) if base_url else docker.from_env(timeout=timeout)
         client.ping()
     except DockerException as exc:
-        where = base_url or os.environ.get("DOCKER_HOST") or "the local socket"
+        where = (client.api.base_url if client is not None else base_url) or os.environ.get("DOCKER_HOST") or "the local socket"
         raise InfrastructureError(f"No Docker engine answers at {where}: {exc}. {ENGINE_HINT}") from exc
     return client
 
@@ -59,10 +64,14 @@ def _owner() -> tuple[str, str, str]:
     return socket.gethostname(), str(pid), _process_start(pid)
 
 
-def container_labels(run_id: str, step_id: str, attempt: int) -> dict[str, str]:
+FLOW_RUN_LABEL = f"{LABEL}.flow_run_id"
+"""The Prefect flow-run id a container runs for (set when there is one): what cancellation looks for."""
+
+
+def container_labels(run_id: str, step_id: str, attempt: int, *, flow_run_id: str | None = None) -> dict[str, str]:
     """Labels stamped on every container: what it runs for, and which process owns it."""
     host, pid, start = _owner()
-    return {
+    labels = {
         MANAGED_LABEL: "true",
         f"{LABEL}.run_id": run_id,
         f"{LABEL}.step_id": step_id,
@@ -71,6 +80,9 @@ def container_labels(run_id: str, step_id: str, attempt: int) -> dict[str, str]:
         f"{LABEL}.pid": pid,
         f"{LABEL}.pid_start": start,
     }
+    if flow_run_id:
+        labels[FLOW_RUN_LABEL] = flow_run_id
+    return labels
 
 
 def _owner_alive(labels: dict[str, str]) -> bool:
@@ -142,9 +154,10 @@ def _remove_quietly(obj: object) -> bool:
         return False
 
 
-def kill_run_containers(client: docker.DockerClient, run_id: str) -> list[str]:
-    """Kill and remove every container of ``run_id`` (used when a flow run is cancelled)."""
-    return [c.name for c in list_containers(client, f"{LABEL}.run_id={run_id}") if remove_container(client, c)]
+def kill_run_containers(client: docker.DockerClient, run_id: str | None = None, *, flow_run_id: str | None = None) -> list[str]:
+    """Kill and remove every container of ``run_id``, or of the Prefect flow run ``flow_run_id`` (used when a flow run is cancelled)."""
+    label = f"{FLOW_RUN_LABEL}={flow_run_id}" if flow_run_id else f"{LABEL}.run_id={run_id}"
+    return [c.name for c in list_containers(client, label) if remove_container(client, c)]
 
 
 def _repo_of(ref: str) -> str:

@@ -218,6 +218,7 @@ def run_step(
     before_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
     descriptor_path: str = ALGO_INPUT_PATH,
+    flow_run_id: str | None = None,
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
@@ -232,6 +233,8 @@ def run_step(
     ``descriptor_path`` is where the container sees ``algo_input.json`` (and what
     ``ALGORITHM_INPUT_PATH`` says); ``algodock check-image`` moves it to catch algorithms
     that hard-code the default.
+    ``flow_run_id``: the Prefect flow run the step belongs to, stamped as a container label so
+    that cancelling the flow run finds its containers.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -272,7 +275,7 @@ def run_step(
         work = work_dir or Path(tempfile.mkdtemp(prefix=f".algodock-{step_id}-", dir=output_dir.parent))
         result.inputs = prepare_work_dir(work, manifest, bindings, result.parameters)
 
-        labels = container_labels(run_id, step_id, attempt)
+        labels = container_labels(run_id, step_id, attempt, flow_run_id=flow_run_id)
         if staging_mode(client) == "volume":  # the engine cannot see our folders: go through its archive API
             workspace = VolumeWorkspace(client, labels)
             mounts = read_only_mounts(workspace.work.name, workspace.output.name)
