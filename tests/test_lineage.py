@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from algodock.cli import main
 from algodock.hashing import list_files
 from algodock.lineage.queries import read_document, trace, verify_run
-from algodock.store.backends import lineage_rel, local_path_of, open_store
+from algodock.store.backends import lineage_rel, local_path_of, open_store, output_rel
 from tests.lineage_support import MOVED, STABLE, build_versioned, five_step_pipeline, manifest, run_local, sh, statuses, write_table
 
 pytestmark = pytest.mark.docker
@@ -253,8 +253,10 @@ def test_flow_run_writes_lineage_artifacts_and_asset_events(tmp_path, docker_cli
         assert "```" not in run_md and "parts ← split.parts" in run_md and "raw ← input raw" in run_md
         assert f"[split](/runs/task-run/{doc.step('split').task_run_id})" in run_md
 
-        joined_key = "file://" + doc.step("join").outputs[0].uri
-        parts_key = "file://" + doc.step("split").outputs[0].uri
+        # An output's asset key names it in the run (runs/<run>/steps/<step>/outputs/<file>); the
+        # bytes are in the attempt's own folder, which the event's metadata gives as `uri`.
+        joined_key = "file://" + str(store_dir / output_rel("flow-1", "join", Path(doc.step("join").outputs[0].uri).name))
+        parts_key = "file://" + str(store_dir / output_rel("flow-1", "split", Path(doc.step("split").outputs[0].uri).name))
         events = []
         for _ in range(60):  # events reach the server asynchronously
             page = client.read_events(
@@ -272,6 +274,7 @@ def test_flow_run_writes_lineage_artifacts_and_asset_events(tmp_path, docker_cli
     assert (parts_key, "asset") in related, "the step's input is the upstream asset"
     assert ("algodock", "asset-materialized-by") in related
     assert joined_event.payload["sha256"] == doc.step("join").outputs[0].sha256
+    assert joined_event.payload["uri"] == doc.step("join").outputs[0].uri  # where the bytes of this attempt are
     assert joined_event.payload["image_id"] == images[MOVED]
     assert ("file://" + str(tmp_path / "raw.parquet"), "asset") in {(r.id, r.role) for r in by_resource[parts_key].related}
 

@@ -201,7 +201,7 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     if record.status == "cached" or kept:
         logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
         return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
-    _add_asset_metadata(record, ctx.run_id)
+    _add_asset_metadata(record, ctx)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record
 
@@ -221,15 +221,29 @@ def _engine_identity(client: Any) -> dict[str, str] | None:
     return _ENGINES[id(client)]
 
 
-def _add_asset_metadata(record: StepRecord, run_id: str) -> None:
-    """Attach the sha256, rows, image id, … of each output to its materialization event."""
+def output_asset_keys(ctx: RunContext, step_id: str) -> dict[str, str]:
+    """Output name -> its asset key: the store URI ``runs/<run>/steps/<step>/outputs/<file>``,
+    one name per output of the run, whichever attempt's folder holds the bytes (the
+    materialization's metadata carries that real ``uri``)."""
+    keys = {}
+    for o in ctx.pipeline.manifests[step_id].outputs:
+        key = asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}")))
+        if key:
+            keys[o.name] = key
+    return keys
+
+
+def _add_asset_metadata(record: StepRecord, ctx: RunContext) -> None:
+    """Attach the sha256, rows, image id, real URI, … of each output to its materialization event."""
+    run_id = ctx.run_id
     try:
         from prefect.assets import add_asset_metadata
         from prefect.context import AssetContext
 
         planned = {a.key for a in (AssetContext.get().downstream_assets if AssetContext.get() else ())}
+        keys = output_asset_keys(ctx, record.id)
         for o in record.outputs:
-            key = asset_key(o.uri)
+            key = keys.get(o.name)
             if key not in planned:
                 continue
             add_asset_metadata(key, {"sha256": o.sha256, "format": o.format, "rows": o.rows, "uri": o.uri, "step": record.id,
@@ -248,7 +262,6 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
     from prefect.assets import materialize
 
     spec = next(s for s in ctx.pipeline.spec.steps if s.id == step_id)
-    manifest = ctx.pipeline.manifests[step_id]
     options: dict[str, Any] = dict(
         name=step_id,
         task_run_name=step_id,
@@ -263,9 +276,7 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
     deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
     if deps:
         options["asset_deps"] = deps
-    outputs = sorted(
-        {k for k in (asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}"))) for o in manifest.outputs) if k}
-    )
+    outputs = sorted(set(output_asset_keys(ctx, step_id).values()))
     if outputs:
         return materialize(*outputs, by=MATERIALIZED_BY, **options)(_run_step)
     return task(_run_step, **options)
