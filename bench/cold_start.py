@@ -3,8 +3,9 @@
     .venv/bin/python bench/cold_start.py [--repeat 5]
 
 Both start a fresh process per run (the CLI's imports included) and run `true` in the
-busybox test image with the sandbox's flags (network none, read-only root, non-root user,
-all capabilities dropped, no-new-privileges, pids/CPU/memory limits, a /tmp tmpfs). Prints
+busybox test image with the sandbox's flags, built from the sandbox's own configuration
+(network none, read-only root, non-root user, all capabilities dropped, no-new-privileges,
+pids/CPU/memory limits, a /tmp tmpfs, the work and output mounts). Prints
 the medians and their ratio (target: <= 1.5), and the CLI's import time (`python -X importtime`).
 """
 
@@ -22,11 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "algodock-test/busybox:1"
-DOCKER_FLAGS = [
-    "--rm", "--network", "none", "--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
-    "--security-opt", "no-new-privileges", "--pids-limit", "256", "--cpus", "0.1", "--memory", "128m",
-    "--memory-swap", "128m", "--tmpfs", "/tmp:rw,size=64m", "-v", "{work}:/work",
-]
 
 
 def _ensure_image() -> None:
@@ -39,6 +35,31 @@ def _ensure_image() -> None:
 
     build_image(docker.from_env(), IMAGE, 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n',
                 {"busybox": Path("/bin/busybox")})
+
+
+def _raw_argv(manifest_path: Path, tmp: Path, i: int) -> list[str]:
+    """The baseline: `docker run` with the very flags of the sandbox (built from its own
+    configuration, `algodock.runtime.sandbox.container_config`), on a work and output folder
+    prepared as the runner prepares them (untimed)."""
+    import os
+
+    sys.path.insert(0, str(REPO))
+    import docker
+
+    from algodock.contract.manifest import load_manifest
+    from algodock.runtime.engine import container_labels
+    from algodock.runtime.sandbox import container_config, docker_run_argv, run_as
+    from algodock.runtime.staging import prepare_work_dir
+
+    m = load_manifest(manifest_path)
+    work, out = tmp / f"raw-work-{i}", tmp / f"raw-out-{i}"
+    out.mkdir()
+    prepare_work_dir(work, m, {}, {})
+    who = run_as("")
+    os.chown(out, who.uid, who.gid)  # type: ignore[arg-type]
+    image_id = docker.from_env().images.get(IMAGE).id
+    cfg = container_config(m.container_parameters, image_id=image_id, user=who.user, work_dir=work, output_dir=out, labels=container_labels("bench", "cold", i))
+    return docker_run_argv(cfg)
 
 
 def _time(cmd: list[str]) -> float:
@@ -64,9 +85,7 @@ def main() -> None:
     algodock = str(REPO / ".venv/bin/algodock")
     raw, ours = [], []
     for i in range(args.repeat):  # interleaved, so both see the same load
-        work = tmp / f"work{i}"
-        work.mkdir()
-        raw.append(_time(["docker", "run", *[f.format(work=work) for f in DOCKER_FLAGS], IMAGE, "true"]))
+        raw.append(_time(_raw_argv(manifest, tmp, i)))
         ours.append(_time([algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")]))
     imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import algodock.cli, algodock.runtime.runner, algodock.contract"],
                              capture_output=True, text=True).stderr
