@@ -88,18 +88,6 @@ def validate(files: tuple[Path, ...]) -> None:
     sys.exit(1 if failed else 0)
 
 
-def _parse_inputs(items: tuple[str, ...]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InvalidInput(f"--input {item!r}: expected NAME=PATH")
-        if name in out:
-            raise InvalidInput(f"--input {name}: given twice")
-        out[name] = Path(path)
-    return out
-
-
 @main.command("run-step")
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=PATH", help="Data for input slot NAME: a file or a folder. Repeat per slot.")
@@ -119,7 +107,7 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
     printed, or are in the JSON document).
     """
     from algodock.contract.manifest import load_manifest
-    from algodock.contract.params import parse_assignments
+    from algodock.contract.params import parse_assignments, parse_inputs
     from algodock.records import StepRecord
     from algodock.runtime.runner import run_step
 
@@ -130,7 +118,7 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
         image = m.container_parameters.image
         result = run_step(
             m,
-            inputs=_parse_inputs(inputs),
+            inputs=parse_inputs(inputs),
             parameters=parse_assignments(params),
             output_dir=output,
             # Flushed per line: a piped stderr is block-buffered, and logs must show as they come.

@@ -8,20 +8,7 @@ from pathlib import Path
 
 import click
 
-from algodock.errors import AlgodockError, InvalidInput
-
-
-def _parse_inputs(items: tuple[str, ...]) -> dict[str, Path]:
-    """``SLOT=PATH`` pairs; a malformed or repeated one is an :class:`InvalidInput` naming it."""
-    out: dict[str, Path] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InvalidInput(f"--input {item!r}: expected SLOT=PATH")
-        if name in out:
-            raise InvalidInput(f"--input {name}: given twice")
-        out[name] = Path(path)
-    return out
+from algodock.errors import AlgodockError
 
 
 def _fail(exc: AlgodockError) -> None:
@@ -56,7 +43,7 @@ def init_cmd(name: str, directory: Path | None) -> None:
 
 @click.command("check-image")
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--input", "-i", "inputs", multiple=True, metavar="SLOT=PATH", help="Sample data for an input slot [default: sample/SLOT beside the manifest].")
+@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=PATH", help="Sample data for input slot NAME [default: sample/NAME beside the manifest].")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="A parameter; VALUE is JSON when it parses.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 def check_image_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...], as_json: bool) -> None:
@@ -69,12 +56,12 @@ def check_image_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, 
     algo_input.json at another path, to catch a hard-coded /work/algo_input.json.
     """
     from algodock.authoring.check_image import check_image
-    from algodock.contract.params import parse_assignments
+    from algodock.contract.params import parse_assignments, parse_inputs
 
     try:
         report = check_image(
             manifest,
-            inputs=_parse_inputs(inputs),
+            inputs=parse_inputs(inputs),
             params=parse_assignments(params),
             on_log=lambda line: print(f"  | {line}", file=sys.stderr, flush=True),
         )

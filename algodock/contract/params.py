@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from algodock.errors import InvalidInput
@@ -65,4 +66,18 @@ def parse_assignments(items: Iterable[str], what: str = "--param") -> dict[str, 
         if not sep or not key:
             raise InvalidInput(f"{what} {item!r}: expected KEY=VALUE")
         out[key] = parse_value(raw)
+    return out
+
+
+def parse_inputs(items: Iterable[str]) -> dict[str, Path]:
+    """``--input NAME=PATH`` items into ``{slot name: path}``; a malformed or repeated one is an
+    :class:`InvalidInput` naming it."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInput(f"--input {item!r}: expected NAME=PATH (NAME: an input slot of the manifest)")
+        if name in out:
+            raise InvalidInput(f"--input {name}: given twice")
+        out[name] = Path(path)
     return out

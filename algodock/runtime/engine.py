@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from algodock.errors import ImageNotFound, InfrastructureError
+from algodock.processes import process_start
 from algodock.records import ResolvedImage
 
 if TYPE_CHECKING:
@@ -49,19 +50,10 @@ def docker_client(base_url: str | None = None, timeout: int = 120, *, client: do
     return client
 
 
-def _process_start(pid: int) -> str:
-    """Start time of a process in clock ticks since boot ('' when unknown): tells pid reuse apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 @lru_cache(maxsize=1)
 def _owner() -> tuple[str, str, str]:
     pid = os.getpid()
-    return socket.gethostname(), str(pid), _process_start(pid)
+    return socket.gethostname(), str(pid), process_start(pid)
 
 
 FLOW_RUN_LABEL = f"{LABEL}.flow_run_id"
@@ -93,7 +85,7 @@ def _owner_alive(labels: dict[str, str]) -> bool:
         pid = int(labels.get(f"{LABEL}.pid", ""))
     except ValueError:
         return False
-    start = _process_start(pid)
+    start = process_start(pid)
     return bool(start) and start == labels.get(f"{LABEL}.pid_start", start)
 
 

@@ -31,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
+from algodock.processes import process_start
 from algodock.store.backends import Store, lease_rel
 
 log = logging.getLogger("algodock.store.lease")
@@ -46,18 +47,9 @@ class RunBusy(InvalidInput):
     """Another live process writes this run; wait for it, or use another ``--run-id``."""
 
 
-def _process_start(pid: int) -> str:
-    """Start time of a process in clock ticks since boot ('' when unknown): tells pid reuse apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def _me() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": process_start(pid)}
 
 
 def _now() -> datetime:
@@ -77,7 +69,7 @@ def holder_alive(doc: dict[str, Any] | None, now: datetime | None = None) -> boo
     holder = doc.get("holder") or {}
     if holder.get("host") == socket.gethostname():
         try:
-            start = _process_start(int(holder.get("pid")))
+            start = process_start(int(holder.get("pid")))
         except (TypeError, ValueError):
             return False
         return bool(start) and start == str(holder.get("pid_start") or start)
