@@ -305,6 +305,7 @@ def test_a_log_flood_is_bounded_in_prefect_and_whole_in_the_store(tmp_path, pref
             if len(page) < 200:
                 break
     assert sent <= EMIT_LIMIT + 64 * 1024, f"{sent} bytes of logs reached the Prefect API; the bound is {EMIT_LIMIT}"
+    assert offset < 100, f"{offset} log records for about 1000 container lines: they should go in batches (LogBatches)"
 
 
 def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, prefect_harness, busybox_image):

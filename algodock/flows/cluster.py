@@ -210,7 +210,10 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
         raise StepFailed(record)
     attempt, claim = _claim_attempt(ctx.store, run_id, step_id, engine.identity, worker.address)
     logger.info("step %s attempt %d on engine %s (%s), worker %s", step_id, attempt, engine.identity.get("name"), engine.identity.get("id"), worker.address)
-    record = execute_step(ctx, step_id, upstream, attempt=attempt, on_log=logger.info, task_run_id=str(task_run.id) if task_run.id else None)
+    from algodock.flows.logs import LogBatches
+
+    with LogBatches(logger.info) as on_log:
+        record = execute_step(ctx, step_id, upstream, attempt=attempt, on_log=on_log, task_run_id=str(task_run.id) if task_run.id else None)
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"

@@ -40,6 +40,7 @@ from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.store.backends import Store, lineage_rel, output_rel, run_json_rel
 from algodock.blocks import DockerHost, StoreBlock
 from algodock.flows.artifacts import asset_key, publish_run_artifacts
+from algodock.flows.logs import LogBatches
 
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
@@ -177,15 +178,16 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     def slot() -> Any:  # the Prefect slot is held only while the container runs
         return concurrency(concurrency_limit, occupy=1, strict=True)
 
-    record = execute_step(
-        ctx,
-        step_id,
-        upstream,
-        attempt=attempt,
-        on_log=logger.info,
-        task_run_id=str(task_run.id) if task_run.id else None,
-        around_container=slot if concurrency_limit else None,
-    )
+    with LogBatches(logger.info) as on_log:
+        record = execute_step(
+            ctx,
+            step_id,
+            upstream,
+            attempt=attempt,
+            on_log=on_log,
+            task_run_id=str(task_run.id) if task_run.id else None,
+            around_container=slot if concurrency_limit else None,
+        )
     record.engine = _engine_identity(ctx.client)
     if record.status == "failed" and ctx.cancel.is_set():
         assert record.failure is not None
