@@ -91,14 +91,14 @@ class EnginePlugin:
 
     def setup(self, worker: Any = None) -> None:
         """Connect to the engine, point this process at it, sweep what a dead worker left."""
-        from algodock.runtime.engine import docker_client
+        from algodock.runtime.engine import docker_client, sweep_orphans
 
         if self.docker_host:
             os.environ["DOCKER_HOST"] = self.docker_host  # anything in this process that connects by default
         self.client = docker_client(self.docker_host)
         self.identity = engine_identity(self.client)
         try:
-            self.swept = sweep_dead_owners(self.client)
+            self.swept = sweep_orphans(self.client)
         except Exception as exc:  # a busy engine must not keep the worker from serving; the next start sweeps again
             log.warning("could not sweep leftovers on engine %s: %s", self.identity["id"], exc)
         if self.swept:
@@ -127,38 +127,6 @@ class EnginePlugin:
         with self._lock:
             self._cancelled.pop(run_id, None)
         shutil.rmtree(self.scratch / run_id, ignore_errors=True)
-
-
-def sweep_dead_owners(client: docker.DockerClient) -> list[str]:
-    """Remove the algodock containers and volumes on this engine whose owning process (on this
-    host) is gone, e.g. a killed earlier worker's; return their names.
-
-    Like :func:`algodock.runtime.engine.sweep_orphans`, but from the engine's list alone (no inspect
-    per container), so one container stuck in the engine cannot hold up a worker's start.
-    """
-    from docker.errors import APIError, NotFound
-
-    from algodock.runtime.engine import MANAGED_LABEL, _owner_alive
-
-    removed = []
-    for c in client.api.containers(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
-        if _owner_alive(c.get("Labels") or {}):
-            continue
-        name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
-        try:
-            client.api.remove_container(c["Id"], force=True)
-            removed.append(name)
-        except (NotFound, APIError) as exc:
-            log.warning("could not remove leftover container %s: %s", name, exc)
-    for v in (client.api.volumes(filters={"label": f"{MANAGED_LABEL}=true"}) or {}).get("Volumes") or []:
-        if _owner_alive(v.get("Labels") or {}):
-            continue
-        try:
-            client.api.remove_volume(v["Name"], force=True)
-            removed.append(v["Name"])
-        except (NotFound, APIError):
-            pass
-    return removed
 
 
 def current_engine(dask_worker: Any = None) -> EnginePlugin:
