@@ -495,3 +495,32 @@ def test_killed_run_resumes_with_the_same_run_id(tmp_path, image, prefect_env, d
     assert doc["status"] == "succeeded" and all(s["status"] != "running" for s in doc["steps"])
     verify = subprocess.run([*ALGODOCK, "lineage", "verify", "crash", "--store", str(store)], capture_output=True, text=True, env=prefect_env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_store_credentials_reach_neither_the_container_nor_the_store(tmp_path, image, prefect_env, s3_endpoint) -> None:
+    """The S3 credentials algodock uses are in its own environment only: a step that prints its
+    whole environment and every file it can read under /work shows none of them, and nothing
+    written to the store (outputs, log, lineage, run summary, cache, lease) holds them."""
+    secret, key_id = "s3cr3t-value-never-leaks-7f3a", "AKIAALGODOCKNEVERLEAKS"
+    env = {**prefect_env, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('creds')"], env=env, check=True, timeout=60)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    manifest(folder / "env.json", name="env", image=image, command=sh("env; cat /work/algo_input.json; env > /work/output/env.binary"),
+             inputs=[], outputs=[{"name": "env", "format": "binary"}])
+    (folder / "pipeline.json").write_text(json.dumps({"pipeline_version": "0.1", "name": "creds", "steps": [{"id": "env", "manifest": "env.json"}]}))
+    code, doc, err = algodock_run(folder / "pipeline.json", env, "--store", "s3://creds/st", "--run-id", "creds")
+    assert code == 0, err[-4000:]
+    seen = read_output(step(doc, "env")["outputs"][0]["uri"]).decode()
+    assert "ALGORITHM_INPUT_PATH=" in seen, "the probe printed the container's environment"
+    assert "AWS_" not in seen, "no AWS variable reaches the container"
+    env_for_fs = {k: v for k, v in env.items() if k.startswith("AWS_")}
+    fs = subprocess.run([sys.executable, "-c", "import sys\nfrom algodock.store.backends import s3_filesystem\nfs = s3_filesystem()\n"
+                         "for p in fs.find('creds/st'):\n    sys.stdout.buffer.write(fs.cat_file(p))\n"],
+                        env={**os.environ, **env_for_fs}, capture_output=True, timeout=120)
+    assert fs.returncode == 0, fs.stderr[-2000:]
+    assert len(fs.stdout) > 0 and b"ALGORITHM_INPUT_PATH" in fs.stdout, "the store was read (the log and the output are in it)"
+    for value in (secret, key_id):
+        assert value.encode() not in fs.stdout, f"{value!r} was written to the store"
+        assert value not in json.dumps(doc)
