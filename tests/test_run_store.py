@@ -330,8 +330,14 @@ def test_two_writers_cannot_both_commit_one_s3_output(tmp_path, s3_endpoint) -> 
     assert sorted(v.split(":")[0] for v in outcome.values()) == ["committed", "refused"], outcome
     marker = store.read_json("runs/r/steps/s/attempts/1-x/outputs/out" + MARKER_SUFFIX)
     assert marker["files"][0]["size"] in (1000, 2000)
+    by_name = {s.name: s for s in sources}
+    loser = next(n for n, v in outcome.items() if v.startswith("refused"))
+    winner = next(n for n, v in outcome.items() if v == "committed")
     with pytest.raises(FileExistsError):  # never replaced afterwards either
-        store.put_output(sources[0], "runs/r/steps/s/attempts/1-x/outputs/out")
+        store.put_output(by_name[loser], "runs/r/steps/s/attempts/1-x/outputs/out")
+    # The winner's own upload again (a retry whose answer was lost) is the same commit: no error, no change.
+    assert store.put_output(by_name[winner], "runs/r/steps/s/attempts/1-x/outputs/out") == store.uri("runs/r/steps/s/attempts/1-x/outputs/out")
+    assert store.read_json("runs/r/steps/s/attempts/1-x/outputs/out" + MARKER_SUFFIX) == marker
 
 
 # ------------------------------------------------------------------ 4. a stalled store is retried, the container is not
