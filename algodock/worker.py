@@ -15,7 +15,6 @@ No Prefect here (the engine never imports it); the flow side is ``algodock.flows
 from __future__ import annotations
 
 import asyncio
-import glob
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from algodock.pipeline.capacity import GIB, Capacity, ResourcePool
+from algodock.pipeline.capacity import Capacity, ResourcePool
 
 if TYPE_CHECKING:
     import docker
@@ -36,8 +35,6 @@ log = logging.getLogger("algodock.worker")
 
 PLUGIN_NAME = "algodock-engine"
 """The name of the :class:`EnginePlugin` on every algodock worker."""
-RESOURCES = ("cpu_millicore", "memory_gb", "gpu")
-"""The Dask resources an algodock worker declares and a step requests."""
 SMALLEST_STEP_MILLICORES = 100
 """Threads are sized so that steps this small can fill the worker's CPUs."""
 
@@ -48,24 +45,19 @@ def engine_identity(client: docker.DockerClient) -> dict[str, str]:
     return {"name": str(info.get("Name", "")), "id": str(info.get("ID", ""))}
 
 
-def _local_gpus() -> int:
-    return len(glob.glob("/dev/nvidia[0-9]*"))
-
-
 def detect_resources(
     client: docker.DockerClient,
     cpu_millicore: int | None = None,
     memory_gb: float | None = None,
     gpu: int | None = None,
 ) -> dict[str, float]:
-    """The engine's CPUs x 1000, memory in GB and GPUs (an engine with the nvidia runtime on
-    this host: the host's ``/dev/nvidiaN``); each given value overrides what was detected."""
-    info = client.info()
-    detected_gpu = _local_gpus() if "nvidia" in (info.get("Runtimes") or {}) else 0
+    """The engine's capacity (:meth:`Capacity.from_engine`: CPUs x 1000, memory in GB, the GPUs
+    it can hand out) as Dask resources; each given value overrides what was detected."""
+    cap = Capacity.from_engine(client)
     return {
-        "cpu_millicore": int(cpu_millicore if cpu_millicore is not None else int(info["NCPU"]) * 1000),
-        "memory_gb": float(memory_gb if memory_gb is not None else round(int(info["MemTotal"]) / GIB, 3)),
-        "gpu": int(gpu if gpu is not None else detected_gpu),
+        "cpu_millicore": int(cpu_millicore if cpu_millicore is not None else cap.cpu_millicore),
+        "memory_gb": float(memory_gb if memory_gb is not None else round(cap.memory_gb, 3)),
+        "gpu": int(gpu if gpu is not None else cap.gpu),
     }
 
 

@@ -30,9 +30,6 @@ TRIVIAL_SCHEMA = {"type": "object"}
 CONTRACT_VERSION = "0.2"
 """The newest manifest version this platform reads."""
 
-MANIFEST_VERSIONS = ("0.1", "0.2")
-"""Every manifest version this platform reads (0.2 added output limits and ``shm_mb``; 0.1 stays valid)."""
-
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 """The longest ``timeout_seconds`` (CONTRACT.md §1): a bound keeps deadlines inside what clocks can represent."""
 
@@ -123,7 +120,7 @@ class OutputSlot(_Slot):
 class Manifest(_Strict):
     """What an algorithm author ships beside the image (CONTRACT.md §1)."""
 
-    manifest_version: Literal["0.1", "0.2"]
+    manifest_version: Literal["0.1", "0.2"]  # 0.2 added output limits and shm_mb; 0.1 stays valid
     name: Name
     version: str = Field(min_length=1)
     description: str = ""

@@ -35,7 +35,6 @@ from algodock.records import Failure, StepRecord
 
 log = logging.getLogger("algodock.cluster")
 
-RESOURCE_KEYS = ("cpu_millicore", "memory_gb", "gpu")
 CONNECT_TIMEOUT = "30s"
 WORKER_WAIT = 30
 """Seconds a run waits for a first worker to join before it fails."""

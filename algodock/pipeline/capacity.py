@@ -27,6 +27,8 @@ GIB = 1024**3
 CANCEL_CHECK_SECONDS = 0.2
 """Safety net: how often a waiter with a cancel event looks at it when nobody calls wake_all()."""
 
+RESOURCES = ("cpu_millicore", "memory_gb", "gpu")
+"""The resources a step requests and a capacity holds (also a worker's Dask resources)."""
 
 class Request(Protocol):
     """Anything with the three fields of a manifest's ``resource_request``."""
@@ -68,7 +70,7 @@ class Capacity:
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, raw = item.partition("=")
             key = key.strip()
-            if not sep or key not in ("cpu_millicore", "memory_gb", "gpu"):
+            if not sep or key not in RESOURCES:
                 raise InvalidInput(f"{usage} ({item!r} is not one of them)")
             if key in values:
                 raise InvalidInput(f"{usage} ({key} is given twice)")
@@ -104,7 +106,7 @@ class Capacity:
         """The dimensions where ``request`` is larger, e.g. ``["cpu_millicore 4000 > 2000"]``."""
         return [
             f"{name} {getattr(request, name):g} > {getattr(self, name):g}"
-            for name, r, c in zip(("cpu_millicore", "memory_gb", "gpu"), _units(request), _units(self))
+            for name, r, c in zip(RESOURCES, _units(request), _units(self))
             if r > c
         ]
 
