@@ -17,7 +17,7 @@ VENV_STAMP = $(VENV)/.algodock-installed
 EXAMPLE_IMAGES = device-visits dwell-stats
 EXAMPLE_VERSION = 1.0.0
 
-.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser test demo bench clean cluster cluster-down
+.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser postgres test demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@echo "make targets:"
@@ -64,10 +64,13 @@ browser: ## make sure Debian's chromium is installed (the UI tests drive it with
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium; fi
 
+postgres: ## make sure Debian's postgresql is installed (the team-server tests start a throwaway cluster on 127.0.0.1)
+	@bin=$$(bash scripts/ensure-postgres.sh | tail -n1); echo "postgres: $$bin"
+
 lint-imports: venv ## check the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports
 
-test: venv lint-imports engine base-image images browser ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
+test: venv lint-imports engine base-image images browser postgres ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 fuzz: venv ## the property tests of tests/test_fuzz.py with the long profile (thousands of examples each)

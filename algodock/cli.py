@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import click
+# pydantic scans every installed package's entry points for plugins the first time it builds a
+# validator: tens of milliseconds of every command's start with Prefect's dependencies installed.
+# algodock uses no pydantic plugin; a value set by the user is kept.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from algodock.console import print_errors, setup_logging, terminate_on_sigterm
-from algodock.errors import InvalidInput, InvalidManifest, StepFailure
+import click  # noqa: E402
+
+from algodock.console import print_errors, setup_logging, terminate_on_sigterm  # noqa: E402
+from algodock.errors import InvalidInput, InvalidManifest, StepFailure  # noqa: E402
 
 
 

@@ -3,7 +3,7 @@
 #
 #   - a second Docker engine beside the first (scripts/extra-engine.sh, name $ENGINE2),
 #     with the example images loaded;
-#   - Postgres (Debian's package, installed when missing), a cluster in .algodock/cluster/pg
+#   - Postgres (Debian's package, installed when missing by scripts/ensure-postgres.sh), a cluster in .algodock/cluster/pg
 #     listening on 127.0.0.1:$PG_PORT only;
 #   - a Prefect server on it (PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...),
 #     127.0.0.1:$PREFECT_PORT;
@@ -47,17 +47,7 @@ background() {  # background NAME COMMAND...: start once, remember its pid
 }
 
 # ---- Postgres
-pg_bin() {
-    local initdb
-    initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)
-    [ -n "$initdb" ] && dirname "$initdb"
-}
-if [ -z "$(pg_bin)" ]; then
-    say "installing Debian's postgresql"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >&2
-fi
-PGBIN=$(pg_bin)
+PGBIN=$(bash scripts/ensure-postgres.sh | tail -n1)
 PGDATA=$DIR/pg
 if [ ! -f "$PGDATA/PG_VERSION" ]; then
     mkdir -p "$PGDATA"

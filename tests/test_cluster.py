@@ -188,13 +188,43 @@ def test_the_example_pipeline_runs_on_the_cluster_with_an_s3_store(tmp_path, clu
     spec = (REPO / "deployments/device-visits-daily.yaml").read_text().replace("../.algodock/demo/pings", "s3://cluster/raw/pings/")
     spec = spec.replace("../examples/", str(REPO / "examples") + "/")
     (tmp_path / "p.yaml").write_text(spec)
-    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/example", run_id="example1", no_cache=True,
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/example", run_id="example1",
                          cluster=cluster.address, return_state=True)
     assert state.is_completed(), state.message
     by = {s["id"]: s for s in _summary("example1", "s3://cluster/example")["summary"]["steps"]}
     assert [by[s]["status"] for s in ("visits", "stats")] == ["succeeded", "succeeded"]
     assert all(by[s]["engine"]["id"] in engine_ids.values() for s in by)
     assert by["stats"]["outputs"][0]["uri"].startswith("s3://cluster/example/")
+
+    # The workers' tasks materialize the outputs as assets, as on one host (metadata included).
+    events = _asset_events("s3://cluster/example/runs/example1/", want=2)
+    assert {e.payload["step"] for e in events} == {"visits", "stats"}
+    stats_event = next(e for e in events if e.payload["step"] == "stats")
+    assert stats_event.payload["sha256"] == by["stats"]["outputs"][0]["sha256"] and stats_event.payload["uri"] == by["stats"]["outputs"][0]["uri"]
+
+    # The cache works across hosts: a second run reuses both steps' outputs in the store, whichever host asks.
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/example", run_id="example2",
+                         cluster=cluster.address, return_state=True)
+    assert state.is_completed(), state.message
+    got = _summary("example2", "s3://cluster/example")
+    again = {s["id"]: s for s in got["summary"]["steps"]}
+    assert [again[s]["status"] for s in ("visits", "stats")] == ["cached", "cached"]
+    assert {s["cached_from"] for s in got["lineage"]["steps"]} == {"example1"}
+    assert again["stats"]["outputs"][0]["sha256"] == by["stats"]["outputs"][0]["sha256"]
+
+
+def _asset_events(key_prefix: str, want: int) -> list:
+    """The asset materialization events whose asset key starts with ``key_prefix`` (they reach the server asynchronously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    def read() -> list | None:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
+                                                         resource=EventResourceFilter(id_prefix=[key_prefix])), limit=50)
+        return page.events if len(page.events) >= want else None
+
+    return _wait(read, 30, f"{want} asset events under {key_prefix}", every=0.5)
 
 
 def cluster_engine_has(image: str) -> bool:

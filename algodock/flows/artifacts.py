@@ -6,8 +6,10 @@
   the UI renders: each step (linked to its task run) with what it reads, and each output
   with its location, size, rows and sha256. The DAG itself is Prefect's run graph: every
   step's task run names its upstream task runs in ``task_inputs``.
-* Asset materializations come from the step tasks themselves (``prefect.assets.materialize``,
-  see flows.pipeline.step_task); :func:`asset_key` names an output or input as an asset.
+* Asset materializations come from the step tasks themselves: :func:`materializing` makes a
+  step's task a ``prefect.assets.materialize`` task of its outputs (on this host or on a Dask
+  worker), :func:`add_output_metadata` puts each output's sha256, rows, image id and real URI on
+  its event; :func:`asset_key` names an output or input as an asset.
 
 Nothing here may fail a run: every function logs and returns on error.
 """
@@ -19,10 +21,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from algodock.records import LineageDocument, StepRecord
-from algodock.store.backends import local_path_of
+from algodock.store.backends import local_path_of, output_rel
 
 if TYPE_CHECKING:
     from algodock.pipeline import Pipeline
+    from algodock.pipeline.execute import RunContext
 
 log = logging.getLogger("algodock.flows.artifacts")
 
@@ -63,6 +66,75 @@ def asset_key(uri: str) -> str | None:
         return validate_valid_asset_key(key)
     except ValueError:
         return None
+
+
+def cached_state(record: StepRecord, run_id: str) -> Any:
+    """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
+    naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
+    of this run (a retried flow run keeps what already succeeded)."""
+    key = (record.cache_key or "")[:12]
+    if record.status == "cached":
+        message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
+    else:
+        message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
+    from prefect.states import Completed
+
+    return Completed(name="Cached", data=record, message=message)
+
+
+MATERIALIZED_BY = "algodock"
+
+
+def output_asset_keys(ctx: RunContext, step_id: str) -> dict[str, str]:
+    """Output name -> its asset key: the store URI ``runs/<run>/steps/<step>/outputs/<file>``,
+    one name per output of the run, whichever attempt's folder holds the bytes (the
+    materialization's metadata carries that real ``uri``)."""
+    keys = {}
+    for o in ctx.pipeline.manifests[step_id].outputs:
+        key = asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}")))
+        if key:
+            keys[o.name] = key
+    return keys
+
+
+def materializing(fn: Any, ctx: RunContext, step_id: str, **options: Any) -> Any:
+    """``fn`` as the Prefect task of ``step_id``: a materializing task
+    (``prefect.assets.materialize``) of the step's outputs, with the external inputs it reads as
+    asset dependencies; a plain task when the step has no output that can be an asset.
+
+    The asset keys are where the outputs will be stored (``file://…`` or ``s3://…``); the
+    upstream assets come from the upstream tasks' own materializations through ``task_inputs``.
+    """
+    from prefect import task
+    from prefect.assets import materialize
+
+    externals = [ctx.pipeline.inputs.get(ref.name, "") for ref in ctx.pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
+    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
+    if deps:
+        options["asset_deps"] = deps
+    outputs = sorted(set(output_asset_keys(ctx, step_id).values()))
+    if outputs:
+        return materialize(*outputs, by=MATERIALIZED_BY, **options)(fn)
+    return task(fn, **options)
+
+
+def add_output_metadata(record: StepRecord, ctx: RunContext) -> None:
+    """Attach the sha256, rows, image id, real URI, … of each output to its materialization event
+    (called inside the step's task; a no-op outside a materializing task)."""
+    try:
+        from prefect.assets import add_asset_metadata
+        from prefect.context import AssetContext
+
+        planned = {a.key for a in (AssetContext.get().downstream_assets if AssetContext.get() else ())}
+        keys = output_asset_keys(ctx, record.id)
+        for o in record.outputs:
+            key = keys.get(o.name)
+            if key not in planned:
+                continue
+            add_asset_metadata(key, {"sha256": o.sha256, "format": o.format, "rows": o.rows, "uri": o.uri, "step": record.id,
+                                     "run_id": ctx.run_id, "image": record.image, "image_id": record.image_id, "repo_digest": record.repo_digest})
+    except Exception as exc:  # the asset view must not fail the step
+        log.warning("could not add the asset metadata of step %s: %s", record.id, exc)
 
 
 def _duration(step: StepRecord) -> float | None:
@@ -183,4 +255,4 @@ def publish_run_artifacts(doc: LineageDocument, pipeline: Pipeline | None = None
         log.warning("could not create the artifacts of run %s: %s", doc.run_id, exc)
 
 
-__all__ = ["artifact_key", "asset_key", "publish_run_artifacts", "run_markdown", "steps_table"]
+__all__ = ["add_output_metadata", "artifact_key", "asset_key", "cached_state", "materializing", "output_asset_keys", "publish_run_artifacts", "run_markdown", "steps_table"]

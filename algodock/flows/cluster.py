@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from algodock.errors import InfrastructureError, InvalidInput
@@ -188,14 +188,16 @@ def _attempt_history(store: Any, run_id: str, step_id: str) -> list[dict[str, An
     return out
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
 def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord]) -> StepRecord:
-    """Run one step on this Dask worker's engine; raise ``StepFailed`` on failure (Prefect may retry)."""
+    """The body of a step's task in cluster mode (see :func:`step_task`): run the step on this
+    Dask worker's engine; raise ``StepFailed`` on failure (Prefect may retry)."""
     from distributed import get_worker
     from prefect.runtime import task_run
 
+    from algodock.flows.artifacts import add_output_metadata, cached_state
     from algodock.pipeline.execute import execute_step
     from algodock.worker import current_engine
+
     logger = get_run_logger()
     worker = get_worker()
     engine = current_engine()
@@ -226,7 +228,18 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
         raise StepFailed(record)
+    if record.status == "cached":
+        return cached_state(record, run_id)  # no asset event for a cache hit, as on one host
+    add_output_metadata(record, ctx)  # the asset events come from the worker that ran the step
     return record
+
+
+def step_task(ctx: Any, step_id: str, **options: Any) -> Any:
+    """The Prefect task of ``step_id`` in cluster mode: :func:`run_cluster_step` as a
+    materializing task of the step's outputs (as on one host), with ``options``."""
+    from algodock.flows.artifacts import materializing
+
+    return materializing(run_cluster_step, ctx, step_id, cache_policy=NO_CACHE, persist_result=False, **options)
 
 
 # ---------------------------------------------------------------- the flow side

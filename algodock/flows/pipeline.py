@@ -21,11 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -37,9 +37,9 @@ from algodock.pipeline.execute import RunContext, execute_step, recover_run
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store.backends import Store, lineage_rel, output_rel, run_json_rel
+from algodock.store.backends import Store, lineage_rel, run_json_rel
 from algodock.blocks import DockerHost, StoreBlock
-from algodock.flows.artifacts import asset_key, publish_run_artifacts
+from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
 from algodock.flows.logs import LogBatches
 
 INFRA_RETRIES = 2
@@ -52,7 +52,6 @@ failed gets time to come back instead of all attempts being spent within a secon
 RETRY_JITTER_FACTOR = 0.5
 """Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
-MATERIALIZED_BY = "algodock"
 
 
 LISTENERS: list[Any] = []
@@ -111,18 +110,19 @@ def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
     if not url:
         return  # an in-process API cannot go away without this process
     misses = 0
-    while not stop.wait(API_PROBE_SECONDS):
-        try:
-            httpx.get(url.rstrip("/") + "/health", timeout=2.0)
-            misses = 0
-        except httpx.HTTPError:
-            misses += 1
-        if misses >= API_LOST_AFTER:
-            logging.getLogger("algodock").warning(
-                "the Prefect API at %s does not answer: the run goes on without it; Prefect's record of this run will be incomplete", url
-            )
-            watch.prefect_lost.set()
-            return
+    with httpx.Client(timeout=2.0) as http:  # one client: building one (its TLS context) costs more than the probe
+        while not stop.wait(API_PROBE_SECONDS):
+            try:
+                http.get(url.rstrip("/") + "/health")
+                misses = 0
+            except httpx.HTTPError:
+                misses += 1
+            if misses >= API_LOST_AFTER:
+                logging.getLogger("algodock").warning(
+                    "the Prefect API at %s does not answer: the run goes on without it; Prefect's record of this run will be incomplete", url
+                )
+                watch.prefect_lost.set()
+                return
 
 
 class StepFailed(Exception):
@@ -147,18 +147,6 @@ def _retry_condition(max_user_retries: int):
         return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
 
     return should_retry
-
-
-def cached_state(record: StepRecord, run_id: str) -> State:
-    """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
-    naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
-    of this run (a retried flow run keeps what already succeeded)."""
-    key = (record.cache_key or "")[:12]
-    if record.status == "cached":
-        message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
-    else:
-        message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
-    return Completed(name="Cached", data=record, message=message)
 
 
 def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
@@ -203,7 +191,7 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     if record.status == "cached" or kept:
         logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
         return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
-    _add_asset_metadata(record, ctx)
+    add_output_metadata(record, ctx)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record
 
@@ -223,48 +211,13 @@ def _engine_identity(client: Any) -> dict[str, str] | None:
     return _ENGINES[id(client)]
 
 
-def output_asset_keys(ctx: RunContext, step_id: str) -> dict[str, str]:
-    """Output name -> its asset key: the store URI ``runs/<run>/steps/<step>/outputs/<file>``,
-    one name per output of the run, whichever attempt's folder holds the bytes (the
-    materialization's metadata carries that real ``uri``)."""
-    keys = {}
-    for o in ctx.pipeline.manifests[step_id].outputs:
-        key = asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}")))
-        if key:
-            keys[o.name] = key
-    return keys
-
-
-def _add_asset_metadata(record: StepRecord, ctx: RunContext) -> None:
-    """Attach the sha256, rows, image id, real URI, … of each output to its materialization event."""
-    run_id = ctx.run_id
-    try:
-        from prefect.assets import add_asset_metadata
-        from prefect.context import AssetContext
-
-        planned = {a.key for a in (AssetContext.get().downstream_assets if AssetContext.get() else ())}
-        keys = output_asset_keys(ctx, record.id)
-        for o in record.outputs:
-            key = keys.get(o.name)
-            if key not in planned:
-                continue
-            add_asset_metadata(key, {"sha256": o.sha256, "format": o.format, "rows": o.rows, "uri": o.uri, "step": record.id,
-                                     "run_id": run_id, "image": record.image, "image_id": record.image_id, "repo_digest": record.repo_digest})
-    except Exception as exc:  # the asset view must not fail the step
-        logging.getLogger("algodock").warning("could not add the asset metadata of step %s: %s", record.id, exc)
-
-
 def step_task(ctx: RunContext, step_id: str) -> Any:
-    """The Prefect task of ``step_id``: a materializing task (``prefect.assets.materialize``) of
-    the step's outputs, with the external inputs it reads as asset dependencies.
-
-    The asset keys are where the outputs will be stored (``file://…`` or ``s3://…``); the
-    upstream assets come from the upstream tasks' own materializations through ``task_inputs``.
-    """
-    from prefect.assets import materialize
-
+    """The Prefect task of ``step_id`` (a materializing task of its outputs, see :func:`materializing`)."""
     spec = next(s for s in ctx.pipeline.spec.steps if s.id == step_id)
-    options: dict[str, Any] = dict(
+    return materializing(
+        _run_step,
+        ctx,
+        step_id,
         name=step_id,
         task_run_name=step_id,
         cache_policy=NO_CACHE,
@@ -274,14 +227,6 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
         retry_jitter_factor=RETRY_JITTER_FACTOR,
         retry_condition_fn=_retry_condition(spec.retries),
     )
-    externals = [ctx.pipeline.inputs.get(ref.name, "") for ref in ctx.pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
-    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
-    if deps:
-        options["asset_deps"] = deps
-    outputs = sorted(set(output_asset_keys(ctx, step_id).values()))
-    if outputs:
-        return materialize(*outputs, by=MATERIALIZED_BY, **options)(_run_step)
-    return task(_run_step, **options)
 
 
 class Ledger:
@@ -672,14 +617,16 @@ def _schedule(
             running[fut.wrapped_future] = step_id
 
     def submit_to_cluster(step_id: str, deps: set[str], blocked: bool) -> None:
-        from algodock.flows.cluster import run_cluster_step
+        from algodock.flows import cluster as cluster_mode
 
         if blocked:
             records[step_id] = StepRecord(id=step_id, status="skipped")
             ledger.update(records[step_id])
             return
         retries = pipeline.steps[step_id].retries
-        task_fn = run_cluster_step.with_options(
+        task_fn = cluster_mode.step_task(
+            ctx,
+            step_id,
             name=step_id,
             task_run_name=step_id,
             retries=max(retries, INFRA_RETRIES),
