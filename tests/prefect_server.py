@@ -41,6 +41,22 @@ def quiet_env(home: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """End ``proc``'s process group (started with ``start_new_session``): SIGTERM, then SIGKILL
+    after ``grace`` seconds (at once with ``grace=0``)."""
+    if proc.poll() is not None:
+        return
+    if grace:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
 class PrefectServer:
     """``prefect server start`` on a free port of 127.0.0.1, until :meth:`stop`."""
 
@@ -74,17 +90,10 @@ class PrefectServer:
 
     def kill(self) -> None:
         """SIGKILL the server's process group: the API goes away at once."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        stop_group(self.proc, grace=0)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.proc)
 
 
 class ProcessWorker:
@@ -106,13 +115,7 @@ class ProcessWorker:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        stop_group(self.proc)
 
 
 def deploy_pipeline(name: str, pool: str, parameters: dict) -> str:

@@ -650,3 +650,30 @@ def test_two_different_folders_never_share_a_framed_listing(a: dict[str, str], b
     if a != b:
         assert _listing(a) != _listing(b)
     assert folder_digest(a.items()) == hashlib.sha256(_listing(a)).hexdigest()
+
+
+def test_the_output_watcher_asks_for_the_containers_pid_only_once_an_output_nears_its_limit(tmp_path: Path) -> None:
+    """The pid a disk-limit kill signals costs an engine call: made only past a quarter of a
+    limit, at most once; a step whose output stays small never makes it."""
+    import time
+
+    from algodock.runtime.limits import OutputLimits, OutputWatcher
+
+    asked: list[str] = []
+
+    def watch(folder: Path) -> None:
+        watcher = OutputWatcher(folder, OutputLimits.of(1, 100), kill=lambda: None, host_pid=lambda: asked.append(folder.name)).start()  # type: ignore[func-returns-value]
+        deadline = time.monotonic() + 30
+        while watcher.walks < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling the watcher's walk count with a deadline
+        watcher.stop()
+        assert watcher.walks >= 5 and watcher.failure is None
+
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.csv").write_bytes(b"x" * 100_000)
+    watch(tmp_path / "small")
+    assert asked == []
+    (tmp_path / "nearing").mkdir()
+    (tmp_path / "nearing" / "a.csv").write_bytes(b"x" * 300_000)  # over 1 MiB / 4, under 1 MiB
+    watch(tmp_path / "nearing")
+    assert asked == ["nearing"]

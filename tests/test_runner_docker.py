@@ -994,3 +994,27 @@ def test_an_unreadable_output_is_the_algorithms_fault() -> None:
     from requests.exceptions import ConnectionError
 
     assert _as_failure(ConnectionError("engine gone"), reading_outputs=True).kind == "infrastructure", "an OSError subclass, but the engine's"
+
+
+def test_one_client_reuses_its_connections_across_steps_but_never_an_attach_stream(busybox_image: str, tmp_path: Path) -> None:
+    """One pool per engine socket: steps running at once on one client (as a pipeline runs them)
+    reuse connections; the connection a container's attach stream took over is never reused (a
+    request written on it gets no answer: the step would hang until the client's timeout and
+    leave its container behind)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from algodock.runtime.engine import SHARED_POOL, docker_client
+
+    client = docker_client(timeout=20)
+    try:
+        m = manifest(busybox_image, "echo hello")
+        with ThreadPoolExecutor(8) as pool:
+            runs = list(pool.map(lambda i: Run(client, m, tmp_path / f"out{i}"), range(24)))
+        for run in runs:
+            assert run.result.status == "succeeded", run.message
+            assert run.lines == ["hello"]
+            assert_gone(client, run.result)
+        shared = client.api.adapters["http+docker://"].pools.get(SHARED_POOL)
+        assert shared.num_requests >= 24 * 8 and shared.num_connections <= 24, (shared.num_requests, shared.num_connections)
+    finally:
+        client.close()

@@ -11,8 +11,6 @@ Every flow run must complete with its task runs, and the rows must be in Postgre
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ import pytest
 
 from tests.conftest import write_manifest
 from tests.pg_server import Postgres, PostgresPrefectServer, pg_bin
-from tests.prefect_server import ProcessWorker, off_loop, quiet_env, wait_for
+from tests.prefect_server import ProcessWorker, off_loop, quiet_env, stop_group, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server]
 
@@ -105,13 +103,7 @@ class CliRun:
 
     def stop(self) -> None:
         """SIGTERM (the run removes its containers), SIGKILL after 30 s."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        stop_group(self.proc)
 
 
 def _start_runs(spec: Path, server: PostgresPrefectServer, prefix: str, n: int) -> list[CliRun]:

@@ -161,6 +161,11 @@ class OutputWatcher:
         except OSError as exc:  # gone, or not ours to signal (not root)
             log.debug("host kill of pid %s: %s", pid, exc)
 
+    def _nearing(self, usage: Usage) -> bool:
+        """Past a quarter of a limit: time to learn the pid a kill would signal (an engine call
+        that most steps, whose outputs stay small, never need)."""
+        return usage.bytes * 4 >= self.limits.max_bytes or usage.entries * 4 >= self.limits.max_entries
+
     def _interval(self, took: float, usage: Usage, before: Usage | None, dt: float) -> float:
         """Rest ``RATIO`` x the walk, but wake sooner when the growth seen would reach a limit first."""
         rest = min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * took))
@@ -189,7 +194,7 @@ class OutputWatcher:
                     log.debug("kill on disk_limit: %s", exc)
                 return
             took = time.monotonic() - t0
-            if self._host_pid is not None:  # once, off the step's critical path
+            if self._host_pid is not None and self._nearing(usage):  # once, off the step's critical path
                 resolve, self._host_pid = self._host_pid, None
                 try:
                     self._pid = resolve()
