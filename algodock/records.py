@@ -201,7 +201,7 @@ class StepRecord(BaseModel):
         """The step object of ``algodock run --json``."""
         return self.model_dump(
             mode="json",
-            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage", "engine"},
+            include={"id", "status", "failure", "image", "image_id", "started_at", "finished_at", "outputs", "usage", "engine", "cached_from"},
         )
 
 

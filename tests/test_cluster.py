@@ -208,7 +208,7 @@ def test_the_example_pipeline_runs_on_the_cluster_with_an_s3_store(tmp_path, clu
     assert state.is_completed(), state.message
     got = _summary("example2", "s3://cluster/example")
     again = {s["id"]: s for s in got["summary"]["steps"]}
-    assert [again[s]["status"] for s in ("visits", "stats")] == ["cached", "cached"]
+    assert [(again[s]["status"], again[s]["cached_from"]) for s in ("visits", "stats")] == [("cached", "example1")] * 2
     assert {s["cached_from"] for s in got["lineage"]["steps"]} == {"example1"}
     assert again["stats"]["outputs"][0]["sha256"] == by["stats"]["outputs"][0]["sha256"]
 
