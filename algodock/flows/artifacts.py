@@ -72,13 +72,13 @@ def cached_state(record: StepRecord, run_id: str) -> Any:
     """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
     naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
     of this run (a retried flow run keeps what already succeeded)."""
+    from prefect.states import Completed
+
     key = (record.cache_key or "")[:12]
     if record.status == "cached":
         message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
     else:
         message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
-    from prefect.states import Completed
-
     return Completed(name="Cached", data=record, message=message)
 
 
