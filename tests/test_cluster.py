@@ -64,7 +64,12 @@ class Cluster:
                 "--docker-host", docker_host, "--cpu-millicore", "2000", "--memory-gb", memory, "--name", f"w{i}"]
 
     def start_worker(self, i: int) -> None:
-        self.workers[i] = subprocess.Popen(self.worker_args(i), stdout=subprocess.DEVNULL, stderr=open(self.log_dir / f"worker{i}.log", "a"))
+        from prefect.settings import PREFECT_API_URL
+
+        # The workers report to this session's Prefect server, as `make cluster`'s do to theirs
+        # (without an API URL, Prefect would start a temporary server of its own in each worker).
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        self.workers[i] = subprocess.Popen(self.worker_args(i), stdout=subprocess.DEVNULL, stderr=open(self.log_dir / f"worker{i}.log", "a"), env=env)
         _wait(lambda: f"w{i}" in self.worker_names(), 90, f"worker w{i} to join")
 
     def worker_names(self) -> set[str]:
