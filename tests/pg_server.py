@@ -93,10 +93,5 @@ class PostgresPrefectServer(PrefectServer):
     """:class:`PrefectServer` (127.0.0.1, its own home) whose database is ``postgres``, not a SQLite file."""
 
     def __init__(self, home: Path, postgres: Postgres, **kwargs) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        # PrefectServer starts the server in ``home`` with every PREFECT_* variable cleared; Prefect
-        # reads prefect.toml from its working directory: server.database.connection_url is the
-        # setting PREFECT_API_DATABASE_CONNECTION_URL sets.
-        (home / "prefect.toml").write_text(f'[server.database]\nconnection_url = "{postgres.url}"\n')
         self.postgres = postgres
-        super().__init__(home, **kwargs)
+        super().__init__(home, env={"PREFECT_API_DATABASE_CONNECTION_URL": postgres.url}, **kwargs)

@@ -60,18 +60,18 @@ def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
 class PrefectServer:
     """``prefect server start`` on a free port of 127.0.0.1, until :meth:`stop`."""
 
-    def __init__(self, home: Path, *, timeout: float = 120) -> None:
+    def __init__(self, home: Path, *, timeout: float = 120, env: dict[str, str] | None = None) -> None:
+        """``env``: settings for the server on top of a clean environment (e.g. its database URL)."""
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
         self.port = free_port()
         self.ui_url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.ui_url}/api"
         self.log = home / "server.log"
-        env = quiet_env(home)
-        env["PREFECT_UI_API_URL"] = self.api_url
+        server_env = {**quiet_env(home), "PREFECT_UI_API_URL": self.api_url, **(env or {})}
         self.proc = subprocess.Popen(
             [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=home,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env, cwd=home,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
