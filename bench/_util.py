@@ -137,6 +137,28 @@ def write_manifest(path: Path, *, image: str, command: list[str], **extra: Any) 
 # ---------------------------------------------------------------- Prefect
 
 
+def raw_argvs(work: Path, manifest: Path, image_id: str, n: int, run_id: str) -> list[list[str]]:
+    """``n`` raw ``docker run --rm`` command lines of ``manifest``'s container, with the exact
+    sandbox flags of ``algodock.runtime.sandbox.container_config``, on an empty input and one
+    output folder each (owned by the unprivileged uid) under ``work``."""
+    from algodock.contract.manifest import load_manifest
+    from algodock.runtime.engine import container_labels
+    from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
+
+    cp = load_manifest(manifest).container_parameters
+    (work / "input").mkdir(parents=True)
+    (work / "algo_input.json").write_text('{"version": "0.1", "config": {"parameters": {}}, "input_data": []}')
+    argvs = []
+    for i in range(n):
+        out = work / f"out-{i}"
+        out.mkdir()
+        os.chown(out, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        cfg = container_config(cp, image_id=image_id, user=f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", work_dir=work, output_dir=out,
+                               labels=container_labels(run_id, f"s{i}", 1))
+        argvs.append(docker_run_argv(cfg))
+    return argvs
+
+
 def _template_db() -> Path:
     """A migrated Prefect sqlite database, built once per Prefect version and copied per bench.
 

@@ -37,6 +37,7 @@ from _util import (
     prefect_server,
     print_table,
     quick,
+    raw_argvs,
     run_flow,
     scratch_dir,
     step_times,
@@ -44,9 +45,7 @@ from _util import (
     write_manifest,
 )
 
-from algodock.contract.manifest import load_manifest
-from algodock.runtime.engine import container_labels, docker_client
-from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
+from algodock.runtime.engine import docker_client
 
 STEPS, SECONDS, SLOTS = 8, 2, 2
 IDEAL = STEPS * SECONDS / SLOTS
@@ -60,20 +59,7 @@ def _spec(manifest: Path, n: int = STEPS) -> dict:
 
 def _raw(root: Path, manifest: Path, image_id: str, tag: str) -> tuple[float, int]:
     """8 ``docker run --rm`` through a pool of 2 threads: (wall seconds, most running at once)."""
-    cp = load_manifest(manifest).container_parameters
-    work = root / f"raw-{tag}"
-    (work / "input").mkdir(parents=True)
-    (work / "algo_input.json").write_text('{"version": "0.1", "config": {"parameters": {}}, "input_data": []}')
-    argvs = []
-    for i in range(STEPS):
-        out = work / f"out-{i}"
-        out.mkdir()
-        os.chown(out, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-        cfg = container_config(
-            cp, image_id=image_id, user=f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", work_dir=work, output_dir=out,
-            labels=container_labels(f"raw-{tag}", f"s{i}", 1),
-        )
-        argvs.append(docker_run_argv(cfg))
+    argvs = raw_argvs(root / f"raw-{tag}", manifest, image_id, STEPS, f"raw-{tag}")
     spans: list[tuple[float, float]] = []
 
     def run(argv: list[str]) -> None:

@@ -33,11 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _util import busybox_image, fmt_s, prefect_server, print_table, run_flow, scratch_dir, step_times, verdict, write_manifest
+from _util import busybox_image, fmt_s, prefect_server, print_table, raw_argvs, run_flow, scratch_dir, step_times, verdict, write_manifest
 
-from algodock.contract.manifest import load_manifest
-from algodock.runtime.engine import container_labels, docker_client
-from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
+from algodock.runtime.engine import docker_client
 
 WRITTEN: dict[str, int] = {}
 
@@ -105,18 +103,7 @@ def _spec(manifest: Path, n: int) -> dict:
 
 
 def _raw(root: Path, manifest: Path, image_id: str, n: int, slots: int, label: str = "raw") -> float:
-    cp = load_manifest(manifest).container_parameters
-    work = root / label
-    (work / "input").mkdir(parents=True)
-    (work / "algo_input.json").write_text('{"version": "0.1", "config": {"parameters": {}}, "input_data": []}')
-    argvs = []
-    for i in range(n):
-        out = work / f"out-{i}"
-        out.mkdir()
-        os.chown(out, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-        cfg = container_config(cp, image_id=image_id, user=f"{UNPRIVILEGED_UID}:{UNPRIVILEGED_UID}", work_dir=work, output_dir=out,
-                               labels=container_labels("raw-scale", f"s{i}", 1))
-        argvs.append(docker_run_argv(cfg))
+    argvs = raw_argvs(root / label, manifest, image_id, n, "raw-scale")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=slots) as pool:
         list(pool.map(lambda argv: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL), argvs))
