@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import s3_endpoint  # noqa: F401  (session fixture)
+from tests.s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 BUSYBOX_IMAGE = "algodock-test/busybox:1"

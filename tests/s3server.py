@@ -7,6 +7,7 @@ directly (``from tests.s3server import s3_endpoint  # noqa: F401``).
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -43,3 +44,13 @@ def s3_endpoint() -> Iterator[str]:
             else:
                 os.environ[key] = value
         stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the moto endpoint."""
+    from algodock.store.backends import s3_filesystem
+
+    name = f"algodock-{uuid.uuid4().hex[:12]}"
+    s3_filesystem().mkdir(name)
+    return name

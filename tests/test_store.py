@@ -179,13 +179,6 @@ def test_local_fetch_of_local_uris_copies_nothing(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> str:
-    name = f"algodock-{uuid.uuid4().hex[:12]}"
-    s3_filesystem().mkdir(name)
-    return name
-
-
-@pytest.fixture
 def s3_store(bucket: str) -> S3Store:
     return S3Store(f"s3://{bucket}/stores/main")
 

@@ -9,7 +9,6 @@ Nothing but a regular file is ever uploaded.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ import pytest
 from algodock.errors import InfrastructureError, InvalidOutput
 from algodock.hashing import list_files, sha256_file, sha256_path
 from algodock.store.backends import MARKER_SUFFIX, S3Store, fetch_input, output_rel, s3_filesystem
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str) -> str:
-    name = f"algodock-h-{uuid.uuid4().hex[:10]}"
-    s3_filesystem().mkdir(name)
-    return name
 
 
 @pytest.fixture
