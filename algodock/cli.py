@@ -74,7 +74,8 @@ def validate(files: tuple[Path, ...]) -> None:
     A file with a top-level `pipeline_version` is read as a pipeline, else as a manifest.
     Exit 0 when every file is valid, 1 otherwise.
     """
-    from algodock.contract.manifest import load_manifest, read_document
+    from algodock.contract.documents import read_document
+    from algodock.contract.manifest import load_manifest
 
     failed = False
     for path in files:

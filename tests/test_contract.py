@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from algodock.contract.documents import MAX_NESTING, nesting_depth, read_document
 from algodock.contract.manifest import Manifest, load_manifest, parse_manifest, safe_relative
 from algodock.errors import InvalidInput, InvalidManifest
 from algodock.contract.params import parse_assignments, parse_value, resolve_parameters
@@ -193,6 +196,51 @@ def test_unparseable_files_name_the_file(tmp_path: Path, name: str, text: str, e
     assert str(tmp_path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000),
+        ("deep.json", '{"a": ' * 5_000 + "1" + "}" * 5_000),
+        ("deep.yaml", "a: " + "[" * 100_000 + "]" * 100_000 + "\n"),
+        ("deep.yml", "".join(" " * i + f"k{i}:\n" for i in range(1_500)) + " " * 1_500 + "v\n"),
+    ],
+    ids=["json-arrays", "json-objects", "yaml-flow", "yaml-block"],
+)
+def test_a_file_nested_past_any_sense_is_invalid_manifest_not_a_recursion_error(tmp_path: Path, name: str, text: str) -> None:
+    """Nesting is bounded before the parser recurses, so no RecursionError (and no finalizer run deep in the stack)."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(InvalidManifest, match=rf"{name}: nested deeper than {MAX_NESTING} levels"):
+        load_manifest(path)
+
+
+def test_nesting_up_to_the_limit_still_loads(tmp_path: Path) -> None:
+    deep: Any = 1
+    for _ in range(MAX_NESTING - 2):
+        deep = [deep]
+    doc = copy.deepcopy(GOOD)
+    doc["description"] = "fine"
+    (tmp_path / "m.json").write_text(json.dumps({**doc, "x-extra": deep}))
+    assert read_document(tmp_path / "m.json")["x-extra"] == deep
+    (tmp_path / "m.yaml").write_text(json.dumps({**doc, "x-extra": deep}))  # JSON is YAML
+    assert read_document(tmp_path / "m.yaml")["x-extra"] == deep
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None:
+    text = json.dumps({"description": "[" * 5_000 + '\\"{' * 500})
+    (tmp_path / "m.json").write_text(text)
+    assert read_document(tmp_path / "m.json") == json.loads(text)
+    assert nesting_depth(text) == 1
+
+
+def test_validate_command_names_a_too_deep_file_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "deep.json"
+    bad.write_text("[" * 100_000 + "]" * 100_000)
+    proc = _validate(bad)
+    assert proc.returncode == 1
+    assert f"{bad}: nested deeper than {MAX_NESTING} levels" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_missing_file_is_invalid_manifest(tmp_path: Path) -> None:
     with pytest.raises(InvalidManifest, match="nope.json: cannot read"):
         load_manifest(tmp_path / "nope.json")
@@ -323,6 +371,11 @@ def test_parse_value(text: str, value: Any) -> None:
     assert got == value and type(got) is type(value)
 
 
+def test_a_parameter_nested_past_any_sense_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match=f"nested deeper than {MAX_NESTING} levels"):
+        parse_value("[" * 100_000 + "]" * 100_000)
+
+
 def test_parse_assignments() -> None:
     assert parse_assignments(["n=5", "name=x=y", "empty="]) == {"n": 5, "name": "x=y", "empty": ""}
     with pytest.raises(InvalidInput, match="--param 'n': expected KEY=VALUE"):
@@ -375,3 +428,41 @@ def test_contract_0_2_bounds(edit: Callable[[dict[str, Any]], None], expected: s
 
 def test_seven_days_is_the_longest_timeout() -> None:
     assert parse_manifest(changed(_cp(timeout_seconds=604_800))).container_parameters.timeout_seconds == 604_800
+
+
+# ------------------------------------------------------------------ nesting, found without recursion
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n\u00e9'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3),
+    max_leaves=30,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.booleans())
+def test_nesting_depth_is_the_depth_json_loads_would_build(value: Any, ascii_only: bool) -> None:
+    """Brackets and escaped quotes inside strings and keys never count."""
+    assert nesting_depth(json.dumps(value, ensure_ascii=ascii_only)) == _depth(value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['"' + '\\"' * 500_000, '"' * 1_000_000, '"a\\' * 300_000, '["a",' * 200_000],
+    ids=["escaped-quotes-never-closed", "quotes", "backslash-at-end", "many-strings"],
+)
+def test_nesting_scan_stays_linear_on_hostile_quoting(text: str) -> None:
+    """A string pattern that could fail and be retried at every later quote would be quadratic
+    here (hours for 1 MB); a subprocess bounds the test instead of letting it hang."""
+    code = "import sys; from algodock.contract.documents import nesting_depth; print(nesting_depth(sys.stdin.read()))"
+    proc = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == (200_000 if text.startswith("[") else 0)

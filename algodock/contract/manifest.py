@@ -15,13 +15,13 @@ but checked for everything the platform relies on.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
+from algodock.contract.documents import read_document
 from algodock.errors import InvalidManifest
 
 TRIVIAL_SCHEMA = {"type": "object"}
@@ -227,57 +227,6 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
             msg = msg.removeprefix("Value error, ")
         lines.append(f"{source}: {where}: {msg}")
     return lines
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
-        seen[key] = value
-    return seen
-
-
-def _yaml_loader() -> Any:
-    """A safe YAML loader that rejects duplicate keys (PyYAML keeps the last one silently)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in out:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-            out[key] = loader.construct_object(value_node, deep=deep)
-        return out
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return Loader
-
-
-def read_document(path: Path) -> Any:
-    """Parse a JSON or YAML file (duplicate keys rejected); raise :class:`InvalidManifest` naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidManifest(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidManifest(f"{path}: not UTF-8 text: {exc}") from exc
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text, object_pairs_hook=_no_duplicates)
-        except ValueError as exc:
-            raise InvalidManifest(f"{path}: not valid JSON: {exc}") from exc
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as exc:
-        raise InvalidManifest(f"{path}: not valid YAML: {exc}") from exc
 
 
 def parse_manifest(data: Any, source: str = "manifest") -> Manifest:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from algodock.contract.documents import TOO_DEEP, too_deep
 from algodock.errors import InvalidInput
 
 
@@ -52,6 +53,8 @@ def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], sour
 
 def parse_value(text: str) -> Any:
     """A parameter given on a command line: JSON when it parses (``5`` is 5), else the string."""
+    if too_deep(text):
+        raise InvalidInput(f"value {text[:40]!r}… is {TOO_DEEP}")
     try:
         return json.loads(text)
     except ValueError:

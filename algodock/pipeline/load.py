@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from algodock.contract.manifest import Manifest, load_manifest, read_document
+from algodock.contract.documents import read_document
+from algodock.contract.manifest import Manifest, load_manifest
 from algodock.errors import InvalidManifest
 from algodock.pipeline.capacity import Capacity
 from algodock.pipeline.spec import PIPELINE_VERSION, BlockResolver, PipelineSpec, parse_spec, step_error

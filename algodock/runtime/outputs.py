@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
+from algodock.contract.documents import TOO_DEEP, too_deep
 from algodock.contract.manifest import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
 from algodock.errors import InfrastructureError, InvalidOutput, MissingOutput
 from algodock.hashing import folder_digest, parquet_rows, sha256_regular, sort_key
@@ -158,10 +159,13 @@ def parse_algo_output(raw: bytes) -> AlgoOutput:
     if len(raw) > MAX_ALGO_OUTPUT_BYTES:
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is over {MAX_ALGO_OUTPUT_BYTES} bytes, the limit (CONTRACT §3)")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes bytes
+        if too_deep(text):  # before the parser recurses (CONTRACT §3 leaves nesting open)
+            raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is {TOO_DEEP}")
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         # A lone surrogate ("\\ud800") parses but can never be written out as UTF-8 later.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeError, RecursionError) as exc:  # RecursionError: nested past any sense
+    except (ValueError, UnicodeError) as exc:
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME}: expected a JSON object, got {type(data).__name__}")
