@@ -412,44 +412,104 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
     assert out["uri"].startswith("s3://stall/st/runs/stall/steps/make/attempts/")
 
 
-def test_a_store_that_stays_down_fails_the_step_as_infrastructure_and_keeps_the_outputs(tmp_path, image, prefect_env, moto_process, docker_client) -> None:
-    """With one Prefect attempt: the store is named, the finished outputs stay on local disk."""
-    endpoint, moto = moto_process
-    keep = tmp_path / "kept"
-    env = {**prefect_env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "ALGODOCK_STORE_TIMEOUT": "1", "ALGODOCK_STORE_OP_TIMEOUT": "2", "ALGODOCK_STORE_ATTEMPTS": "2", "ALGODOCK_STORE_BACKOFF": "0.1",
-           "ALGODOCK_KEEP_DIR": str(keep)}
-    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('down')"], env=env, check=True, timeout=60)
-    from algodock.pipeline.execute import RunContext, execute_step  # in-process: one attempt, no flow retries
-    from algodock.pipeline.capacity import Capacity, ResourcePool
+def test_a_store_that_stays_down_fails_the_step_and_the_retry_commits_the_kept_outputs(tmp_path, image, moto_process, docker_client, monkeypatch) -> None:
+    """Attempt 1: the container succeeds, the store stays down past its retries: the step fails as
+    ``infrastructure`` naming the store, the outputs and log are kept on local disk. Attempt 2 (what
+    Prefect's retry runs), with the store back: the kept outputs are committed; the container is not
+    run again (CONTRACT §4)."""
+    from algodock.lineage.cache import StoreCache
     from algodock.pipeline import load_pipeline
+    from algodock.pipeline.capacity import Capacity, ResourcePool
+    from algodock.pipeline.execute import RunContext, execute_step  # in-process: each attempt by hand
     from algodock.store.backends import S3Store
 
+    endpoint, moto = moto_process
+    keep = tmp_path / "kept"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "ALGODOCK_STORE_TIMEOUT": "1", "ALGODOCK_STORE_OP_TIMEOUT": "2", "ALGODOCK_STORE_ATTEMPTS": "2", "ALGODOCK_STORE_BACKOFF": "0.1",
+           "ALGODOCK_KEEP_DIR": str(keep)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    subprocess.run([sys.executable, "-c", "from algodock.store.backends import s3_filesystem; s3_filesystem().mkdir('down')"], check=True, timeout=60)
     spec = k_pipeline(tmp_path / "p", image, seconds=3)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "ALGODOCK_"))})
+    store = S3Store("s3://down/st")
+    cap = Capacity(cpu_millicore=2000, memory_gb=2)
+    ctx = RunContext(pipeline=load_pipeline(spec, capacity=cap), store=store, run_id="down", client=docker_client, pool=ResourcePool(cap), scratch=tmp_path / "scratch")
+    ctx.cache = StoreCache(store, run_id="down")
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(record=execute_step(ctx, "make", {}, attempt=1)))
+    t.start()
     try:
-        store = S3Store("s3://down/st")
-        cap = Capacity(cpu_millicore=2000, memory_gb=2)
-        ctx = RunContext(pipeline=load_pipeline(spec, capacity=cap), store=store, run_id="down", client=docker_client, pool=ResourcePool(cap), scratch=tmp_path / "scratch")
-        result: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: result.update(record=execute_step(ctx, "make", {})))
-        t.start()
         poll("the step's container to run", lambda: docker_client.containers.list(filters={"label": f"{LABEL}.run_id=down"}), deadline=120)
         moto.send_signal(signal.SIGSTOP)
         t.join(300)
-        moto.send_signal(signal.SIGCONT)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    record = result["record"]
-    assert record.status == "failed" and record.failure.kind == "infrastructure"
-    assert "s3://down/st" in record.failure.message and str(keep) in record.failure.message
-    kept = list(keep.rglob("out.binary"))
-    assert len(kept) == 1 and kept[0].read_bytes().strip().endswith(b"1")
+        moto.send_signal(signal.SIGCONT)
+    first = result["record"]
+    assert first.status == "failed" and first.failure.kind == "infrastructure"
+    assert "s3://down/st" in first.failure.message and str(keep) in first.failure.message
+    assert "commits them without running the container again" in first.failure.message
+    [kept] = keep.rglob("out.binary")
+    kept_bytes, kept_sha256 = kept.read_bytes(), sha256_path(kept)
+    assert kept_bytes.strip().endswith(b"1")
+    assert list(keep.rglob("kept.json")) and list(keep.rglob("container.log")), "the record and the log are kept beside the outputs"
+
+    creates = ContainerCreates(docker_client, "down")
+    said: list[str] = []
+    second = execute_step(ctx, "make", {}, attempt=2, on_log=said.append)
+    assert second.status == "succeeded", second.failure
+    assert creates.count(1) == 0, "the container ran again for a store fault"
+    creates.close()
+    assert any("committing the outputs of attempt 1-" in line for line in said), said
+    assert second.attempts == 2 and second.exit_code == 0 and second.started_at == first.started_at, "the record is the attempt that ran"
+    [out] = second.outputs
+    assert out.uri.startswith("s3://down/st/runs/down/steps/make/attempts/2-") and out.sha256 == kept_sha256
+    assert store.fs.cat_file(out.uri.removeprefix("s3://")) == kept_bytes
+    assert second.log_uri and "/attempts/2-" in second.log_uri and store.fs.exists(second.log_uri.removeprefix("s3://"))
+    assert not keep.joinpath("down", "make").exists() or not any(keep.joinpath("down", "make").iterdir()), "committed outputs are no longer kept"
+    # A third attempt of the same run is served from the committed outputs, not from a kept copy.
+    third = execute_step(ctx, "make", {}, attempt=3)
+    assert third.status == "cached" and [o.uri for o in third.outputs] == [out.uri]
+
+
+@pytest.mark.parametrize("forgery", ["other-inputs", "changed-bytes"])
+def test_kept_outputs_are_committed_only_when_made_from_the_same_inputs_and_unchanged(tmp_path, image, docker_client, monkeypatch, forgery: str) -> None:
+    """A kept attempt whose cache key differs from this attempt's, or whose bytes no longer match
+    its record, is never committed: the step runs its container instead."""
+    import hashlib
+
+    from algodock.pipeline import load_pipeline
+    from algodock.pipeline.capacity import Capacity, ResourcePool
+    from algodock.pipeline.execute import KEPT_RECORD, KeptAttempt, KeptOutput, RunContext, execute_step
+
+    keep = tmp_path / "kept"
+    monkeypatch.setenv("ALGODOCK_KEEP_DIR", str(keep))
+    spec = k_pipeline(tmp_path / "p", image)
+    cap = Capacity(cpu_millicore=2000, memory_gb=2)
+    store = open_store(str(tmp_path / "store"))
+    ctx = RunContext(pipeline=load_pipeline(spec, capacity=cap), store=store, run_id="forge", client=docker_client, pool=ResourcePool(cap), scratch=tmp_path / "scratch")
+    real = execute_step(ctx, "make", {}, attempt=1)  # no cache in ctx: only the kept folder could stand in for the container
+    assert real.status == "succeeded"
+
+    forged = b"forged\n"
+    folder = keep / "forge" / "make" / "1-forged"
+    (folder / "outputs").mkdir(parents=True)
+    (folder / "outputs" / "out.binary").write_bytes(forged if forgery == "other-inputs" else b"changed after it was kept\n")
+    record = real.model_copy(deep=True)
+    record.outputs = [record.outputs[0].model_copy(update={"sha256": hashlib.sha256(forged).hexdigest()})]
+    if forgery == "other-inputs":
+        record.cache_key = "0" * 64
+    kept = KeptAttempt(attempt_id="1-forged", record=record, outputs_dir=folder / "outputs", outputs=[KeptOutput(name="out", rel="out.binary")])
+    (folder / KEPT_RECORD).write_text(kept.model_dump_json())
+
+    creates = ContainerCreates(docker_client, "forge")
+    again = execute_step(ctx, "make", {}, attempt=2)
+    assert again.status == "succeeded", again.failure
+    assert creates.count(1) == 1, "the container must run"
+    creates.close()
+    assert again.outputs[0].sha256 == real.outputs[0].sha256 != record.outputs[0].sha256
+    assert local_path_of(again.outputs[0].uri).read_bytes() != forged
+    assert (folder / KEPT_RECORD).exists(), "what was kept is left alone, not deleted"
 
 
 # ------------------------------------------------------------------ 6. crash and resume

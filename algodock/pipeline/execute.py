@@ -16,7 +16,9 @@ nothing a lineage document or cache entry points at is ever overwritten. Committ
 store is retried by itself (:func:`algodock.store.retrying`: backoff, a bound on each try)
 from the finished outputs on local disk; the container is never run again for a store
 fault. When the store stays down, the step fails with ``infrastructure`` naming the store,
-and the outputs are kept on local disk (their folder is logged).
+and the outputs are kept on local disk with a ``kept.json`` (their folder is logged); the
+step's next attempt on this host commits them instead of running the container again
+(:func:`_commit_kept`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import BaseModel
+
 from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.engine import resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, StepFailure
-from algodock.hashing import parquet_rows
+from algodock.hashing import parquet_rows, sha256_path
+from algodock.lineage.cache import cache_key
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.outputs import copy_regular_tree
 from algodock.runtime.runner import run_step
@@ -241,6 +246,12 @@ def _execute(
         hit = ctx.cache.lookup(record, bindings, use=ctx.use_cache, manifest=manifest)
         if hit is not None:
             return hit
+    if (keep_dir() / ctx.run_id / step_id).is_dir():  # an earlier attempt's outputs the store would not take
+        record.cache_key = record.cache_key or cache_key(record, bindings, manifest)
+        say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
+        committed = _commit_kept(ctx, step_id, record, attempt_id, say)
+        if committed is not None:
+            return committed
 
     attempt_dir = ctx.store.local_path(attempt_rel(ctx.run_id, step_id, attempt_id))
     if attempt_dir is not None:  # local store: the container writes into the store itself
@@ -297,29 +308,28 @@ def _execute(
     record_from_result(record, result)
     record.attempts = attempt
     say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
-    try:
-        if log_path.exists():
-            dest = log_rel(ctx.run_id, step_id, attempt_id)
-            record.log_uri = retrying(lambda: ctx.store.put_output(log_path, dest, move=True), f"storing the log at {ctx.store.uri(dest)}", on_retry=say)
-        if result.ok:
-            record.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
-    except InfrastructureError as exc:
-        if not result.ok:
+    if not result.ok:
+        try:
+            _store_log(ctx, step_id, attempt_id, record, log_path, say)
+        except InfrastructureError as exc:
             log.warning("step %s: %s", step_id, exc)  # the step's own failure is what it reports
-        else:
-            kept = _keep_locally(ctx, step_id, attempt_id, output_dir)
-            message = f"the store {ctx.store.uri()} failed after the container succeeded: {exc}; the outputs are kept on local disk at {kept}"
-            log.error("step %s: %s", step_id, message)
-            record.status, record.outputs = "failed", []
-            record.failure = Failure(kind="infrastructure", message=message)
-            return record
-    if result.ok:
-        _discard(output_dir)
-        if ctx.cache is not None:
-            ctx.cache.remember(ctx.run_id, record)
-    else:
         _keep_failed(ctx, step_id, attempt_id, output_dir)
+        return record
+    try:
+        _store_log(ctx, step_id, attempt_id, record, log_path, say)
+        record.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
+    except InfrastructureError as exc:
+        return _keep_for_retry(ctx, step_id, attempt_id, record, result.outputs, output_dir, log_path, exc)
+    _discard(output_dir)
+    if ctx.cache is not None:
+        ctx.cache.remember(ctx.run_id, record)
     return record
+
+
+def _store_log(ctx: RunContext, step_id: str, attempt_id: str, record: StepRecord, log_path: Path, say: Callable[[str], None] | None) -> None:
+    if log_path.exists():
+        dest = log_rel(ctx.run_id, step_id, attempt_id)
+        record.log_uri = retrying(lambda: ctx.store.put_output(log_path, dest, move=True), f"storing the log at {ctx.store.uri(dest)}", on_retry=say)
 
 
 def _commit(ctx: RunContext, step_id: str, attempt_id: str, o: OutputRecord, say: Callable[[str], None] | None) -> str:
@@ -342,18 +352,117 @@ def keep_dir() -> Path:
     return Path(os.environ.get("ALGODOCK_KEEP_DIR") or Path.home() / ".algodock" / "kept")
 
 
-def _keep_locally(ctx: RunContext, step_id: str, attempt_id: str, output_dir: Path) -> Path:
-    """Move finished outputs out of the step's scratch folder (which is removed) to a kept folder."""
-    if ctx.store.is_local:
-        return output_dir  # already in the store's folder, under a hidden name
-    dest = keep_dir() / ctx.run_id / step_id / attempt_id
+class KeptOutput(BaseModel):
+    name: str
+    rel: str
+    """Where it is inside :attr:`KeptAttempt.outputs_dir`."""
+    multiple: bool = False
+
+
+class KeptAttempt(BaseModel):
+    """``<keep dir>/<run>/<step>/<attempt_id>/kept.json``: a succeeded attempt whose outputs the
+    store would not take, kept on local disk until a later attempt of the step commits them."""
+
+    attempt_id: str
+    record: StepRecord
+    """The attempt's record as the container left it (status ``succeeded``)."""
+    outputs_dir: Path
+    outputs: list[KeptOutput]
+    log: Path | None = None
+    """The container log, when the store did not take it either."""
+
+
+KEPT_RECORD = "kept.json"
+
+
+def _keep_for_retry(
+    ctx: RunContext, step_id: str, attempt_id: str, record: StepRecord, outputs: list[OutputRecord], output_dir: Path, log_path: Path, exc: InfrastructureError
+) -> StepRecord:
+    """The container succeeded and the store stayed down: keep its outputs and log on local disk
+    with ``kept.json`` beside them, and fail the step as ``infrastructure``. The next attempt of
+    the step on this host (Prefect's retry, or a resumed run) commits them instead of running
+    the container again (:func:`_commit_kept`)."""
+    folder = keep_dir() / ctx.run_id / step_id / attempt_id
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(output_dir), str(dest))
-    except OSError as exc:
-        log.error("step %s: could not keep the outputs at %s (%s); they stay at %s until the run ends", step_id, dest, exc, output_dir)
-        return output_dir
-    return dest
+        folder.mkdir(parents=True, exist_ok=True)
+        if ctx.store.is_local:  # in the store's own attempt folder, under a name the resume clean-up leaves alone
+            kept_outputs = output_dir.with_name("kept-outputs")
+            output_dir.rename(kept_outputs)
+        else:
+            kept_outputs = folder / "outputs"
+            shutil.move(str(output_dir), str(kept_outputs))
+        kept_log = None
+        if record.log_uri is None and log_path.exists():
+            kept_log = folder / "container.log"
+            shutil.move(str(log_path), str(kept_log))
+        kept = KeptAttempt(
+            attempt_id=attempt_id,
+            record=record,
+            outputs_dir=kept_outputs,
+            outputs=[KeptOutput(name=o.name, rel=Path(o.path or "").relative_to(output_dir).as_posix(), multiple=o.multiple) for o in outputs],
+            log=kept_log,
+        )
+        (folder / KEPT_RECORD).write_text(kept.model_dump_json(indent=1))
+        where = f"the outputs are kept on local disk at {kept_outputs}; the next attempt of the step commits them without running the container again"
+    except (OSError, ValueError) as keep_exc:
+        log.error("step %s: could not keep the outputs at %s (%s); they stay at %s until the step's work folder is removed", step_id, folder, keep_exc, output_dir)
+        where = f"the outputs could not be kept ({keep_exc})"
+    message = f"the store {ctx.store.uri()} failed after the container succeeded: {exc}; {where}"
+    log.error("step %s: %s", step_id, message)
+    failed = record.model_copy(deep=True)
+    failed.status, failed.outputs = "failed", []
+    failed.failure = Failure(kind="infrastructure", message=message)
+    return failed
+
+
+def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: str, say: Callable[[str], None] | None) -> StepRecord | None:
+    """Commit the outputs an earlier attempt of this step kept when the store failed (see
+    :func:`_keep_for_retry`), if they were made from exactly what this attempt would run
+    (same cache key) and still hold their recorded bytes; None when there are none (run it)."""
+    folder = keep_dir() / ctx.run_id / step_id
+    if not folder.is_dir():
+        return None
+    for meta in sorted(folder.glob(f"*/{KEPT_RECORD}")):
+        try:
+            kept = KeptAttempt.model_validate_json(meta.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("step %s: ignoring unreadable %s: %s", step_id, meta, exc)
+            continue
+        if kept.record.cache_key != record.cache_key:
+            log.info("step %s: the outputs kept from attempt %s were made from other inputs; not using them", step_id, kept.attempt_id)
+            continue
+        by_name = {k.name: k for k in kept.outputs}
+        outputs = []
+        for o in kept.record.outputs:
+            k = by_name.get(o.name)
+            path = kept.outputs_dir / k.rel if k is not None else None
+            try:
+                intact = path is not None and sha256_path(path) == o.sha256
+            except OSError:
+                intact = False
+            if not intact:
+                log.warning("step %s: output %s kept from attempt %s is gone or changed; running the step", step_id, o.name, kept.attempt_id)
+                break
+            outputs.append(o.model_copy(update={"path": path, "multiple": k.multiple if k else False}))
+        else:
+            if say:
+                say(f"committing the outputs of attempt {kept.attempt_id}, kept on local disk when the store failed; the container is not run again")
+            done = record_from_result(record.model_copy(deep=True), kept.record)
+            done.log_uri = kept.record.log_uri
+            try:
+                if kept.log is not None:
+                    _store_log(ctx, step_id, attempt_id, done, kept.log, say)
+                done.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in outputs]
+            except InfrastructureError as exc:
+                done.status, done.outputs = "failed", []
+                done.failure = Failure(kind="infrastructure", message=f"the store {ctx.store.uri()} still fails: {exc}; the outputs stay kept at {kept.outputs_dir}")
+                return done
+            _discard(kept.outputs_dir)
+            shutil.rmtree(meta.parent, ignore_errors=True)
+            if ctx.cache is not None:
+                ctx.cache.remember(ctx.run_id, done)
+            return done
+    return None
 
 
 def _discard(output_dir: Path) -> None:
