@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.processes import process_start
 
 if TYPE_CHECKING:
     import docker
@@ -61,6 +63,22 @@ def detect_resources(
     }
 
 
+SCRATCH_PREFIX = "algodock-worker-"
+_SCRATCH = re.compile(rf"^{SCRATCH_PREFIX}(\d+)\.(\d*)-[a-z0-9_]{{8}}$")
+
+
+def sweep_dead_scratch(tmp: Path | None = None) -> list[str]:
+    """Remove the scratch folders of workers on this host whose process is gone (a killed worker
+    never tears down); a folder named for a live process, or not made by a worker, is left alone."""
+    removed = []
+    for entry in (tmp or Path(tempfile.gettempdir())).glob(f"{SCRATCH_PREFIX}*"):
+        m = _SCRATCH.match(entry.name)
+        if m and entry.is_dir() and process_start(int(m.group(1))) != m.group(2):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    return removed
+
+
 class EnginePlugin:
     """The Dask worker plugin that binds a worker to its Docker engine.
 
@@ -76,7 +94,7 @@ class EnginePlugin:
         self.client: docker.DockerClient | None = None
         self.identity: dict[str, str] = {}
         self.pool = ResourcePool(Capacity(int(resources["cpu_millicore"]), float(resources["memory_gb"]), int(resources.get("gpu", 0))))
-        self.scratch = Path(tempfile.mkdtemp(prefix="algodock-worker-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.{process_start(os.getpid())}-"))
         self.swept: list[str] = []
         self._cancelled: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -93,6 +111,7 @@ class EnginePlugin:
             self.swept = sweep_orphans(self.client)
         except Exception as exc:  # a busy engine must not keep the worker from serving; the next start sweeps again
             log.warning("could not sweep leftovers on engine %s: %s", self.identity["id"], exc)
+        self.swept += sweep_dead_scratch()
         if self.swept:
             log.warning("removed %d leftovers of a dead earlier worker on engine %s: %s", len(self.swept), self.identity["id"], ", ".join(self.swept))
 
@@ -168,14 +187,16 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close(reason="signal")))
-    async with worker:
-        click.echo(
-            f"algodock worker {worker.address} on engine {plugin.identity['name']} {plugin.identity['id']} "
-            f"({plugin.docker_host or os.environ.get('DOCKER_HOST') or 'local socket'}): resources {resources}, {nthreads} threads",
-            err=True,
-        )
-        await worker.finished()
-    plugin.teardown()
+    try:
+        async with worker:
+            click.echo(
+                f"algodock worker {worker.address} on engine {plugin.identity['name']} {plugin.identity['id']} "
+                f"({plugin.docker_host or os.environ.get('DOCKER_HOST') or 'local socket'}): resources {resources}, {nthreads} threads",
+                err=True,
+            )
+            await worker.finished()
+    finally:
+        plugin.teardown()
 
 
 def _as_worker_plugin(plugin: EnginePlugin) -> Any:

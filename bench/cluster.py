@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +120,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "stop", ENGINE], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     one, two = results["one engine"][0], results["two engines"][0]
     ideal = args.steps * args.seconds / 2
     print(f"{args.steps} steps of {args.seconds:g} s at 1000 millicores; workers of 2000 millicores (2 steps at a time each)")

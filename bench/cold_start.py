@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,9 +85,12 @@ def main() -> None:
     }))
     algodock = str(REPO / ".venv/bin/algodock")
     raw, ours = [], []
-    for i in range(args.repeat):  # interleaved, so both see the same load
-        raw.append(_time(_raw_argv(manifest, tmp, i)))
-        ours.append(_time([algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")]))
+    try:
+        for i in range(args.repeat):  # interleaved, so both see the same load
+            raw.append(_time(_raw_argv(manifest, tmp, i)))
+            ours.append(_time([algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import algodock.cli, algodock.runtime.runner, algodock.contract"],
                              capture_output=True, text=True).stderr
     total_us = sum(int(m.group(1)) for m in re.finditer(r"import time:\s+(\d+) \|", imports))

@@ -110,11 +110,11 @@ def second_engine(docker_client, busybox_image) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def cluster(second_engine, s3_endpoint, prefect_harness) -> Iterator[Cluster]:
+def cluster(second_engine, s3_endpoint, prefect_harness, tmp_path_factory) -> Iterator[Cluster]:
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
-    c = Cluster(_host_of(), Path(tempfile.mkdtemp(prefix="algodock-cluster-")))
+    c = Cluster(_host_of(), tmp_path_factory.mktemp("cluster"))  # its logs, kept with pytest's last sessions
     try:
         yield c
     finally:
@@ -254,7 +254,9 @@ def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container
     runner.start()
     engines = {1: docker_client, 2: second_engine}
     where = _wait(lambda: next((i for i, c in engines.items() if _containers(c, "loss1")), None), 120, "the step's container")
+    dead = cluster.workers[where].pid
     cluster.kill_worker(where)
+    assert list(Path(tempfile.gettempdir()).glob(f"algodock-worker-{dead}.*")), "a killed worker cannot remove its scratch folder"
     runner.join(180)
     assert not runner.is_alive()
     assert outcome["state"].is_completed(), outcome["state"].message
@@ -271,6 +273,27 @@ def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container
         assert _containers(lost, "loss1")
     cluster.start_worker(where)
     _wait(lambda: not _containers(lost, "loss1"), 30, "the returning worker to sweep the lost attempt's container")
+    assert not list(Path(tempfile.gettempdir()).glob(f"algodock-worker-{dead}.*")), "a starting worker removes a dead one's scratch folder"
+
+
+def test_a_worker_sweeps_only_the_scratch_of_dead_workers(tmp_path):
+    from algodock.processes import process_start
+    from algodock.worker import sweep_dead_scratch
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    me = os.getpid()
+    folders = {
+        "dead": f"algodock-worker-{gone.pid}.{process_start(me)}-abcd1234",
+        "reused-pid": f"algodock-worker-{me}.1-abcd1234",  # this pid, another start time: its owner is gone
+        "alive": f"algodock-worker-{me}.{process_start(me)}-abcd1234",
+        "not-a-worker's": "algodock-worker-notes",
+    }
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+    removed = sweep_dead_scratch(tmp_path)
+    assert sorted(removed) == sorted(str(tmp_path / folders[k]) for k in ("dead", "reused-pid"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folders["alive"], folders["not-a-worker's"]])
 
 
 def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluster, docker_client, second_engine, busybox_image):
