@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algodock.contract.documents import MAX_NESTING, nesting_depth, read_document
+from algodock.contract.documents import MAX_NESTING, TOO_DEEP, nesting_depth, read_document
 from algodock.contract.manifest import Manifest, load_manifest, parse_manifest, safe_relative
 from algodock.errors import InvalidInput, InvalidManifest
 from algodock.contract.params import parse_assignments, parse_value, resolve_parameters
@@ -466,3 +466,63 @@ def test_nesting_scan_stays_linear_on_hostile_quoting(text: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == (200_000 if text.startswith("[") else 0)
+
+
+# ------------------------------------------------------------------ YAML aliases, long messages
+
+_LAUGHS = "".join(  # a: 9 strings; b: 9 times a; ...; i: 9 times h, 9**9 strings in all
+    f"    {name}: &{name} [{', '.join([f'*{prev}' if prev else 'lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
+
+
+def _yaml_manifest(parameters: str) -> str:
+    head = 'manifest_version: "0.2"\nname: m\nversion: 1.0.0\ncontainer_parameters: {image: "busybox:latest", command: ["true"]}\n'
+    return head + "parameters:\n  type: object\n" + parameters
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        (f"  $defs:\n{_LAUGHS}  properties:\n    p: {{default: *i}}\n", r"expands to 926,177,117 values through its aliases; the limit is 1,000,000"),
+        ("  $defs:\n    r: &r [1, *r]\n", "it contains itself"),
+        (
+            "  $defs:\n"
+            + "".join(f"    d{i}: &d{i} " + "[" * 60 + (f"*d{i - 1}" if i else "1") + "]" * 60 + "\n" for i in range(3)),
+            f"{TOO_DEEP} once its aliases are expanded",
+        ),
+    ],
+    ids=["billion-laughs", "recursive-alias", "deep-through-aliases"],
+)
+def test_yaml_aliases_cannot_blow_up_what_a_small_file_stands_for(tmp_path: Path, parameters: str, expected: str) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(_yaml_manifest(parameters))
+    assert path.stat().st_size < 2000
+    with pytest.raises(InvalidManifest, match=expected):
+        load_manifest(path)
+
+
+def test_ordinary_aliases_and_merge_keys_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(_yaml_manifest("  $defs:\n    base: &base {type: integer, minimum: 1}\n  properties:\n    a: *base\n    b: {<<: *base, default: 2}\n"))
+    props = load_manifest(path).parameters["properties"]
+    assert props["a"] == {"type": "integer", "minimum": 1} and props["b"] == {"type": "integer", "minimum": 1, "default": 2}
+
+
+def test_a_huge_value_in_an_error_is_shortened(tmp_path: Path) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["parameters"] = {"type": "object", "properties": {"p": {"type": ["x" * 100_000]}}}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(InvalidManifest) as info:
+        load_manifest(tmp_path / "m.json")
+    assert "not a valid JSON Schema" in str(info.value) and len(str(info.value)) < 1500
+    assert "characters)" in str(info.value)
+
+
+def test_parameter_errors_are_listed_up_to_a_bound() -> None:
+    schema = {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer"}}}}
+    with pytest.raises(InvalidInput) as info:
+        resolve_parameters(schema, {"ids": ["x" * 10_000] * 5_000})
+    lines = str(info.value).splitlines()
+    assert len(lines) == 51 and lines[-1].endswith("… and 4950 more errors")
+    assert all(len(line) < 400 for line in lines)

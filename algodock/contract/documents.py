@@ -28,6 +28,11 @@ MAX_NESTING = 100
 
 TOO_DEEP = f"nested deeper than {MAX_NESTING} levels"
 
+MAX_VALUES = 1_000_000
+"""The most values a YAML document may expand to. Its aliases can repeat a node without
+repeating its text, so a few hundred bytes can stand for billions of values ("billion
+laughs"); JSON has no aliases, its size bounds it."""
+
 # A JSON string, or from an unterminated one to the end: it always matches once started,
 # so the scan stays linear even on hostile text (a failing match retried at every later
 # quote would make it quadratic). Past an unterminated string the parser stops anyway.
@@ -53,6 +58,40 @@ def too_deep(text: str) -> bool:
 
 class _TooDeep(Exception):
     pass
+
+
+def expanded_size(value: Any) -> tuple[int, int]:
+    """``(values, depth)`` of ``value`` as it would be written out, every alias expanded.
+
+    Found without recursion and without expanding: each list or mapping is measured once,
+    however often it is shared (a YAML alias is the same Python object). ``ValueError`` when
+    it contains itself.
+
+    >>> a = ["x"] * 9; b = [a] * 9; c = [b] * 9
+    >>> expanded_size({"c": c})
+    (821, 4)
+    """
+    measured: dict[int, tuple[int, int]] = {}
+    open_: set[int] = set()  # lists and mappings whose children are being measured
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (list, dict)) or (id(node) in measured and not children_done):
+            continue
+        children = [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (list, dict))]
+        if not children_done:
+            if id(node) in open_:
+                raise ValueError("it contains itself (a recursive alias)")
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+            continue
+        open_.discard(id(node))
+        leaves = len(node) - len(children)
+        size = 1 + leaves + sum(measured[id(c)][0] for c in children)
+        depth = 1 + max((measured[id(c)][1] for c in children), default=0)
+        measured[id(node)] = (size, depth)
+    return measured.get(id(value), (1, 0))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -115,8 +154,23 @@ def read_document(path: Path) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
     except _TooDeep:
         raise InvalidManifest(f"{path}: {TOO_DEEP}") from None
     except yaml.YAMLError as exc:
         raise InvalidManifest(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        values, depth = expanded_size(data)
+    except ValueError as exc:
+        raise InvalidManifest(f"{path}: {exc}") from None
+    if depth > MAX_NESTING:
+        raise InvalidManifest(f"{path}: {TOO_DEEP} once its aliases are expanded")
+    if values > MAX_VALUES:
+        raise InvalidManifest(f"{path}: expands to {values:,} values through its aliases; the limit is {MAX_VALUES:,}")
+    return data
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: an error message quoting a
+    value someone else wrote stays readable however big the value is."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
-from algodock.contract.documents import read_document
+from algodock.contract.documents import read_document, shorten
 from algodock.errors import InvalidManifest
 
 TRIVIAL_SCHEMA = {"type": "object"}
@@ -145,7 +145,7 @@ class Manifest(_Strict):
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:
             where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-            raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+            raise ValueError(f"not a valid JSON Schema at {shorten(where)}: {shorten(exc.message)}") from None
         return schema
 
     @field_validator("inputs", "outputs")

@@ -15,8 +15,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from algodock.contract.documents import TOO_DEEP, too_deep
+from algodock.contract.documents import TOO_DEEP, shorten, too_deep
 from algodock.errors import InvalidInput
+
+MAX_ERRORS = 50
+"""Parameter errors listed at most; then one line says how many more there are."""
 
 
 def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
@@ -44,9 +47,11 @@ def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], sour
     errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
-        for err in errors:
-            where = ".".join(str(p) for p in err.absolute_path)
-            lines.append(f"{source}{'.' + where if where else ''}: {err.message}")
+        for err in errors[:MAX_ERRORS]:
+            where = shorten(".".join(str(p) for p in err.absolute_path))
+            lines.append(f"{source}{'.' + where if where else ''}: {shorten(err.message)}")
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"{source}: … and {len(errors) - MAX_ERRORS} more errors")
         raise InvalidInput("\n".join(lines), errors=lines)
     return value
 
