@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from algodock.errors import AlgodockError
+from algodock.errors import AlgodockError, shorten
 
 log = logging.getLogger("algodock")
 
@@ -49,7 +49,11 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+MAX_LINE = 2000
+"""Characters of one error line printed at most (a message can quote a value someone else wrote)."""
+
+
 def print_errors(exc: AlgodockError) -> None:
-    lines = getattr(exc, "errors", None) or [str(exc)]
-    for line in lines:
-        click.echo(f"error: {line}", err=True)
+    """One ``error:`` line per error on stderr, each shortened to :data:`MAX_LINE`."""
+    for line in getattr(exc, "errors", None) or [str(exc)]:
+        click.echo(f"error: {shorten(line, MAX_LINE)}", err=True)

@@ -13,6 +13,16 @@ class AlgodockError(Exception):
     """Base of every error algodock raises on purpose."""
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: an error message quoting a
+    value someone else wrote stays readable however big the value is.
+
+    >>> shorten("x" * 1000, 5)
+    'xxxxx… (1,000 characters)'
+    """
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 class StepFailure(AlgodockError):
     """A step failed; ``kind`` is one of CONTRACT.md §4."""
 

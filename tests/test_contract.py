@@ -526,3 +526,10 @@ def test_parameter_errors_are_listed_up_to_a_bound() -> None:
     lines = str(info.value).splitlines()
     assert len(lines) == 51 and lines[-1].endswith("… and 4950 more errors")
     assert all(len(line) < 400 for line in lines)
+
+
+def test_an_unknown_key_of_any_length_is_named_shortened(tmp_path: Path) -> None:
+    (tmp_path / "m.json").write_text(json.dumps({**GOOD, "k" * 1_000_000: 1}))
+    proc = _validate(tmp_path / "m.json")
+    assert proc.returncode == 1 and "unknown key" in proc.stderr and "kkkk" in proc.stderr
+    assert len(proc.stderr) < 2000, len(proc.stderr)

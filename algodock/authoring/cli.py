@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
+from algodock.console import print_errors
 from algodock.errors import AlgodockError
 
 
 def _fail(exc: AlgodockError) -> None:
-    for line in getattr(exc, "errors", None) or [str(exc)]:
-        click.echo(f"error: {line}", err=True)
+    print_errors(exc)
     sys.exit(1)
 
 

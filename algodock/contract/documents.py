@@ -168,9 +168,3 @@ def read_document(path: Path) -> Any:
     if values > MAX_VALUES:
         raise InvalidManifest(f"{path}: expands to {values:,} values through its aliases; the limit is {MAX_VALUES:,}")
     return data
-
-
-def shorten(text: str, limit: int = 300) -> str:
-    """``text`` cut to ``limit`` characters, saying how long it was: an error message quoting a
-    value someone else wrote stays readable however big the value is."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
-from algodock.contract.documents import read_document, shorten
-from algodock.errors import InvalidManifest
+from algodock.contract.documents import read_document
+from algodock.errors import InvalidManifest, shorten
 
 TRIVIAL_SCHEMA = {"type": "object"}
 """The parameters schema of a manifest that declares none: any object, no defaults."""
@@ -214,11 +214,11 @@ class AlgoOutput(BaseModel):
 
 
 def format_validation_error(source: str, exc: ValidationError) -> list[str]:
-    """One line per error: ``file: field.path: message``."""
+    """One line per error: ``file: field.path: message`` (a key or message someone else wrote, shortened)."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
+        where = shorten(".".join(str(p) for p in err["loc"]) or "(root)", 200)
+        msg = shorten(err["msg"], 500)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the contract; check the spelling)"
         elif err["type"] == "missing":

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from algodock.contract.documents import TOO_DEEP, shorten, too_deep
-from algodock.errors import InvalidInput
+from algodock.contract.documents import TOO_DEEP, too_deep
+from algodock.errors import InvalidInput, shorten
 
 MAX_ERRORS = 50
 """Parameter errors listed at most; then one line says how many more there are."""

@@ -20,7 +20,7 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from algodock.contract.manifest import INPUT_DIR, AlgoConfig, AlgoInput, InputData, Manifest
 from algodock.errors import InvalidInput
