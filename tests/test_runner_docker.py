@@ -559,6 +559,13 @@ def test_exit_0_with_a_failure_status_is_a_failure(docker_client: Any, busybox_i
     assert run.result.exit_code == 0
 
 
+def test_a_failure_status_with_a_huge_message_is_reported_shortened(docker_client: Any, busybox_image: str, out: Path) -> None:
+    script = "printf '{\"status\": \"failure\", \"message\": \"%s\"}' $(head -c 900000 /dev/zero | tr '\\0' m) > /work/output/algo_output.json"
+    run = Run(docker_client, manifest(busybox_image, script), out)
+    assert run.kind == "exit_code" and "mmmm… (900,000 characters)" in run.message
+    assert len(run.message) < 3000
+
+
 def test_timeout_kills_the_container(docker_client: Any, busybox_image: str, out: Path) -> None:
     run = Run(docker_client, manifest(busybox_image, "echo started; sleep 60; echo never", timeout_seconds=1), out)
     assert run.kind == "timeout", run.result.failure

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from algodock.contract.manifest import ALGO_INPUT_PATH, ALGO_OUTPUT_NAME, INPUT_DIR, Manifest
 from algodock.contract.params import resolve_parameters
-from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure
+from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure, shorten
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
@@ -357,7 +357,7 @@ def run_step(
             result.metrics, result.message = algo_output.metrics, algo_output.message
             if algo_output.status != "success":
                 raise ExitCodeFailure(
-                    f"the algorithm exited 0 but its {ALGO_OUTPUT_NAME} says status {algo_output.status!r}: {algo_output.message or ''}",
+                    f"the algorithm exited 0 but its {ALGO_OUTPUT_NAME} says status {algo_output.status!r}: {shorten(algo_output.message or '', 2000)}",
                     exit_code=0,
                 )
         result.outputs = collect_outputs(manifest, output_dir, algo_output)
