@@ -597,7 +597,7 @@ ESCAPES = {
     "symlinked-folder-leading-out": ('ln -s /etc /work/output/d; echo \'{"output_data": [{"name": "v", "format": "csv", "path": "d/passwd"}]}\' > /work/output/algo_output.json', "leads outside"),
     "symlink-inside-a-folder-output": ("mkdir /work/output/v; echo a > /work/output/v/a.csv; ln -s /etc/shadow /work/output/v/b.csv", "v/b.csv is a symlink leading outside"),
     "symlink-loop": ("ln -s v.csv /work/output/v.csv", "dangling or looping symlink"),
-    "nested-past-sense": ("for i in $(seq 1 3000); do printf '['; done > /work/output/algo_output.json", "not valid JSON"),
+    "nested-past-sense": ("for i in $(seq 1 3000); do printf '['; done > /work/output/algo_output.json", "nested deeper than 100 levels"),
     "malformed-json": ('echo \'{"output_data": [\' > /work/output/algo_output.json', "not valid JSON"),
     "algo-output-is-a-symlink": ("echo x > /work/output/v.csv; ln -s /work/algo_input.json /work/output/algo_output.json", "must be a regular file"),
     "wrong-shape": ('echo x > /work/output/v.csv; echo \'{"output_data": [{"name": "v", "format": "csv"}]}\' > /work/output/algo_output.json', "output_data.0.path"),
