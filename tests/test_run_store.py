@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -206,6 +207,7 @@ def test_inputs_are_hardlinks_of_stored_outputs(tmp_path, image, prefect_env) ->
 def test_a_second_writer_of_the_same_run_is_refused(tmp_path, image, prefect_env, docker_client) -> None:
     spec = k_pipeline(tmp_path / "p", image, seconds=30)
     store = tmp_path / "store"
+    scratch_before = set(Path(tempfile.gettempdir()).glob("algodock-one-*"))
     first = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", str(store), "--run-id", "one", "--no-cache", "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_env, cwd=spec.parent)
     try:
@@ -217,8 +219,14 @@ def test_a_second_writer_of_the_same_run_is_refused(tmp_path, image, prefect_env
         assert "'one'" in message and f"pid {first.pid}" in message and socket.gethostname() in message and "since" in message
         assert docker_client.containers.list(all=True, filters={"label": f"{LABEL}.run_id=one"}).__len__() == 1, "the refused run started a container"
     finally:
-        first.kill()
-        first.wait()
+        first.terminate()  # as a scheduler or a user stops a run: it cleans up after itself
+        try:
+            first.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()
+    assert set(Path(tempfile.gettempdir()).glob("algodock-one-*")) == scratch_before, "the stopped run left its scratch folder"
+    assert not docker_client.containers.list(all=True, filters={"label": f"{LABEL}.run_id=one"}), "the stopped run left its container"
 
 
 def test_lease_of_a_dead_holder_is_taken_over(tmp_path) -> None:

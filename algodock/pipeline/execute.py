@@ -431,19 +431,18 @@ def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: 
         if kept.record.cache_key != record.cache_key:
             log.info("step %s: the outputs kept from attempt %s were made from other inputs; not using them", step_id, kept.attempt_id)
             continue
-        by_name = {k.name: k for k in kept.outputs}
+        where = {k.name: k for k in kept.outputs}
         outputs = []
         for o in kept.record.outputs:
-            k = by_name.get(o.name)
-            path = kept.outputs_dir / k.rel if k is not None else None
+            k = where.get(o.name)
             try:
-                intact = path is not None and sha256_path(path) == o.sha256
+                intact = k is not None and sha256_path(kept.outputs_dir / k.rel) == o.sha256
             except OSError:
                 intact = False
             if not intact:
                 log.warning("step %s: output %s kept from attempt %s is gone or changed; running the step", step_id, o.name, kept.attempt_id)
                 break
-            outputs.append(o.model_copy(update={"path": path, "multiple": k.multiple if k else False}))
+            outputs.append(o.model_copy(update={"path": kept.outputs_dir / k.rel, "multiple": k.multiple}))
         else:
             if say:
                 say(f"committing the outputs of attempt {kept.attempt_id}, kept on local disk when the store failed; the container is not run again")
