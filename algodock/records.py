@@ -177,7 +177,10 @@ class StepRecord(BaseModel):
     engine: dict[str, str] | None = Field(None, description='The Docker engine the step ran on: {"name", "id"} as `docker info` reports them.')
     attempt_history: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="Cluster mode: every attempt (number, engine, worker, status, times); an attempt lost with its worker is `lost`.",
+        description=(
+            "Cluster mode: every attempt (number, engine, worker, status, times); an attempt lost with its worker is `lost`. "
+            "A step whose outputs the store refused: the attempt that ran the container and the one that committed its kept outputs (`ran_container`, `committed_from`)."
+        ),
     )
     usage: Usage | None = Field(None, description="What the container used; null when no container ran (cached, skipped, failed before start).")
 

@@ -470,6 +470,9 @@ def test_a_store_that_stays_down_fails_the_step_and_the_retry_commits_the_kept_o
     creates.close()
     assert any("committing the outputs of attempt 1-" in line for line in said), said
     assert second.attempts == 2 and second.exit_code == 0 and second.started_at == first.started_at, "the record is the attempt that ran"
+    ran, committed = second.attempt_history
+    assert ran["attempt"] == 1 and ran["ran_container"] and ran["status"] == "failed" and ran["failure"]["kind"] == "infrastructure"
+    assert committed == {"attempt": 2, "attempt_id": committed["attempt_id"], "status": "succeeded", "ran_container": False, "committed_from": ran["attempt_id"]}
     [out] = second.outputs
     assert out.uri.startswith("s3://down/st/runs/down/steps/make/attempts/2-") and out.sha256 == kept_sha256
     assert store.fs.cat_file(out.uri.removeprefix("s3://")) == kept_bytes

@@ -448,6 +448,12 @@ def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: 
                 say(f"committing the outputs of attempt {kept.attempt_id}, kept on local disk when the store failed; the container is not run again")
             done = record_from_result(record.model_copy(deep=True), kept.record)
             done.log_uri = kept.record.log_uri
+            done.attempt_history = [  # honest about what ran: one container, two attempts
+                {"attempt": kept.record.attempts, "attempt_id": kept.attempt_id, "status": "failed", "ran_container": True,
+                 "started_at": _iso(kept.record.started_at), "finished_at": _iso(kept.record.finished_at),
+                 "failure": {"kind": "infrastructure", "message": "the container succeeded; the store failed, the outputs were kept on local disk"}},
+                {"attempt": record.attempts, "attempt_id": attempt_id, "status": "succeeded", "ran_container": False, "committed_from": kept.attempt_id},
+            ]
             try:
                 if kept.log is not None:
                     _store_log(ctx, step_id, attempt_id, done, kept.log, say)
@@ -462,6 +468,10 @@ def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: 
                 ctx.cache.remember(ctx.run_id, done)
             return done
     return None
+
+
+def _iso(when: Any) -> str | None:
+    return when.isoformat() if when is not None else None
 
 
 def _discard(output_dir: Path) -> None:
