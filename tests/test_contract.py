@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -533,3 +534,64 @@ def test_an_unknown_key_of_any_length_is_named_shortened(tmp_path: Path) -> None
     proc = _validate(tmp_path / "m.json")
     assert proc.returncode == 1 and "unknown key" in proc.stderr and "kkkk" in proc.stderr
     assert len(proc.stderr) < 2000, len(proc.stderr)
+
+
+# ------------------------------------------------------------------ $ref: never fetched, never dangling
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("https://example.invalid/remote.json", "only references inside the schema"),
+        ("other.json#/x", "only references inside the schema"),
+        ("#/$defs/missing", "points at nothing in the schema"),
+    ],
+)
+def test_a_parameters_ref_outside_the_schema_or_to_nothing_is_invalid_manifest(ref: str, expected: str) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["parameters"] = {"type": "object", "$defs": {"n": {"type": "integer"}}, "properties": {"a": {"$ref": ref}}}
+    with pytest.raises(InvalidManifest, match=rf"parameters: .*\$ref {re.escape(repr(ref))} at properties/a.*{expected}"):
+        parse_manifest(doc)
+
+
+def test_local_refs_and_anchors_still_validate_parameters() -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["parameters"] = {
+        "type": "object",
+        "$defs": {"n": {"type": "integer", "minimum": 0}, "named": {"$anchor": "pos", "type": "integer", "minimum": 1}},
+        "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#pos"}},
+    }
+    schema = parse_manifest(doc).parameters
+    assert resolve_parameters(schema, {"a": 0, "b": 1}) == {"a": 0, "b": 1}
+    with pytest.raises(InvalidInput, match="parameters.b: 0 is less than the minimum of 1"):
+        resolve_parameters(schema, {"a": 0, "b": 0})
+
+
+def test_parameters_are_never_checked_against_a_fetched_schema() -> None:
+    """Even a schema that did not come through a manifest (the Python API): the reference is an
+    ``invalid_input``, and nothing is fetched (a server on 127.0.0.1 counts the requests)."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "integer"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ref = f"http://127.0.0.1:{server.server_port}/remote.json"
+        with pytest.raises(InvalidInput, match=rf"parameters: \$ref {re.escape(ref)} cannot be resolved \(algodock never fetches a schema\)"):
+            resolve_parameters({"type": "object", "properties": {"a": {"$ref": ref}}}, {"a": "x"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert hits == []

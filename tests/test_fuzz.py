@@ -163,7 +163,6 @@ SCHEMA_SAMPLES = [
     {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string", "default": "x"}}, "default": {}}}},
     {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "number"}, "default": [1]}}, "required": ["a"]},
     {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {"n": {"type": "integer", "minimum": 0, "default": 3}}},
-    {"type": "object", "properties": {"a": {"$ref": "https://example.invalid/remote.json"}}},
     {"type": "object", "properties": {"a": {"pattern": "^[a-z]+$", "default": 5}}},
     {"type": "object", "properties": {"a": {"format": "date-time"}}},
 ]
@@ -173,6 +172,18 @@ SCHEMA_SAMPLES = [
 def test_any_parameters_against_a_valid_schema(schema: dict[str, Any], params: dict[str, Any]) -> None:
     manifest = parse_manifest({**VALID_MANIFEST, "parameters": schema}, "fuzz.json")
     _resolve_never_crashes(manifest, params)
+
+
+@given(st.dictionaries(st.text(max_size=4), json_values, max_size=4))
+def test_any_parameters_against_a_schema_that_refers_outside_itself(params: dict[str, Any]) -> None:
+    """Refused in a manifest; through the Python API, an ``invalid_input``, never a fetch or a traceback."""
+    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.invalid/remote.json"}}}
+    with pytest.raises(InvalidManifest, match="never fetches"):
+        parse_manifest({**VALID_MANIFEST, "parameters": schema}, "fuzz.json")
+    try:
+        resolve_parameters(schema, params, source="fuzz: parameters")
+    except InvalidInput as exc:
+        assert all(line.startswith("fuzz: parameters") for line in exc.errors), exc.errors
 
 
 @given(st.dictionaries(st.text(max_size=6), json_values, max_size=4), st.dictionaries(st.text(max_size=4), json_values, max_size=3))

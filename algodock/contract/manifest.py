@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
 from algodock.contract.documents import read_document
+from algodock.contract.params import check_refs
 from algodock.errors import InvalidManifest, shorten
 
 TRIVIAL_SCHEMA = {"type": "object"}
@@ -146,6 +147,7 @@ class Manifest(_Strict):
         except SchemaError as exc:
             where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             raise ValueError(f"not a valid JSON Schema at {shorten(where)}: {shorten(exc.message)}") from None
+        check_refs(schema)
         return schema
 
     @field_validator("inputs", "outputs")

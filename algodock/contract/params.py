@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,64 @@ def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
     return value
 
 
+def _never_fetch(uri: str) -> Any:
+    from referencing.exceptions import NoSuchResource
+
+    raise NoSuchResource(ref=uri)
+
+
+def _keyword(schema: Any, name: str) -> Iterator[tuple[str, str]]:
+    """Every string value of keyword ``name`` (``$ref``, ``$id``) in ``schema`` with where it is
+    (``properties/a``), without recursion."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get(name), str):
+                yield "/".join(path) or "(root)", node[name]
+            stack.extend((v, (*path, str(k))) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(node))
+
+
+def check_refs(schema: Mapping[str, Any]) -> None:
+    """``ValueError`` unless every ``$ref`` of a parameters schema points inside it, at something.
+
+    A reference to another document would make the orchestrator fetch it, from wherever it
+    names, each time parameters are checked; a manifest is someone else's file.
+    """
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
+    base = "urn:algodock:parameters"
+    resolver = Registry(retrieve=_never_fetch).with_resource(base, DRAFT202012.create_resource(dict(schema))).resolver(base_uri=base)
+    nested_ids = any(where != "(root)" for where, _ in _keyword(schema, "$id"))
+    for where, ref in _keyword(schema, "$ref"):
+        if not ref.startswith("#"):
+            raise ValueError(f"$ref {shorten(ref)!r} at {shorten(where)}: only references inside the schema (#/…) are allowed; algodock never fetches a schema")
+        if nested_ids:
+            continue  # a "#…" under a nested $id is relative to that subschema; jsonschema resolves it when parameters are checked
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise ValueError(f"$ref {shorten(ref)!r} at {shorten(where)} points at nothing in the schema") from None
+
+
 def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], source: str = "parameters") -> dict[str, Any]:
     """Defaults filled, then validated (draft 2020-12); raises :class:`InvalidInput` listing every error."""
     if dict(schema) == {"type": "object"} and isinstance(given, Mapping):
         return copy.deepcopy(dict(given))  # nothing to fill or check: skip importing jsonschema (cold start)
     from jsonschema import Draft202012Validator
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
 
     value = _fill_defaults(schema, copy.deepcopy(dict(given)))
-    validator = Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    validator = Draft202012Validator(schema, registry=Registry(retrieve=_never_fetch))
+    try:
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    except Unresolvable as exc:
+        raise InvalidInput(f"{source}: $ref {shorten(str(getattr(exc, 'ref', exc)))} cannot be resolved (algodock never fetches a schema)") from None
     if errors:
         lines = []
         for err in errors[:MAX_ERRORS]:
