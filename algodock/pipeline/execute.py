@@ -238,6 +238,7 @@ def _execute(
     around_container: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> StepRecord:
     manifest = ctx.pipeline.manifests[step_id]
+    say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
     image = ctx.image(manifest.container_parameters.image)
     record.image_id, record.repo_digest = image.id, image.repo_digest
@@ -248,7 +249,6 @@ def _execute(
             return hit
     if (keep_dir() / ctx.run_id / step_id).is_dir():  # an earlier attempt's outputs the store would not take
         record.cache_key = record.cache_key or cache_key(record, bindings, manifest)
-        say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
         committed = _commit_kept(ctx, step_id, record, attempt_id, say)
         if committed is not None:
             return committed
@@ -307,7 +307,6 @@ def _execute(
 
     record_from_result(record, result)
     record.attempts = attempt
-    say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     if not result.ok:
         try:
             _store_log(ctx, step_id, attempt_id, record, log_path, say)
@@ -317,7 +316,7 @@ def _execute(
         return record
     try:
         _store_log(ctx, step_id, attempt_id, record, log_path, say)
-        record.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in result.outputs]
+        record.outputs = _commit_outputs(ctx, step_id, attempt_id, result.outputs, say)
     except InfrastructureError as exc:
         return _keep_for_retry(ctx, step_id, attempt_id, record, result.outputs, output_dir, log_path, exc)
     _discard(output_dir)
@@ -330,6 +329,11 @@ def _store_log(ctx: RunContext, step_id: str, attempt_id: str, record: StepRecor
     if log_path.exists():
         dest = log_rel(ctx.run_id, step_id, attempt_id)
         record.log_uri = retrying(lambda: ctx.store.put_output(log_path, dest, move=True), f"storing the log at {ctx.store.uri(dest)}", on_retry=say)
+
+
+def _commit_outputs(ctx: RunContext, step_id: str, attempt_id: str, outputs: list[OutputRecord], say: Callable[[str], None] | None) -> list[OutputRecord]:
+    """``outputs`` stored under this attempt's own prefix, each with its stored URI."""
+    return [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in outputs]
 
 
 def _commit(ctx: RunContext, step_id: str, attempt_id: str, o: OutputRecord, say: Callable[[str], None] | None) -> str:
@@ -419,10 +423,7 @@ def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: 
     """Commit the outputs an earlier attempt of this step kept when the store failed (see
     :func:`_keep_for_retry`), if they were made from exactly what this attempt would run
     (same cache key) and still hold their recorded bytes; None when there are none (run it)."""
-    folder = keep_dir() / ctx.run_id / step_id
-    if not folder.is_dir():
-        return None
-    for meta in sorted(folder.glob(f"*/{KEPT_RECORD}")):
+    for meta in sorted((keep_dir() / ctx.run_id / step_id).glob(f"*/{KEPT_RECORD}")):
         try:
             kept = KeptAttempt.model_validate_json(meta.read_bytes())
         except (OSError, ValueError) as exc:
@@ -431,47 +432,51 @@ def _commit_kept(ctx: RunContext, step_id: str, record: StepRecord, attempt_id: 
         if kept.record.cache_key != record.cache_key:
             log.info("step %s: the outputs kept from attempt %s were made from other inputs; not using them", step_id, kept.attempt_id)
             continue
-        where = {k.name: k for k in kept.outputs}
-        outputs = []
-        for o in kept.record.outputs:
-            k = where.get(o.name)
-            try:
-                intact = k is not None and sha256_path(kept.outputs_dir / k.rel) == o.sha256
-            except OSError:
-                intact = False
-            if not intact:
-                log.warning("step %s: output %s kept from attempt %s is gone or changed; running the step", step_id, o.name, kept.attempt_id)
-                break
-            outputs.append(o.model_copy(update={"path": kept.outputs_dir / k.rel, "multiple": k.multiple}))
-        else:
-            if say:
-                say(f"committing the outputs of attempt {kept.attempt_id}, kept on local disk when the store failed; the container is not run again")
-            done = record_from_result(record.model_copy(deep=True), kept.record)
-            done.log_uri = kept.record.log_uri
-            done.attempt_history = [  # honest about what ran: one container, two attempts
-                {"attempt": kept.record.attempts, "attempt_id": kept.attempt_id, "status": "failed", "ran_container": True,
-                 "started_at": _iso(kept.record.started_at), "finished_at": _iso(kept.record.finished_at),
-                 "failure": {"kind": "infrastructure", "message": "the container succeeded; the store failed, the outputs were kept on local disk"}},
-                {"attempt": record.attempts, "attempt_id": attempt_id, "status": "succeeded", "ran_container": False, "committed_from": kept.attempt_id},
-            ]
-            try:
-                if kept.log is not None:
-                    _store_log(ctx, step_id, attempt_id, done, kept.log, say)
-                done.outputs = [o.model_copy(update={"uri": _commit(ctx, step_id, attempt_id, o, say)}) for o in outputs]
-            except InfrastructureError as exc:
-                done.status, done.outputs = "failed", []
-                done.failure = Failure(kind="infrastructure", message=f"the store {ctx.store.uri()} still fails: {exc}; the outputs stay kept at {kept.outputs_dir}")
-                return done
-            _discard(kept.outputs_dir)
-            shutil.rmtree(meta.parent, ignore_errors=True)
-            if ctx.cache is not None:
-                ctx.cache.remember(ctx.run_id, done)
+        outputs = _intact_outputs(step_id, kept)
+        if outputs is None:
+            continue
+        if say:
+            say(f"committing the outputs of attempt {kept.attempt_id}, kept on local disk when the store failed; the container is not run again")
+        done = record_from_result(record.model_copy(deep=True), kept.record)
+        done.log_uri = kept.record.log_uri
+        done.attempt_history = [  # honest about what ran: one container, two attempts
+            {"attempt": kept.record.attempts, "attempt_id": kept.attempt_id, "status": "failed", "ran_container": True,
+             **kept.record.model_dump(mode="json", include={"started_at", "finished_at"}),
+             "failure": {"kind": "infrastructure", "message": "the container succeeded; the store failed, the outputs were kept on local disk"}},
+            {"attempt": record.attempts, "attempt_id": attempt_id, "status": "succeeded", "ran_container": False, "committed_from": kept.attempt_id},
+        ]
+        try:
+            if kept.log is not None:
+                _store_log(ctx, step_id, attempt_id, done, kept.log, say)
+            done.outputs = _commit_outputs(ctx, step_id, attempt_id, outputs, say)
+        except InfrastructureError as exc:
+            done.status, done.outputs = "failed", []
+            done.failure = Failure(kind="infrastructure", message=f"the store {ctx.store.uri()} still fails: {exc}; the outputs stay kept at {kept.outputs_dir}")
             return done
+        _discard(kept.outputs_dir)
+        shutil.rmtree(meta.parent, ignore_errors=True)
+        if ctx.cache is not None:
+            ctx.cache.remember(ctx.run_id, done)
+        return done
     return None
 
 
-def _iso(when: Any) -> str | None:
-    return when.isoformat() if when is not None else None
+def _intact_outputs(step_id: str, kept: KeptAttempt) -> list[OutputRecord] | None:
+    """The kept attempt's outputs, each at its kept path, if every one still hashes to its
+    recorded sha256; None (logged) when one is gone or changed."""
+    where = {k.name: k for k in kept.outputs}
+    outputs = []
+    for o in kept.record.outputs:
+        k = where.get(o.name)
+        try:
+            intact = k is not None and sha256_path(kept.outputs_dir / k.rel) == o.sha256
+        except OSError:
+            intact = False
+        if not intact:
+            log.warning("step %s: output %s kept from attempt %s is gone or changed; running the step", step_id, o.name, kept.attempt_id)
+            return None
+        outputs.append(o.model_copy(update={"path": kept.outputs_dir / k.rel, "multiple": k.multiple}))
+    return outputs
 
 
 def _discard(output_dir: Path) -> None:
