@@ -1,8 +1,8 @@
 """A team's Prefect server: one ``prefect server start`` on Postgres, many writers at once.
 
-SQLite answers "database is locked" when several ``algodock run``s write to one server (README,
-"Running on several hosts"); a team runs the server on Postgres
-(PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...). Here a throwaway Postgres
+SQLite takes one writer at a time; a team runs the server on Postgres (README, "Running on
+several hosts"; PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...). The same load
+on a SQLite-backed server also passed on this machine (docs/scale.md, "The Prefect API"). Here a throwaway Postgres
 cluster and the server on it, both on 127.0.0.1, take six concurrent ``algodock run``
 processes, then a scheduled deployment run by a real worker while more ``algodock run``s go on.
 Every flow run must complete with its task runs, and the rows must be in Postgres.
