@@ -108,7 +108,7 @@ def resolve_parameters(schema: Mapping[str, Any], given: Mapping[str, Any], sour
 def parse_value(text: str) -> Any:
     """A parameter given on a command line: JSON when it parses (``5`` is 5), else the string."""
     if too_deep(text):
-        raise InvalidInput(f"value {text[:40]!r}… is {TOO_DEEP}")
+        raise InvalidInput(f"value {shorten(text, 40)!r} is {TOO_DEEP}")
     try:
         return json.loads(text)
     except ValueError:

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from algodock.contract.documents import TOO_DEEP, too_deep
 from algodock.contract.manifest import ALGO_OUTPUT_NAME, AlgoOutput, Manifest, format_validation_error, safe_relative
-from algodock.errors import InfrastructureError, InvalidOutput, MissingOutput
+from algodock.errors import InfrastructureError, InvalidOutput, MissingOutput, shorten
 from algodock.hashing import folder_digest, parquet_rows, sha256_regular, sort_key
 from algodock.records import OutputRecord
 
@@ -166,7 +166,7 @@ def parse_algo_output(raw: bytes) -> AlgoOutput:
         # A lone surrogate ("\\ud800") parses but can never be written out as UTF-8 later.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (ValueError, UnicodeError) as exc:
-        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is not valid JSON: {str(exc)[:200]}") from None
+        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is not valid JSON: {shorten(str(exc), 200)}") from None
     if not isinstance(data, dict):
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME}: expected a JSON object, got {type(data).__name__}")
     try:
@@ -175,9 +175,9 @@ def parse_algo_output(raw: bytes) -> AlgoOutput:
         lines = format_validation_error(ALGO_OUTPUT_NAME, exc)
         if len(lines) > MAX_MESSAGE_LINES:
             lines = [*lines[:MAX_MESSAGE_LINES], f"… and {len(lines) - MAX_MESSAGE_LINES} more errors"]
-        raise InvalidOutput("\n".join(line[:500] for line in lines)) from None
+        raise InvalidOutput("\n".join(shorten(line, 500) for line in lines)) from None
     except (RecursionError, ValueError, TypeError) as exc:  # a validator choking on hostile shapes
-        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} cannot be read: {type(exc).__name__}: {shorten(str(exc), 200)}") from None
 
 
 def read_algo_output(output_dir: Path) -> AlgoOutput | None:
