@@ -103,7 +103,7 @@ BAD_DOCUMENTS: list[tuple[str, Any, str]] = [
         changed(lambda d: d["parameters"]["properties"].update(n={"type": "int"})),
         "parameters: not a valid JSON Schema at properties/n/type",
     ),
-    ("wrong-manifest-version", changed(lambda d: d.update(manifest_version="1.0")), "manifest_version: Input should be '0.1' or '0.2'"),
+    ("wrong-manifest-version", changed(lambda d: d.update(manifest_version="1.0")), "manifest_version: Input should be '0.1', '0.2' or '0.3'"),
     ("missing-manifest-version", changed(lambda d: d.pop("manifest_version")), "manifest_version: required field is missing"),
     ("non-mapping-root", ["a", "list"], "(root): expected a mapping, got list"),
     ("null-root", None, "(root): expected a mapping, got NoneType"),

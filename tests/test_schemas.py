@@ -86,7 +86,7 @@ def test_manifest_schema_accepts_the_contract_example_and_rejects_what_the_model
     bad_cases = [
         {**GOOD, "nmae": "typo"},
         {**GOOD, "name": "Bad Name"},
-        {**GOOD, "manifest_version": "0.3"},
+        {**GOOD, "manifest_version": "0.4"},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "command": []}},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "env": {"ALGORITHM_INPUT_PATH": "/x"}}},
         {**GOOD, "container_parameters": {**GOOD["container_parameters"], "resource_request": {"cpu_millicore": 0}}},

@@ -81,8 +81,13 @@ def manifest_document(name: str, image: str) -> dict:
             "required": [],
             "additionalProperties": False,
         },
-        "inputs": [{"name": SAMPLE_SLOT, "format": "parquet", "required": True, "multiple": True, "description": "Rows with a group column and a numeric column."}],
-        "outputs": [{"name": "summary", "format": "parquet", "required": True, "description": "One row per group: group, rows, total."}],
+        # The schemas are what `algodock schema sample/table` and `algodock schema` of the output print:
+        # checked before a run against the steps around it, and on the bytes at hand-off (docs/contract.md).
+        "inputs": [{"name": SAMPLE_SLOT, "format": "parquet", "required": True, "multiple": True, "description": "Rows with a group column and a numeric column.",
+                    "schema": {"columns": [{"name": "key", "type": "string"}, {"name": "value", "type": "double"}], "extra_columns": "allow"}}],
+        "outputs": [{"name": "summary", "format": "parquet", "required": True, "description": "One row per group: group, rows, total.",
+                     "schema": {"columns": [{"name": "group", "type": "string"}, {"name": "rows", "type": "int64", "nullable": False},
+                                            {"name": "total", "type": "double"}], "extra_columns": "forbid"}}],
     }
 
 

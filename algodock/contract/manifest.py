@@ -19,8 +19,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
 
+from algodock.contract.arrow_schema import SlotSchema
 from algodock.contract.documents import read_document
 from algodock.contract.params import check_refs
 from algodock.errors import InvalidManifest, shorten
@@ -28,7 +29,7 @@ from algodock.errors import InvalidManifest, shorten
 TRIVIAL_SCHEMA = {"type": "object"}
 """The parameters schema of a manifest that declares none: any object, no defaults."""
 
-CONTRACT_VERSION = "0.2"
+CONTRACT_VERSION = "0.3"
 """The newest manifest version this platform reads."""
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -102,12 +103,34 @@ class ContainerParameters(_Strict):
         return env
 
 
+SCHEMA_VERSIONS = ("0.3",)
+"""Manifest versions whose parquet slots may declare a ``schema``."""
+
+
 class _Slot(_Strict):
+    # The key is "schema" (BaseModel has a method of that name, hence the alias).
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     name: Name
     format: Format
     required: bool = True
     multiple: bool = Field(False, description="True: the slot is a folder of files (e.g. parquet parts).")
     description: str = ""
+    schema_: SlotSchema | None = Field(
+        None,
+        alias="schema",
+        exclude_if=lambda schema: schema is None,  # a manifest without schemas dumps as before 0.3
+        description="Manifest 0.3, parquet slots only: the Arrow columns the data holds, checked before a run and on the bytes at hand-off.",
+        examples=[{"columns": [{"name": "device_id", "type": "string", "nullable": False}, {"name": "ts", "type": "timestamp[us, tz=UTC]"}], "extra_columns": "allow"}],
+    )
+
+    @field_validator("schema_")
+    @classmethod
+    def _parquet_only(cls, schema: SlotSchema | None, info: ValidationInfo) -> SlotSchema | None:
+        fmt = info.data.get("format")
+        if schema is not None and fmt is not None and fmt != "parquet":
+            raise ValueError(f"a schema is only for parquet slots; this slot's format is {fmt}")
+        return schema
 
 
 class InputSlot(_Slot):
@@ -121,7 +144,7 @@ class OutputSlot(_Slot):
 class Manifest(_Strict):
     """What an algorithm author ships beside the image (CONTRACT.md §1)."""
 
-    manifest_version: Literal["0.1", "0.2"]  # 0.2 added output limits and shm_mb; 0.1 stays valid
+    manifest_version: Literal["0.1", "0.2", "0.3"]  # 0.2 added output limits and shm_mb, 0.3 slot schemas; older ones stay valid
     name: Name
     version: str = Field(min_length=1)
     description: str = ""
@@ -159,6 +182,15 @@ class Manifest(_Strict):
                 raise ValueError(f"slot name {slot.name!r} is used twice ({info.field_name}.{seen[slot.name]} and {info.field_name}.{i})")
             seen[slot.name] = i
         return slots
+
+    @model_validator(mode="after")
+    def _schemas_need_03(self) -> Manifest:
+        if self.manifest_version not in SCHEMA_VERSIONS:
+            for where, slots in (("inputs", self.inputs), ("outputs", self.outputs)):
+                for i, slot in enumerate(slots):
+                    if slot.schema_ is not None:
+                        raise ValueError(f"{where}.{i}.schema: a slot schema needs manifest_version 0.3 (this manifest says {self.manifest_version})")
+        return self
 
     def input_slot(self, name: str) -> InputSlot | None:
         return next((s for s in self.inputs if s.name == name), None)
