@@ -5,6 +5,8 @@ refused naming the field, and manifests 0.1/0.2 unchanged."""
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from algodock.contract.arrow_schema import SlotSchema, compare, feeds, parse_type
 from algodock.contract.manifest import parse_manifest
 from algodock.errors import InvalidManifest
+from algodock.pipeline import build_pipeline
 
 UNITS = ["s", "ms", "us", "ns"]
 TIMEZONES = [None, "UTC", "Europe/Paris", "+05:30", "America/Argentina/Buenos_Aires"]
@@ -174,3 +177,63 @@ def test_old_manifests_are_unchanged(version: str) -> None:
     assert "schema" not in m.model_dump(mode="json")["outputs"][0]  # dumps as before 0.3
     with pytest.raises(InvalidManifest, match=r"outputs\.0\.schema: a slot schema needs manifest_version 0.3"):
         parse_manifest(_manifest(version, schema=COLUMNS))
+
+
+# ---------------------------------------------------------------- declarations compared at validate time
+
+
+def _algo(tmp_path: Path, name: str, *, inputs: list[dict[str, Any]] = (), outputs: list[dict[str, Any]] = (), version: str = "0.3") -> str:
+    doc = {**copy.deepcopy(BASE), "manifest_version": version, "name": name, "inputs": list(inputs), "outputs": list(outputs)}
+    (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    return f"{name}.json"
+
+
+def _two_steps(tmp_path: Path, produced: dict[str, Any] | None, wanted: dict[str, Any] | None, version: str = "0.3") -> dict[str, Any]:
+    out = {"name": "table", "format": "parquet", **({"schema": produced} if produced else {})}
+    inp = {"name": "rows", "format": "parquet", **({"schema": wanted} if wanted else {})}
+    return {
+        "pipeline_version": "0.1",
+        "name": "p",
+        "steps": [
+            {"id": "make", "manifest": _algo(tmp_path, "maker", outputs=[out], version=version)},
+            {"id": "use", "manifest": _algo(tmp_path, "user", inputs=[inp], version=version), "inputs": {"rows": "make.table"}},
+        ],
+    }
+
+
+def _cols(*columns: tuple[Any, ...], extra: str = "allow") -> dict[str, Any]:
+    return _schema(*columns, extra=extra).model_dump()
+
+
+def test_validate_names_both_steps_slot_column_and_types(tmp_path: Path) -> None:
+    spec = _two_steps(
+        tmp_path,
+        _cols(("device_id", "string"), ("ts", "string"), ("n", "int64")),
+        _cols(("deviceId", "string"), ("ts", "timestamp[us, tz=UTC]"), ("n", "int32")),
+    )
+    with pytest.raises(InvalidManifest) as err:
+        build_pipeline(spec, base_dir=tmp_path, source="p.yaml")
+    lines = err.value.errors
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert line.startswith("p.yaml: step use: inputs.rows.schema: column ") and "step 'make' output 'table'" in line and "step 'use' input 'rows'" in line
+    assert any("'ts'" in line and "string" in line and "timestamp[us, tz=UTC]" in line for line in lines)
+    assert any("'n'" in line and "int64" in line and "int32" in line for line in lines)
+    assert any("'deviceId'" in line and "missing" in line for line in lines)
+
+
+def test_validate_nullable_into_non_nullable_and_extra_under_forbid(tmp_path: Path) -> None:
+    spec = _two_steps(tmp_path, _cols(("a", "int64"), ("b", "string")), _cols(("a", "int64", False), extra="forbid"))
+    with pytest.raises(InvalidManifest) as err:
+        build_pipeline(spec, base_dir=tmp_path, source="p.yaml")
+    assert len(err.value.errors) == 2
+    assert "column 'a'" in err.value.errors[0] and "nullable" in err.value.errors[0]
+    assert "column 'b'" in err.value.errors[1] and "forbids" in err.value.errors[1]
+
+
+def test_validate_accepts_widenings_and_untyped_sides(tmp_path: Path) -> None:
+    produced = _cols(("a", "int32", False), ("s", "string"), ("t", "time32[s]"), ("extra", "double"))
+    build_pipeline(_two_steps(tmp_path, produced, _cols(("a", "int64", False), ("s", "large_string"), ("t", "time64[ns]"))), base_dir=tmp_path)
+    build_pipeline(_two_steps(tmp_path, None, _cols(("a", "int64"))), base_dir=tmp_path)  # checked on the bytes instead
+    build_pipeline(_two_steps(tmp_path, produced, None), base_dir=tmp_path)
+    build_pipeline(_two_steps(tmp_path, None, None, version="0.1"), base_dir=tmp_path)  # an old pipeline is unchanged

@@ -1,7 +1,7 @@
 """A pipeline spec checked whole, on manifests already loaded: no file, block or engine is read here.
 
 :func:`validate_pipeline` checks everything that can be checked without running anything
-(step ids, references, formats, cycles, parameters, resource requests) and raises one
+(step ids, references, formats, slot schemas, cycles, parameters, resource requests) and raises one
 :class:`~algodock.errors.InvalidManifest` listing every error, each line naming the file,
 the step and the field. What it returns, :class:`Pipeline`, is the resolved DAG: one
 :class:`ResolvedStep` per step.
@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from algodock.contract.arrow_schema import compare
 from algodock.contract.manifest import Manifest
 from algodock.contract.params import resolve_parameters
 from algodock.errors import InvalidInput, InvalidManifest
@@ -253,6 +254,13 @@ class _Checker:
                     self.error(step.id, where, f"format mismatch: {ref} is {out.format}, the slot expects {slot.format}")
                 if slot is not None and out.multiple and not slot.multiple:
                     self.error(step.id, where, f"{ref} is a folder of files (multiple), the slot takes a single file (multiple: false)")
+                if slot is not None and out.schema_ is not None and slot.schema_ is not None:
+                    for mismatch in compare(out.schema_, slot.schema_):
+                        self.error(
+                            step.id,
+                            f"{where}.schema",
+                            f"column {mismatch.column!r}: step {ref.name!r} output {ref.output!r} does not feed step {step.id!r} input {slot_name!r}: {mismatch.problem}",
+                        )
             bindings[slot_name] = ref
         if manifest is not None:
             for slot in manifest.inputs:
