@@ -105,11 +105,20 @@ class InputRecord(BaseModel):
 class OutputRecord(BaseModel):
     """One declared output: found in the output folder, hashed, then (in a pipeline) stored."""
 
+    # The key is "schema" (BaseModel has a method of that name, hence the alias).
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     name: str
     uri: str = Field(description="Where it is: the store's file:// path or s3:// URI (a local path for run-step).")
     sha256: str = Field(description=HASH_DESCRIPTION)
     format: str
     rows: int | None = None
+    schema_: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        exclude_if=lambda schema: schema is None,
+        description="parquet: the Arrow schema of the bytes as a slot schema object (columns with pyarrow type strings), read from the footers.",
+    )
     path: Path | None = Field(None, exclude=True)
     """The local file or folder while the step runs (not recorded)."""
     multiple: bool = Field(False, exclude=True)

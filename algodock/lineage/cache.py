@@ -85,6 +85,8 @@ class CachedOutput(BaseModel):
     sha256: str
     format: str
     rows: int | None = None
+    arrow_schema: dict[str, Any] | None = None
+    """The recorded Arrow schema of the bytes (parquet), as :attr:`OutputRecord.schema_`."""
 
 
 class CacheEntry(BaseModel):
@@ -225,7 +227,9 @@ class StoreCache:
             InputRecord(name=slot, uri=b.uri or str(b.path), sha256=b.sha256 or "", produced_by=b.produced_by, rows=b.rows)
             for slot, b in sorted(bindings.items())
         ]
-        hit.outputs = [OutputRecord(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows) for o, uri in zip(entry.outputs, uris)]
+        hit.outputs = [
+            OutputRecord(name=o.name, uri=uri, sha256=o.sha256, format=o.format, rows=o.rows, schema_=o.arrow_schema) for o, uri in zip(entry.outputs, uris)
+        ]
         hit.metrics = dict(entry.metrics)
         hit.log_uri = self.store.uri(entry.log_rel) if entry.log_rel else None
         hit.exit_code = None  # no container ran for this record
@@ -244,7 +248,7 @@ class StoreCache:
             if rel is None:
                 log.warning("step %s: output %s is outside the store; not caching the step", record.id, o.uri)
                 return
-            outputs.append(CachedOutput(name=o.name, rel=rel, sha256=o.sha256, format=o.format, rows=o.rows))
+            outputs.append(CachedOutput(name=o.name, rel=rel, sha256=o.sha256, format=o.format, rows=o.rows, arrow_schema=o.schema_))
         entry = CacheEntry(
             key=record.cache_key,
             run_id=run_id,

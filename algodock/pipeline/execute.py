@@ -40,10 +40,11 @@ from pydantic import BaseModel
 
 from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.engine import resolve_image
-from algodock.errors import InfrastructureError, InvalidInput, StepFailure
+from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
 from algodock.lineage.cache import cache_key
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
+from algodock.runtime.handoff import check_outputs, parquet_files
 from algodock.runtime.outputs import copy_regular_tree
 from algodock.runtime.runner import run_step
 from algodock.runtime.staging import hash_input
@@ -63,6 +64,7 @@ from algodock.store.backends import (
 if TYPE_CHECKING:
     import docker
 
+    from algodock.contract.manifest import Manifest
     from algodock.pipeline import Pipeline
 
 log = logging.getLogger("algodock.pipeline.execute")
@@ -246,7 +248,7 @@ def _execute(
     if ctx.cache is not None:
         hit = ctx.cache.lookup(record, bindings, use=ctx.use_cache, manifest=manifest)
         if hit is not None:
-            return hit
+            return _checked_hit(ctx, manifest, hit)
     if (keep_dir() / ctx.run_id / step_id).is_dir():  # an earlier attempt's outputs the store would not take
         record.cache_key = record.cache_key or cache_key(record, bindings, manifest)
         committed = _commit_kept(ctx, step_id, record, attempt_id, say)
@@ -323,6 +325,35 @@ def _execute(
     if ctx.cache is not None:
         ctx.cache.remember(ctx.run_id, record)
     return record
+
+
+def _checked_hit(ctx: RunContext, manifest: Manifest, hit: StepRecord) -> StepRecord:
+    """A cache hit whose bytes still match the outputs' declared schemas (a declaration can change
+    while the bytes stay: the cache key does not cover it); else the step fails ``invalid_output``
+    naming the file and column, and no container runs."""
+    try:
+        check_outputs(manifest, hit.outputs, open_file=lambda o: _stored_files(ctx.store, o.uri), where=f"outputs served from the cache of run {hit.cached_from}")
+    except InvalidOutput as failure:
+        hit.status, hit.failure, hit.outputs = "failed", failure, []
+    except OSError as exc:
+        hit.status, hit.outputs = "failed", []
+        hit.failure = InfrastructureError(f"could not read the cached outputs' footers to check their schemas: {exc}")
+    return hit
+
+
+def _stored_files(store: Store, uri: str) -> tuple[Callable[[str], Any], list[str]]:
+    """An opener for the parquet files of a stored output and their relative paths (footers read in place)."""
+    local = local_path_of(uri)
+    if local is not None:
+        return (lambda rel: open(local / rel if rel else local, "rb")), parquet_files(local)
+    fs = getattr(store, "fs", None)
+    if fs is None:
+        raise OSError(f"{uri}: no filesystem to read it from")
+    key = uri.removeprefix("s3://").rstrip("/")
+    if fs.isdir(key):
+        rels = sorted(k[len(key) + 1 :] for k in fs.find(key) if k.endswith(".parquet"))
+        return (lambda rel: fs.open(f"{key}/{rel}", "rb")), rels
+    return (lambda rel: fs.open(key, "rb")), [""]
 
 
 def _store_log(ctx: RunContext, step_id: str, attempt_id: str, record: StepRecord, log_path: Path, say: Callable[[str], None] | None) -> None:

@@ -33,6 +33,7 @@ from algodock.contract.params import resolve_parameters
 from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure, shorten
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
+from algodock.runtime.handoff import check_inputs, check_outputs, record_schema
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
 from algodock.runtime.logs import EMIT_LINES, LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
@@ -264,6 +265,7 @@ def run_step(
             result.parameters = resolve_parameters(manifest.parameters, parameters or {})
         bindings = as_bindings(inputs or {})
         plan_inputs(manifest, bindings, Path(INPUT_DIR))  # a check only: bad inputs fail before the engine is asked anything
+        check_inputs(manifest, bindings)  # parquet inputs against the slots' schemas, footers only: no container for bad data
         client = client or docker_client()
         if id(client) not in _swept:
             _swept.add(id(client))
@@ -360,7 +362,9 @@ def run_step(
                     f"the algorithm exited 0 but its {ALGO_OUTPUT_NAME} says status {algo_output.status!r}: {shorten(algo_output.message or '', 2000)}",
                     exit_code=0,
                 )
-        result.outputs = collect_outputs(manifest, output_dir, algo_output)
+        outputs = collect_outputs(manifest, output_dir, algo_output)
+        check_outputs(manifest, outputs)  # invalid_output: the files stay for the post-mortem
+        result.outputs = [record_schema(o) for o in outputs]
         result.status = "succeeded"
     except StepFailure as failure:
         result.failure = failure
