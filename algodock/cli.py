@@ -59,9 +59,10 @@ def main(verbose: bool) -> None:
     algodock init NAME                scaffold an algorithm project
     algodock check-image MANIFEST     check an image meets the contract, in the sandbox
     algodock usage STEP_OR_IMAGE      what a step used over its last runs
+    algodock schema FILE_OR_DIR       the slot schema of parquet data, to paste into a manifest
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
-    CONTRACT.md; JSON Schemas for editors are in schemas/.
+    docs/contract.md; JSON Schemas for editors are in schemas/.
     """
     setup_logging(verbose)
 
@@ -103,7 +104,7 @@ def validate(files: tuple[Path, ...]) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Also keep the container's whole log here.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout (logs go to stderr).")
 def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...], output: Path, log_file: Path | None, as_json: bool) -> None:
-    """Run one algorithm container on local data, in the sandbox of CONTRACT.md.
+    """Run one algorithm container on local data, in the sandbox of docs/contract.md.
 
     \b
     Example:
@@ -154,6 +155,28 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
         print_errors(result.failure)
     click.echo(f"failed ({result.failure.kind})", err=True)
     sys.exit(1)
+
+
+@main.command("schema")
+@click.argument("path", type=click.Path(exists=True, path_type=Path), metavar="FILE_OR_DIR")
+@click.option("--forbid-extra", is_flag=True, help='Write "extra_columns": "forbid" (default: "allow").')
+def schema_cmd(path: Path, forbid_extra: bool) -> None:
+    """Print, as JSON on stdout, the slot `schema` object of real parquet data, ready to paste into
+    a manifest 0.3 slot: a parquet file, or a folder whose .parquet parts must all agree.
+
+    Only the footers are read. Exit 1 when there is no parquet file, one cannot be read, or the
+    parts of a folder disagree (the two are named).
+    """
+    from algodock.contract.arrow_schema import SlotSchema
+    from algodock.runtime.handoff import arrow_schema_of
+
+    try:
+        schema = arrow_schema_of(path)
+    except (ValueError, OSError) as exc:
+        click.echo(f"{path}: {exc}" if str(path) not in str(exc) else str(exc), err=True)
+        sys.exit(1)
+    declared = SlotSchema.of(schema, extra_columns="forbid" if forbid_extra else "allow")
+    click.echo(json.dumps(declared.model_dump(mode="json"), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The failure kinds of CONTRACT.md §4, one exception class each.
+"""The failure kinds of docs/contract.md §4, one exception class each.
 
 Every failure a step can have is a :class:`StepFailure`; its ``kind`` is the string the
 platform reports. Only :class:`InfrastructureError` is retryable by default.
@@ -24,7 +24,7 @@ def shorten(text: str, limit: int = 300) -> str:
 
 
 class StepFailure(AlgodockError):
-    """A step failed; ``kind`` is one of CONTRACT.md §4."""
+    """A step failed; ``kind`` is one of docs/contract.md §4."""
 
     kind: ClassVar[str] = "infrastructure"
     retryable: ClassVar[bool] = False

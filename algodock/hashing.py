@@ -2,7 +2,7 @@
 
 A file's hash is the sha256 of its bytes (what ``sha256sum FILE`` prints).
 
-A folder's hash is framed so that no file name can forge it (CONTRACT.md §5): it is the
+A folder's hash is framed so that no file name can forge it (docs/contract.md §6): it is the
 sha256 of one entry per regular file below the folder, sorted by the bytes of the relative
 path (POSIX separators), each entry being::
 

@@ -1,4 +1,4 @@
-"""Records of step runs and pipeline runs (CONTRACT.md §5).
+"""Records of step runs and pipeline runs (docs/contract.md §6).
 
 One record per concept: a :class:`StepRecord` is what ``run_step`` returns and what a
 pipeline keeps per step in the run's lineage document (exported as
@@ -66,7 +66,7 @@ HASH_DESCRIPTION = (
 
 
 class Failure(BaseModel):
-    """How a step failed: one of CONTRACT.md §4's kinds (see :mod:`algodock.errors`)."""
+    """How a step failed: one of docs/contract.md §4's kinds (see :mod:`algodock.errors`)."""
 
     kind: str
     message: str
@@ -153,7 +153,7 @@ class Usage(BaseModel):
 
 
 class StepRecord(BaseModel):
-    """Everything recorded about one step (CONTRACT.md §5): what ``run_step`` returns, and
+    """Everything recorded about one step (docs/contract.md §6): what ``run_step`` returns, and
     one entry of a run's lineage document. Fields marked ``exclude`` stay in memory only."""
 
     model_config = ConfigDict(validate_assignment=True)

@@ -38,12 +38,12 @@ log = logging.getLogger("algodock.schemas")
 
 
 SCHEMAS: dict[str, tuple[str, type[BaseModel], JsonSchemaMode]] = {
-    "manifest": ("the algorithm manifest (CONTRACT.md §1)", Manifest, "validation"),
-    "algo_input": ("/work/algo_input.json, what the container reads (CONTRACT.md §2)", AlgoInput, "validation"),
-    "algo_output": ("/work/output/algo_output.json, what the container returns (CONTRACT.md §3)", AlgoOutput, "validation"),
+    "manifest": ("the algorithm manifest (docs/contract.md §1)", Manifest, "validation"),
+    "algo_input": ("/work/algo_input.json, what the container reads (docs/contract.md §2)", AlgoInput, "validation"),
+    "algo_output": ("/work/output/algo_output.json, what the container returns (docs/contract.md §3)", AlgoOutput, "validation"),
     "pipeline": ("a pipeline spec", PipelineSpec, "validation"),
     # Written by algodock, read by people and tools: the schema of what is written.
-    "lineage": ("the lineage record of a run (CONTRACT.md §5)", LineageDocument, "serialization"),
+    "lineage": ("the lineage record of a run (docs/contract.md §6)", LineageDocument, "serialization"),
 }
 """File stem -> (what it describes, the model, which side of it: what is read or what is written)."""
 

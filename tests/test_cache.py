@@ -42,7 +42,7 @@ def _manifest(gpu: int = 0, env: dict | None = None):
 
 
 def test_cache_key_covers_everything_the_container_sees(tmp_path) -> None:
-    """CONTRACT §5: image id, command, env, parameters, GPU, the whole algo_input.json (file names
+    """docs/contract.md §6: image id, command, env, parameters, GPU, the whole algo_input.json (file names
     and source_uri included) and every input byte; never the tag."""
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, name in ((one, "raw.csv"), (two, "renamed.csv")):

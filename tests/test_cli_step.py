@@ -216,7 +216,7 @@ def test_400_mb_log_flood_stays_under_350_mb_rss(busybox_image: str, tmp_path: P
     assert one_json_document(report["stdout"])["status"] == "succeeded"
     assert report["peak_rss_mb"] < 350
     assert report["seconds"] < 300
-    # The log keeps its head and its tail, 64 MiB in all, and says what it dropped (CONTRACT.md §5).
+    # The log keeps its head and its tail, 64 MiB in all, and says what it dropped (docs/contract.md §6).
     assert log_file.stat().st_size <= 64 * 1024 * 1024
     with open(log_file, "rb") as fh:
         assert fh.read(41) == b"0123456789012345678901234567890123456789\n"

@@ -1,4 +1,4 @@
-"""The contract models (CONTRACT.md §1) against a table of bad manifests, `algodock validate`,
+"""The contract models (docs/contract.md §1) against a table of bad manifests, `algodock validate`,
 and parameters: validation with defaults filled, and values parsed from the command line."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Property tests: whatever a manifest, pipeline spec, parameter or algo_output.json holds,
-algodock either accepts it or raises the error CONTRACT.md §4 names for it; never another
+algodock either accepts it or raises the error docs/contract.md §4 names for it; never another
 exception (a traceback is a bug).
 
 Profiles: ``ci`` (the default, bounded: runs in ``make test``) and ``fuzz`` (long: ``make fuzz``,

@@ -1,5 +1,5 @@
 """Pure logic without Docker: reading algo_output.json without trusting it, finding and hashing
-outputs (CONTRACT.md §3), and staging inputs into a step's work folder (§2)."""
+outputs (docs/contract.md §3), and staging inputs into a step's work folder (§2)."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_algo_output_nested_up_to_the_limit_is_read(out: Path) -> None:
 
 
 def test_symlink_that_stays_inside_is_rejected_too(out: Path) -> None:
-    """CONTRACT §3 (0.2): only regular files and folders count; a symlink is never followed, even inward."""
+    """docs/contract.md §3 (0.2): only regular files and folders count; a symlink is never followed, even inward."""
     (out / "data").mkdir()
     (out / "data" / "v.csv").write_text("a,b\n1,2\n")
     (out / "v.csv").symlink_to("data/v.csv")
@@ -469,7 +469,7 @@ def test_all_binding_errors_are_listed_together(tmp_path: Path, data: Path) -> N
     assert len(info.value.errors) == 3
 
 
-# ------------------------------------------------------------------ CONTRACT 0.2 §3: only regular files and folders
+# ------------------------------------------------------------------ docs/contract.md §3 (0.2): only regular files and folders
 
 
 def test_a_symlink_anywhere_in_the_output_folder_is_invalid_even_undeclared(out: Path) -> None:

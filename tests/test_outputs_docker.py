@@ -1,4 +1,4 @@
-"""Hostile outputs through a real container (CONTRACT.md §3, 0.2), on the local store and on S3.
+"""Hostile outputs through a real container (docs/contract.md §3, 0.2), on the local store and on S3.
 
 Each algorithm here is a busybox ``sh -c`` script that leaves something §3 forbids in its
 output folder. The step must end as ``invalid_output``, nothing may be followed, hashed or

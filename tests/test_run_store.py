@@ -424,7 +424,7 @@ def test_a_store_that_stays_down_fails_the_step_and_the_retry_commits_the_kept_o
     """Attempt 1: the container succeeds, the store stays down past its retries: the step fails as
     ``infrastructure`` naming the store, the outputs and log are kept on local disk. Attempt 2 (what
     Prefect's retry runs), with the store back: the kept outputs are committed; the container is not
-    run again (CONTRACT §4)."""
+    run again (docs/contract.md §4)."""
     from algodock.lineage.cache import StoreCache
     from algodock.pipeline import load_pipeline
     from algodock.pipeline.capacity import Capacity, ResourcePool

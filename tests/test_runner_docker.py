@@ -1,4 +1,4 @@
-"""The sandboxed runner against a real Docker engine (CONTRACT.md §2-4).
+"""The sandboxed runner against a real Docker engine (docs/contract.md §2-4).
 
 Every restriction of §2 is proved from inside the container: a probe script prints what it
 sees as ``PROBE key=value`` lines, and the tests assert on them. Every failure kind of §4 is

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "schemas"
 EXAMPLE_MANIFESTS = sorted((REPO / "examples").glob("*/manifest.json"))
 
-# CONTRACT.md §1's example manifest.
+# docs/contract.md §1's example manifest.
 GOOD = CONTRACT_EXAMPLE
 
 

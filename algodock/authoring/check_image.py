@@ -9,6 +9,11 @@ inputs, as few times as the rules need:
   there: gives ``input_path`` and the second hashes for ``determinism``;
 - run 3 only when run 1 succeeded and run 2 did not (the second hashes then come from it).
 
+Outputs whose parquet bytes break their slot's declared schema (or a sample input that breaks
+its slot's) are charged to ``schema``. A peak far under the memory request is a warning with
+the suggested request, never a failure (the sample is small, real inputs are not); an ``oom``
+is a failure.
+
 Each failure is charged to the one rule it breaks (an ``oom`` to ``resources``, a write
 outside ``/work/output`` to ``outputs``, a non-zero exit to ``exit``); a rule that could not
 be judged because of another says so as a warning.
@@ -43,7 +48,7 @@ MOVED_DESCRIPTOR = "/algodock-check/elsewhere/algo_input.json"
 LARGE_IMAGE_BYTES = 2 * 1024**3
 MANY_LAYERS = 40
 GROSS_OVER_REQUEST_BYTES = 1024**3
-"""An over-request fails when the peak is under 10% of it and this much of it is never used."""
+"""An over-request is a warning (never a failure) when the peak is under 10% of it and this much of it is never used."""
 HOME_LIKE = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "MPLCONFIGDIR", "HF_HOME", "TORCH_HOME", "PIP_CACHE_DIR")
 WRITABLE = ("/tmp", "/work/output")
 
@@ -200,6 +205,7 @@ def check_image(
         first = run()
         report.usage = first.usage.as_dict() if first.usage else None
         _check_exit_and_outputs(report, manifest, first, run.output_dirs.get(id(first)))  # type: ignore[attr-defined]
+        _check_schema(report, manifest, first)
         second: StepRecord | None = None
         if first.failure is not None and first.failure.kind == "timeout":
             report.add("input_path", "warn", "not judged: run 1 timed out (see exit)")
@@ -238,6 +244,14 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepRecor
     took = f" in {wall:.1f} s" if wall is not None else ""
     kind = first.failure.kind if first.failure else None
     outside = _wrote_outside(first) if kind == "exit_code" else None
+    if _schema_mismatch(first):  # the schema rule judges it; the container itself did its part
+        if kind == "invalid_input":
+            report.add("exit", "warn", "not started: the sample input does not match the declared schema (see schema)")
+            report.add("outputs", "warn", "not judged: the container did not start (see schema)")
+        else:
+            report.add("exit", "pass", f"exited 0{took} (timeout_seconds {cp.timeout_seconds:g})")
+            report.add("outputs", "pass", "every declared output was found (their columns: see schema)")
+        return
     if kind is None:
         report.add("exit", "pass", f"exited 0{took} (timeout_seconds {cp.timeout_seconds:g})")
     elif outside:
@@ -258,7 +272,7 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepRecor
     elif kind in ("missing_output", "invalid_output", "disk_limit"):
         fixes = {
             "missing_output": "write every required output as <name>.<format> or <name>/ in /work/output, or list it in algo_output.json",
-            "invalid_output": f"keep {ALGO_OUTPUT_NAME} valid (CONTRACT.md §3) and paths inside /work/output",
+            "invalid_output": f"keep {ALGO_OUTPUT_NAME} valid (docs/contract.md §3) and paths inside /work/output",
             "disk_limit": "write less, or raise container_parameters.output_mb / output_files",
         }
         report.add("outputs", "fail", _first_line(first), fixes[kind])
@@ -271,6 +285,31 @@ def _check_exit_and_outputs(report: Report, manifest: Manifest, first: StepRecor
             report.add("outputs", "pass", f"wrote {names or 'no declared outputs'}" + (f" and a valid {ALGO_OUTPUT_NAME}" if first.metrics or first.message is not None else ""))
     else:
         report.add("outputs", "warn", "not judged: run 1 did not finish (see exit)")
+
+
+def _schema_mismatch(result: StepRecord) -> bool:
+    from algodock.runtime.handoff import MISMATCH_HEAD
+
+    return result.failure is not None and result.failure.kind in ("invalid_input", "invalid_output") and MISMATCH_HEAD in result.failure.message.splitlines()[0]
+
+
+def _check_schema(report: Report, manifest: Manifest, first: StepRecord) -> None:
+    """The outputs' (and sample inputs') bytes against the slots' declared schemas."""
+    fix = "make the data match, or correct the declaration: `algodock schema FILE_OR_DIR` prints what the data holds"
+    if _schema_mismatch(first):
+        assert first.failure is not None
+        lines = first.failure.message.splitlines()
+        report.add("schema", "fail", "; ".join(lines[1:6]) + (f"; … ({len(lines) - 6} more)" if len(lines) > 6 else ""), fix)
+        return
+    declared = [o.name for o in manifest.outputs if o.schema_ is not None]
+    undeclared = [o.name for o in manifest.outputs if o.format == "parquet" and o.schema_ is None]
+    hint = f"; {', '.join(undeclared)} declare(s) no schema (manifest 0.3: `algodock schema` prints one to paste)" if undeclared else ""
+    if not first.ok:
+        report.add("schema", "warn", f"not judged: run 1 did not finish (see exit){hint}")
+    elif declared:
+        report.add("schema", "pass", f"{', '.join(declared)} match(es) the declared schema{hint}")
+    else:
+        report.add("schema", "pass", f"no output declares a schema{hint}")
 
 
 def _undeclared(result: StepRecord, root: Path | None) -> list[str]:
@@ -341,7 +380,13 @@ def _check_resources(report: Report, manifest: Manifest, first: StepRecord, seco
     if share > 0.9:
         report.add("resources", "warn", f"{head}: close to the limit, the next input may be killed", f"set resource_request.memory_gb to {max(suggested, rr.memory_gb * 1.5):g}")
     elif share < 0.1 and limit - peak >= GROSS_OVER_REQUEST_BYTES:
-        report.add("resources", "fail", f"{head}: over-requested, the unused memory is held from other steps", f"set resource_request.memory_gb to {suggested:g}")
+        # A warning, never a failure: check-image runs on the small sample/ input and real inputs
+        # are larger; failing here would push authors to ask for too little and meet oom in production.
+        report.add(
+            "resources", "warn",
+            f"{head}: far under the request on the sample input (real inputs are larger: size it on one of those); suggested request: memory_gb {suggested:g}",
+            f"if the sample is representative, set resource_request.memory_gb to {suggested:g}; the unused memory is held from other steps",
+        )
     elif share < 0.5 and suggested < rr.memory_gb:
         report.add("resources", "pass", f"{head}; suggested request: memory_gb {suggested:g}")
     else:

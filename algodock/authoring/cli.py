@@ -50,7 +50,7 @@ def check_image_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, 
     """Run the manifest's image in the real sandbox and check it meets the contract.
 
     \b
-    Rules: manifest, image, user, exit, outputs, input_path, determinism, resources, lint.
+    Rules: manifest, image, user, exit, outputs, schema, input_path, determinism, resources, lint.
     Each is pass, warn or fail, with a one-line fix. Exit 1 when any fails.
     The image runs twice (three times when the second run fails): the second time with
     algo_input.json at another path, to catch a hard-coded /work/algo_input.json.

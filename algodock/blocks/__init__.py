@@ -34,7 +34,7 @@ __all__ = ["AlgorithmBlock", "AwsCredentials", "DockerHost", "StoreBlock", "load
 class AlgorithmBlock(Block):
     """A saved algorithm manifest that pipeline specs can name with ``block: NAME``.
 
-    The manifest is validated as CONTRACT.md §1 says when the block is built: a bad one
+    The manifest is validated as docs/contract.md §1 says when the block is built: a bad one
     never reaches the Prefect API (``save`` is never called with it).
     """
 
@@ -44,7 +44,7 @@ class AlgorithmBlock(Block):
     _description = "An algorithm manifest (image, command, resources, parameter schema, inputs, outputs)."
 
     manifest: Manifest = Field(
-        description="The manifest document of CONTRACT.md §1.",
+        description="The manifest document of docs/contract.md §1.",
         examples=[{"manifest_version": "0.1", "name": "device-visits", "version": "1.0.0", "container_parameters": {"image": "myorg/device-visits:1.0.0", "command": ["python3", "/app/device_visits.py"]}}],
     )
 
@@ -55,7 +55,7 @@ class AlgorithmBlock(Block):
         if isinstance(value, Manifest):
             return value
         if not isinstance(value, dict):
-            raise ValueError("the manifest must be a JSON object (CONTRACT.md §1)")
+            raise ValueError("the manifest must be a JSON object (docs/contract.md §1)")
         try:
             return parse_manifest(value, "AlgorithmBlock.manifest")
         except InvalidManifest as exc:

@@ -1,4 +1,4 @@
-"""The algorithm contract (CONTRACT.md): the manifest, what the container sees, what it returns.
+"""The algorithm contract (docs/contract.md): the manifest, what the container sees, what it returns.
 
 ``manifest`` holds the pydantic models of the manifest, ``algo_input.json`` and
 ``algo_output.json``; ``documents`` reads JSON and YAML that someone else wrote (duplicate

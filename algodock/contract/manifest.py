@@ -1,4 +1,4 @@
-"""The algorithm container contract (CONTRACT.md §1-3) as pydantic models.
+"""The algorithm container contract (docs/contract.md §1-3) as pydantic models.
 
 The models are the source of the JSON Schemas in ``schemas/`` (see
 :func:`algodock.schemas.export_schemas`). Manifests reject unknown keys so that a typo
@@ -33,7 +33,7 @@ CONTRACT_VERSION = "0.3"
 """The newest manifest version this platform reads."""
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
-"""The longest ``timeout_seconds`` (CONTRACT.md §1): a bound keeps deadlines inside what clocks can represent."""
+"""The longest ``timeout_seconds`` (docs/contract.md §1): a bound keeps deadlines inside what clocks can represent."""
 
 ALGO_IO_VERSION = "0.1.0"
 """The version written into ``algo_input.json``."""
@@ -44,7 +44,7 @@ IMAGE_PATTERN = r"^(sha256:[0-9a-f]{64}|[A-Za-z0-9][A-Za-z0-9._/:@-]*)$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Format = Literal["parquet", "csv", "json", "binary"]
 
-# Paths the container sees (CONTRACT.md §2).
+# Paths the container sees (docs/contract.md §2).
 WORK_DIR = "/work"
 ALGO_INPUT_PATH = "/work/algo_input.json"
 INPUT_DIR = "/work/input"
@@ -142,7 +142,7 @@ class OutputSlot(_Slot):
 
 
 class Manifest(_Strict):
-    """What an algorithm author ships beside the image (CONTRACT.md §1)."""
+    """What an algorithm author ships beside the image (docs/contract.md §1)."""
 
     manifest_version: Literal["0.1", "0.2", "0.3"]  # 0.2 added output limits and shm_mb, 0.3 slot schemas; older ones stay valid
     name: Name
@@ -215,7 +215,7 @@ class AlgoConfig(BaseModel):
 
 
 class AlgoInput(BaseModel):
-    """``/work/algo_input.json`` (CONTRACT.md §2)."""
+    """``/work/algo_input.json`` (docs/contract.md §2)."""
 
     version: str = ALGO_IO_VERSION
     input_data_path: str = INPUT_DIR
@@ -233,7 +233,7 @@ class OutputData(BaseModel):
 
 
 class AlgoOutput(BaseModel):
-    """``/work/output/algo_output.json`` (CONTRACT.md §3), read leniently."""
+    """``/work/output/algo_output.json`` (docs/contract.md §3), read leniently."""
 
     model_config = ConfigDict(extra="allow")
 

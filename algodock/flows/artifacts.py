@@ -20,6 +20,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
+from algodock.lineage.queries import schema_text
 from algodock.records import LineageDocument, StepRecord
 from algodock.store.backends import local_path_of, output_rel
 
@@ -221,14 +222,14 @@ def run_markdown(doc: LineageDocument, pipeline: Pipeline | None = None) -> str:
             status += f": {s.failure.kind}"
         duration = _duration(s)
         lines.append(f"| {name} | {_cell(status)} | {_cell(', '.join(reads))} | `{(s.image_id or '')[:19]}` | {'' if duration is None else f'{duration:g} s'} |")
-    lines += ["", "| step | output | rows | size | sha256 | in the store |", "|---|---|---|---|---|---|"]
+    lines += ["", "| step | output | rows | size | sha256 | in the store | schema |", "|---|---|---|---|---|---|---|"]
     prefix = doc.store.rstrip("/") + "/"
     for s in doc.steps:
         for o in s.outputs:
             rows = "" if o.rows is None else str(o.rows)
             size = getattr(o, "size", None)
             where = o.uri[len(prefix):] if o.uri.startswith(prefix) else o.uri
-            lines.append(f"| {s.id} | {o.name} | {rows} | {_human(size if size is not None else _size(o.uri))} | `{o.sha256[:16]}…` | `{_cell(where)}` |")
+            lines.append(f"| {s.id} | {o.name} | {rows} | {_human(size if size is not None else _size(o.uri))} | `{o.sha256[:16]}…` | `{_cell(where)}` | {_cell(schema_text(o.schema_).strip())} |")
     lines += ["", f"The full record: `algodock lineage {doc.run_id} --store {doc.store}`."]
     return "\n".join(lines) + "\n"
 

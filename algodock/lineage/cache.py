@@ -1,7 +1,7 @@
 """Step caching: reuse the outputs of an identical earlier step instead of starting a container.
 
 A step is *identical* to an earlier one when its cache key is equal: when everything the
-container could see is the same (CONTRACT §5). The key is the sha256 of the canonical JSON
+container could see is the same (docs/contract.md §6). The key is the sha256 of the canonical JSON
 (sorted keys, no spaces) of::
 
     {"cache_version": "3",

@@ -10,8 +10,9 @@ What the events carry:
 
 * inputs and outputs as datasets named by the OpenLineage naming spec: a local file or
   folder is namespace ``file``, name its absolute path; ``s3://bucket/key`` is namespace
-  ``s3://bucket``, name ``key``. Parquet datasets get a ``schema`` facet read from the
-  footer (the first part of a folder); every dataset recorded with a hash gets a ``version``
+  ``s3://bucket``, name ``key``. Parquet datasets get a ``schema`` facet: an output's is the
+  Arrow schema recorded in the lineage, an input's is read from the footer (the first part of
+  a folder); every dataset recorded with a hash gets a ``version``
   facet holding its sha256; outputs with a row count get ``outputStatistics``.
 * run facets: ``parent`` (the pipeline run: job ``<pipeline>``, run id the Prefect flow-run id
   when there is one, else a UUID derived from the algodock run id), ``errorMessage`` on
@@ -272,13 +273,28 @@ def _schema_fields(schema: Any) -> list[Any]:
     return [field(f, i + 1) for i, f in enumerate(schema)]
 
 
-def _dataset_facets(uri: str, fmt: str | None, sha256: str | None, store: Any) -> dict[str, Any]:
+def _recorded_schema(recorded: dict[str, Any] | None) -> Any | None:
+    """The Arrow schema the lineage recorded for an output (read from its footers when it was made)."""
+    if not recorded:
+        return None
+    import pyarrow as pa
+
+    from algodock.contract.arrow_schema import parse_type
+
+    try:
+        return pa.schema([pa.field(c["name"], parse_type(c["type"]), c.get("nullable", True)) for c in recorded["columns"]])
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited document: read the footer instead
+        log.debug("unusable recorded schema %s: %s", recorded, exc)
+        return None
+
+
+def _dataset_facets(uri: str, fmt: str | None, sha256: str | None, store: Any, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
     from openlineage.client.generated.schema_dataset import SchemaDatasetFacet
 
     facets: dict[str, Any] = {}
     if fmt == "parquet":
-        schema = _parquet_schema(uri, store)
+        schema = _recorded_schema(recorded) or _parquet_schema(uri, store)
         if schema is not None:
             facets["schema"] = SchemaDatasetFacet(fields=_schema_fields(schema), producer=PRODUCER)
     if sha256:
@@ -366,7 +382,7 @@ class StepEvents:
             output_facets: dict[str, Any] = {}
             if o.rows is not None:
                 output_facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(rowCount=o.rows, size=_size(o.uri), producer=PRODUCER)
-            out.append(OutputDataset(namespace=ns, name=name, facets=_dataset_facets(o.uri, o.format, o.sha256, self.ctx.store), outputFacets=output_facets))
+            out.append(OutputDataset(namespace=ns, name=name, facets=_dataset_facets(o.uri, o.format, o.sha256, self.ctx.store, o.schema_), outputFacets=output_facets))
         return out
 
     # -- run facets

@@ -322,6 +322,7 @@ def _node(doc: LineageDocument, step: StepRecord, out: OutputRecord, member: str
         "sha256": out.sha256,
         "format": out.format,
         "rows": out.rows,
+        "schema": out.schema_,
         "producer": _producer(step, doc),
         "inputs": [],
     }
@@ -394,6 +395,14 @@ def _duration(step: StepRecord) -> str:
     return ""
 
 
+def schema_text(schema: dict[str, Any] | None) -> str:
+    """An output's recorded Arrow schema on one line (``''`` when none was recorded): ``\n  a: int64, b: string``."""
+    if not schema:
+        return ""
+    columns = ", ".join(f"{c['name']}: {c['type']}" + ("" if c.get("nullable", True) else " not null") for c in schema.get("columns", []))
+    return f"\n  {columns}"
+
+
 def render_document(doc: LineageDocument, console: Any) -> None:
     """A table of the run's steps on a rich console."""
     from rich.table import Table
@@ -403,7 +412,7 @@ def render_document(doc: LineageDocument, console: Any) -> None:
     colours = {"succeeded": "green", "cached": "cyan", "failed": "red", "skipped": "yellow", "running": "blue"}
     console.print(f"run [bold]{doc.run_id}[/] of pipeline [bold]{doc.pipeline}[/]: {doc.status}  (spec sha256 {_short(doc.spec_sha256)}, flow run {doc.flow_run_id or '-'})")
     table = Table(show_lines=True)
-    for col in ("step", "status", "algorithm", "image id", "time", "used", "inputs", "outputs (sha256, rows)"):
+    for col in ("step", "status", "algorithm", "image id", "time", "used", "inputs", "outputs (sha256, rows, schema)"):
         table.add_column(col, overflow="fold")
     for s in doc.steps:
         status = f"[{colours.get(s.status, 'white')}]{s.status}[/]"
@@ -413,7 +422,7 @@ def render_document(doc: LineageDocument, console: Any) -> None:
             status += f"\n{s.failure.kind}"
         algo = f"{s.algorithm or ''} {s.algorithm_version or ''}".strip()
         inputs = "\n".join(f"{i.name} ← {i.produced_by or 'external'}" for i in s.inputs)
-        outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") for o in s.outputs)
+        outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") + schema_text(o.schema_) for o in s.outputs)
         used = usage_text(s.usage.model_dump()).replace(", ", "\n") if s.usage else ""
         table.add_row(s.id, status, algo, _short(s.image_id), _duration(s), used, inputs, outputs)
     console.print(table)

@@ -2,6 +2,6 @@
 
 ``runner.run_step`` is the entry point: it resolves the image to its immutable id
 (``engine``), stages the inputs (``staging``, or ``volumes`` for a remote engine), starts
-the container with every restriction of CONTRACT.md §2 (``sandbox``), streams its log
+the container with every restriction of docs/contract.md §2 (``sandbox``), streams its log
 (``logs``), and reads and hashes what it wrote (``outputs``).
 """

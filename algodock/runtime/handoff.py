@@ -165,8 +165,12 @@ def check_outputs(manifest: Manifest, outputs: Iterable[OutputRecord], *, open_f
     _raise_if_lines(problems, lambda lines: InvalidOutput(_summary("output", lines) + (f" ({where})" if where else "")))
 
 
+MISMATCH_HEAD = "data does not match its declared schema"
+"""In the first line of every hand-off failure (``check-image`` charges those to its ``schema`` rule)."""
+
+
 def _summary(side: str, lines: list[str]) -> str:
-    head = f"the {side} data does not match its declared schema (docs/contract.md, slot schemas):"
+    head = f"the {side} {MISMATCH_HEAD} (docs/contract.md, slot schemas):"
     return "\n".join([head, *lines])
 
 
@@ -220,4 +224,4 @@ def record_schema(output: OutputRecord) -> OutputRecord:
     return output.model_copy(update={"schema_": schema.model_dump(mode="json")})
 
 
-__all__ = ["SchemaProblem", "arrow_schema_of", "check_files", "check_inputs", "check_outputs", "describe", "null_count", "parquet_files", "record_schema"]
+__all__ = ["MISMATCH_HEAD", "SchemaProblem", "arrow_schema_of", "check_files", "check_inputs", "check_outputs", "describe", "null_count", "parquet_files", "record_schema"]

@@ -1,4 +1,4 @@
-"""``output_mb`` and ``output_files`` (CONTRACT.md §1) enforced while the container runs.
+"""``output_mb`` and ``output_files`` (docs/contract.md §1) enforced while the container runs.
 
 Mechanism: a watcher thread walks the bind-mounted output folder with :func:`os.scandir`
 (no symlink followed) and adds up every entry's size and count; when either is over the

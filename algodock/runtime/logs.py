@@ -3,7 +3,7 @@
 The container's stdout and stderr are read through the engine's attach stream in large
 chunks, as fast as the engine delivers them (a flood never waits for a slow logger):
 
-- ``log_path`` (when given) keeps the log whole up to ``log_max_bytes`` (64 MiB, CONTRACT.md
+- ``log_path`` (when given) keeps the log whole up to ``log_max_bytes`` (64 MiB, docs/contract.md
   §5); past that it keeps the head and the tail, with one line between them saying how many
   bytes were dropped. The tail is a ring in a file beside the log, so memory stays small.
 - ``on_line`` receives complete lines, at most ``emit_lines`` of them (20,000) and at most

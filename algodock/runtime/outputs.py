@@ -1,4 +1,4 @@
-"""Reading what an algorithm returned (CONTRACT.md §3) without trusting it.
+"""Reading what an algorithm returned (docs/contract.md §3) without trusting it.
 
 The output folder is listed once, with ``lstat`` only (:func:`scan_output_folder`). Inside
 it only regular files and folders count: a symlink (even one that stays inside), FIFO,
@@ -42,7 +42,7 @@ from algodock.records import OutputRecord
 log = logging.getLogger("algodock.runtime.outputs")
 
 MAX_ALGO_OUTPUT_BYTES = 1024 * 1024
-"""CONTRACT.md §3: a larger ``algo_output.json`` is ``invalid_output`` (it describes outputs; data goes in files)."""
+"""docs/contract.md §3: a larger ``algo_output.json`` is ``invalid_output`` (it describes outputs; data goes in files)."""
 
 MAX_MESSAGE_LINES = 20
 """Validation errors quoted in a failure message; a hostile file could produce thousands."""
@@ -85,7 +85,7 @@ def bad_name_reason(rel: str) -> str | None:
 def _check_name(rel: str) -> None:
     reason = bad_name_reason(rel)
     if reason is not None:
-        raise InvalidOutput(f"output folder: {rel!r} {reason} (CONTRACT §3: such names are not allowed)")
+        raise InvalidOutput(f"output folder: {rel!r} {reason} (docs/contract.md §3: such names are not allowed)")
 
 
 def _symlink_message(path: Path, root: Path, rel: str) -> str:
@@ -157,10 +157,10 @@ def parse_algo_output(raw: bytes) -> AlgoOutput:
     'success'
     """
     if len(raw) > MAX_ALGO_OUTPUT_BYTES:
-        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is over {MAX_ALGO_OUTPUT_BYTES} bytes, the limit (CONTRACT §3)")
+        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is over {MAX_ALGO_OUTPUT_BYTES} bytes, the limit (docs/contract.md §3)")
     try:
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes bytes
-        if too_deep(text):  # before the parser recurses (CONTRACT §3 leaves nesting open)
+        if too_deep(text):  # before the parser recurses (docs/contract.md §3 leaves nesting open)
             raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is {TOO_DEEP}")
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         # A lone surrogate ("\\ud800") parses but can never be written out as UTF-8 later.
@@ -197,7 +197,7 @@ def read_algo_output(output_dir: Path) -> AlgoOutput | None:
     if not stat.S_ISREG(st.st_mode):
         raise InvalidOutput(f"{ALGO_OUTPUT_NAME} must be a regular file (found a symlink or special file)")
     if st.st_size > MAX_ALGO_OUTPUT_BYTES:
-        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is {st.st_size} bytes; the limit is {MAX_ALGO_OUTPUT_BYTES} (CONTRACT §3)")
+        raise InvalidOutput(f"{ALGO_OUTPUT_NAME} is {st.st_size} bytes; the limit is {MAX_ALGO_OUTPUT_BYTES} (docs/contract.md §3)")
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""Run one algorithm step in its sandbox, exactly as CONTRACT.md says.
+"""Run one algorithm step in its sandbox, exactly as docs/contract.md says.
 
 :func:`run_step` never raises a :class:`~algodock.errors.StepFailure`: every failure,
 including bad parameters or inputs (found before any container starts), comes back as the
@@ -224,7 +224,7 @@ def run_step(
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
     Never raises (but ``KeyboardInterrupt``/``SystemExit``): every way a step ends is a
-    ``failure`` of CONTRACT.md §4 on the result, and the container is removed whatever happened.
+    ``failure`` of docs/contract.md §4 on the result, and the container is removed whatever happened.
 
     ``before_start`` is called once the container is created, just before it starts (a
     resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
@@ -385,7 +385,7 @@ def run_step(
 
 
 def _as_failure(exc: Exception, reading_outputs: bool) -> StepFailure:
-    """The failure kind of an exception that is not a StepFailure (CONTRACT.md §4)."""
+    """The failure kind of an exception that is not a StepFailure (docs/contract.md §4)."""
     from docker.errors import DockerException
     from requests.exceptions import RequestException
 

@@ -1,4 +1,4 @@
-"""The sandbox of CONTRACT.md §2 as one pure function from a manifest to engine arguments.
+"""The sandbox of docs/contract.md §2 as one pure function from a manifest to engine arguments.
 
 Everything that restricts an algorithm lives here, so a reader can audit it in one place:
 no network, read-only root, a ``/tmp`` tmpfs (and ``/dev/shm`` only when ``shm_mb`` > 0), never uid 0, no capabilities,

@@ -139,7 +139,7 @@ class _ChunkReader(io.RawIOBase):
 
 
 def _limit_failure(message: str) -> StepFailure:
-    """``disk_limit`` once that kind exists (CONTRACT 0.2), ``invalid_output`` until then."""
+    """``disk_limit`` once that kind exists (contract 0.2), ``invalid_output`` until then."""
     return FAILURE_KINDS.get("disk_limit", InvalidOutput)(message)
 
 
@@ -153,7 +153,7 @@ def _member_rel(name: str) -> str | None:
     rel = parts[1]
     reason = bad_name_reason(rel)
     if reason is not None:
-        raise InvalidOutput(f"output folder: {rel!r} {reason} (CONTRACT §3: such names are not allowed)")
+        raise InvalidOutput(f"output folder: {rel!r} {reason} (docs/contract.md §3: such names are not allowed)")
     if not safe_relative(rel):
         raise InvalidOutput(f"output folder: {rel!r} would land outside the output folder")
     return posixpath.normpath(rel)

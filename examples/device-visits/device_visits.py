@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """device-visits: turn GPS pings into visits.
 
-Contract (see the platform's CONTRACT.md): reads the descriptor named by
+Contract (see the platform's docs/contract.md): reads the descriptor named by
 ALGORITHM_INPUT_PATH, reads every parquet file of the `pings` input slot, writes
 `visits.parquet` and `algo_output.json` into the descriptor's output_path, exits 0 on
 success and non-zero (with a message on stderr) on bad input.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """dwell-stats: per-device statistics of visits (the output of device-visits).
 
-Contract (see the platform's CONTRACT.md): reads the descriptor named by
+Contract (see the platform's docs/contract.md): reads the descriptor named by
 ALGORITHM_INPUT_PATH, reads the parquet file(s) of the `visits` input slot (columns
 device_id, dwell_s; other columns are ignored), writes `stats.parquet` and
 `algo_output.json` into the descriptor's output_path, exits 0 on success and non-zero
