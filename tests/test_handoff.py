@@ -206,3 +206,57 @@ def test_validate_cli_names_both_steps_and_starts_nothing(tmp_path: Path) -> Non
     assert done.returncode != 0
     assert "step use: inputs.rows.schema: column 'ts': step 'make' output 'table' does not feed step 'use' input 'rows'" in done.stderr + done.stdout
     assert "string" in done.stderr + done.stdout and "timestamp[us, tz=UTC]" in done.stderr + done.stdout
+
+
+# ---------------------------------------------------------------- schemas wherever lineage goes
+
+
+def test_schema_command_prints_a_slot_schema_ready_to_paste(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from algodock.cli import main
+
+    pq.write_table(PINGS, tmp_path / "part-0.parquet")
+    pq.write_table(PINGS, tmp_path / "part-1.parquet")
+    done = CliRunner().invoke(main, ["schema", str(tmp_path), "--forbid-extra"])
+    assert done.exit_code == 0, done.output
+    printed = json.loads(done.stdout)
+    assert printed == _schema(("device_id", "string"), ("ts", "timestamp[us, tz=UTC]"), ("n", "int32"), extra="forbid")
+    SlotSchema.model_validate(printed)  # pastes into a manifest as it is
+    pq.write_table(PINGS.drop_columns(["n"]), tmp_path / "part-2.parquet")
+    done = CliRunner().invoke(main, ["schema", str(tmp_path)])
+    assert done.exit_code == 1 and "the parts disagree" in done.output and "part-2.parquet" in done.output
+    (tmp_path / "x.txt").write_text("x")
+    assert CliRunner().invoke(main, ["schema", str(tmp_path / "x.txt")]).exit_code == 1
+
+
+def _doc_with_schema(schema: dict[str, Any] | None):  # noqa: ANN202
+    from algodock.records import LineageDocument, OutputRecord, StepRecord
+
+    out = OutputRecord(name="table", uri="/store/runs/r/steps/make/table.parquet", sha256="a" * 64, format="parquet", rows=3, schema_=schema)
+    return LineageDocument(run_id="r", pipeline="p", spec_sha256="b" * 64, store="/store", steps=[StepRecord(id="make", status="succeeded", outputs=[out])])
+
+
+def test_lineage_table_and_markdown_artifact_show_the_recorded_schema() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from algodock.flows.artifacts import run_markdown
+    from algodock.lineage.queries import render_document
+
+    doc = _doc_with_schema(_schema(("device_id", "string", False), ("ts", "timestamp[us, tz=UTC]")))
+    out = StringIO()
+    render_document(doc, Console(file=out, width=400))
+    assert "device_id: string not null, ts: timestamp[us, tz=UTC]" in out.getvalue()
+    assert "device_id: string not null, ts: timestamp[us, tz=UTC]" in run_markdown(doc)
+    old = _doc_with_schema(None)  # a lineage document from before 0.3 reads and dumps as before
+    assert "schema" not in old.model_dump(mode="json")["steps"][0]["outputs"][0]
+
+
+def test_openlineage_schema_facet_comes_from_the_recorded_schema() -> None:
+    from algodock.lineage.openlineage import _dataset_facets
+
+    recorded = _schema(("id", "int64", False), ("tags", "list<item: string>"))
+    facets = _dataset_facets("/nowhere/table.parquet", "parquet", "a" * 64, None, recorded)  # no file: the record alone
+    assert [(f.name, f.type) for f in facets["schema"].fields] == [("id", "int64"), ("tags", "list<item: string>")]

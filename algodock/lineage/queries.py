@@ -405,6 +405,7 @@ def schema_text(schema: dict[str, Any] | None) -> str:
 
 def render_document(doc: LineageDocument, console: Any) -> None:
     """A table of the run's steps on a rich console."""
+    from rich.markup import escape
     from rich.table import Table
 
     from algodock.runtime.usage import usage_text
@@ -422,7 +423,7 @@ def render_document(doc: LineageDocument, console: Any) -> None:
             status += f"\n{s.failure.kind}"
         algo = f"{s.algorithm or ''} {s.algorithm_version or ''}".strip()
         inputs = "\n".join(f"{i.name} ← {i.produced_by or 'external'}" for i in s.inputs)
-        outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") + schema_text(o.schema_) for o in s.outputs)
+        outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") + escape(schema_text(o.schema_)) for o in s.outputs)
         used = usage_text(s.usage.model_dump()).replace(", ", "\n") if s.usage else ""
         table.add_row(s.id, status, algo, _short(s.image_id), _duration(s), used, inputs, outputs)
     console.print(table)
