@@ -25,7 +25,7 @@ import pytest
 from algodock.contract.arrow_schema import SlotSchema
 from algodock.runtime.engine import LABEL
 from algodock.runtime.handoff import check_files, describe, null_count
-from algodock.store.backends import LocalStore
+from algodock.store.backends import LocalStore, S3Store, Store
 from tests.conftest import BUSYBOX_IMAGE
 from tests.lineage_support import run_local, sh
 
@@ -122,7 +122,7 @@ def _pipeline(tmp_path: Path, table: pa.Table, *, produced: dict | None, wanted:
     return path
 
 
-def _run(spec: Path, store: LocalStore, client: Any) -> tuple[dict[str, Any], set[str]]:
+def _run(spec: Path, store: Store, client: Any) -> tuple[dict[str, Any], set[str]]:
     """Run it; the step records by id, and the steps whose container the engine created."""
     run_id = f"handoff-{uuid.uuid4().hex[:8]}"
     since = time.time() - 1
@@ -187,7 +187,17 @@ def test_widenings_pass_and_the_actual_schema_is_in_the_lineage(docker_client: A
     assert lineage["steps"][0]["outputs"][0]["schema"] == recorded
 
 
-def test_a_cache_hit_is_checked_against_todays_declaration(docker_client: Any, busybox_image: str, tmp_path: Path, store: LocalStore) -> None:
+@pytest.fixture(params=["local", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A local store, and an S3 store on the moto server (a cache hit's footers are then read over S3)."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    bucket = request.getfixturevalue("bucket")
+    return S3Store(f"s3://{bucket}/st")
+
+
+def test_a_cache_hit_is_checked_against_todays_declaration(docker_client: Any, busybox_image: str, tmp_path: Path, any_store: Store) -> None:
+    store = any_store
     spec = _pipeline(tmp_path, PINGS, produced=_schema(("n", "int32")), wanted=None)
     first, _ = _run(spec, store, docker_client)
     assert first["make"].status == "succeeded"
@@ -195,7 +205,7 @@ def test_a_cache_hit_is_checked_against_todays_declaration(docker_client: Any, b
     make["outputs"][0]["schema"] = _schema(("n", "string"))  # the declaration changes, the bytes stay
     (tmp_path / "make.json").write_text(json.dumps(make))
     again, created = _run(spec, store, docker_client)
-    assert again["make"].failure.kind == "invalid_output" and "make" not in created
+    assert again["make"].cached_from is not None and again["make"].failure.kind == "invalid_output" and "make" not in created
     assert "column 'n': type int32, the schema declares string" in again["make"].failure.message
     assert "served from the cache of run" in again["make"].failure.message
 
