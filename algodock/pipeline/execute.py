@@ -332,7 +332,7 @@ def _checked_hit(ctx: RunContext, manifest: Manifest, hit: StepRecord) -> StepRe
     while the bytes stay: the cache key does not cover it); else the step fails ``invalid_output``
     naming the file and column, and no container runs."""
     try:
-        check_outputs(manifest, hit.outputs, open_file=lambda o: _stored_files(ctx.store, o.uri), where=f"outputs served from the cache of run {hit.cached_from}")
+        check_outputs(manifest, hit.outputs, locate=lambda o: _stored_files(ctx.store, o.uri), where=f"outputs served from the cache of run {hit.cached_from}")
     except InvalidOutput as failure:
         hit.status, hit.failure, hit.outputs = "failed", failure, []
     except OSError as exc:

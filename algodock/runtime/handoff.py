@@ -139,14 +139,14 @@ def check_inputs(manifest: Manifest, bindings: dict[str, InputBinding]) -> None:
         source = binding.uri or str(path)
         found = check_files(slot.schema_, path, parquet_files(path, binding.files), label=lambda rel, s=source: f"{s.rstrip('/')}/{rel}" if rel else s)
         problems += [f"input {slot.name!r}: {p}" for p in found]
-    _raise_if_lines(problems, lambda lines: InvalidInput(_summary("input", lines), errors=lines))
+    _raise_listing(problems, lambda lines: InvalidInput(_summary("input", lines), errors=lines))
 
 
-def check_outputs(manifest: Manifest, outputs: Iterable[OutputRecord], *, open_file: Callable[[OutputRecord], tuple[Opener, list[str]]] | None = None, where: str = "") -> None:
+def check_outputs(manifest: Manifest, outputs: Iterable[OutputRecord], *, locate: Callable[[OutputRecord], tuple[Opener, list[str]]] | None = None, where: str = "") -> None:
     """Raise :class:`InvalidOutput` when a declared parquet output disagrees with its slot's
     schema; each line names the output, the file (relative to the output folder) and the column.
 
-    ``open_file`` gives each output's opener and files (default: its local ``path``); ``where``
+    ``locate`` gives each output's opener and parquet files (default: its local ``path``); ``where``
     is added to the message (e.g. "served from the cache of run …").
     """
     problems: list[str] = []
@@ -154,15 +154,15 @@ def check_outputs(manifest: Manifest, outputs: Iterable[OutputRecord], *, open_f
         slot = manifest.output_slot(output.name)
         if slot is None or slot.schema_ is None or output.format != "parquet":
             continue
-        if open_file is not None:
-            opener, files = open_file(output)
+        if locate is not None:
+            opener, files = locate(output)
             found = check_files(slot.schema_, output.uri, files, open_file=opener, label=lambda rel, u=output.uri: f"{u.rstrip('/')}/{rel}" if rel else u)
         else:
             path = Path(output.path or output.uri)
             name = path.name
             found = check_files(slot.schema_, path, parquet_files(path), label=lambda rel, n=name: f"{n}/{rel}" if rel else n)
         problems += [f"output {output.name!r}: {p}" for p in found]
-    _raise_if_lines(problems, lambda lines: InvalidOutput(_summary("output", lines) + (f" ({where})" if where else "")))
+    _raise_listing(problems, lambda lines: InvalidOutput(_summary("output", lines) + (f" ({where})" if where else "")))
 
 
 MISMATCH_HEAD = "data does not match its declared schema"
@@ -174,7 +174,7 @@ def _summary(side: str, lines: list[str]) -> str:
     return "\n".join([head, *lines])
 
 
-def _raise_if_lines(lines: list[str], make: Callable[[list[str]], Exception]) -> None:
+def _raise_listing(lines: list[str], make: Callable[[list[str]], Exception]) -> None:
     if lines:
         if len(lines) > MAX_PROBLEMS:
             lines = [*lines[:MAX_PROBLEMS], f"… and {len(lines) - MAX_PROBLEMS:,} more"]
