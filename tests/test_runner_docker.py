@@ -652,7 +652,8 @@ def test_parquet_output_rows_and_sha256(docker_client: Any, busybox_image: str, 
     [i] = run.result.inputs
     assert (i.uri, i.produced_by, i.sha256) == ("s3://raw/pings.parquet", "up", sha256_file(src))
     summary = run.result.step_summary()
-    assert summary["outputs"] == [{"name": "visits", "uri": str(o.path), "sha256": o.sha256, "format": "parquet", "rows": 321}]
+    schema = {"columns": [{"name": "device", "type": "string", "nullable": True}, {"name": "t", "type": "int64", "nullable": True}], "extra_columns": "allow"}
+    assert summary["outputs"] == [{"name": "visits", "uri": str(o.path), "sha256": o.sha256, "format": "parquet", "rows": 321, "schema": schema}]  # read from its footer
 
 
 def test_infrastructure_when_the_engine_is_unreachable(busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
