@@ -162,6 +162,7 @@ def test_a_03_manifest_declares_a_schema() -> None:
         ({"schema": {"columns": []}}, "outputs.0.schema.columns", "at least 1"),
         ({"schema": {**COLUMNS, "extra_columns": "maybe"}}, "outputs.0.schema.extra_columns", "'allow' or 'forbid'"),
         ({"schema": {"columns": [{"name": "x", "type": "int64", "nulable": False}]}}, "outputs.0.schema.columns.0.nulable", "unknown key"),
+        ({"schema_": COLUMNS}, "outputs.0.schema_", "unknown key"),
     ],
 )
 def test_bad_schemas_are_invalid_manifest_naming_the_field(slot: dict[str, Any], where: str, what: str) -> None:

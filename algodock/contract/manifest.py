@@ -109,7 +109,7 @@ SCHEMA_VERSIONS = ("0.3",)
 
 class _Slot(_Strict):
     # The key is "schema" (BaseModel has a method of that name, hence the alias).
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", validate_by_name=False, validate_by_alias=True, serialize_by_alias=True)
 
     name: Name
     format: Format
