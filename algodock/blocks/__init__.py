@@ -17,18 +17,23 @@ moves the bytes with them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from prefect_docker import DockerHost
+from prefect_docker import DockerHost, DockerRegistryCredentials
 from pydantic import Field, field_validator
 
 from algodock.contract.manifest import Manifest, load_manifest, parse_manifest
 from algodock.errors import InfrastructureError, InvalidInput, InvalidManifest
+from algodock.runtime.images import RegistryAuth
 
-__all__ = ["AlgorithmBlock", "AwsCredentials", "DockerHost", "StoreBlock", "load_block", "manifest_from_block", "resolve_engine", "resolve_store"]
+__all__ = [
+    "AlgorithmBlock", "AwsCredentials", "DockerHost", "DockerRegistryCredentials", "StoreBlock",
+    "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store",
+]
 
 
 class AlgorithmBlock(Block):
@@ -46,6 +51,11 @@ class AlgorithmBlock(Block):
     manifest: Manifest = Field(
         description="The manifest document of CONTRACT.md §1.",
         examples=[{"manifest_version": "0.1", "name": "device-visits", "version": "1.0.0", "container_parameters": {"image": "myorg/device-visits:1.0.0", "command": ["python3", "/app/device_visits.py"]}}],
+    )
+
+    registry_credentials: DockerRegistryCredentials | None = Field(
+        default=None,
+        description="prefect-docker credentials for the registry the manifest's image comes from (used by every run of a step naming this block).",
     )
 
     @field_validator("manifest", mode="before")
@@ -167,6 +177,41 @@ def resolve_engine(engine: str | DockerHost | None) -> Any:
 
 def _is_block_ref(value: str, block_type: type[Block]) -> bool:
     return value.startswith(block_type.get_block_type_slug() + "/")
+
+
+RegistryCredentialsRef = str | DockerRegistryCredentials
+"""A ``DockerRegistryCredentials`` block, or its saved name (``NAME`` or ``docker-registry-credentials/NAME``)."""
+
+
+def registry_auths(items: Iterable[RegistryCredentialsRef] | RegistryCredentialsRef | None, pipeline: Any = None) -> tuple[RegistryAuth, ...]:
+    """The engine's credentials records of ``items`` (a flow's ``registry_credentials``), then
+    those of the algorithm blocks the ``pipeline``'s steps name (``AlgorithmBlock.registry_credentials``).
+
+    The password stays a ``SecretStr`` and is only ever sent to the Docker engine; messages name
+    the block (``credentials block 'NAME'``). A given name that is not saved is ``invalid_input``.
+    """
+    if items is None or isinstance(items, (str, DockerRegistryCredentials)):
+        items = [] if items is None else [items]
+    auths = [_auth_of(item) for item in items]
+    if pipeline is not None:
+        for step in pipeline.spec.steps:
+            if step.block is None:
+                continue
+            block = AlgorithmBlock.load(step.block)
+            if block.registry_credentials is not None:  # type: ignore[attr-defined]
+                auths.append(_auth_of(block.registry_credentials, f"the credentials of algorithm block {step.block!r}"))  # type: ignore[attr-defined]
+    return tuple(auths)
+
+
+def _auth_of(item: RegistryCredentialsRef, source: str | None = None) -> RegistryAuth:
+    if isinstance(item, DockerRegistryCredentials):
+        block = item
+        name = getattr(item, "_block_document_name", None)
+        source = source or (f"credentials block {name!r}" if name else "the DockerRegistryCredentials block given")
+    else:
+        block = load_block(item, DockerRegistryCredentials)  # type: ignore[assignment]
+        source = source or f"credentials block {item.split('/')[-1]!r}"
+    return RegistryAuth.of(block.registry_url, block.username, block.password, source)
 
 
 def manifest_from_block(name: str) -> Manifest:

@@ -87,6 +87,7 @@ class _SlimPipeline:
         self.manifests = dict(pipeline.manifests)
         self.parameters = dict(pipeline.parameters)
         self.bindings = dict(pipeline.bindings)
+        self.pull_policies = dict(pipeline.pull_policies)
         self.inputs = dict(pipeline.inputs)
         self.spec_sha256 = pipeline.spec_sha256
 
