@@ -32,7 +32,7 @@ from algodock.runtime.images import RegistryAuth
 
 __all__ = [
     "AlgorithmBlock", "AwsCredentials", "DockerHost", "DockerRegistryCredentials", "StoreBlock",
-    "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store",
+    "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
 ]
 
 
@@ -183,24 +183,28 @@ RegistryCredentialsRef = str | DockerRegistryCredentials
 """A ``DockerRegistryCredentials`` block, or its saved name (``NAME`` or ``docker-registry-credentials/NAME``)."""
 
 
-def registry_auths(items: Iterable[RegistryCredentialsRef] | RegistryCredentialsRef | None, pipeline: Any = None) -> tuple[RegistryAuth, ...]:
-    """The engine's credentials records of ``items`` (a flow's ``registry_credentials``), then
-    those of the algorithm blocks the ``pipeline``'s steps name (``AlgorithmBlock.registry_credentials``).
+def registry_auths(items: Iterable[RegistryCredentialsRef] | RegistryCredentialsRef | None) -> tuple[RegistryAuth, ...]:
+    """The engine's credentials records of ``items`` (a flow's ``registry_credentials``).
 
     The password stays a ``SecretStr`` and is only ever sent to the Docker engine; messages name
     the block (``credentials block 'NAME'``). A given name that is not saved is ``invalid_input``.
     """
     if items is None or isinstance(items, (str, DockerRegistryCredentials)):
         items = [] if items is None else [items]
-    auths = [_auth_of(item) for item in items]
-    if pipeline is not None:
-        for step in pipeline.spec.steps:
-            if step.block is None:
-                continue
-            block = AlgorithmBlock.load(step.block)
-            if block.registry_credentials is not None:  # type: ignore[attr-defined]
-                auths.append(_auth_of(block.registry_credentials, f"the credentials of algorithm block {step.block!r}"))  # type: ignore[attr-defined]
-    return tuple(auths)
+    return tuple(_auth_of(item) for item in items)
+
+
+def step_registry_auths(pipeline: Any) -> dict[str, tuple[RegistryAuth, ...]]:
+    """Per step, the credentials of the algorithm block it names (``AlgorithmBlock.registry_credentials``),
+    used for its image before the run's own."""
+    found: dict[str, tuple[RegistryAuth, ...]] = {}
+    for step in pipeline.spec.steps:
+        if step.block is None:
+            continue
+        block = AlgorithmBlock.load(step.block)
+        if block.registry_credentials is not None:  # type: ignore[attr-defined]
+            found[step.id] = (_auth_of(block.registry_credentials, f"the credentials of algorithm block {step.block!r}"),)  # type: ignore[attr-defined]
+    return found
 
 
 def _auth_of(item: RegistryCredentialsRef, source: str | None = None) -> RegistryAuth:

@@ -418,7 +418,7 @@ def run_pipeline(
     ``pull_policy``: ``if_not_present``, ``always`` or ``never`` for steps that set none;
     ``require_digest``: refuse, before any container, a step whose image is not pinned by digest.
     """
-    from algodock.blocks import registry_auths, resolve_store
+    from algodock.blocks import registry_auths, resolve_store, step_registry_auths
 
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
@@ -431,7 +431,7 @@ def run_pipeline(
     client = _engine_client(engine) if session is None else None
     cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
     pipeline = _load(spec, overrides, cap, require_digest)
-    auths = registry_auths(registry_credentials, pipeline)  # an unknown block name fails here, before any container
+    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
     if concurrency_limit:
         _check_limit(concurrency_limit)
     the_store = resolve_store(store)
@@ -440,7 +440,7 @@ def run_pipeline(
     recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
-                     pull_policy=pull_policy, registry_credentials=auths)
+                     pull_policy=pull_policy, registry_credentials=auths, step_credentials=step_registry_auths(pipeline))
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     order = pipeline.topological_order()
     doc = LineageDocument(

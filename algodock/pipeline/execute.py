@@ -118,21 +118,24 @@ class RunContext:
     """The run's pull policy (``--pull-policy``); a step's own ``pull_policy`` overrides it."""
     registry_credentials: tuple[RegistryAuth, ...] = ()
     """Credentials for the registries the images come from (else the engine client's docker config)."""
-    _images: dict[tuple[str, str], ResolvedImage] = field(default_factory=dict)
-    _image_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    step_credentials: dict[str, tuple[RegistryAuth, ...]] = field(default_factory=dict)
+    """Credentials of single steps (their algorithm block's), used for their image before the run's own."""
+    _images: dict[tuple[str, str, tuple[str, ...]], ResolvedImage] = field(default_factory=dict)
+    _image_locks: dict[tuple[str, str, tuple[str, ...]], threading.Lock] = field(default_factory=dict)
 
-    def image(self, ref: str, policy: str | None = None, on_log: Callable[[str], None] | None = None) -> ResolvedImage:
+    def image(self, ref: str, policy: str | None = None, on_log: Callable[[str], None] | None = None, step_id: str | None = None) -> ResolvedImage:
         """``ref`` resolved once per run and pull policy: every step of the run uses the same image.
 
         Steps asking at once wait for the first one (which pulls, once per engine, see
         :mod:`algodock.runtime.images`); a failure is not remembered, so a retry asks again.
         """
-        key = (ref, policy or self.pull_policy)
+        own = self.step_credentials.get(step_id or "", ())
+        key = (ref, policy or self.pull_policy, tuple(c.source for c in own))  # other credentials may be refused: never share their answer
         with self._lock:
             lock = self._image_locks.setdefault(key, threading.Lock())
         with lock:
             if key not in self._images:
-                self._images[key] = resolve_image(self.client, ref, policy=key[1], credentials=self.registry_credentials, on_log=on_log)
+                self._images[key] = resolve_image(self.client, ref, policy=key[1], credentials=own + self.registry_credentials, on_log=on_log)
             return self._images[key]
 
     def external_input(self, name: str) -> InputBinding:
@@ -253,7 +256,7 @@ def _execute(
     manifest = ctx.pipeline.manifests[step_id]
     say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
-    image = ctx.image(manifest.container_parameters.image, ctx.pipeline.pull_policies.get(step_id), say)
+    image = ctx.image(manifest.container_parameters.image, ctx.pipeline.pull_policies.get(step_id), say, step_id)
     record.image_id, record.repo_digest = image.id, image.repo_digest
 
     if ctx.cache is not None:
