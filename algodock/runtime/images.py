@@ -14,7 +14,7 @@ A reference pinned by digest never needs the registry when present. Credentials 
 :class:`RegistryAuth` records (the Prefect layer makes them from prefect-docker's
 ``DockerRegistryCredentials`` blocks); without one for a registry the engine client's own
 docker config (the host's ``docker login``) is used. Steps that start together on an image
-that is not yet present wait for one pull per engine (:class:`_Pulls`). Nothing here ever
+that is not yet present wait for one pull per engine (:class:`_Flights`). Nothing here ever
 writes a password: :class:`RegistryAuth` keeps it as a ``SecretStr`` and messages name the
 credentials by where they came from.
 """
@@ -242,51 +242,52 @@ def _size(n: int) -> str:
 # ---------------------------------------------------------------- one pull per image per engine
 
 
-class _Pull:
+class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.digest: str | None = None
+        self.result: ResolvedImage | None = None
         self.error: StepFailure | None = None
 
 
-class _Pulls:
-    """Pulls under way, by engine and reference: a second step asking for the same image
-    waits for the first one's pull instead of starting its own."""
+class _Flights:
+    """Resolutions under way, by engine, reference, policy and credentials: a step asking for an
+    image another step is resolving (pulling) on the same engine waits for that one's answer
+    instead of asking the engine and the registry itself."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], _Pull] = {}
+        self._running: dict[tuple[str, ...], _Flight] = {}
 
-    def pull(self, client: Any, ref: str, auth: _Auth, say: Say | None) -> str | None:
-        key = (engine_key(client), ref)
+    def run(self, key: tuple[str, ...], resolve: Callable[[], ResolvedImage], ref: str, say: Say | None) -> ResolvedImage:
         with self._lock:
             current = self._running.get(key)
             leader = current is None
             if current is None:
-                current = self._running[key] = _Pull()
+                current = self._running[key] = _Flight()
         if not leader:
             if say is not None:
-                say(f"waiting for the pull of {ref} another step started on this engine")
+                say(f"waiting for another step resolving {ref} on this engine")
             current.done.wait()
             if current.error is not None:
                 raise type(current.error)(current.error.message)
-            return current.digest
+            assert current.result is not None
+            return current.result
         try:
-            current.digest = _pull(client, ref, auth, say)
-            return current.digest
+            current.result = resolve()
+            return current.result
         except StepFailure as exc:
             current.error = exc
             raise
-        except Exception as exc:
-            current.error = InfrastructureError(f"the Docker engine failed while pulling {ref!r} from {auth.registry}: {type(exc).__name__}: {exc}")
-            raise current.error from exc
+        except BaseException as exc:
+            current.error = InfrastructureError(f"the Docker engine failed while resolving image {ref!r}: {type(exc).__name__}: {exc}")
+            raise
         finally:
             current.done.set()
             with self._lock:
                 self._running.pop(key, None)
 
 
-PULLS = _Pulls()
+FLIGHTS = _Flights()
 
 
 def engine_key(client: Any) -> str:
@@ -389,8 +390,9 @@ def resolve_image(
     if policy not in PULL_POLICIES:
         raise ValueError(f"pull policy {policy!r}: expected one of {', '.join(PULL_POLICIES)}")
     credentials = tuple(credentials)
+    key = (engine_key(client), ref, policy, _Auth(client, registry_of(ref), credentials).source)
     try:
-        return _resolve(client, ref, policy, credentials, on_log)
+        return FLIGHTS.run(key, lambda: _resolve(client, ref, policy, credentials, on_log), ref, on_log)
     except StepFailure:
         raise
     except DockerException as exc:
@@ -416,7 +418,7 @@ def _resolve(client: Any, ref: str, policy: str, credentials: tuple[RegistryAuth
             return _resolved(ref, local, current)
         if say is not None:
             say(f"the registry {auth.registry} has {current} for {ref}; the local image is {_local_digest(local, ref) or 'not from it'}")
-    digest = PULLS.pull(client, ref, auth, say)
+    digest = _pull(client, ref, auth, say)
     pulled = _local(client, f"{repository_of(ref)}@{digest}") if digest else None
     pulled = pulled or _local(client, _pull_ref(ref))
     if pulled is None:
