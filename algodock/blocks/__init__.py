@@ -8,9 +8,12 @@ folders are namespaced); then create and save them in the UI or in code::
                    aws_client_parameters={"endpoint_url": "http://127.0.0.1:9000"}).save("lake-creds")
     StoreBlock(uri="s3://lake/algodock", credentials=AwsCredentials.load("lake-creds")).save("lake")
     DockerHost(base_url="tcp://gpu-box:2376", client_kwargs={"tls": True}).save("gpu-box")
+    DockerRegistryCredentials(username="ci", password="…", registry_url="registry.example.com").save("team-registry")
 
 A pipeline step can then say ``block: device-visits`` instead of ``manifest: …``, and a flow
-run (a deployment's parameters) ``store="algodock-store/lake"``, ``engine="docker-host/gpu-box"``.
+run (a deployment's parameters) ``store="algodock-store/lake"``, ``engine="docker-host/gpu-box"``,
+``registry_credentials=["team-registry"]`` (prefect-docker's block; :func:`registry_auths` turns
+it into the engine's :class:`~algodock.runtime.images.RegistryAuth`).
 S3 credentials are prefect-aws's ``AwsCredentials`` (what Prefect users already keep); s3fs
 moves the bytes with them.
 """
