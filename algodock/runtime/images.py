@@ -171,6 +171,9 @@ def _host_config_has(client: Any, registry: str) -> bool:
 
 _DENIED = ("unauthorized", "authentication required", "no basic auth credentials", "denied", "forbidden", " 401", " 403", "incorrect username or password")
 _NOT_FOUND = ("manifest unknown", "not found", "does not exist", "name unknown", "no such manifest", " 404")
+_NO_SUCH_HOST = ("no such host", "name or service not known", "server misbehaving")
+"""The registry's name does not resolve here: the reference names no registry this engine can
+know (a typo, or an offline machine pulling from a public registry), not one that is down."""
 
 
 def registry_failure(ref: str, auth: _Auth, text: str, *, action: str = "pulling") -> StepFailure:
@@ -188,6 +191,11 @@ def registry_failure(ref: str, auth: _Auth, text: str, *, action: str = "pulling
         )
     if any(w in low for w in _NOT_FOUND):
         return ImageNotFound(f"image {ref!r}: the registry {auth.registry} has no such image or tag ({said}); check the name and the tag")
+    if any(w in low for w in _NO_SUCH_HOST):
+        return ImageNotFound(
+            f"image {ref!r} is not present on the engine and its registry {auth.registry} cannot be found from it ({said}). "
+            "Build it (`docker build -t …`) or check the registry name and that the engine can reach it."
+        )
     return InfrastructureError(f"the registry {auth.registry} did not answer while {action} {ref!r}: {said}")
 
 
@@ -242,6 +250,10 @@ def _size(n: int) -> str:
 # ---------------------------------------------------------------- one pull per image per engine
 
 
+WAIT_QUIETLY_SECONDS = 0.5
+"""A step waiting longer than this for another's resolution of its image says so in its log."""
+
+
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -265,8 +277,8 @@ class _Flights:
             if current is None:
                 current = self._running[key] = _Flight()
         if not leader:
-            if say is not None:
-                say(f"waiting for another step resolving {ref} on this engine")
+            if not current.done.wait(WAIT_QUIETLY_SECONDS) and say is not None:  # a pull, not a look at a local image: say so
+                say(f"waiting for the pull of {ref} another step started on this engine")
             current.done.wait()
             if current.error is not None:
                 raise type(current.error)(current.error.message)
