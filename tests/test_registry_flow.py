@@ -108,3 +108,35 @@ def test_a_pipeline_pulls_with_credentials_blocks_and_never_writes_the_password(
         assert events.exists() and secret not in events.read_text()
         for flow_run_id in (summary["flow_run_id"], failed["flow_run_id"]):
             assert not [t for t in _prefect_texts(flow_run_id) if secret in t]
+
+
+def test_a_registry_that_is_down_is_infrastructure_retried_then_reported(registry: Registry, docker_client: Any, busybox_image: str, prefect_harness: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    from prefect_docker import DockerRegistryCredentials
+
+    from algodock.flows import pipeline as flows_pipeline
+    from algodock.runtime.images import RegistryAuth, resolve_image
+
+    monkeypatch.setattr(flows_pipeline, "RETRY_DELAYS_SECONDS", [0.1])
+    monkeypatch.setattr(flows_pipeline, "RETRY_JITTER_FACTOR", 0.0)
+    tag = uuid.uuid4().hex[:8]
+    name = f"algo/down-{tag}"
+    local = f"algodock-test/down-{tag}:1"
+    digest = registry.push(docker_client, build_image(docker_client, local, f"FROM {busybox_image}\nENV UNIQUE={tag}\n"), name, "1")
+    ref = f"{registry.host}/{name}:1"
+    remove_local(docker_client, local)
+    DockerRegistryCredentials(username="algoteam", password=registry.password, registry_url=registry.host).save(f"down-{tag}")
+    resolve_image(docker_client, ref, credentials=[RegistryAuth.of(registry.host, "algoteam", registry.password, "x")])  # present locally
+    write_manifest(tmp_path / "algo.json", image=ref, command=["sh", "-c", "echo ran"], name="algo",
+                   container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: down\nsteps:\n  - {id: a, manifest: algo.json}\n')
+    registry.stop()
+    try:
+        state = flows_pipeline.run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="down1", no_cache=True,
+                                            registry_credentials=[f"down-{tag}"], pull_policy="always", return_state=True)
+    finally:
+        registry.start()
+        remove_local(docker_client, ref, f"{registry.host}/{name}@{digest}")
+    assert state.is_failed()
+    [step] = json.loads((tmp_path / "store/runs/down1/lineage.json").read_text())["steps"]
+    assert step["failure"]["kind"] == "infrastructure" and f"registry {registry.host}" in step["failure"]["message"], step["failure"]
+    assert step["attempts"] == flows_pipeline.INFRA_RETRIES + 1 and step["started_at"] is None  # no container started
