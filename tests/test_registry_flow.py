@@ -56,7 +56,7 @@ def test_a_pipeline_pulls_with_credentials_blocks_and_never_writes_the_password(
     tag = uuid.uuid4().hex[:8]
     name = f"algo/fanout-{tag}"
     local = f"algodock-test/fanout-{tag}:1"
-    image_id = build_image(docker_client, local, f"FROM {busybox_image}\nENV UNIQUE={tag}\n")
+    image_id = build_image(docker_client, local, f"FROM {busybox_image}\nCOPY unique /unique\n", {"unique": tag.encode() * 1000})  # a layer of its own
     digest = registry.push(docker_client, image_id, name, "1")
     ref = f"{registry.host}/{name}:1"
     remove_local(docker_client, local, ref, f"{registry.host}/{name}@{digest}")
@@ -87,7 +87,8 @@ def test_a_pipeline_pulls_with_credentials_blocks_and_never_writes_the_password(
         assert {s["id"]: s["repo_digest"] for s in lineage["steps"]} == {s: f"{registry.host}/{name}@{digest}" for s in [*(f"s{i}" for i in range(FANOUT)), "by_block"]}
         assert len({s["image_id"] for s in lineage["steps"]}) == 1
         fetched = [d for d, _ in registry.blob_fetches(name)]
-        assert fetched and len(fetched) == len(set(fetched)), f"{FANOUT} steps starting together pulled more than once: {fetched}"
+        layers = [d for d in fetched if d != image_id]  # the image config (its id) is also read by by_block's `always` check
+        assert layers and len(layers) == len(set(layers)) and fetched.count(image_id) <= 2, f"{FANOUT} steps starting together pulled more than once: {fetched}"
         logs = "".join(p.read_text() for p in (tmp_path / "store/runs/pulled").rglob("container.log"))
         assert "ran" in logs
 

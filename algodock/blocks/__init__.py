@@ -35,7 +35,7 @@ from algodock.runtime.images import RegistryAuth
 
 __all__ = [
     "AlgorithmBlock", "AwsCredentials", "DockerHost", "DockerRegistryCredentials", "StoreBlock",
-    "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
+    "algorithm_block_auths", "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
 ]
 
 
@@ -202,12 +202,18 @@ def step_registry_auths(pipeline: Any) -> dict[str, tuple[RegistryAuth, ...]]:
     used for its image before the run's own."""
     found: dict[str, tuple[RegistryAuth, ...]] = {}
     for step in pipeline.spec.steps:
-        if step.block is None:
-            continue
-        block = AlgorithmBlock.load(step.block)
-        if block.registry_credentials is not None:  # type: ignore[attr-defined]
-            found[step.id] = (_auth_of(block.registry_credentials, f"the credentials of algorithm block {step.block!r}"),)  # type: ignore[attr-defined]
+        if step.block is not None:
+            auths = algorithm_block_auths(AlgorithmBlock.load(step.block), step.block)  # type: ignore[arg-type]
+            if auths:
+                found[step.id] = auths
     return found
+
+
+def algorithm_block_auths(block: AlgorithmBlock, name: str) -> tuple[RegistryAuth, ...]:
+    """The credentials an algorithm block carries for its image (empty when it has none)."""
+    if block.registry_credentials is None:
+        return ()
+    return (_auth_of(block.registry_credentials, f"the credentials of algorithm block {name!r}"),)
 
 
 def _auth_of(item: RegistryCredentialsRef, source: str | None = None) -> RegistryAuth:

@@ -138,6 +138,14 @@ class RunContext:
                 self._images[key] = resolve_image(self.client, ref, policy=key[1], credentials=own + self.registry_credentials, on_log=on_log)
             return self._images[key]
 
+    def step_pull_policy(self, step_id: str) -> str | None:
+        """The step's own pull policy (a spec's ``pull_policy:``), None for the run's.
+
+        Any view of a run's steps may carry ``pull_policies`` by step id (a validated
+        :class:`~algodock.pipeline.Pipeline` does); one without it leaves every step to the run's.
+        """
+        return (getattr(self.pipeline, "pull_policies", None) or {}).get(step_id)
+
     def external_input(self, name: str) -> InputBinding:
         """An external pipeline input, fetched (S3) and hashed once per run."""
         with self._lock:
@@ -256,7 +264,7 @@ def _execute(
     manifest = ctx.pipeline.manifests[step_id]
     say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
-    image = ctx.image(manifest.container_parameters.image, ctx.pipeline.pull_policies.get(step_id), say, step_id)
+    image = ctx.image(manifest.container_parameters.image, ctx.step_pull_policy(step_id), say, step_id)
     record.image_id, record.repo_digest = image.id, image.repo_digest
 
     if ctx.cache is not None:

@@ -257,20 +257,20 @@ WAIT_QUIETLY_SECONDS = 0.5
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.result: ResolvedImage | None = None
+        self.result: Any = None
         self.error: StepFailure | None = None
 
 
 class _Flights:
-    """Resolutions under way, by engine, reference, policy and credentials: a step asking for an
-    image another step is resolving (pulling) on the same engine waits for that one's answer
-    instead of asking the engine and the registry itself."""
+    """Resolutions (and pulls) under way, by engine, reference, policy and credentials: a step
+    asking for an image another step is resolving (pulling) on the same engine waits for that
+    one's answer instead of asking the engine and the registry itself."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: dict[tuple[str, ...], _Flight] = {}
 
-    def run(self, key: tuple[str, ...], resolve: Callable[[], ResolvedImage], ref: str, say: Say | None) -> ResolvedImage:
+    def run(self, key: tuple[str, ...], resolve: Callable[[], Any], ref: str, say: Say | None) -> Any:
         with self._lock:
             current = self._running.get(key)
             leader = current is None
@@ -282,7 +282,6 @@ class _Flights:
             current.done.wait()
             if current.error is not None:
                 raise type(current.error)(current.error.message)
-            assert current.result is not None
             return current.result
         try:
             current.result = resolve()
@@ -430,7 +429,8 @@ def _resolve(client: Any, ref: str, policy: str, credentials: tuple[RegistryAuth
             return _resolved(ref, local, current)
         if say is not None:
             say(f"the registry {auth.registry} has {current} for {ref}; the local image is {_local_digest(local, ref) or 'not from it'}")
-    digest = _pull(client, ref, auth, say)
+    # Steps resolving the image under another policy (or later) join a pull under way.
+    digest = FLIGHTS.run((engine_key(client), "pull", ref, auth.source), lambda: _pull(client, ref, auth, say), ref, say)
     pulled = _local(client, f"{repository_of(ref)}@{digest}") if digest else None
     pulled = pulled or _local(client, _pull_ref(ref))
     if pulled is None:
