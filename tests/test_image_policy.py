@@ -81,3 +81,18 @@ def test_references() -> None:
     assert registry_of("localhost:5000/a:1") == "localhost:5000" and registry_of("localhost/a") == "localhost"
     assert canonical_repository("docker.io/library/busybox:1") == canonical_repository("busybox") == "busybox"
     assert not is_pinned("a@sha256:abc") and is_pinned(f"a/b@{DIGEST}")
+
+
+def test_cluster_workers_get_the_runs_pull_policy_and_credentials(tmp_path: Path) -> None:
+    import cloudpickle  # what Dask sends a worker plugin with
+
+    from algodock.flows.cluster import RunPlugin
+    from algodock.runtime.images import RegistryAuth
+
+    spec = _spec(tmp_path, "steps:\n  - {id: a, manifest: algo.json, pull_policy: never}\n")
+    auth = RegistryAuth.of(REG, "ci", "s3cret-pw", "credentials block 'team'")
+    images = {"pull_policy": "always", "registry_credentials": (auth,), "step_credentials": {}}
+    plugin = cloudpickle.loads(cloudpickle.dumps(RunPlugin("r1", load_pipeline(spec), "/store", None, True, None, RuntimeError, images)))
+    assert plugin.images["pull_policy"] == "always" and plugin.pipeline.pull_policies == {"a": "never"}
+    [carried] = plugin.images["registry_credentials"]
+    assert carried.password.get_secret_value() == "s3cret-pw" and "s3cret-pw" not in repr(carried)

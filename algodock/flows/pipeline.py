@@ -455,7 +455,8 @@ def run_pipeline(
     ledger = Ledger(doc, the_store, on_change=_notify)
     ledger.start()
     if session is not None:
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
+                          images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
     workers = max_workers(pipeline, cap)
     logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
 
