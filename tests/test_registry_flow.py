@@ -141,3 +141,48 @@ def test_a_registry_that_is_down_is_infrastructure_retried_then_reported(registr
     [step] = json.loads((tmp_path / "store/runs/down1/lineage.json").read_text())["steps"]
     assert step["failure"]["kind"] == "infrastructure" and f"registry {registry.host}" in step["failure"]["message"], step["failure"]
     assert step["attempts"] == flows_pipeline.INFRA_RETRIES + 1 and step["started_at"] is None  # no container started
+
+
+def test_algodock_pin_then_run_with_require_digest(registry: Registry, docker_client: Any, busybox_image: str, prefect_harness: Any, tmp_path: Path) -> None:
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+    from prefect_docker import DockerRegistryCredentials
+
+    tag = uuid.uuid4().hex[:8]
+    name = f"algo/pinned-{tag}"
+    local = f"algodock-test/pinned-{tag}:1"
+    digest = registry.push(docker_client, build_image(docker_client, local, f"FROM {busybox_image}\nENV UNIQUE={tag}\n"), name, "1")
+    ref = f"{registry.host}/{name}:1"
+    remove_local(docker_client, local, ref, f"{registry.host}/{name}@{digest}")
+    DockerRegistryCredentials(username="algoteam", password=registry.password, registry_url=registry.host).save(f"pin-{tag}")
+    (tmp_path / "algo").mkdir()
+    write_manifest(tmp_path / "algo" / "manifest.json", image=ref, command=["sh", "-c", "echo ran"], name="algo",
+                   container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
+    spec = tmp_path / "p.yaml"
+    spec.write_text('pipeline_version: "0.1"\nname: pinned\nsteps:\n  - {id: a, manifest: algo/manifest.json}\n  - {id: b, manifest: algo/manifest.json}\n')
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "algodock.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+    refused = cli("run", str(spec), "--require-digest", "--registry-credentials", f"pin-{tag}", "--store", str(tmp_path / "store"), "--json")
+    assert refused.returncode == 1 and json.loads(refused.stdout)["status"] == "failed"
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(ref in e and "not pinned by digest" in e for e in errors), refused.stderr
+    assert not (tmp_path / "store").exists()  # nothing ran
+
+    frozen = tmp_path / "frozen" / "p.yaml"
+    frozen.parent.mkdir()
+    pinned = cli("pin", str(spec), "--output", str(frozen), "--registry-credentials", f"pin-{tag}")
+    assert pinned.returncode == 0, pinned.stderr
+    doc = yaml.safe_load(frozen.read_text())
+    assert [s["image"] for s in doc["steps"]] == [f"{registry.host}/{name}@{digest}"] * 2
+    assert registry.password not in frozen.read_text() + pinned.stdout + pinned.stderr
+
+    try:
+        ran = cli("run", str(frozen), "--require-digest", "--registry-credentials", f"pin-{tag}", "--store", str(tmp_path / "store"), "--run-id", "frozen", "--json")
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        steps = json.loads((tmp_path / "store/runs/frozen/lineage.json").read_text())["steps"]
+        assert {s["image"] for s in steps} == {s["repo_digest"] for s in steps} == {f"{registry.host}/{name}@{digest}"}
+    finally:
+        remove_local(docker_client, f"{registry.host}/{name}@{digest}")

@@ -155,7 +155,7 @@ class _Auth:
         elif _host_config_has(client, registry):
             self.source = "the host's docker config"
         else:
-            self.source = "no credentials (none given for this registry, none in the host's docker config)"
+            self.source = "no credentials: none given for this registry, none in the host's docker config"
 
 
 def _host_config_has(client: Any, registry: str) -> bool:
