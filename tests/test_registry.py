@@ -203,3 +203,16 @@ def test_pin_spec_pins_every_step_and_the_digest_policy_accepts_it(registry: Reg
     finally:
         registry.start()
     assert down.value.kind == "infrastructure" and registry.host in str(down.value) and "step a" in str(down.value)
+
+
+def test_a_registry_that_accepts_and_never_answers_is_infrastructure_after_the_stall_bound(docker_client: Any, monkeypatch: Any) -> None:
+    import socket
+
+    monkeypatch.setenv("ALGODOCK_PULL_STALL_SECONDS", "2")  # the engine itself would wait 25 s for the registry's first answer
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the backlog; nothing ever answers
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(InfrastructureError) as exc:
+            resolve_image(docker_client, f"{host}/algo/silent:1")
+    assert f"registry {host} did not answer" in exc.value.message and "no progress for 2 s" in exc.value.message

@@ -22,10 +22,11 @@ credentials by where they came from.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -308,22 +309,50 @@ def engine_key(client: Any) -> str:
     return f"{api.base_url}|{getattr(adapter, 'socket_path', '')}"
 
 
+def pull_stall_seconds() -> float:
+    """How long a pull may go without a word from the engine before it counts as a registry that
+    does not answer (``ALGODOCK_PULL_STALL_SECONDS``, default 600; the engine reports progress
+    at least every few seconds while it downloads or extracts)."""
+    return float(os.environ.get("ALGODOCK_PULL_STALL_SECONDS") or 600)
+
+
+def _pull_events(client: Any, target: str, config: dict[str, str] | None) -> Iterator[dict[str, Any]]:
+    """The engine's pull stream (``POST /images/create``), each read bounded by :func:`pull_stall_seconds`
+    (the SDK's own ``pull`` waits forever on a registry that stalls)."""
+    from docker import auth as docker_auth
+    from docker.utils import parse_repository_tag
+
+    api = client.api
+    repo, tag = parse_repository_tag(target)
+    header = docker_auth.encode_header(config) if config is not None else docker_auth.get_config_header(api, docker_auth.resolve_repository_name(repo)[0])
+    res = api._post(api._url("/images/create"), params={"tag": tag or "latest", "fromImage": repo},
+                    headers={"X-Registry-Auth": header} if header else {}, stream=True, timeout=pull_stall_seconds())
+    api._raise_for_status(res)
+    return api._stream_helper(res, decode=True)
+
+
 def _pull(client: Any, ref: str, auth: _Auth, say: Say | None) -> str | None:
     """Pull ``ref`` (streaming its progress to ``say``); returns the digest the registry served."""
     from docker.errors import APIError
-    from requests.exceptions import RequestException
+    from requests.exceptions import ConnectionError, RequestException, Timeout
 
     target = _pull_ref(ref)
     if say is not None:
         say(f"pulling {target} from {auth.registry} ({auth.source})")
     progress = _Progress(target, say)
     try:
-        for event in client.api.pull(target, stream=True, decode=True, auth_config=auth.config):
+        for event in _pull_events(client, target, auth.config):
             if event.get("error"):
                 raise registry_failure(ref, auth, str(event.get("error")))
             progress.feed(event)
     except APIError as exc:
         raise registry_failure(ref, auth, _explain(exc)) from None
+    except (Timeout, ConnectionError) as exc:
+        if "timed out" not in str(exc).lower() and not isinstance(exc, Timeout):
+            raise InfrastructureError(f"the Docker engine failed while pulling {ref!r} from {auth.registry}: {type(exc).__name__}: {exc}") from None
+        raise InfrastructureError(
+            f"the registry {auth.registry} did not answer while pulling {ref!r}: no progress for {pull_stall_seconds():g} s (ALGODOCK_PULL_STALL_SECONDS)"
+        ) from None
     except RequestException as exc:
         raise InfrastructureError(f"the Docker engine failed while pulling {ref!r} from {auth.registry}: {type(exc).__name__}: {exc}") from None
     progress.finish()
