@@ -17,7 +17,7 @@ VENV_STAMP = $(VENV)/.algodock-installed
 EXAMPLE_IMAGES = device-visits dwell-stats
 EXAMPLE_VERSION = 1.0.0
 
-.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser postgres test demo bench clean cluster cluster-down
+.PHONY: help venv lint-imports fuzz engine base-image wheels images schemas browser postgres registry test demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@echo "make targets:"
@@ -67,10 +67,16 @@ browser: ## make sure Debian's chromium is installed (the UI tests drive it with
 postgres: ## make sure Debian's postgresql is installed (the team-server tests start a throwaway cluster on 127.0.0.1)
 	@bin=$$(bash scripts/ensure-postgres.sh | tail -n1); echo "postgres: $$bin"
 
+registry: ## make sure Debian's docker-registry and apache2-utils (htpasswd) are installed (the registry tests start one on 127.0.0.1)
+	@if [ -x /usr/bin/docker-registry ] && [ -x /usr/bin/htpasswd ]; then echo "registry: $$(/usr/bin/docker-registry --version)"; \
+	else echo "installing Debian's docker-registry and apache2-utils"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends docker-registry apache2-utils; fi
+
 lint-imports: venv ## check the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports
 
-test: venv lint-imports engine base-image images browser postgres ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
+test: venv lint-imports engine base-image images browser postgres registry ## run the test suite (PYTEST_ARGS=... to pass options; PYTEST_ARGS="-m 'not browser'" skips the UI tests)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 fuzz: venv ## the property tests of tests/test_fuzz.py with the long profile (thousands of examples each)
@@ -80,7 +86,7 @@ demo: venv engine base-image images ## generate sample pings and run the demo pi
 	$(VENV)/bin/python examples/generate_pings.py --out .algodock/demo/pings --devices 50 --hours 24 --parts 4 --seed 7
 	bash scripts/demo.sh
 
-bench: venv engine base-image images ## run every bench/*.py (helpers named _*.py are skipped)
+bench: venv engine base-image images registry ## run every bench/*.py (helpers named _*.py are skipped)
 	@shopt -s nullglob; files=(bench/[!_]*.py); \
 	  if [ $${#files[@]} -eq 0 ]; then echo "no bench/*.py"; exit 0; fi; \
 	  for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done

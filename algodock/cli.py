@@ -27,6 +27,7 @@ class _Commands(click.Group):
     LAZY = {
         "lineage": ("algodock.lineage.queries", "lineage_cli"),
         "run": ("algodock.flows.cli", "run_cmd"),
+        "pin": ("algodock.flows.cli", "pin_cmd"),
         "worker": ("algodock.worker", "worker_cli"),
         "init": ("algodock.authoring.cli", "init_cmd"),
         "check-image": ("algodock.authoring.cli", "check_image_cmd"),
@@ -54,6 +55,7 @@ def main(verbose: bool) -> None:
     algodock validate FILE            check a manifest or pipeline spec
     algodock run-step MANIFEST ...    run one algorithm container on local data
     algodock run PIPELINE ...         run a pipeline as a Prefect flow
+    algodock pin PIPELINE             pin every step's image to its registry's current digest
     algodock lineage RUN_ID           show what produced what in a run
     algodock worker --scheduler ADDR  run steps of `run --cluster` on this host's Docker engine
     algodock init NAME                scaffold an algorithm project

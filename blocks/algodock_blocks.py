@@ -4,6 +4,6 @@
 The blocks live in the installed package, :mod:`algodock.blocks`.
 """
 
-from algodock.blocks import AlgorithmBlock, DockerHost, StoreBlock
+from algodock.blocks import AlgorithmBlock, DockerHost, DockerRegistryCredentials, StoreBlock
 
-__all__ = ["AlgorithmBlock", "DockerHost", "StoreBlock"]
+__all__ = ["AlgorithmBlock", "DockerHost", "DockerRegistryCredentials", "StoreBlock"]

@@ -87,6 +87,19 @@ def busybox_image(docker_client) -> str:
 
 
 @pytest.fixture(scope="session")
+def registry(docker_client, tmp_path_factory):
+    """A private registry on 127.0.0.1 with htpasswd auth (see tests/registry.py), for the session."""
+    from tests.registry import Registry, available
+
+    why = available()
+    if why:
+        _need_engine(why)
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One Prefect test server for the whole session (it takes seconds to start)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -125,7 +125,7 @@ def test_root_user_is_a_warning(docker_client: Any, hostile_images: dict, tmp_pa
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert set(doc) == {"image", "image_id", "verdict", "checks", "usage"} and doc["verdict"] == "pass"
+    assert set(doc) == {"image", "image_id", "repo_digest", "verdict", "checks", "usage"} and doc["verdict"] == "pass"
     statuses = {c["id"]: c["status"] for c in doc["checks"]}
     assert statuses.pop("user") == "warn" and set(statuses.values()) == {"pass"}, doc
     assert set(doc["usage"]) == {"peak_memory_bytes", "cpu_seconds", "wall_seconds", "output_bytes", "output_files"}
@@ -204,3 +204,21 @@ def test_no_sample_for_a_required_input_fails_before_any_run(docker_client: Any,
     report = check_image(path, client=docker_client)
     assert _statuses(report)["inputs"] == "fail" and "sample/table" in report.checks[-1].message
     assert "exit" not in _statuses(report)
+
+
+def test_check_image_reports_the_repo_digest_of_an_image_from_a_registry(docker_client: Any, hostile_images: dict, registry: Any, tmp_path: Path) -> None:
+    import uuid
+
+    from tests.registry import remove_local
+
+    name = f"algo/hostile-{uuid.uuid4().hex[:8]}"
+    digest = registry.push(docker_client, hostile_images["user"], name, "1")
+    ref = f"{registry.host}/{name}:1"
+    try:
+        report = check_image(_manifest(tmp_path, "ok", image=ref), client=docker_client)
+        assert report.repo_digest == f"{registry.host}/{name}@{digest}" and report.as_dict()["repo_digest"] == report.repo_digest
+        assert report.verdict == "pass", report.as_dict()
+        built_here = check_image(_manifest(tmp_path, "ok"), client=docker_client)
+        assert built_here.repo_digest is None or built_here.repo_digest.startswith(registry.host)  # pushed once: the engine knows where it went
+    finally:
+        remove_local(docker_client, ref)

@@ -528,11 +528,17 @@ def test_non_empty_output_folder_is_invalid_input(docker_client: Any, busybox_im
     assert run.result.container_id is None
 
 
-@pytest.mark.parametrize("image", ["algodock-test/does-not-exist:1", "sha256:" + "0" * 64, "localhost:1/none/such@sha256:" + "1" * 64])
+@pytest.mark.parametrize("image", ["algodock-test/does-not-exist:1", "sha256:" + "0" * 64, "no-such-registry.invalid/none/such@sha256:" + "1" * 64])
 def test_image_not_found(docker_client: Any, out: Path, image: str) -> None:
     run = Run(docker_client, manifest(image, "true"), out)
     assert run.kind == "image_not_found", run.result.failure
     assert image in run.message
+    assert run.result.container_id is None
+
+
+def test_a_registry_that_refuses_connections_is_infrastructure_naming_it(docker_client: Any, out: Path) -> None:
+    run = Run(docker_client, manifest("localhost:1/none/such@sha256:" + "1" * 64, "true"), out)
+    assert run.kind == "infrastructure" and "registry localhost:1" in run.message, run.result.failure  # retried: it may come back
     assert run.result.container_id is None
 
 

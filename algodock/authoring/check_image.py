@@ -68,6 +68,8 @@ class Report:
 
     image: str
     image_id: str | None = None
+    repo_digest: str | None = None
+    """``repo@sha256:…`` when the image came from a registry."""
     checks: list[Check] = field(default_factory=list)
     usage: dict[str, Any] | None = None
 
@@ -82,6 +84,7 @@ class Report:
         return {
             "image": self.image,
             "image_id": self.image_id,
+            "repo_digest": self.repo_digest,
             "verdict": self.verdict,
             "checks": [asdict(c) for c in self.checks],
             "usage": self.usage,
@@ -182,16 +185,17 @@ def check_image(
 
     client = client or docker_client()
     try:
-        resolved = resolve_image(client, cp.image)
+        resolved = resolve_image(client, cp.image, on_log=on_log)
     except StepFailure as exc:
         report.add("image", "fail", str(exc), f"build it: docker build -t {cp.image} {manifest_path.parent}")
         return report
-    report.image_id = resolved.id
+    report.image_id, report.repo_digest = resolved.id, resolved.repo_digest
     attrs = client.images.get(resolved.id).attrs
     config = attrs.get("Config") or {}
     size = int(attrs.get("Size") or 0)
     layers = len((attrs.get("RootFS") or {}).get("Layers") or [])
-    report.add("image", "pass", f"{cp.image} = {resolved.id} ({fmt_bytes(size)}, {layers} layers)")
+    came_from = f", from {resolved.repo_digest}" if resolved.repo_digest else ", built here (no repo digest)"
+    report.add("image", "pass", f"{cp.image} = {resolved.id} ({fmt_bytes(size)}, {layers} layers{came_from})")
     _check_user(report, resolved)
 
     try:

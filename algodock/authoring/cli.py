@@ -71,7 +71,7 @@ def check_image_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, 
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         colours = {"pass": "green", "warn": "yellow", "fail": "red"}
-        click.echo(f"check-image {report.image} ({report.image_id or 'no image'})")
+        click.echo(f"check-image {report.image} ({report.image_id or 'no image'}{f', {report.repo_digest}' if report.repo_digest else ''})")
         for c in report.checks:
             click.echo(f"  {click.style(c.status.ljust(4), fg=colours[c.status])}  {c.id:<12} {c.message}")
         click.echo(f"verdict: {report.verdict}")

@@ -8,27 +8,35 @@ folders are namespaced); then create and save them in the UI or in code::
                    aws_client_parameters={"endpoint_url": "http://127.0.0.1:9000"}).save("lake-creds")
     StoreBlock(uri="s3://lake/algodock", credentials=AwsCredentials.load("lake-creds")).save("lake")
     DockerHost(base_url="tcp://gpu-box:2376", client_kwargs={"tls": True}).save("gpu-box")
+    DockerRegistryCredentials(username="ci", password="…", registry_url="registry.example.com").save("team-registry")
 
 A pipeline step can then say ``block: device-visits`` instead of ``manifest: …``, and a flow
-run (a deployment's parameters) ``store="algodock-store/lake"``, ``engine="docker-host/gpu-box"``.
+run (a deployment's parameters) ``store="algodock-store/lake"``, ``engine="docker-host/gpu-box"``,
+``registry_credentials=["team-registry"]`` (prefect-docker's block; :func:`registry_auths` turns
+it into the engine's :class:`~algodock.runtime.images.RegistryAuth`).
 S3 credentials are prefect-aws's ``AwsCredentials`` (what Prefect users already keep); s3fs
 moves the bytes with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from prefect_docker import DockerHost
+from prefect_docker import DockerHost, DockerRegistryCredentials
 from pydantic import Field, field_validator
 
 from algodock.contract.manifest import Manifest, load_manifest, parse_manifest
 from algodock.errors import InfrastructureError, InvalidInput, InvalidManifest
+from algodock.runtime.images import RegistryAuth
 
-__all__ = ["AlgorithmBlock", "AwsCredentials", "DockerHost", "StoreBlock", "load_block", "manifest_from_block", "resolve_engine", "resolve_store"]
+__all__ = [
+    "AlgorithmBlock", "AwsCredentials", "DockerHost", "DockerRegistryCredentials", "StoreBlock",
+    "algorithm_block_auths", "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
+]
 
 
 class AlgorithmBlock(Block):
@@ -46,6 +54,11 @@ class AlgorithmBlock(Block):
     manifest: Manifest = Field(
         description="The manifest document of docs/contract.md §1.",
         examples=[{"manifest_version": "0.1", "name": "device-visits", "version": "1.0.0", "container_parameters": {"image": "myorg/device-visits:1.0.0", "command": ["python3", "/app/device_visits.py"]}}],
+    )
+
+    registry_credentials: DockerRegistryCredentials | None = Field(
+        default=None,
+        description="prefect-docker credentials for the registry the manifest's image comes from (used by every run of a step naming this block).",
     )
 
     @field_validator("manifest", mode="before")
@@ -167,6 +180,51 @@ def resolve_engine(engine: str | DockerHost | None) -> Any:
 
 def _is_block_ref(value: str, block_type: type[Block]) -> bool:
     return value.startswith(block_type.get_block_type_slug() + "/")
+
+
+RegistryCredentialsRef = str | DockerRegistryCredentials
+"""A ``DockerRegistryCredentials`` block, or its saved name (``NAME`` or ``docker-registry-credentials/NAME``)."""
+
+
+def registry_auths(items: Iterable[RegistryCredentialsRef] | RegistryCredentialsRef | None) -> tuple[RegistryAuth, ...]:
+    """The engine's credentials records of ``items`` (a flow's ``registry_credentials``).
+
+    The password stays a ``SecretStr`` and is only ever sent to the Docker engine; messages name
+    the block (``credentials block 'NAME'``). A given name that is not saved is ``invalid_input``.
+    """
+    if items is None or isinstance(items, (str, DockerRegistryCredentials)):
+        items = [] if items is None else [items]
+    return tuple(_auth_of(item) for item in items)
+
+
+def step_registry_auths(pipeline: Any) -> dict[str, tuple[RegistryAuth, ...]]:
+    """Per step, the credentials of the algorithm block it names (``AlgorithmBlock.registry_credentials``),
+    used for its image before the run's own."""
+    found: dict[str, tuple[RegistryAuth, ...]] = {}
+    for step in pipeline.spec.steps:
+        if step.block is not None:
+            auths = algorithm_block_auths(AlgorithmBlock.load(step.block), step.block)  # type: ignore[arg-type]
+            if auths:
+                found[step.id] = auths
+    return found
+
+
+def algorithm_block_auths(block: AlgorithmBlock, name: str) -> tuple[RegistryAuth, ...]:
+    """The credentials an algorithm block carries for its image (empty when it has none)."""
+    if block.registry_credentials is None:
+        return ()
+    return (_auth_of(block.registry_credentials, f"the credentials of algorithm block {name!r}"),)
+
+
+def _auth_of(item: RegistryCredentialsRef, source: str | None = None) -> RegistryAuth:
+    if isinstance(item, DockerRegistryCredentials):
+        block = item
+        name = getattr(item, "_block_document_name", None)
+        source = source or (f"credentials block {name!r}" if name else "the DockerRegistryCredentials block given")
+    else:
+        block = load_block(item, DockerRegistryCredentials)  # type: ignore[assignment]
+        source = source or f"credentials block {item.split('/')[-1]!r}"
+    return RegistryAuth.of(block.registry_url, block.username, block.password, source)
 
 
 def manifest_from_block(name: str) -> Manifest:

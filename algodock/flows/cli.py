@@ -16,6 +16,7 @@ import click
 
 from algodock.console import log_to, print_errors, terminate_on_sigterm
 from algodock.errors import StepFailure
+from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES
 
 
 def _live_view(order: list[str]):
@@ -67,8 +68,12 @@ def _live_view(order: list[str]):
 @click.option("--concurrency-limit", metavar="NAME", help="A Prefect global concurrency limit each step also holds a slot of (a limit shared across hosts).")
 @click.option("--cluster", metavar="tcp://HOST:8786", help="Run the steps on this Dask scheduler's `algodock worker`s, placed by their resource requests.")
 @click.option("--shared-store", is_flag=True, help="With --cluster: the --store path is mounted at the same place on every host.")
+@click.option("--registry-credentials", "registry_credentials", multiple=True, metavar="NAME", help="A saved prefect-docker DockerRegistryCredentials block for a registry the images come from (repeatable) [default: the engine host's docker config].")
+@click.option("--pull-policy", type=click.Choice(PULL_POLICIES), default=DEFAULT_PULL_POLICY, show_default=True, help="if_not_present: use a local image; always: pull when the tag's digest moved in the registry; never: fail when absent. A step's own pull_policy wins.")
+@click.option("--require-digest", is_flag=True, help="Refuse, before any container, every step whose image is not pinned by digest (`algodock pin` pins them).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the run summary) on stdout.")
-def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, cluster: str | None, shared_store: bool, as_json: bool) -> None:
+def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[str, ...], capacity: str | None, no_cache: bool, concurrency_limit: str | None, cluster: str | None, shared_store: bool,
+            registry_credentials: tuple[str, ...], pull_policy: str, require_digest: bool, as_json: bool) -> None:
     """Run a pipeline as a Prefect flow: each step a task, independent steps concurrently.
 
     Uses the Prefect server at PREFECT_API_URL when set, else a temporary local one.
@@ -102,9 +107,10 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             from algodock.runtime.engine import docker_client
 
             cap = Capacity.from_engine(docker_client())
-        from algodock.blocks import manifest_from_block
+        from algodock.blocks import manifest_from_block, registry_auths
 
-        spec = load_pipeline(pipeline, overrides=overrides, capacity=cap, resolve_block=manifest_from_block)
+        spec = load_pipeline(pipeline, overrides=overrides, capacity=cap, resolve_block=manifest_from_block, require_digest=require_digest)
+        registry_auths(registry_credentials)  # an unknown block name fails here, before any flow starts
     except StepFailure as exc:
         print_errors(exc)
         if as_json:
@@ -131,7 +137,8 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         flows_pipeline.LISTENERS.append(listener)
     params = dict(spec=str(pipeline.resolve()), store=store, run_id=run_id, overrides=overrides or None,
                   capacity=str(cap) if cap else None, cluster=cluster, shared_store=shared_store,
-                  no_cache=no_cache, concurrency_limit=concurrency_limit)
+                  no_cache=no_cache, concurrency_limit=concurrency_limit,
+                  registry_credentials=list(registry_credentials) or None, pull_policy=pull_policy, require_digest=require_digest)
     released = False
 
     def finish(prefect_problem: str | None) -> int:
@@ -185,3 +192,39 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             lease.release()
         raise
     sys.exit(finish(problem))
+
+
+@click.command("pin")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write the pinned spec here [default: stdout]; relative paths in it are rewritten to stay right from there.")
+@click.option("--registry-credentials", "registry_credentials", multiple=True, metavar="NAME", help="A saved prefect-docker DockerRegistryCredentials block (repeatable) [default: the engine host's docker config].")
+def pin_cmd(pipeline: Path, output: Path | None, registry_credentials: tuple[str, ...]) -> None:
+    """Pin every step's image to the digest its registry serves now.
+
+    Asks each registry for the current digest of each step's image tag (a manifest request,
+    nothing is downloaded) and writes the spec with `image: repo@sha256:...` on every step,
+    which `algodock run --require-digest` accepts. YAML in, YAML out (JSON for a .json spec).
+
+    \b
+    Example:
+      algodock pin deployments/device-visits-daily.yaml --output deployments/frozen.yaml
+    """
+    import yaml
+
+    from algodock.blocks import manifest_from_block, registry_auths
+    from algodock.pipeline.pin import pin_spec
+    from algodock.runtime.engine import docker_client
+
+    try:
+        auths = registry_auths(registry_credentials)
+        doc = pin_spec(pipeline, docker_client(), credentials=auths, resolve_block=manifest_from_block, output=output)
+    except StepFailure as exc:
+        print_errors(exc)
+        sys.exit(1)
+    as_json = (output or pipeline).suffix.lower() == ".json"
+    text = json.dumps(doc, indent=2) + "\n" if as_json else yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"wrote {output}: {len(doc['steps'])} steps pinned", err=True)

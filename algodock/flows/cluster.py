@@ -87,6 +87,7 @@ class _SlimPipeline:
         self.manifests = dict(pipeline.manifests)
         self.parameters = dict(pipeline.parameters)
         self.bindings = dict(pipeline.bindings)
+        self.pull_policies = dict(pipeline.pull_policies)
         self.inputs = dict(pipeline.inputs)
         self.spec_sha256 = pipeline.spec_sha256
 
@@ -94,8 +95,11 @@ class _SlimPipeline:
 class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
     """One run's shared state on every worker (registered for the run, removed after it)."""
 
-    def __init__(self, run_id: str, pipeline: Any, store: str, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception]) -> None:
+    def __init__(self, run_id: str, pipeline: Any, store: str, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception],
+                 images: dict[str, Any] | None = None) -> None:
         self.name = plugin_name(run_id)
+        self.images = dict(images or {})
+        """The run's ``pull_policy``, ``registry_credentials`` and ``step_credentials`` (RunContext fields)."""
         self.run_id = run_id
         self.pipeline = _SlimPipeline(pipeline)
         self.store = store
@@ -153,6 +157,7 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
                     cache=self.cache,
                     flow_run_id=self.flow_run_id,
                     observers=[OpenLineageObserver()],  # OpenLineage events from the host that ran the step
+                    **self.images,
                 )
             return self._ctx
 
@@ -306,13 +311,16 @@ class ClusterSession:
             gpu=int(max(r.get("gpu", 0) for r in workers.values())),
         )
 
-    def start_run(self, run_id: str, pipeline: Any, store: Any, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception]) -> None:
+    def start_run(self, run_id: str, pipeline: Any, store: Any, cache: Any, use_cache: bool, flow_run_id: str | None, step_failed: type[Exception],
+                  images: dict[str, Any] | None = None) -> None:
         """Send the run's shared state to every worker (and to workers that join later).
 
-        ``step_failed``: the exception class a failed step raises (the flow's ``StepFailed``).
+        ``step_failed``: the exception class a failed step raises (the flow's ``StepFailed``);
+        ``images``: how the workers resolve images (``pull_policy``, ``registry_credentials``,
+        ``step_credentials``; the credentials travel to the workers over the cluster's connections).
         """
         self.run_id = run_id
-        self.client.register_plugin(RunPlugin(run_id, pipeline, store.uri(), cache, use_cache, flow_run_id, step_failed), name=plugin_name(run_id))
+        self.client.register_plugin(RunPlugin(run_id, pipeline, store.uri(), cache, use_cache, flow_run_id, step_failed, images), name=plugin_name(run_id))
 
     def submit(self, task_fn: Any, step_id: str, upstream: dict[str, StepRecord], request: Any) -> tuple[Any, concurrent.futures.Future]:
         """Submit a step with its resources; returns the Prefect future and a future that is done with it."""

@@ -38,7 +38,8 @@ from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.store.backends import Store, lineage_rel, run_json_rel
-from algodock.blocks import DockerHost, StoreBlock
+from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
+from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
 from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
 from algodock.flows.logs import LogBatches
 
@@ -313,12 +314,12 @@ class Ledger:
         self.store.write_json(run_json_rel(self.doc.run_id), summary)
 
 
-def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
+def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity, require_digest: bool = False) -> Pipeline:
     from algodock.blocks import manifest_from_block
 
     if isinstance(spec, dict):
-        return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
-    return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
+        return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block, require_digest=require_digest)
+    return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block, require_digest=require_digest)
 
 
 def default_run_id(flow_run_id: str | None = None) -> str:
@@ -394,6 +395,9 @@ def run_pipeline(
     engine: str | DockerHost | None = None,
     cluster: str | None = None,
     shared_store: bool = False,
+    registry_credentials: list[str | DockerRegistryCredentials] | None = None,
+    pull_policy: PullPolicy = DEFAULT_PULL_POLICY,
+    require_digest: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline ``spec`` (a YAML path, or the spec as a dict) and return the run summary.
 
@@ -409,8 +413,12 @@ def run_pipeline(
     ``cluster``: a Dask scheduler address (``tcp://HOST:8786``): steps run on its
     ``algodock worker``s, placed by their resource requests (see algodock.flows.cluster); the
     store must then be S3, or a path every host mounts, declared with ``shared_store``.
+    ``registry_credentials``: prefect-docker ``DockerRegistryCredentials`` blocks, or their
+    names, for the registries the images come from (default: the engine host's docker config);
+    ``pull_policy``: ``if_not_present``, ``always`` or ``never`` for steps that set none;
+    ``require_digest``: refuse, before any container, a step whose image is not pinned by digest.
     """
-    from algodock.blocks import resolve_store
+    from algodock.blocks import registry_auths, resolve_store, step_registry_auths
 
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
@@ -422,7 +430,8 @@ def run_pipeline(
         session = ClusterSession(cluster).__enter__()
     client = _engine_client(engine) if session is None else None
     cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
-    pipeline = _load(spec, overrides, cap)
+    pipeline = _load(spec, overrides, cap, require_digest)
+    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
     if concurrency_limit:
         _check_limit(concurrency_limit)
     the_store = resolve_store(store)
@@ -430,7 +439,8 @@ def run_pipeline(
     lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
     recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
+    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
+                     pull_policy=pull_policy, registry_credentials=auths, step_credentials=step_registry_auths(pipeline))
     ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
     order = pipeline.topological_order()
     doc = LineageDocument(
@@ -445,7 +455,8 @@ def run_pipeline(
     ledger = Ledger(doc, the_store, on_change=_notify)
     ledger.start()
     if session is not None:
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed)
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
+                          images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
     workers = max_workers(pipeline, cap)
     logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
 

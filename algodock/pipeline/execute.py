@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from algodock.pipeline.capacity import Cancelled, ResourcePool
-from algodock.runtime.engine import resolve_image
+from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
 from algodock.lineage.cache import cache_key
@@ -116,13 +116,37 @@ class RunContext:
     """Told when each step starts and ends (see :class:`StepObserver`)."""
     _external: dict[str, InputBinding] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _images: dict[str, ResolvedImage] = field(default_factory=dict)
+    pull_policy: str = DEFAULT_PULL_POLICY
+    """The run's pull policy (``--pull-policy``); a step's own ``pull_policy`` overrides it."""
+    registry_credentials: tuple[RegistryAuth, ...] = ()
+    """Credentials for the registries the images come from (else the engine client's docker config)."""
+    step_credentials: dict[str, tuple[RegistryAuth, ...]] = field(default_factory=dict)
+    """Credentials of single steps (their algorithm block's), used for their image before the run's own."""
+    _images: dict[tuple[str, str, tuple[str, ...]], ResolvedImage] = field(default_factory=dict)
+    _image_locks: dict[tuple[str, str, tuple[str, ...]], threading.Lock] = field(default_factory=dict)
 
-    def image(self, ref: str) -> ResolvedImage:
-        """``ref`` resolved to its image id once per run: every step of the run uses the same image."""
-        if ref not in self._images:
-            self._images.setdefault(ref, resolve_image(self.client, ref))
-        return self._images[ref]
+    def image(self, ref: str, policy: str | None = None, on_log: Callable[[str], None] | None = None, step_id: str | None = None) -> ResolvedImage:
+        """``ref`` resolved once per run and pull policy: every step of the run uses the same image.
+
+        Steps asking at once wait for the first one (which pulls, once per engine, see
+        :mod:`algodock.runtime.images`); a failure is not remembered, so a retry asks again.
+        """
+        own = self.step_credentials.get(step_id or "", ())
+        key = (ref, policy or self.pull_policy, tuple(c.source for c in own))  # other credentials may be refused: never share their answer
+        with self._lock:
+            lock = self._image_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._images:
+                self._images[key] = resolve_image(self.client, ref, policy=key[1], credentials=own + self.registry_credentials, on_log=on_log)
+            return self._images[key]
+
+    def step_pull_policy(self, step_id: str) -> str | None:
+        """The step's own pull policy (a spec's ``pull_policy:``), None for the run's.
+
+        Any view of a run's steps may carry ``pull_policies`` by step id (a validated
+        :class:`~algodock.pipeline.Pipeline` does); one without it leaves every step to the run's.
+        """
+        return (getattr(self.pipeline, "pull_policies", None) or {}).get(step_id)
 
     def external_input(self, name: str) -> InputBinding:
         """An external pipeline input, fetched (S3) and hashed once per run."""
@@ -242,7 +266,7 @@ def _execute(
     manifest = ctx.pipeline.manifests[step_id]
     say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
-    image = ctx.image(manifest.container_parameters.image)
+    image = ctx.image(manifest.container_parameters.image, ctx.step_pull_policy(step_id), say, step_id)
     record.image_id, record.repo_digest = image.id, image.repo_digest
 
     if ctx.cache is not None:

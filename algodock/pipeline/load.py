@@ -25,6 +25,7 @@ def load_pipeline(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     capacity: Capacity | None = None,
     resolve_block: BlockResolver | None = None,
+    require_digest: bool = False,
 ) -> Pipeline:
     """Read a pipeline spec file (YAML or JSON) and validate it; see :func:`build_pipeline`."""
     path = Path(path)
@@ -35,6 +36,7 @@ def load_pipeline(
         overrides=overrides,
         capacity=capacity,
         resolve_block=resolve_block,
+        require_digest=require_digest,
     )
 
 
@@ -46,13 +48,15 @@ def build_pipeline(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     capacity: Capacity | None = None,
     resolve_block: BlockResolver | None = None,
+    require_digest: bool = False,
 ) -> Pipeline:
     """Load the manifests of a spec (a :class:`PipelineSpec` or its dict), then validate and resolve it.
 
     ``base_dir`` (default: the working directory) anchors relative manifest and input paths;
     ``overrides`` (``{step: {key: value}}``, see :func:`~algodock.pipeline.spec.parse_overrides`)
     replace or add parameters; ``capacity`` rejects steps that could never fit;
-    ``resolve_block`` turns ``block:`` names into manifests. Raises :class:`InvalidManifest`
+    ``resolve_block`` turns ``block:`` names into manifests; ``require_digest`` refuses every
+    step whose image is not pinned by digest (as the spec's ``policy`` can). Raises :class:`InvalidManifest`
     with every error found.
 
     >>> try:
@@ -66,7 +70,7 @@ def build_pipeline(
     if not isinstance(spec, PipelineSpec):
         spec = parse_spec(spec, source)
     manifests, errors = load_manifests(spec, base, source, resolve_block)
-    return validate_pipeline(spec, manifests, base_dir=base, source=source, overrides=overrides, capacity=capacity, errors=errors)
+    return validate_pipeline(spec, manifests, base_dir=base, source=source, overrides=overrides, capacity=capacity, errors=errors, require_digest=require_digest)
 
 
 def load_manifests(spec: PipelineSpec, base: Path, source: str, resolve_block: BlockResolver | None = None) -> tuple[dict[str, Manifest], list[str]]:
@@ -128,10 +132,14 @@ class PipelineBuilder:
         parameters: Mapping[str, Any] | None = None,
         retries: int = 0,
         after: Iterable[str] = (),
+        pull_policy: str | None = None,
+        image: str | None = None,
     ) -> PipelineBuilder:
         """Add a step (see :class:`StepSpec`)."""
+        extra = {k: v for k, v in {"pull_policy": pull_policy, "image": image}.items() if v is not None}
         self._doc["steps"].append(
             {
+                **extra,
                 "id": id,
                 "manifest": str(manifest) if manifest is not None else None,
                 "block": block,

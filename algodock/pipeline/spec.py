@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from algodock.contract.manifest import NAME_PATTERN, Manifest, Name, format_validation_error
 from algodock.contract.params import parse_value
 from algodock.errors import InvalidInput, InvalidManifest
+from algodock.runtime.images import PullPolicy
 
 PIPELINE_VERSION = "0.1"
 """The pipeline spec version this platform reads."""
@@ -57,12 +58,28 @@ class StepSpec(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict, description="config.parameters; validated by the manifest's schema.")
     retries: int = Field(0, ge=0, description="Retries after exit_code, timeout or oom failures (infrastructure failures always retry).")
     after: list[Name] = Field(default_factory=list, description="Steps that must finish first, without data passing.")
+    pull_policy: PullPolicy | None = Field(
+        None,
+        description="When to ask the registry for the image: if_not_present (the default), always (pull when the tag's digest moved), never. Overrides the run's --pull-policy.",
+    )
+    image: str | None = Field(
+        None,
+        description="The manifest's image pinned by digest (repo@sha256:…, the manifest's own repository only); `algodock pin` writes it.",
+        examples=["myorg/device-visits@sha256:" + "0" * 64],
+    )
 
     @model_validator(mode="after")
     def _one_algorithm(self) -> StepSpec:
         if (self.manifest is None) == (self.block is None):
             raise ValueError("give exactly one of `manifest` (a file) or `block` (an algorithm block name)")
         return self
+
+
+class PolicySpec(_Strict):
+    """What images a pipeline may run, checked at validation before any container."""
+
+    require_digest: bool = Field(False, description="Every step's image must be pinned by digest (repo@sha256:…).")
+    allowed_registries: list[str] | None = Field(None, description="Registries (host[:port], docker.io for Docker Hub) the images may come from; any when omitted.", examples=[["registry.example.com"]])
 
 
 class PipelineSpec(_Strict):
@@ -73,6 +90,7 @@ class PipelineSpec(_Strict):
     description: str = ""
     inputs: dict[Name, str] = Field(default_factory=dict, description="External inputs: local path (relative to the spec file), file:// or s3:// URI.", examples=[{"pings": "s3://raw/pings/2026-11-27/"}])
     steps: list[StepSpec] = Field(min_length=1)
+    policy: PolicySpec | None = Field(None, description="The image policy (digest pinning, allowed registries).")
 
 
 class Ref(NamedTuple):
@@ -123,7 +141,15 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 def spec_sha256(spec: PipelineSpec) -> str:
     """sha256 of the spec's canonical JSON: stable across key order, formatting and omitted defaults."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    doc = spec.model_dump(mode="json")
+    # Fields added since 0.1 count only when set, so a spec that does not use them keeps its hash.
+    if doc.get("policy") is None:
+        doc.pop("policy", None)
+    for step in doc["steps"]:
+        for key in ("pull_policy", "image"):
+            if step.get(key) is None:
+                step.pop(key, None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -146,4 +172,4 @@ def parse_spec(data: Any, source: str) -> PipelineSpec:
         raise InvalidManifest("\n".join(errors), errors=errors) from None
 
 
-__all__ = ["INPUTS", "PIPELINE_VERSION", "BlockResolver", "PipelineSpec", "Ref", "StepSpec", "parse_overrides", "parse_spec", "spec_sha256", "step_error"]
+__all__ = ["INPUTS", "PIPELINE_VERSION", "BlockResolver", "PipelineSpec", "PolicySpec", "Ref", "StepSpec", "parse_overrides", "parse_spec", "spec_sha256", "step_error"]

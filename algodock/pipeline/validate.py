@@ -21,6 +21,7 @@ from algodock.contract.manifest import Manifest
 from algodock.contract.params import resolve_parameters
 from algodock.errors import InvalidInput, InvalidManifest
 from algodock.pipeline.capacity import Capacity
+from algodock.runtime.images import canonical_repository, is_pinned, normalize_registry, registry_of, repository_of
 from algodock.pipeline.spec import INPUTS, PipelineSpec, Ref, StepSpec, spec_sha256, step_error
 
 
@@ -45,6 +46,11 @@ class ResolvedStep:
     @property
     def retries(self) -> int:
         return self.spec.retries
+
+    @property
+    def pull_policy(self) -> str | None:
+        """The step's own pull policy (None: the run's)."""
+        return self.spec.pull_policy
 
 
 @dataclass
@@ -80,6 +86,10 @@ class Pipeline:
     @cached_property
     def bindings(self) -> dict[str, dict[str, Ref]]:
         return {i: s.bindings for i, s in self.steps.items()}
+
+    @cached_property
+    def pull_policies(self) -> dict[str, str | None]:
+        return {i: s.pull_policy for i, s in self.steps.items()}
 
     @cached_property
     def dependencies(self) -> dict[str, set[str]]:
@@ -119,15 +129,20 @@ def validate_pipeline(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     capacity: Capacity | None = None,
     errors: Iterable[str] = (),
+    require_digest: bool = False,
 ) -> Pipeline:
     """Check ``spec`` against its steps' ``manifests`` (by step id) and resolve it.
 
     ``errors`` are lines already found while loading (a manifest that did not load has no
     entry in ``manifests``); they are reported with the rest. ``overrides`` replace or add
-    parameters; ``capacity`` rejects steps that could never fit. Raises
-    :class:`InvalidManifest` with every error found.
+    parameters; ``capacity`` rejects steps that could never fit; ``require_digest`` (or the
+    spec's ``policy``) refuses every step whose image is not pinned by digest. A step's
+    ``image:`` pins its manifest's image: the resolved step's manifest runs that reference.
+    Raises :class:`InvalidManifest` with every error found.
     """
-    return _Checker(spec, manifests, base_dir, source, dict(overrides or {}), capacity, list(errors)).run()
+    checker = _Checker(spec, manifests, base_dir, source, dict(overrides or {}), capacity, list(errors))
+    checker.require_digest = require_digest
+    return checker.run()
 
 
 class _Checker:
@@ -145,6 +160,7 @@ class _Checker:
     ) -> None:
         self.spec, self.manifests, self.base, self.source = spec, manifests, base, source
         self.overrides, self.capacity, self.errors = overrides, capacity, errors
+        self.require_digest = False
 
     def error(self, step: str | None, where: str, message: str) -> None:
         self.errors.append(step_error(self.source, step, where, message))
@@ -170,6 +186,8 @@ class _Checker:
         for cycle in _cycles(deps):
             self.error(None, "steps", f"cycle: {' -> '.join(cycle)} (each step needs the one before it)")
         self._check_capacity()
+        self._pin_images()
+        self._check_image_policy()
         if self.errors:
             raise InvalidManifest("\n".join(self.errors), errors=self.errors)
         steps = {
@@ -267,6 +285,43 @@ class _Checker:
                 if slot.required and slot.name not in step.inputs:
                     self.error(step.id, f"inputs.{slot.name}", f"required input slot of {manifest.name!r} is not bound")
         return bindings
+
+    def _pin_images(self) -> None:
+        """A step's ``image:`` replaces its manifest's image: its own repository, pinned by digest."""
+        pinned: dict[str, Manifest] = dict(self.manifests)
+        for step in self.spec.steps:
+            manifest = self.manifests.get(step.id)
+            if step.image is None or manifest is None:
+                continue
+            written = manifest.container_parameters.image
+            if not is_pinned(step.image):
+                self.error(step.id, "image", f"{step.image!r} is not pinned by digest: a step's image must be repo@sha256:<64 hex> (`algodock pin` writes it)")
+            elif canonical_repository(step.image) != canonical_repository(written) or registry_of(step.image) != registry_of(written):
+                self.error(step.id, "image", f"{step.image!r} is not the manifest's repository {repository_of(written)!r}: a step may only pin its manifest's own image")
+            else:
+                cp = manifest.container_parameters.model_copy(update={"image": step.image})
+                pinned[step.id] = manifest.model_copy(update={"container_parameters": cp})
+        self.manifests = pinned
+
+    def _check_image_policy(self) -> None:
+        """One error per step whose image the digest policy refuses (nothing runs then)."""
+        policy = self.spec.policy
+        require = self.require_digest or bool(policy and policy.require_digest)
+        allowed = None if policy is None or policy.allowed_registries is None else [normalize_registry(r) for r in policy.allowed_registries]
+        if not require and allowed is None:
+            return
+        for step in self.spec.steps:
+            manifest = self.manifests.get(step.id)
+            if manifest is None:
+                continue
+            image = manifest.container_parameters.image
+            problems = []
+            if require and not is_pinned(image):
+                problems.append("not pinned by digest (repo@sha256:…; `algodock pin` pins every step)")
+            if allowed is not None and registry_of(image) not in allowed:
+                problems.append(f"its registry {registry_of(image)} is not in policy.allowed_registries ({', '.join(allowed) or 'none'})")
+            if problems:
+                self.error(step.id, "image", f"{image!r} is refused by the image policy: {'; '.join(problems)}")
 
     def _check_capacity(self) -> None:
         if self.capacity is None:

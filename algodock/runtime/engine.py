@@ -14,9 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from algodock.errors import ImageNotFound, InfrastructureError
+from algodock.errors import InfrastructureError
 from algodock.processes import process_start
-from algodock.records import ResolvedImage
+from algodock.runtime.images import resolve_image  # noqa: F401  (where the engine's callers have always found it)
 
 if TYPE_CHECKING:
     import docker
@@ -185,42 +185,6 @@ def kill_run_containers(client: docker.DockerClient, run_id: str | None = None, 
     """Kill and remove every container of ``run_id``, or of the Prefect flow run ``flow_run_id`` (used when a flow run is cancelled)."""
     label = f"{FLOW_RUN_LABEL}={flow_run_id}" if flow_run_id else f"{LABEL}.run_id={run_id}"
     return [c.name for c in list_containers(client, label) if remove_container(client, c)]
-
-
-def _repo_of(ref: str) -> str:
-    if "@" in ref:
-        return ref.split("@", 1)[0]
-    last = ref.rsplit("/", 1)[-1]
-    return ref.rsplit(":", 1)[0] if ":" in last else ref
-
-
-def resolve_image(client: docker.DockerClient, ref: str, *, pull: bool = True) -> ResolvedImage:
-    """Resolve ``ref`` (tag, digest or id) to its immutable id, pulling only when not present."""
-    from docker.errors import APIError, DockerException, ImageNotFound as DockerImageNotFound
-
-    try:
-        try:
-            image = client.images.get(ref)
-        except DockerImageNotFound:
-            if not pull or ref.startswith("sha256:"):
-                raise ImageNotFound(f"image {ref!r} is not present on the engine and cannot be pulled by id") from None
-            try:
-                image = client.images.pull(ref if ("@" in ref or ":" in ref.rsplit("/", 1)[-1]) else f"{ref}:latest")
-            except (APIError, DockerImageNotFound) as exc:
-                raise ImageNotFound(
-                    f"image {ref!r} is not present on the engine and pulling it failed: {exc.explanation or exc}. "
-                    "Build it (`docker build -t …`) or check the registry name and that the engine can reach it."
-                ) from exc
-    except DockerException as exc:
-        raise InfrastructureError(f"the Docker engine failed while resolving image {ref!r}: {exc}") from exc
-    digests: list[str] = image.attrs.get("RepoDigests") or []
-    if "@sha256:" in ref:
-        repo_digest: str | None = ref
-    else:
-        repo = _repo_of(ref)
-        repo_digest = next((d for d in digests if d.split("@", 1)[0] == repo), digests[0] if digests else None)
-    user = (image.attrs.get("Config") or {}).get("User") or ""
-    return ResolvedImage(ref=ref, id=image.id, repo_digest=repo_digest, user=user)
 
 
 def _is_local(client: Any) -> bool:

@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +32,9 @@ from algodock.contract.manifest import ALGO_INPUT_PATH, ALGO_OUTPUT_NAME, INPUT_
 from algodock.contract.params import resolve_parameters
 from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure, shorten
 from algodock.records import InputBinding, ResolvedImage, StepRecord
-from algodock.runtime.engine import container_labels, docker_client, resolve_image, sweep_orphans
+from algodock.runtime.engine import container_labels, docker_client, sweep_orphans
 from algodock.runtime.handoff import check_inputs, check_outputs, record_schema
+from algodock.runtime.images import RegistryAuth, resolve_image
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
 from algodock.runtime.logs import EMIT_LINES, LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
@@ -220,6 +221,8 @@ def run_step(
     on_exit: Callable[[], None] | None = None,
     descriptor_path: str = ALGO_INPUT_PATH,
     flow_run_id: str | None = None,
+    pull_policy: str | None = None,
+    registry_credentials: Iterable[RegistryAuth] = (),
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
@@ -236,6 +239,8 @@ def run_step(
     that hard-code the default.
     ``flow_run_id``: the Prefect flow run the step belongs to, stamped as a container label so
     that cancelling the flow run finds its containers.
+    ``pull_policy`` and ``registry_credentials``: how the image is resolved when ``image`` is
+    not given (see :func:`algodock.runtime.images.resolve_image`); the pull's progress goes to ``on_log``.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -270,7 +275,8 @@ def run_step(
         if id(client) not in _swept:
             _swept.add(id(client))
             sweep_orphans(client)
-        resolved = image or resolve_image(client, cp.image)
+        say = (lambda line: on_log(f"[algodock] {line}")) if on_log else None
+        resolved = image or resolve_image(client, cp.image, policy=pull_policy, credentials=registry_credentials, on_log=say)
         result.image_id, result.repo_digest = resolved.id, resolved.repo_digest
         prepare_output_dir(output_dir)
         # Beside the output folder, so inputs on that filesystem hardlink instead of copying.
