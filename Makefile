@@ -86,10 +86,12 @@ demo: venv engine base-image images ## generate sample pings and run the demo pi
 	$(VENV)/bin/python examples/generate_pings.py --out .algodock/demo/pings --devices 50 --hours 24 --parts 4 --seed 7
 	bash scripts/demo.sh
 
-bench: venv engine base-image images registry ## run every bench/*.py (helpers named _*.py are skipped)
-	@shopt -s nullglob; files=(bench/[!_]*.py); \
+bench: venv engine base-image images registry ## run every bench/*.py (helpers named _*.py are skipped); fails if any missed its target
+	@shopt -s nullglob; files=(bench/[!_]*.py); failed=(); \
 	  if [ $${#files[@]} -eq 0 ]; then echo "no bench/*.py"; exit 0; fi; \
-	  for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
+	  for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f" || failed+=("$$f"); done; \
+	  if [ $${#failed[@]} -gt 0 ]; then echo "bench: failed or missed its target: $${failed[*]}" >&2; exit 1; fi; \
+	  echo "bench: every target met"
 
 clean: ## remove .build, .algodock, example wheels and leftover algodock containers (keeps .venv)
 	rm -rf $(BUILD) .algodock $(addprefix examples/,$(addsuffix /.wheels,$(EXAMPLE_IMAGES)))

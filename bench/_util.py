@@ -106,8 +106,33 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "MISSED"
+TIGHTEN_ENV = "ALGODOCK_BENCH_TIGHTEN"
+_missed: list[str] = []
+
+
+def verdict(name: str, value: float, target: float, unit: str = "x") -> bool:
+    """Judge one figure: ``value <= target`` (every target is an upper bound), printed as one
+    ``target:`` line; a miss is remembered, so :func:`exit_status` makes the bench exit 1.
+
+    ``ALGODOCK_BENCH_TIGHTEN=<factor>`` multiplies every target by ``factor`` (for example
+    ``0`` misses them all): how to see that a bench fails when its target is missed.
+    """
+    factor = float(os.environ.get(TIGHTEN_ENV, "1"))
+    limit = target * factor
+    ok = value <= limit
+    tightened = f", {TIGHTEN_ENV}={factor:g}" if factor != 1 else ""
+    print(f"target: {name}: {value:.3g}{unit} (target <= {limit:.3g}{unit}{tightened}): {'MET' if ok else 'MISSED'}", flush=True)
+    if not ok:
+        _missed.append(name)
+    return ok
+
+
+def exit_status() -> int:
+    """0 when every :func:`verdict` of this run was met, else 1 (naming the missed ones on stderr)."""
+    if _missed:
+        print(f"bench {Path(sys.argv[0]).name}: target missed: {'; '.join(_missed)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------- Docker

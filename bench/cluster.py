@@ -1,13 +1,16 @@
 """Scale out: 16 steps of 2 s at 1000 millicores on two engines of 2000 millicores each,
-against the same on one engine (target: makespan ratio <= 0.6; ideal 0.5).
+against the same on one engine (target: two-engine makespan / one-engine makespan, summed
+over the pairs, <= 0.6; ideal 0.5).
 
-    .venv/bin/python bench/cluster.py [--steps 16] [--seconds 2]
+    .venv/bin/python bench/cluster.py [--steps 16] [--seconds 2] [--pairs 2]
 
 Starts what `make cluster` starts, privately and on 127.0.0.1: a second Docker engine
 (``scripts/extra-engine.sh start adkbench``), a Dask scheduler, and `algodock worker`s of
 2000 millicores; runs the pipeline with ``--cluster`` and a shared local store (this is one
-machine), after a warm-up run, first with a worker on each engine, then with the main
-engine's worker alone. The makespan is the last step's exit minus the first step's start, from the run summary.
+machine), after a warm-up run, in pairs of runs alternating which goes first (two engines,
+one engine, one engine, two engines, ...): for "one engine" the second engine's worker is
+retired; for "two engines" after that a new one is started and warmed up (untimed). The
+makespan is the last step's exit minus the first step's start, from the run summary.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from _util import BENCH_BUSYBOX, busybox_image, fmt_s, prefect_server, verdict, write_manifest
+from _util import BENCH_BUSYBOX, busybox_image, exit_status, fmt_s, prefect_server, verdict, write_manifest
 
 from algodock.runtime.engine import docker_client
 
@@ -58,16 +61,17 @@ def _wait_for_n(address: str, n: int) -> None:
             time.sleep(0.2)  # polling the scheduler with a deadline
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=2)
+    parser.add_argument("--pairs", type=int, default=2, help="pairs of runs (two engines, one engine), alternating which goes first")
     args = parser.parse_args()
     busybox_image(docker_client())
     second = _engine([BENCH_BUSYBOX])
     tmp = Path(tempfile.mkdtemp(prefix="algodock-bench-cluster-"))
     procs: list[subprocess.Popen] = []
-    results = {}
+    results: dict[str, list[tuple[float, int]]] = {"two engines": [], "one engine": []}
     try:
         sched_file = tmp / "scheduler.json"
         procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -91,18 +95,21 @@ def main() -> None:
 
         with prefect_server():
             procs.append(worker("main", os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")))
-            second_worker = worker(ENGINE, second)
-            procs.append(second_worker)
-            _wait_workers(address, 2)
-            # warm-up (not timed): each worker's first step imports Prefect's task engine
             warm = {**spec, "steps": spec["steps"][:8]}
-            run_pipeline(spec=warm, store=str(tmp / "store"), run_id=f"warm-{os.getpid()}", no_cache=True, cluster=address, shared_store=True)
-            for label, n in (("two engines", 2), ("one engine", 1)):
-                if n == 1:  # retire the second engine's worker; the main one is warm
+            second_worker: subprocess.Popen | None = None
+            for n, label in _order(args.pairs):
+                if n == 2 and second_worker is None:  # (re)start the second engine's worker and warm it up
+                    second_worker = worker(f"{ENGINE}-{len(procs)}", second)
+                    procs.append(second_worker)
+                    _wait_workers(address, 2)
+                    # warm-up (not timed): each worker's first step imports Prefect's task engine
+                    run_pipeline(spec=warm, store=str(tmp / "store"), run_id=f"warm-{len(procs)}-{os.getpid()}", no_cache=True, cluster=address, shared_store=True)
+                if n == 1 and second_worker is not None:  # retire the second engine's worker; the main one is warm
                     second_worker.terminate()
                     second_worker.wait(60)
+                    second_worker = None
                     _wait_for_n(address, 1)
-                run_id = f"bench-{n}-{os.getpid()}"
+                run_id = f"bench-{n}-{len(results[label])}-{os.getpid()}"
                 state = run_pipeline(spec=spec, store=str(tmp / "store"), run_id=run_id, no_cache=True, cluster=address, shared_store=True, return_state=True)
                 summary = json.loads((tmp / "store/runs" / run_id / "run.json").read_text())
                 if not state.is_completed():
@@ -110,7 +117,7 @@ def main() -> None:
                 starts = [datetime.fromisoformat(s["started_at"]) for s in summary["steps"]]
                 ends = [datetime.fromisoformat(s["finished_at"]) for s in summary["steps"]]
                 engines = {s["engine"]["id"] for s in summary["steps"]}
-                results[label] = ((max(ends) - min(starts)).total_seconds(), len(engines))
+                results[label].append(((max(ends) - min(starts)).total_seconds(), len(engines)))
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -121,13 +128,21 @@ def main() -> None:
                 p.kill()
         subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "stop", ENGINE], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    one, two = results["one engine"][0], results["two engines"][0]
     ideal = args.steps * args.seconds / 2
     print(f"{args.steps} steps of {args.seconds:g} s at 1000 millicores; workers of 2000 millicores (2 steps at a time each)")
-    print(f"one engine:  makespan {fmt_s(one)} (ideal {fmt_s(ideal)}), engines used {results['one engine'][1]}")
-    print(f"two engines: makespan {fmt_s(two)} (ideal {fmt_s(ideal / 2)}), engines used {results['two engines'][1]}")
-    print(f"ratio two/one {two / one:.2f}  {verdict(two / one <= 0.6)} (target <= 0.6)")
+    for label, ideal_s in (("one engine", ideal), ("two engines", ideal / 2)):
+        runs = ", ".join(f"{fmt_s(m)} ({e} engine{'s' * (e > 1)} used)" for m, e in results[label])
+        print(f"{label + ':':13} makespans {runs} (ideal {fmt_s(ideal_s)})")
+    two, one = (sum(m for m, _ in results[label]) for label in ("two engines", "one engine"))
+    verdict(f"two-engine makespan / one-engine makespan, summed over {args.pairs} pair(s)", two / one, 0.6)
+    return exit_status()
+
+
+def _order(pairs: int) -> list[tuple[int, str]]:
+    """(engines, label) of each timed run: pairs alternating which goes first (two, one, one, two, ...)."""
+    pair = [(2, "two engines"), (1, "one engine")]
+    return [run for p in range(pairs) for run in (pair if p % 2 == 0 else reversed(pair))]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

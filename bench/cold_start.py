@@ -5,11 +5,14 @@
 Both start a fresh process per run (the CLI's imports included) and run `true` in the
 busybox test image with the sandbox's flags, built from the sandbox's own configuration
 (network none, read-only root, non-root user, all capabilities dropped, no-new-privileges,
-pids/CPU/memory limits, a /tmp tmpfs, the work and output mounts). Prints
-the medians and their ratio (target: <= 1.5), and the CLI's import time (`python -X importtime`).
+pids/CPU/memory limits, a /tmp tmpfs, the work and output mounts), interleaved and
+alternating which goes first. Prints the medians, the CLI's import time (`python -X importtime`)
+and the ratio of the medians (target: <= 1.5).
 """
 
 from __future__ import annotations
+
+import _util  # noqa: F401  (environment and sys.path first)
 
 import argparse
 import json
@@ -21,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _util import exit_status, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "algodock-test/busybox:1"
@@ -72,7 +77,7 @@ def _time(cmd: list[str]) -> float:
     return elapsed
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -86,9 +91,11 @@ def main() -> None:
     algodock = str(REPO / ".venv/bin/algodock")
     raw, ours = [], []
     try:
-        for i in range(args.repeat):  # interleaved, so both see the same load
-            raw.append(_time(_raw_argv(manifest, tmp, i)))
-            ours.append(_time([algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")]))
+        for i in range(args.repeat):  # interleaved, alternating which goes first, so both see the same load
+            raw_argv = _raw_argv(manifest, tmp, i)  # prepared untimed
+            runs = [(raw, raw_argv), (ours, [algodock, "run-step", str(manifest), "--output", str(tmp / f"out{i}")])]
+            for samples, argv in runs if i % 2 == 0 else reversed(runs):
+                samples.append(_time(argv))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import algodock.cli, algodock.runtime.runner, algodock.contract"],
@@ -97,8 +104,10 @@ def main() -> None:
     r, o = statistics.median(raw), statistics.median(ours)
     print(f"docker run (no-op, same flags)   median {r:.3f} s  ({', '.join(f'{x:.2f}' for x in raw)})")
     print(f"algodock run-step (no-op)        median {o:.3f} s  ({', '.join(f'{x:.2f}' for x in ours)})")
-    print(f"ratio {o / r:.2f}x (target <= 1.5)   run-step's imports: {total_us / 1e6:.2f} s (python -X importtime)")
+    print(f"run-step's imports: {total_us / 1e6:.2f} s (python -X importtime)")
+    verdict("algodock run-step median / docker run median (no-op, fresh processes)", o / r, 1.5)
+    return exit_status()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

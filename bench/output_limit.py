@@ -5,8 +5,10 @@ the watcher on (the default) and off (``runner.WATCH_OUTPUT = False``), in alter
 order, in two shapes: one 1 GiB file, and 1024 files of 1 MiB in 32 folders (more to walk).
 Target (issue 7): watched median <= 1.05 x unwatched median.
 
-Slack: a step writing 3 GiB with ``output_mb: 100``; a sampler on the host records the most
-the output folder held before the step was stopped (``disk_limit``).
+Slack: a step writing 3 GiB with ``output_mb: 100``, run ``--slack-runs`` times; a sampler on
+the host records the most the output folder held before the step was stopped (``disk_limit``).
+The figure is the worst run's peak over the configured limit (a ratio to the limit, not a
+timing: the promise is about bytes on disk). Target: <= 1.5 x the limit.
 
     .venv/bin/python bench/output_limit.py [--repeats N] [--quick]
 """
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _util import busybox_image, fmt_s, print_table, scratch_dir, verdict
+from _util import busybox_image, exit_status, fmt_s, print_table, scratch_dir, verdict
 
 from algodock.contract.manifest import Manifest, parse_manifest
 from algodock.runtime import runner
@@ -33,6 +35,7 @@ from algodock.runtime.engine import docker_client
 from algodock.runtime.limits import measure
 
 TARGET = 1.05
+SLACK_LIMIT_MB, SLACK_TARGET = 100, 1.5
 MIB = 1024 * 1024
 SHAPES = {
     "one 1 GiB file": "dd if=/dev/zero of=/work/output/out/big bs=1M count=1024 2>/dev/null",
@@ -66,7 +69,7 @@ def _run(m: Manifest, client: Any, out: Path, watch: bool) -> float:
 
 
 def slack(image: str, client: Any, root: Path) -> tuple[int, str]:
-    """The most the host held while a 3 GiB writer with output_mb 100 ran, and its failure kind."""
+    """The most the host held while a 3 GiB writer with output_mb SLACK_LIMIT_MB ran, and its failure kind."""
     out = root / "slack"
     peak = 0
     stop = threading.Event()
@@ -80,7 +83,7 @@ def slack(image: str, client: Any, root: Path) -> tuple[int, str]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    m = _manifest(image, "dd if=/dev/zero of=/work/output/out/big bs=1M count=3072 2>/dev/null", output_mb=100)
+    m = _manifest(image, "dd if=/dev/zero of=/work/output/out/big bs=1M count=3072 2>/dev/null", output_mb=SLACK_LIMIT_MB)
     result = runner.run_step(m, output_dir=out, client=client, run_id="bench", step_id="output-slack")
     stop.set()
     sampler.join(10)
@@ -88,12 +91,14 @@ def slack(image: str, client: Any, root: Path) -> tuple[int, str]:
     return peak, result.failure.kind if result.failure else "succeeded"
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="Rounds per shape (each runs watched and unwatched once).")
-    parser.add_argument("--quick", action="store_true", help="1 round per shape.")
+    parser.add_argument("--slack-runs", type=int, default=3, help="Runs of the 3 GiB writer (the worst peak is the figure).")
+    parser.add_argument("--quick", action="store_true", help="1 round per shape, 1 slack run.")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
+    slack_runs = 1 if args.quick else args.slack_runs
 
     client = docker_client()
     image = busybox_image(client)
@@ -110,15 +115,17 @@ def main() -> None:
             on, off = statistics.median(times[True]), statistics.median(times[False])
             ratios.append(on / off)
             rows.append((shape, fmt_s(off), fmt_s(on), f"{on / off:.3f}x"))
-        peak, kind = slack(image, client, root)
+        stops = [slack(image, client, root) for _ in range(slack_runs)]
 
     print(f"\na step writing 1 GiB of output, {repeats} alternating round(s) per shape ({os.cpu_count()} CPUs)")
     print_table(["", "unwatched median", "watched median", "ratio"], rows)
-    worst = max(ratios)
-    print(f"\nwatched / unwatched (worst shape) = {worst:.3f} (target <= {TARGET:.2f}): {verdict(worst <= TARGET)}")
-    print(f"slack: writing 3 GiB with output_mb 100 ended {kind}; the host held at most {peak / MIB:.0f} MiB "
-          f"({max(0, peak - 100 * MIB) / MIB:.0f} MiB over the limit)")
+    peaks = ", ".join(f"{peak / MIB:.0f} MiB ({kind})" for peak, kind in stops)
+    print(f"\nslack: {slack_runs} step(s) writing 3 GiB with output_mb {SLACK_LIMIT_MB}; the most the host held in each: {peaks}")
+    verdict("watched / unwatched (medians, worst shape)", max(ratios), TARGET)
+    verdict("slack runs not stopped with disk_limit", sum(kind != "disk_limit" for _, kind in stops), 0, unit=" runs")
+    verdict(f"most held on the host / output_mb {SLACK_LIMIT_MB} (worst of {slack_runs})", max(p for p, _ in stops) / (SLACK_LIMIT_MB * MIB), SLACK_TARGET)
+    return exit_status()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

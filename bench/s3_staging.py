@@ -3,7 +3,7 @@
 A moto server (``tests/s3server.start_moto_server``, over HTTP on loopback) runs in a child
 process, so its request handling does not share this process's GIL with the client being
 timed. A prefix of N parquet-like parts (incompressible bytes) is uploaded once, then
-downloaded alternately by:
+downloaded in rounds by each of these, alternating which goes first (A B, B A, ...):
 
 * ``fetch_uri``: what a step does for an ``s3://`` input (info, list, concurrent get,
   into a temporary folder renamed into place);
@@ -11,6 +11,9 @@ downloaded alternately by:
 
 The upload of a step's output folder is timed the same way: ``S3Store.put_output`` (data,
 then the commit marker) against ``fs.put(folder, prefix, recursive=True)``.
+
+Target, each direction: ours / s3fs (medians) <= 1.5 (ours also hashes the bytes as they
+stream, and commits: a temporary folder renamed into place, a conditional commit marker).
 
     .venv/bin/python bench/s3_staging.py [--quick]
 """
@@ -22,12 +25,15 @@ import _util  # noqa: F401  (environment and sys.path first)
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from _util import best_and_median, fmt_s, print_table, quick, scratch_dir, timed
+from _util import best_and_median, exit_status, fmt_s, print_table, quick, scratch_dir, timed, verdict
 
 MB = 1024 * 1024
+TARGET = 1.5
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -82,28 +88,53 @@ def _run(endpoint: str, nparts: int, part_mb: int, reps: int, total: int) -> int
         fs.put(str(src), "bench/parts", recursive=True)
         assert len(fs.find("bench/parts")) == nparts
 
-        ours, theirs = [], []
-        for i in range(reps):  # alternate, so drift in the server affects both alike
+        def fetch(i: int) -> float:
             dest = root / f"fetch-{i}"
-            ours.append(timed(lambda: fetch_uri("s3://bench/parts/", dest, fs=fs)))
+            took = timed(lambda: fetch_uri("s3://bench/parts/", dest, fs=fs))
             assert _tree_bytes(dest / "parts") == total
             shutil.rmtree(dest)
+            return took
+
+        def get(i: int) -> float:
             dest = root / f"get-{i}"
-            theirs.append(timed(lambda: fs.get("bench/parts/", str(dest) + "/", recursive=True)))
+            took = timed(lambda: fs.get("bench/parts/", str(dest) + "/", recursive=True))
             assert _tree_bytes(dest) == total, "s3fs get did not fetch everything"
             shutil.rmtree(dest)
+            return took
+
+        ours, theirs = _alternating(fetch, get, reps)
         rows.append(_row("download", ours, theirs, total, "fetch_uri", "fs.get(recursive)"))
+        download = _ratio(ours, theirs)
 
         store = S3Store("s3://bench/store", fs=fs)
-        ours, theirs = [], []
-        for i in range(reps):
-            ours.append(timed(lambda: store.put_output(src, f"runs/r/steps/s{i}/outputs/parts")))
-            theirs.append(timed(lambda: fs.put(str(src), f"bench/plain/p{i}", recursive=True)))
+        ours, theirs = _alternating(
+            lambda i: timed(lambda: store.put_output(src, f"runs/r/steps/s{i}/outputs/parts")),
+            lambda i: timed(lambda: fs.put(str(src), f"bench/plain/p{i}", recursive=True)),
+            reps,
+        )
         rows.append(_row("upload", ours, theirs, total, "S3Store.put_output", "fs.put(recursive)"))
+        upload = _ratio(ours, theirs)
 
     print()
     print_table(["direction", "ours", "best", "median", "rate", "s3fs", "best", "median", "ours/s3fs (median)"], rows)
-    return 0
+    verdict("download: fetch_uri / s3fs get (medians)", download, TARGET)
+    verdict("upload: S3Store.put_output / s3fs put (medians)", upload, TARGET)
+    return exit_status()
+
+
+def _alternating(ours: Callable[[int], float], theirs: Callable[[int], float], reps: int) -> tuple[list[float], list[float]]:
+    """``reps`` rounds of both, alternating which goes first, so drift in the server hits both alike."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(reps):
+        pair = [(a, ours), (b, theirs)]
+        for samples, fn in pair if i % 2 == 0 else reversed(pair):
+            samples.append(fn(i))
+    return a, b
+
+
+def _ratio(ours: list[float], theirs: list[float]) -> float:
+    return statistics.median(ours) / statistics.median(theirs)
 
 
 def _row(direction: str, ours: list[float], theirs: list[float], total: int, ours_name: str, theirs_name: str) -> list[object]:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _util import exit_status, verdict  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -160,7 +161,9 @@ def main() -> int:
     for label, check_s, read, staging_s, target, ok in results:
         ratio = check_s / staging_s if staging_s else float("inf")
         print(f"{label:<24} {check_s * 1000:>8.1f}ms {read:>14,} {staging_s * 1000:>18.1f}ms {ratio:>13.2f}x {target * 1000:>8.0f}ms  {'met' if ok else 'MISSED'}")
-    return 0 if all(r[-1] for r in results) else 1
+        verdict(f"check of {label}", check_s, target, unit=" s")
+        verdict(f"bytes read for {label} / footer budget", read / (FOOTER_BUDGET * count), 1.0)
+    return exit_status()
 
 
 if __name__ == "__main__":

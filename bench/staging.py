@@ -9,7 +9,8 @@ the repository), then timed:
 * ``copy``: ``shutil.copyfile`` of the same file into the same place (the baseline);
 * ``sha256``: hashing the file, what staging adds when no hash is known.
 
-Target (issue 3, item 4): a 2 GB input stages in under 0.1 s.
+Target (issue 3, item 4, as a same-run ratio): the 2 GB input (1 GB with ``--quick``) stages
+in at most 1 % of the time copying it takes (median staging / median copy <= 0.01).
 
     .venv/bin/python bench/staging.py [--quick]
 """
@@ -23,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _util import best_and_median, fmt_s, print_table, quick, scratch_dir, timed, verdict
+from _util import best_and_median, exit_status, fmt_s, print_table, quick, scratch_dir, timed, verdict
 
 from algodock.contract.manifest import parse_manifest
 from algodock.hashing import sha256_file
@@ -31,7 +32,7 @@ from algodock.records import InputBinding
 from algodock.runtime.staging import prepare_work_dir
 
 MB = 1024 * 1024
-TARGET_SIZE, TARGET_SECONDS = 2048 * MB, 0.1
+TARGET_SIZE, TARGET_RATIO = 2048 * MB, 0.01
 
 
 def _write(path: Path, size: int) -> None:
@@ -57,6 +58,7 @@ def _manifest(multiple: bool):
 
 
 def _bench_one(root: Path, label: str, source: Path, nbytes: int, reps: int, copy_reps: int, hash_reps: int) -> tuple[list[object], float]:
+    """One size's table row, and median staging / median copy."""
     multiple = source.is_dir()
     manifest = _manifest(multiple)
     digest = "0" * 64  # known: what matters is that staging does not hash
@@ -87,17 +89,17 @@ def _bench_one(root: Path, label: str, source: Path, nbytes: int, reps: int, cop
 
     hash_times = [timed(lambda: [sha256_file(f) for f in files]) for _ in range(hash_reps)]
     link_best, link_med = best_and_median(link_times)
-    copy_best, _ = best_and_median(copy_times)
+    copy_best, copy_med = best_and_median(copy_times)
     hash_best, _ = best_and_median(hash_times)
-    row = [label, fmt_s(link_best), fmt_s(link_med), fmt_s(copy_best), f"{copy_best / link_best:,.0f}x", fmt_s(hash_best), f"{nbytes / hash_best / MB:,.0f} MB/s"]
-    return row, link_med
+    row = [label, fmt_s(link_best), fmt_s(link_med), fmt_s(copy_best), fmt_s(copy_med), f"{link_med / copy_med:.2g}x", fmt_s(hash_best), f"{nbytes / hash_best / MB:,.0f} MB/s"]
+    return row, link_med / copy_med
 
 
 def main() -> int:
     sizes = [1 * MB, 100 * MB, 1024 * MB] + ([] if quick() else [TARGET_SIZE])
     reps = 10 if quick() else 20
     rows = []
-    staged: dict[int, float] = {}  # size -> median staging seconds
+    staged: dict[int, float] = {}  # size -> median staging / median copy
     with scratch_dir("staging") as root:
         print(f"work folder: {root} (one filesystem with the source files)")
         for size in sizes:
@@ -118,16 +120,12 @@ def main() -> int:
         rows.append(_bench_one(root, f"{nparts} x 1 MB folder", parts, nparts * MB, reps, 3, 1)[0])
 
     print()
-    print_table(["input", "stage (link) best", "median", "copy best", "copy/link", "sha256", "sha256 rate"], rows)
+    print_table(["input", "stage (link) best", "median", "copy best", "median", "link/copy (medians)", "sha256", "sha256 rate"], rows)
     print()
     print("stage (link) = prepare_work_dir with the sha256 known: plan_inputs + hardlink + algo_input.json")
     largest = max(staged)
-    ok = staged[largest] < TARGET_SECONDS
-    if largest == TARGET_SIZE:
-        print(f"target: a 2 GB input stages in < {TARGET_SECONDS} s -> median {fmt_s(staged[largest])}: {verdict(ok)}")
-    else:
-        print(f"target (2 GB in < {TARGET_SECONDS} s) is checked without --quick; {largest // MB} MB staged in median {fmt_s(staged[largest])}")
-    return 0
+    verdict(f"staging a {largest // MB} MB input / copying it (medians)", staged[largest], TARGET_RATIO)
+    return exit_status()
 
 
 if __name__ == "__main__":

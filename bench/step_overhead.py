@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _util import busybox_image, fmt_s, print_table, scratch_dir, verdict
+from _util import busybox_image, exit_status, fmt_s, print_table, scratch_dir, verdict
 
 from algodock.runtime import runner
 from algodock.contract.manifest import Manifest, parse_manifest
@@ -147,7 +147,7 @@ def profile(m: Manifest, client: Any, root: Path, repeats: int) -> None:
     print_table(["call", "per run", "median", "share"], rows)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="Rounds (each runs all three once).")
     parser.add_argument("--quick", action="store_true", help="3 rounds.")
@@ -185,10 +185,10 @@ def main() -> None:
         rows.append((name, fmt_s(min(times[name])), fmt_s(med), fmt_s(max(times[name])), f"{med / raw:.2f}x"))
     print(f"\none no-op step, {repeats} interleaved rounds (image {image_id[:19]}, {os.cpu_count()} CPUs)")
     print_table(["", "best", "median", "worst", "vs docker run"], rows)
-    ratio = statistics.median(times["run_step"]) / raw
-    print(f"\nrun_step / docker run = {ratio:.3f} (target <= {TARGET:.2f}): {verdict(ratio <= TARGET)}")
-    print(f"algodock run-step / docker run = {statistics.median(times['algodock run-step']) / raw:.3f} (includes Python start-up)")
+    print(f"\nalgodock run-step / docker run = {statistics.median(times['algodock run-step']) / raw:.3f} (includes Python start-up)")
+    verdict("run_step median / docker run median", statistics.median(times["run_step"]) / raw, TARGET)
+    return exit_status()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

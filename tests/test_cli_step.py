@@ -194,7 +194,7 @@ print(json.dumps({
 """
 
 
-def test_400_mb_log_flood_stays_under_350_mb_rss(busybox_image: str, tmp_path: Path, no_container_left: list[str]) -> None:
+def test_400_mb_log_flood_through_run_step_keeps_its_head_and_tail(busybox_image: str, tmp_path: Path, no_container_left: list[str]) -> None:
     no_container_left.append("cli-flood")
     size = 400_000_000
     m = write_manifest(
@@ -214,8 +214,7 @@ def test_400_mb_log_flood_stays_under_350_mb_rss(busybox_image: str, tmp_path: P
     print(f"\n400 MB log flood: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
     assert report["returncode"] == 0, report["stdout"]
     assert one_json_document(report["stdout"])["status"] == "succeeded"
-    assert report["peak_rss_mb"] < 350
-    assert report["seconds"] < 300
+    # Its memory and time against a quiet step and raw `docker run` are bench/log_flood.py's.
     # The log keeps its head and its tail, 64 MiB in all, and says what it dropped (docs/contract.md §6).
     assert log_file.stat().st_size <= 64 * 1024 * 1024
     with open(log_file, "rb") as fh:

@@ -340,10 +340,11 @@ def test_retrying_bounds_a_stalled_operation_and_backs_off() -> None:
             release.wait(30)  # a stalled endpoint: no answer
         return "done"
 
-    start = time.monotonic()
     assert retrying(stalls_once, "uploading x", attempts=3, timeout=0.5, backoff=0.05) == "done"
     release.set()
-    assert len(calls) == 2 and time.monotonic() - start < 5
+    # A second call means the stalled first try was abandoned at its bound (unbounded, the
+    # first call would have answered alone, after the 30 s stall).
+    assert len(calls) == 2
 
     def always_fails() -> None:
         raise InfrastructureError("s3 down")
