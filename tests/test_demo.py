@@ -2,7 +2,8 @@
 
 README: "`make demo` starts a server on its own SQLite file … runs the example pipeline, and
 ends with the UI address, the run's page and the lineage command." The clone is of this
-checkout's commit; its `.venv` is this checkout's (a link), and the targets that install
+checkout's commit plus its uncommitted changes to tracked files; its `.venv` is this
+checkout's (a link), and the targets that install
 things (venv, engine, base image, example images) are taken as made (`make -o`), so the test
 runs the demo's own recipe: the sample pings, `scripts/demo.sh`, which starts its Prefect
 server (on a free port of 127.0.0.1), registers the deployment and runs the pipeline.
@@ -40,6 +41,10 @@ def _clone(dest: Path) -> Path:
     subprocess.run(["git", "clone", "-q", "--shared", str(REPO), str(dest)], check=True, timeout=120)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     subprocess.run(["git", "-C", str(dest), "checkout", "-q", head], check=True, timeout=60)
+    # What this checkout changed in tracked files since its commit is what is under test too.
+    changes = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--binary"], capture_output=True, check=True).stdout
+    if changes:
+        subprocess.run(["git", "-C", str(dest), "apply", "--whitespace=nowarn"], input=changes, check=True, timeout=60)
     (dest / ".venv").symlink_to(Path(sys.executable).parents[1])
     return dest
 
