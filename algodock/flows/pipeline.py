@@ -51,7 +51,7 @@ RETRY_DELAYS_SECONDS = [2.0, 10.0]
 """Prefect's wait before each retry of a step (the last repeats): an engine or store that just
 failed gets time to come back instead of all attempts being spent within a second."""
 RETRY_JITTER_FACTOR = 0.5
-"""Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
+"""Each delay is drawn at random around its nominal value, within this fraction (Prefect's jitter), so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
 
 
