@@ -59,6 +59,7 @@ def main(verbose: bool) -> None:
     algodock init NAME                scaffold an algorithm project
     algodock check-image MANIFEST     check an image meets the contract, in the sandbox
     algodock usage STEP_OR_IMAGE      what a step used over its last runs
+    algodock gc --keep-last N         remove old runs and what nothing kept refers to
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     CONTRACT.md; JSON Schemas for editors are in schemas/.
@@ -154,6 +155,49 @@ def run_step_cmd(manifest: Path, inputs: tuple[str, ...], params: tuple[str, ...
         print_errors(result.failure)
     click.echo(f"failed ({result.failure.kind})", err=True)
     sys.exit(1)
+
+
+@main.command("gc")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--keep-last", type=click.IntRange(min=0), metavar="N", help="Keep the newest N runs of each pipeline.")
+@click.option("--older-than", metavar="DURATION", help="Remove runs that started longer ago than this (30d, 12h, 90m, 2w); with --keep-last, a run either keeps is kept.")
+@click.option("--keep", "keep", multiple=True, metavar="RUN_ID", help="Keep this run whatever the rules say (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Say what would go (the same figures the real gc frees); touch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def gc_cmd(store: str | None, keep_last: int | None, older_than: str | None, keep: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove runs outside the retention and whatever nothing kept refers to.
+
+    \b
+    Goes: runs outside --keep-last/--older-than (their attempts, logs, cache entries), the
+    files of kept runs their lineage does not name (failed attempts), dead .work/ folders,
+    cache entries and content objects whose runs are gone.
+    Stays: runs a live process writes, everything a kept run's lineage names, the outputs of
+    kept cache entries. Safe beside running pipelines; a gc killed midway is finished by the next.
+    Without --keep-last or --older-than no run is removed, only garbage.
+    Exit 0 on success, 2 on bad input, 1 when another gc holds the store.
+    """
+    from algodock.store.backends import open_store
+    from algodock.store.gc import Retention, collect, parse_duration
+    from algodock.store.lease import RunBusy
+
+    try:
+        retention = Retention(keep_last=keep_last, older_than=parse_duration(older_than) if older_than else None, keep=frozenset(keep))
+        report = collect(open_store(store), retention, dry_run=dry_run)
+    except RunBusy as exc:
+        click.echo(f"error: another gc runs on this store: {exc}", err=True)
+        sys.exit(1)
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(report.runs_removed)} run(s), {report.files} file(s), {report.bytes} bytes; kept {len(report.runs_kept)} run(s)")
+    for run_id in report.runs_removed:
+        click.echo(f"  {verb} {run_id}")
+    if report.runs_busy:
+        click.echo(f"  left alone (a live process writes them): {', '.join(report.runs_busy)}")
 
 
 if __name__ == "__main__":

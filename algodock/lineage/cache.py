@@ -65,6 +65,7 @@ from pydantic import BaseModel, Field, ValidationError
 from algodock.lineage.queries import hash_uri, store_rel
 from algodock.records import InputBinding, InputRecord, LineageDocument, OutputRecord, StepRecord
 from algodock.store.backends import Store, cache_rel, lineage_rel, object_rel
+from algodock.store.gc import pin
 
 if TYPE_CHECKING:
     from algodock.contract.manifest import Manifest
@@ -212,6 +213,8 @@ class StoreCache:
         if entry is None:
             return None
         uris = [self.store.uri(o.rel) for o in entry.outputs]
+        if not pin(self.store, self.run_id, [o.rel for o in entry.outputs] + ([entry.log_rel] if entry.log_rel else [])):
+            return None  # a gc is removing them: run the step
         if not all(self.store.output_exists(o.rel) for o in entry.outputs):
             log.info("step %s: cache entry %s names outputs of run %s that are gone; running it", record.id, record.cache_key[:12], entry.run_id)
             return None
@@ -283,7 +286,7 @@ class StoreCache:
             return None
         rel = raw["rel"]
         try:
-            if not self.store.output_exists(rel):
+            if not pin(self.store, self.run_id, [rel]) or not self.store.output_exists(rel):
                 return None
         except Exception:
             return None
