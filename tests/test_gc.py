@@ -297,3 +297,82 @@ def test_gc_command_json_and_bad_input(tmp_path) -> None:
     assert doc["dry_run"] is True and doc["runs_removed"] == ["r0", "r1"] and doc["runs_kept"] == ["r2"]
     real = json.loads(gc("--keep-last", "1", "--json").stdout)
     assert (real["files"], real["bytes"], real["runs_removed"]) == (doc["files"], doc["bytes"], doc["runs_removed"])
+
+
+# ------------------------------------------------------------------ real pipelines beside a gc (Docker, Prefect API)
+
+
+@pytest.fixture(scope="module")
+def image(docker_client, busybox_image) -> str:
+    from tests.lineage_support import STABLE, build_versioned
+
+    return build_versioned(docker_client, STABLE, "stable")
+
+
+@pytest.fixture(scope="module")
+def prefect_env(prefect_harness) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("phase", ["listed", "planned"])
+def test_a_pipeline_started_during_gc_gets_no_removed_byte(tmp_path, image, prefect_env, phase, where, request) -> None:
+    """A run starts and ends while gc runs, and asks the cache for the outputs of a run gc
+    removes: before the plan it reuses them (they stay), after it the step runs again."""
+    from tests.test_run_store import algodock_run, k_pipeline, step
+
+    uri = str(tmp_path / "store") if where == "local" else f"s3://{request.getfixturevalue('bucket')}/algodock"
+    prefect_env = {**os.environ, "PREFECT_API_URL": prefect_env["PREFECT_API_URL"]}  # the S3 endpoint's environment too
+    spec = k_pipeline(tmp_path / "p", image)
+    for run_id, k in (("old", "1"), ("other", "2")):
+        rc, _, err = algodock_run(spec, prefect_env, "--store", uri, "--run-id", run_id, "--set", f"make.k={k}")
+        assert rc == 0, err[-3000:]
+    store = open_store(uri)
+    seen: dict[str, Any] = {}
+
+    def start_a_run(now_phase: str) -> None:
+        if now_phase == phase and "doc" not in seen:
+            seen["rc"], seen["doc"], seen["err"] = algodock_run(spec, prefect_env, "--store", uri, "--run-id", "new")
+
+    report = collect(store, Retention(keep_last=1), on_phase=start_a_run)
+    assert seen["rc"] == 0, seen["err"][-3000:]
+    assert "old" in report.runs_removed and "new" not in report.runs_removed
+    made = step(seen["doc"], "make")
+    assert made["status"] == ("cached" if phase == "listed" else "succeeded"), made
+    assert_verified(store, ["new", "other"])
+    assert not store.exists(lineage_rel("old"))
+    again = collect(store, Retention(keep_last=2))
+    assert_verified(store, again.runs_kept)
+
+
+@pytest.mark.docker
+def test_a_run_that_finishes_during_gc_keeps_everything_it_wrote(tmp_path, image, prefect_env) -> None:
+    from tests.test_run_store import k_pipeline, poll
+
+    uri = str(tmp_path / "store")
+    store = open_store(uri)
+    fake_run(store, tmp_path / "src", "ancient", pipeline="k", age=timedelta(days=400), failed_attempt=True)
+    spec = k_pipeline(tmp_path / "p", image, seconds=2, second_step=True)
+    proc = subprocess.Popen([*ALGODOCK, "run", str(spec), "--store", uri, "--run-id", "running", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_env, cwd=spec.parent)
+    try:
+        from algodock.store.lease import holder_alive
+
+        poll("the run to hold its lease", lambda: holder_alive(store.read_json("runs/running/lease.json")), deadline=120)
+
+        def finish_the_run(now_phase: str) -> None:
+            if now_phase == "listed":
+                proc.wait(timeout=300)
+
+        report = collect(store, Retention(keep_last=0), on_phase=finish_the_run)
+    finally:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "running" in report.runs_busy and "running" not in report.runs_removed
+    assert report.runs_removed == ["ancient"]
+    doc = json.loads(out)
+    assert [s["status"] for s in doc["steps"]] == ["succeeded", "succeeded"]
+    assert_verified(store, ["running"])
+    assert not [f.rel for f in store.walk(".work")], "a work folder was left"
