@@ -60,6 +60,7 @@ def main(verbose: bool) -> None:
     algodock check-image MANIFEST     check an image meets the contract, in the sandbox
     algodock usage STEP_OR_IMAGE      what a step used over its last runs
     algodock gc --keep-last N         remove old runs and what nothing kept refers to
+    algodock cache explain RUN STEP   why a step ran: which part of its cache key changed
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     CONTRACT.md; JSON Schemas for editors are in schemas/.
@@ -198,6 +199,35 @@ def gc_cmd(store: str | None, keep_last: int | None, older_than: str | None, kee
         click.echo(f"  {verb} {run_id}")
     if report.runs_busy:
         click.echo(f"  left alone (a live process writes them): {', '.join(report.runs_busy)}")
+
+
+@main.group("cache", context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
+def cache_cli() -> None:
+    """The step cache: why a step ran."""
+
+
+@cache_cli.command("explain")
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def cache_explain_cmd(run_id: str, step: str, store: str | None, as_json: bool) -> None:
+    """Why STEP of RUN_ID ran: which part of its cache key differs from the nearest earlier entry.
+
+    Compared with the latest earlier run of the same pipeline and step (else of the same
+    algorithm): image id, command, environment, parameters, GPU request, each input (added,
+    removed, renamed, sha256 or source URI changed), --no-cache. For a cached step: the run it
+    reused. Exit 0; 2 for an unknown run or step.
+    """
+    from algodock.lineage.explain import explain, render
+    from algodock.store.backends import open_store
+
+    try:
+        result = explain(open_store(store), run_id, step)
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,22 @@ def algo_input_view(manifest: Manifest, bindings: Mapping[str, InputBinding], pa
 
 def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest: Manifest | None = None) -> str:
     """The step's cache key (see the module docstring); ``record.image_id`` must be resolved."""
+    return key_of(key_document(record, bindings, manifest))
+
+
+def key_of(doc: Mapping[str, Any]) -> str:
+    """The sha256 of a key document's canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def keys_rel(run_id: str, step_id: str) -> str:
+    """``runs/<run_id>/keys/<step_id>.json``: the key document of the step's last lookup (what ``cache explain`` compares)."""
+    return f"runs/{run_id}/keys/{step_id}.json"
+
+
+def key_document(record: StepRecord, bindings: Mapping[str, InputBinding], manifest: Manifest | None = None) -> dict[str, Any]:
+    """Everything the cache key covers, as data (see the module docstring)."""
     if not record.image_id:
         raise ValueError(f"step {record.id}: the image must be resolved to its id before the cache key is computed")
     missing = sorted(slot for slot, b in bindings.items() if not b.sha256)
@@ -153,8 +169,7 @@ def cache_key(record: StepRecord, bindings: Mapping[str, InputBinding], manifest
         doc["algo_input"] = algo_input_view(manifest, bindings, record.parameters)
         doc["input_slots"] = sorted([s.name, s.format, s.multiple] for s in manifest.inputs)
         doc["output_slots"] = sorted([s.name, s.format, s.multiple, s.required] for s in manifest.outputs)
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return doc
 
 
 def _now() -> datetime:
@@ -197,7 +212,9 @@ class StoreCache:
         Always sets ``record.cache_key``. With ``use=False`` only an earlier attempt of the
         same run is reused (a retry), never another run's outputs.
         """
-        record.cache_key = cache_key(record, bindings, manifest)
+        document = key_document(record, bindings, manifest)
+        record.cache_key = key_of(document)
+        self._keep_key(record, document, use)
         earlier = self._earlier.get(record.id)
         if (
             earlier is not None
@@ -236,6 +253,15 @@ class StoreCache:
         hit.started_at = hit.finished_at = now
         log.info("step %s: cached, reusing the outputs of run %s", record.id, entry.run_id)
         return hit
+
+    def _keep_key(self, record: StepRecord, document: dict[str, Any], use: bool) -> None:
+        """Keep the key document beside the run, for ``algodock cache explain`` (never fails the step)."""
+        if not self.run_id:
+            return
+        try:
+            self.store.write_json(keys_rel(self.run_id, record.id), {"key": record.cache_key, "use_cache": use, "image": record.image, "document": document})
+        except Exception as exc:
+            log.warning("step %s: could not keep its cache key document: %s", record.id, exc)
 
     def remember(self, run_id: str, record: StepRecord) -> None:
         """Record a succeeded step's committed outputs under its cache key (atomically)."""
@@ -322,4 +348,4 @@ class StoreCache:
         return True
 
 
-__all__ = ["CACHE_VERSION", "CacheEntry", "CachedOutput", "StoreCache", "cache_key", "store_rel"]
+__all__ = ["CACHE_VERSION", "CacheEntry", "CachedOutput", "StoreCache", "cache_key", "key_document", "key_of", "keys_rel", "store_rel"]
