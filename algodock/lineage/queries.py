@@ -484,6 +484,7 @@ def lineage_cli() -> None:
     algodock lineage RUN_ID [--store URI] [--json]        the run's steps (same as `show`)
     algodock lineage trace PATH_OR_URI [--store URI]      an output back to external inputs and image ids
     algodock lineage verify RUN_ID [--store URI]          re-hash stored outputs; exit 1 if any changed
+    algodock lineage diff RUN_A RUN_B [--store URI]       two runs side by side, step by step
     """
 
 
@@ -545,3 +546,23 @@ def verify_cmd(run_id: str, store: str | None, as_json: bool) -> None:
         click.echo(f"run {run_id}: {len(checks) - len(bad)} of {len(checks)} outputs match their recorded sha256", err=True)
     sys.exit(1 if bad else 0)
 
+
+
+@lineage_cli.command("diff")
+@click.argument("run_a")
+@click.argument("run_b")
+@_store_option
+@_json_option
+def diff_cmd(run_a: str, run_b: str, store: str | None, as_json: bool) -> None:
+    """RUN_A and RUN_B side by side, step by step: image ids, parameters, input and output hashes, status, usage.
+
+    A step in one run only is listed as such. Exit 0 (2 for an unknown run).
+    """
+    from algodock.lineage.diff import diff_runs, render
+
+    try:
+        result = diff_runs(open_store(store), run_a, run_b)
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
