@@ -25,7 +25,7 @@ class _Commands(click.Group):
     # name -> (module, attribute). `run` lives in the Prefect layer (algodock.flows): loading
     # it by name here keeps this module, and every engine command, free of Prefect imports.
     LAZY = {
-        "lineage": ("algodock.lineage.queries", "lineage_cli"),
+        "lineage": ("algodock.lineage.commands", "lineage_cli"),
         "run": ("algodock.flows.cli", "run_cmd"),
         "worker": ("algodock.worker", "worker_cli"),
         "init": ("algodock.authoring.cli", "init_cmd"),
