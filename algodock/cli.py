@@ -61,6 +61,7 @@ def main(verbose: bool) -> None:
     algodock usage STEP_OR_IMAGE      what a step used over its last runs
     algodock gc --keep-last N         remove old runs and what nothing kept refers to
     algodock cache explain RUN STEP   why a step ran: which part of its cache key changed
+    algodock replay RUN [STEP...]     run recorded steps again; did their outputs reproduce?
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     CONTRACT.md; JSON Schemas for editors are in schemas/.
@@ -228,6 +229,35 @@ def cache_explain_cmd(run_id: str, step: str, store: str | None, as_json: bool) 
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
+@main.command("replay")
+@click.argument("run_id")
+@click.argument("steps", nargs=-1)
+@click.option("--all", "all_steps", is_flag=True, help="Replay every step of the run that succeeded or was cached.")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the replay record) on stdout.")
+def replay_cmd(run_id: str, steps: tuple[str, ...], all_steps: bool, store: str | None, as_json: bool) -> None:
+    """Run recorded STEPs of RUN_ID again, exactly as recorded, and say whether each output reproduced.
+
+    The image by its recorded id, command, environment, parameters and resources; inputs from
+    the store, checked against their recorded sha256 before the container starts. Outputs go
+    to a scratch folder, never over the recorded ones. The replay is recorded in
+    runs/RUN_ID/replays/ and shown by `algodock lineage RUN_ID`.
+    Exit 0 only when every replayed output reproduced; 1 otherwise; 2 for bad input.
+    """
+    from algodock.lineage.replay import render, replay
+    from algodock.runtime.engine import docker_client
+    from algodock.store.backends import open_store
+
+    terminate_on_sigterm()
+    try:
+        record = replay(open_store(store), docker_client(), run_id, steps, all_steps=all_steps, on_log=lambda line: print(f"[replay] {line}", file=sys.stderr, flush=True))
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(record, indent=2) if as_json else render(record))
+    sys.exit(0 if record["reproduced"] else 1)
 
 
 if __name__ == "__main__":

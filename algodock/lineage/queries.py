@@ -494,14 +494,25 @@ def lineage_cli() -> None:
 @_json_option
 def show_cmd(run_id: str, store: str | None, as_json: bool) -> None:
     """Show the lineage of RUN_ID: per step the image id, inputs and their producers, output hashes."""
+    the_store = open_store(store)
     try:
-        doc = read_document(open_store(store), run_id)
+        doc = read_document(the_store, run_id)
     except InvalidInput as exc:
         _fail(exc)
+    replays = _replays(the_store, run_id)
     if as_json:
-        click.echo(json.dumps(doc.model_dump(mode="json"), indent=2))
+        click.echo(json.dumps(doc.model_dump(mode="json") | ({"replays": replays} if replays else {}), indent=2))
         return
     render_document(doc, _console())
+    for r in replays:
+        verdicts = ", ".join(f"{s['step']} {s['status']}" for s in r.get("steps") or [])
+        click.echo(f"replay {r.get('replay_id')} at {r.get('at')} on {(r.get('engine') or {}).get('name', '?')}: {verdicts}")
+
+
+def _replays(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The replays recorded beside the run (``runs/<run>/replays/*.json``, see algodock.lineage.replay), oldest first."""
+    found = [store.read_json(f"runs/{run_id}/replays/{name}") for name in store.list(f"runs/{run_id}/replays")]
+    return sorted((r for r in found if isinstance(r, dict)), key=lambda r: str(r.get("at")))
 
 
 @lineage_cli.command("trace")
