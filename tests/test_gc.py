@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from algodock.lineage.cache import StoreCache
-from algodock.lineage.queries import verify_run
+from algodock.errors import InvalidInput
+from algodock.lineage.queries import read_document, verify_run
 from algodock.records import LineageDocument, OutputRecord, StepRecord
 from algodock.store.backends import Store, lineage_rel, log_rel, new_attempt_id, open_store, output_rel, run_json_rel
 from algodock.store.gc import GC_LEASE, PINS, PLAN, Retention, collect, parse_duration, pin
@@ -125,6 +126,8 @@ def test_keep_last_is_per_pipeline_and_removes_everything_of_a_removed_run(store
     assert not store.exists(PLAN)
     again = collect(store, Retention(keep_last=2), now=NOW)
     assert again.runs_removed == [] and again.files == 0, "a second gc found more to do"
+    with pytest.raises(InvalidInput, match="removed by algodock gc"):
+        read_document(store, "p0")
 
 
 def test_older_than_and_keep_last_keep_the_union_and_keep_protects(store, tmp_path) -> None:

@@ -72,6 +72,10 @@ def read_document(store: Store, run_id: str) -> LineageDocument:
     """The lineage document of ``run_id``; :class:`InvalidInput` naming the known runs when absent."""
     raw = store.read_json(lineage_rel(run_id))
     if raw is None:
+        summary = store.read_json(f"runs/{run_id}/run.json")
+        removed = [c for c in (summary or {}).get("collected") or [] if isinstance(c, dict) and c.get("removed")] if isinstance(summary, dict) else []
+        if removed:
+            raise InvalidInput(f"run {run_id!r} was removed by algodock gc {removed[-1].get('gc_id')} at {removed[-1].get('at')}; its record is {store.uri(f'runs/{run_id}/run.json')}")
         known = run_ids(store)
         hint = f"runs in this store: {', '.join(known[-10:])}" if known else "this store has no runs yet"
         raise InvalidInput(f"run {run_id!r} has no lineage document at {store.uri(lineage_rel(run_id))} ({hint})")

@@ -47,6 +47,7 @@ import re
 import socket
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -68,6 +69,9 @@ _RUN_KEEP = {"run.json", "lease.json", ".lock-lease.json", ".lock-run.json"}
 """What stays of a removed run: the record that it was collected, and its lease."""
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+_READERS = 16
+"""Records read (and written) at once: on S3 each is a request, and gc reads a few per run."""
 
 Phase = Callable[[str], None]
 """Told as gc enters each phase: ``listed``, ``planned``, ``marked``, ``unlinked``, ``deleted``, ``recorded``."""
@@ -183,6 +187,21 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _parallel(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, ``_READERS`` at a time, in order."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(_READERS, thread_name_prefix="algodock-gc") as pool:
+        return list(pool.map(fn, items))
+
+
+def _read_all(store: Store, rels: Iterable[str]) -> dict[str, Any]:
+    """Every JSON record at ``rels`` (None for one that is gone), read concurrently."""
+    rels = list(rels)
+    return dict(zip(rels, _parallel(store.read_json, rels)))
+
+
 def _when(value: Any) -> datetime | None:
     try:
         when = datetime.fromisoformat(str(value))
@@ -295,11 +314,6 @@ def _named_by_lineage(store: Store, lineage: dict[str, Any]) -> set[str]:
     return named
 
 
-def _cache_entry(store: Store, f: StoredFile) -> dict[str, Any]:
-    raw = store.read_json(f.rel)
-    return raw if isinstance(raw, dict) else {}
-
-
 def _entry_rels(entry: dict[str, Any]) -> set[str]:
     rels = {o.get("rel") for o in entry.get("outputs") or [] if isinstance(o, dict)} | {entry.get("log_rel")}
     return {r.rstrip("/") for r in rels if isinstance(r, str)}
@@ -349,9 +363,11 @@ class _Plan:
 
 def _plan(store: Store, retention: Retention, now: datetime) -> tuple[_Plan, int]:
     pins_first = store.walk(PINS)  # before the lineages: a pin listed here is covered by its run's lineage once the run ended
-    pin_docs = {f.rel: store.read_json(f.rel) or {} for f in pins_first}
+    pin_docs = {rel: doc or {} for rel, doc in _read_all(store, [f.rel for f in pins_first]).items()}
     inventory = _Inventory(store.walk(""))
-    states = {r: _run_state(store, r) for r in sorted(set(inventory.runs) | set(inventory.work))}
+    run_ids = sorted(set(inventory.runs) | set(inventory.work))
+    states = dict(zip(run_ids, _parallel(lambda r: _run_state(store, r), run_ids)))
+    records = _read_all(store, [f.rel for f in inventory.entries + inventory.objects + inventory.pins if f.rel not in pin_docs])
     remove = _decide(states, retention, now)
     kept = [r for r in states if r not in remove]
     live: set[str] = set()
@@ -363,7 +379,7 @@ def _plan(store: Store, retention: Retention, now: datetime) -> tuple[_Plan, int
 
     doomed: dict[str, _Doomed] = {}
     for f in inventory.entries:
-        entry = _cache_entry(store, f)
+        entry = records.get(f.rel) if isinstance(records.get(f.rel), dict) else {}
         owner = entry.get("run_id")
         if gone(owner):
             doomed.setdefault(owner if owner in remove else "", _Doomed()).entries.append(f)
@@ -371,7 +387,7 @@ def _plan(store: Store, retention: Retention, now: datetime) -> tuple[_Plan, int
             live |= _entry_rels(entry)
     pins = []
     for f in inventory.pins:
-        doc = pin_docs.get(f.rel) or store.read_json(f.rel) or {}
+        doc = pin_docs.get(f.rel) or records.get(f.rel) or {}
         by = doc.get("by")
         if by in remove or (f.rel in pin_docs and by in states and states[by].terminal):
             pins.append(f)  # its run goes, or its run's final lineage names what it reused
@@ -390,7 +406,7 @@ def _plan(store: Store, retention: Retention, now: datetime) -> tuple[_Plan, int
     present = {f.rel for files in inventory.runs.values() for f in files}
     present |= {rel.rsplit("/", n)[0] for rel in list(present) for n in range(1, rel.count("/"))}  # and every folder
     for f in inventory.objects:
-        target = (store.read_json(f.rel) or {}).get("rel")
+        target = (records.get(f.rel) or {}).get("rel")
         owner = _run_of(target) if isinstance(target, str) else None
         there = isinstance(target, str) and target.rstrip("/") in present
         if owner is not None and states.get(owner) is not None and states[owner].busy:
@@ -470,13 +486,20 @@ def collect(store: Store, retention: Retention, *, dry_run: bool = False, now: d
 
 def _collect_runs(store: Store, plan: _Plan, runs: list[str], report: GcReport, phase: Phase) -> None:
     held: list[RunLease] = []
+
+    def take(run_id: str) -> RunLease | None:
+        try:
+            return RunLease(store, run_id).acquire()
+        except RunBusy:
+            log.info("run %s started meanwhile; gc leaves it alone", run_id)
+            return None
+
     try:
-        for run_id in runs:
-            try:
-                held.append(RunLease(store, run_id).acquire())
-            except RunBusy:
-                log.info("run %s started meanwhile; gc leaves it alone", run_id)
+        for run_id, lease in zip(runs, _parallel(take, runs)):
+            if lease is None:
                 _spare(plan, run_id)
+            else:
+                held.append(lease)
         runs = [r for r in runs if r in plan.doomed]
         if not runs:
             return
@@ -493,8 +516,7 @@ def _collect_runs(store: Store, plan: _Plan, runs: list[str], report: GcReport, 
         _mark(store, plan, runs, report.gc_id, complete=True)
         phase("recorded")
     finally:
-        for run_lease in held:
-            run_lease.release()
+        _parallel(lambda lease: lease.release(), held)
 
 
 def _spare(plan: _Plan, run_id: str) -> None:
@@ -511,10 +533,8 @@ def _honour_pins(store: Store, plan: _Plan, runs: list[str]) -> None:
     """After the plan is written: every file pinned by a run gc does not collect stays."""
     dropped = {f.rel for f in plan.pins}
     extra: set[str] = set()
-    for f in store.walk(PINS):
-        if f.rel in dropped:
-            continue
-        doc = store.read_json(f.rel) or {}
+    for rel, doc in _read_all(store, [f.rel for f in store.walk(PINS) if f.rel not in dropped]).items():
+        doc = doc or {}
         if doc.get("by") in plan.remove_runs:
             continue
         extra |= {r.rstrip("/") for r in doc.get("rels") or [] if isinstance(r, str)}
@@ -529,11 +549,13 @@ def _honour_pins(store: Store, plan: _Plan, runs: list[str]) -> None:
 
 def _mark(store: Store, plan: _Plan, runs: list[str], gc_id: str, *, complete: bool) -> None:
     """Record in each run's ``run.json`` that gc collected it (wholly or partly), before and after."""
-    for run_id in runs:
-        removed = run_id in plan.remove_runs
-        d = plan.doomed[run_id]
-        if not d.files and not (removed and run_id not in plan.finished):
-            continue
+    _parallel(lambda run_id: _mark_one(store, plan, run_id, gc_id, complete=complete), runs)
+
+
+def _mark_one(store: Store, plan: _Plan, run_id: str, gc_id: str, *, complete: bool) -> None:
+    removed = run_id in plan.remove_runs
+    d = plan.doomed[run_id]
+    if d.files or (removed and run_id not in plan.finished):
         summary = store.read_json(run_json_rel(run_id))
         summary = summary if isinstance(summary, dict) else {"run_id": run_id}
         history = [c for c in summary.get("collected") or [] if isinstance(c, dict) and c.get("gc_id") != gc_id]
