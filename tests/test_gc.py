@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from algodock.lineage.cache import StoreCache
+from algodock.cache import StoreCache
 from algodock.errors import InvalidInput
 from algodock.lineage.queries import read_document, verify_run
 from algodock.records import LineageDocument, OutputRecord, StepRecord

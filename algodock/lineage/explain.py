@@ -1,7 +1,7 @@
 """Why a step ran (``algodock cache explain RUN_ID STEP``): which part of its cache key changed.
 
 Every cache lookup keeps the step's key document beside its run
-(``runs/<run>/keys/<step>.json``, see :func:`algodock.lineage.cache.key_document`). For a step
+(``runs/<run>/keys/<step>.json``, see :func:`algodock.cache.key_document`). For a step
 that ran, :func:`explain` finds the nearest earlier step in the store with the same pipeline
 and step id (else the same algorithm) and compares the two documents part by part: image id
 (with the tags), command, environment, each parameter after defaults, the GPU request, each
@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
-from algodock.lineage.cache import keys_rel
+from algodock.cache import keys_rel
 from algodock.lineage.queries import documents, read_document
 from algodock.records import LineageDocument, StepRecord
 from algodock.store.backends import Store, cache_rel

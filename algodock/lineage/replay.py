@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from algodock.errors import ImageNotFound, InfrastructureError, InvalidInput
 from algodock.hashing import sha256_path
-from algodock.lineage.cache import keys_rel
+from algodock.cache import keys_rel
 from algodock.lineage.queries import _replays, read_document
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.staging import hash_input

@@ -53,7 +53,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
-from algodock.store.backends import MARKER_SUFFIX, WORK_DIR, Store, StoredFile, lease_rel, lineage_rel, local_path_of, run_json_rel
+from algodock.store.backends import MARKER_SUFFIX, WORK_DIR, Store, StoredFile, lease_rel, lineage_rel, run_json_rel
+from algodock.store.content import store_rel
 from algodock.store.lease import RunBusy, RunLease, holder_alive
 
 log = logging.getLogger("algodock.store.gc")
@@ -212,15 +213,7 @@ def _when(value: Any) -> datetime | None:
 
 def rel_in(store: Store, uri: str | None) -> str | None:
     """``uri`` relative to the store's root, or None when it lives elsewhere (or is None)."""
-    if not uri:
-        return None
-    root = store.uri().rstrip("/")
-    if uri.startswith(root + "/"):
-        return uri[len(root) + 1 :]
-    local, base = (local_path_of(uri) if not uri.startswith("s3://") else None), store.local_path()
-    if local is not None and base is not None and str(local).startswith(str(base) + "/"):
-        return str(local)[len(str(base)) + 1 :]
-    return None
+    return store_rel(store, uri) if uri else None
 
 
 def _is_live(rel: str, live: set[str]) -> bool:
