@@ -25,7 +25,7 @@ class _Commands(click.Group):
     # name -> (module, attribute). `run` lives in the Prefect layer (algodock.flows): loading
     # it by name here keeps this module, and every engine command, free of Prefect imports.
     LAZY = {
-        "lineage": ("algodock.lineage.queries", "lineage_cli"),
+        "lineage": ("algodock.lineage.commands", "lineage_cli"),
         "run": ("algodock.flows.cli", "run_cmd"),
         "pin": ("algodock.flows.cli", "pin_cmd"),
         "worker": ("algodock.worker", "worker_cli"),
@@ -62,6 +62,9 @@ def main(verbose: bool) -> None:
     algodock check-image MANIFEST     check an image meets the contract, in the sandbox
     algodock usage STEP_OR_IMAGE      what a step used over its last runs
     algodock schema FILE_OR_DIR       the slot schema of parquet data, to paste into a manifest
+    algodock gc --keep-last N         remove old runs and what nothing kept refers to
+    algodock cache explain RUN STEP   why a step ran: which part of its cache key changed
+    algodock replay RUN [STEP...]     run recorded steps again; did their outputs reproduce?
 
     The container contract (manifest, /work layout, algo_output.json, failure kinds) is in
     docs/contract.md; JSON Schemas for editors are in schemas/.
@@ -179,6 +182,107 @@ def schema_cmd(path: Path, forbid_extra: bool) -> None:
         sys.exit(1)
     declared = SlotSchema.of(schema, extra_columns="forbid" if forbid_extra else "allow")
     click.echo(json.dumps(declared.model_dump(mode="json"), indent=2))
+
+
+@main.command("gc")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--keep-last", type=click.IntRange(min=0), metavar="N", help="Keep the newest N runs of each pipeline.")
+@click.option("--older-than", metavar="DURATION", help="Remove runs that started longer ago than this (30d, 12h, 90m, 2w); with --keep-last, a run either keeps is kept.")
+@click.option("--keep", "keep", multiple=True, metavar="RUN_ID", help="Keep this run whatever the rules say (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Say what would go (the same figures the real gc frees); touch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def gc_cmd(store: str | None, keep_last: int | None, older_than: str | None, keep: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove runs outside the retention and whatever nothing kept refers to.
+
+    \b
+    Goes: runs outside --keep-last/--older-than (their attempts, logs, cache entries), the
+    files of kept runs their lineage does not name (failed attempts), dead .work/ folders,
+    cache entries and content objects whose runs are gone.
+    Stays: runs a live process writes, everything a kept run's lineage names, the outputs of
+    kept cache entries. Safe beside running pipelines; a gc killed midway is finished by the next.
+    Without --keep-last or --older-than no run is removed, only garbage.
+    Exit 0 on success, 2 on bad input, 1 when another gc holds the store.
+    """
+    from algodock.store.backends import open_store
+    from algodock.store.gc import Retention, collect, parse_duration
+    from algodock.store.lease import RunBusy
+
+    try:
+        retention = Retention(keep_last=keep_last, older_than=parse_duration(older_than) if older_than else None, keep=frozenset(keep))
+        report = collect(open_store(store), retention, dry_run=dry_run)
+    except RunBusy as exc:
+        click.echo(f"error: another gc runs on this store: {exc}", err=True)
+        sys.exit(1)
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(report.runs_removed)} run(s), {report.files} file(s), {report.bytes} bytes; kept {len(report.runs_kept)} run(s)")
+    for run_id in report.runs_removed:
+        click.echo(f"  {verb} {run_id}")
+    if report.runs_busy:
+        click.echo(f"  left alone (a live process writes them): {', '.join(report.runs_busy)}")
+
+
+@main.group("cache", context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
+def cache_cli() -> None:
+    """The step cache: why a step ran."""
+
+
+@cache_cli.command("explain")
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def cache_explain_cmd(run_id: str, step: str, store: str | None, as_json: bool) -> None:
+    """Why STEP of RUN_ID ran: which part of its cache key differs from the nearest earlier entry.
+
+    Compared with the latest earlier run of the same pipeline and step (else of the same
+    algorithm): image id, command, environment, parameters, GPU request, each input (added,
+    removed, renamed, sha256 or source URI changed), --no-cache. For a cached step: the run it
+    reused. Exit 0; 2 for an unknown run or step.
+    """
+    from algodock.lineage.explain import explain, render
+    from algodock.store.backends import open_store
+
+    try:
+        result = explain(open_store(store), run_id, step)
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
+@main.command("replay")
+@click.argument("run_id")
+@click.argument("steps", nargs=-1)
+@click.option("--all", "all_steps", is_flag=True, help="Replay every step of the run that succeeded or was cached.")
+@click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document (the replay record) on stdout.")
+def replay_cmd(run_id: str, steps: tuple[str, ...], all_steps: bool, store: str | None, as_json: bool) -> None:
+    """Run recorded STEPs of RUN_ID again, exactly as recorded, and say whether each output reproduced.
+
+    The image by its recorded id, command, environment, parameters and resources; inputs from
+    the store, checked against their recorded sha256 before the container starts. Outputs go
+    to a scratch folder, never over the recorded ones. The replay is recorded in
+    runs/RUN_ID/replays/ and shown by `algodock lineage RUN_ID`.
+    Exit 0 only when every replayed output reproduced; 1 otherwise; 2 for bad input.
+    """
+    from algodock.lineage.replay import render, replay
+    from algodock.runtime.engine import docker_client
+    from algodock.store.backends import open_store
+
+    terminate_on_sigterm()
+    try:
+        record = replay(open_store(store), docker_client(), run_id, steps, all_steps=all_steps, on_log=lambda line: print(f"[replay] {line}", file=sys.stderr, flush=True))
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(record, indent=2) if as_json else render(record))
+    sys.exit(0 if record["reproduced"] else 1)
 
 
 if __name__ == "__main__":

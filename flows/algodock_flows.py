@@ -1,9 +1,12 @@
-"""The Prefect project's flow entry point (prefect.yaml: ``flows/algodock_flows.py:run_pipeline``).
+"""The Prefect project's flow entry points (prefect.yaml: ``flows/algodock_flows.py:run_pipeline``
+and ``flows/algodock_flows.py:gc_store``).
 
-The flow itself lives in the installed package, :mod:`algodock.flows.pipeline`; this file only
-names it for ``prefect deploy``, so nothing is installed under a bare ``flows`` import name.
+The flows themselves live in the installed package, :mod:`algodock.flows.pipeline` and
+:mod:`algodock.flows.gc`; this file only names them for ``prefect deploy``, so nothing is
+installed under a bare ``flows`` import name.
 """
 
+from algodock.flows.gc import gc_store
 from algodock.flows.pipeline import run_pipeline
 
-__all__ = ["run_pipeline"]
+__all__ = ["gc_store", "run_pipeline"]

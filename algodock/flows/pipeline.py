@@ -29,7 +29,7 @@ from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from algodock.lineage.cache import StoreCache
+from algodock.cache import StoreCache
 from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.runtime.engine import kill_run_containers

@@ -29,7 +29,6 @@ The same as commands::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,12 +41,9 @@ import click
 from pydantic import ValidationError
 
 from algodock.errors import InvalidInput
-from algodock.hashing import folder_digest, sha256_path
 from algodock.records import LineageDocument, OutputRecord, StepRecord
-from algodock.store.backends import S3Store, Store, lineage_rel, local_path_of, open_store, s3_filesystem
-
-if TYPE_CHECKING:
-    import s3fs
+from algodock.store.backends import Store, lineage_rel, local_path_of, open_store
+from algodock.store.content import hash_uri, store_rel
 
 __all__ = [
     "LineageDocument",
@@ -61,7 +57,6 @@ __all__ = [
     "verify_run",
 ]
 
-S3_BLOCK = 16 * 1024 * 1024
 _RUN_REL = re.compile(r"^runs/(?P<run>[^/]+)/steps/(?P<step>[^/]+)/(?:attempts/[^/]+/)?outputs/(?P<file>[^/]+)(?:/(?P<member>.+))?$")
 
 
@@ -72,6 +67,10 @@ def read_document(store: Store, run_id: str) -> LineageDocument:
     """The lineage document of ``run_id``; :class:`InvalidInput` naming the known runs when absent."""
     raw = store.read_json(lineage_rel(run_id))
     if raw is None:
+        summary = store.read_json(f"runs/{run_id}/run.json")
+        removed = [c for c in (summary or {}).get("collected") or [] if isinstance(c, dict) and c.get("removed")] if isinstance(summary, dict) else []
+        if removed:
+            raise InvalidInput(f"run {run_id!r} was removed by algodock gc {removed[-1].get('gc_id')} at {removed[-1].get('at')}; its record is {store.uri(f'runs/{run_id}/run.json')}")
         known = run_ids(store)
         hint = f"runs in this store: {', '.join(known[-10:])}" if known else "this store has no runs yet"
         raise InvalidInput(f"run {run_id!r} has no lineage document at {store.uri(lineage_rel(run_id))} ({hint})")
@@ -116,61 +115,6 @@ def documents(store: Store) -> Iterator[LineageDocument]:
             yield LineageDocument.model_validate(raw)
         except ValidationError:
             continue
-
-
-def store_rel(store: Store, uri: str) -> str | None:
-    """``uri`` relative to the store's root, or None when it lives elsewhere."""
-    root = store.uri().rstrip("/")
-    if uri.startswith(root + "/"):
-        return uri[len(root) + 1 :]
-    local = store.local_path()
-    if local is not None and uri.startswith("file://"):
-        path = local_path_of(uri)
-        if path is not None and str(path).startswith(str(local) + "/"):
-            return str(path)[len(str(local)) + 1 :]
-    return None
-
-
-
-# ---------------------------------------------------------------- hashing stored data
-
-
-def _s3fs_for(store: Store | None) -> s3fs.S3FileSystem:
-    return store.fs if isinstance(store, S3Store) else s3_filesystem()
-
-
-def hash_uri(uri: str, store: Store | None = None) -> str:
-    """sha256 of the file or folder at ``uri`` (local path, ``file://`` or ``s3://``), as :mod:`algodock.hashing` defines it.
-
-    S3 objects are streamed through the hash, never written to disk. Raises
-    :class:`FileNotFoundError` when nothing is there.
-    """
-    local = local_path_of(uri)
-    if local is not None:
-        if not local.exists():
-            raise FileNotFoundError(uri)
-        return sha256_path(local)
-    fs = _s3fs_for(store)
-    path = uri.removeprefix("s3://").rstrip("/")
-    if not fs.exists(path):
-        raise FileNotFoundError(uri)
-    if fs.isdir(path):
-        found = fs.find(path, detail=True)
-        entries = []
-        for key, meta in sorted(found.items()):
-            if meta.get("type") == "directory" or not key.startswith(path + "/"):
-                continue
-            entries.append((key[len(path) + 1 :], _s3_file_sha256(fs, key)))
-        return folder_digest(entries)
-    return _s3_file_sha256(fs, path)
-
-
-def _s3_file_sha256(fs: s3fs.S3FileSystem, key: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(key, "rb", block_size=S3_BLOCK, cache_type="none") as fh:
-        while chunk := fh.read(S3_BLOCK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- verify
@@ -494,6 +438,7 @@ def lineage_cli() -> None:
     algodock lineage RUN_ID [--store URI] [--json]        the run's steps (same as `show`)
     algodock lineage trace PATH_OR_URI [--store URI]      an output back to external inputs and image ids
     algodock lineage verify RUN_ID [--store URI]          re-hash stored outputs; exit 1 if any changed
+    algodock lineage diff RUN_A RUN_B [--store URI]       two runs side by side, step by step
     """
 
 
@@ -503,14 +448,25 @@ def lineage_cli() -> None:
 @_json_option
 def show_cmd(run_id: str, store: str | None, as_json: bool) -> None:
     """Show the lineage of RUN_ID: per step the image id, inputs and their producers, output hashes."""
+    the_store = open_store(store)
     try:
-        doc = read_document(open_store(store), run_id)
+        doc = read_document(the_store, run_id)
     except InvalidInput as exc:
         _fail(exc)
+    replays = _replays(the_store, run_id)
     if as_json:
-        click.echo(json.dumps(doc.model_dump(mode="json"), indent=2))
+        click.echo(json.dumps(doc.model_dump(mode="json") | ({"replays": replays} if replays else {}), indent=2))
         return
     render_document(doc, _console())
+    for r in replays:
+        verdicts = ", ".join(f"{s['step']} {s['status']}" for s in r.get("steps") or [])
+        click.echo(f"replay {r.get('replay_id')} at {r.get('at')} on {(r.get('engine') or {}).get('name', '?')}: {verdicts}")
+
+
+def _replays(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The replays recorded beside the run (``runs/<run>/replays/*.json``, see algodock.lineage.replay), oldest first."""
+    found = [store.read_json(f"runs/{run_id}/replays/{name}") for name in store.list(f"runs/{run_id}/replays")]
+    return sorted((r for r in found if isinstance(r, dict)), key=lambda r: str(r.get("at")))
 
 
 @lineage_cli.command("trace")
@@ -554,4 +510,5 @@ def verify_cmd(run_id: str, store: str | None, as_json: bool) -> None:
             click.echo(line)
         click.echo(f"run {run_id}: {len(checks) - len(bad)} of {len(checks)} outputs match their recorded sha256", err=True)
     sys.exit(1 if bad else 0)
+
 

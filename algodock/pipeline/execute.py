@@ -42,7 +42,7 @@ from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, resolve_image
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
-from algodock.lineage.cache import cache_key
+from algodock.cache import StepCache, cache_key
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.handoff import check_outputs, parquet_files
 from algodock.runtime.outputs import copy_regular_tree
@@ -108,8 +108,8 @@ class RunContext:
     """A local folder for this run's downloads and temporaries (removed at the end)."""
     use_cache: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
-    cache: Any = None
-    """An object with ``lookup(record, bindings, use=, manifest=) -> StepRecord | None`` and ``remember(run_id, record)`` (see algodock.lineage.cache)."""
+    cache: StepCache | None = None
+    """The step cache (see :mod:`algodock.cache`); None runs every step and remembers nothing."""
     flow_run_id: str | None = None
     """The Prefect flow-run id, when there is one (the parent run of the steps' OpenLineage events)."""
     observers: list[StepObserver] = field(default_factory=list)
@@ -394,14 +394,14 @@ def _commit_outputs(ctx: RunContext, step_id: str, attempt_id: str, outputs: lis
 def _commit(ctx: RunContext, step_id: str, attempt_id: str, o: OutputRecord, say: Callable[[str], None] | None) -> str:
     """Store one output under this attempt's own prefix (retried), or reuse identical stored bytes; return its URI."""
     filename = _filename(o)
-    if ctx.cache is not None and ctx.use_cache and hasattr(ctx.cache, "same_bytes"):
+    if ctx.cache is not None and ctx.use_cache:
         earlier = ctx.cache.same_bytes(o.sha256, filename)
         if earlier is not None:
             log.info("step %s: output %s has the bytes already stored at %s; recording that copy", step_id, o.name, earlier)
             return earlier
     dest = output_rel(ctx.run_id, step_id, filename, attempt_id)
     uri = retrying(lambda: ctx.store.put_output(o.path, dest, move=True), f"storing output {o.name} at {ctx.store.uri(dest)}", on_retry=say)
-    if ctx.cache is not None and hasattr(ctx.cache, "remember_bytes"):
+    if ctx.cache is not None:
         ctx.cache.remember_bytes(o.sha256, filename, uri)
     return uri
 

@@ -512,6 +512,16 @@ def _put_all_hashed(fs: s3fs.S3FileSystem, pairs: list[tuple[Path, str]]) -> lis
 # ---------------------------------------------------------------- stores
 
 
+class StoredFile(NamedTuple):
+    """One file of a store, as a listing sees it."""
+
+    rel: str
+    """Its path relative to the store's root (POSIX)."""
+    size: int
+    """Its size in bytes."""
+
+
+
 class Store(ABC):
     """Where a run keeps its outputs, logs and records. ``rel`` paths are POSIX, relative to the root."""
 
@@ -572,6 +582,14 @@ class Store(ABC):
 
         Raises :class:`FileExistsError` when someone else changed it in between.
         """
+
+    @abstractmethod
+    def walk(self, rel_prefix: str = "") -> list[StoredFile]:
+        """Every file under ``rel_prefix`` (temporaries and markers included), in one listing; [] when nothing is there."""
+
+    @abstractmethod
+    def remove(self, rels: list[str]) -> None:
+        """Delete the files ``rels`` (absent ones are fine); empty local folders left behind go too."""
 
     def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
         """Make data at ``uri`` (local path, file:// or s3://) available locally; see :func:`fetch_uri`."""
@@ -681,6 +699,38 @@ class LocalStore(Store):
                 tmp.unlink(missing_ok=True)
         return hashlib.sha256(data).hexdigest()
 
+    def walk(self, rel_prefix: str = "") -> list[StoredFile]:
+        top = self.local_path(rel_prefix) if rel_prefix else self.root
+        found: list[StoredFile] = []
+        for dirpath, _, filenames in os.walk(top):  # symlinks are listed, never followed
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                try:
+                    size = os.lstat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                found.append(StoredFile(name if rel_dir == "." else f"{rel_dir}/{name}", size))
+        return found
+
+    def remove(self, rels: list[str]) -> None:
+        parents: set[Path] = set()
+        for rel in rels:
+            path = self.local_path(rel)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                shutil.rmtree(path, ignore_errors=True)
+            parents.add(path.parent)
+        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            while folder != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): stop climbing
+                    break
+                folder = folder.parent
+
     def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
         src = Path(local_path)
         dest = self.local_path(rel)
@@ -786,6 +836,29 @@ class S3Store(Store):
                 raise FileExistsError(f"{self.uri(rel)}: someone else changed the record") from exc
             raise
         return _etag(out)
+
+    def walk(self, rel_prefix: str = "") -> list[StoredFile]:
+        top = self._key(rel_prefix) if rel_prefix else self.root
+        with _infra(f"cannot list {self.uri(rel_prefix)}"):
+            try:
+                found = self.fs.find(top, detail=True, withdirs=False)
+            except FileNotFoundError:
+                return []
+        cut = len(self.root) + 1
+        return [
+            StoredFile(key[cut:], int(meta.get("size") or 0))
+            for key, meta in sorted(found.items())
+            if meta.get("type") != "directory" and key.startswith(self.root + "/")
+        ]
+
+    def remove(self, rels: list[str]) -> None:
+        keys = [self._key(rel) for rel in rels]
+        for start in range(0, len(keys), 1000):  # one DeleteObjects request per 1000 keys
+            with _infra(f"cannot delete under {self.uri()}"):
+                try:
+                    self.fs.rm(keys[start : start + 1000])
+                except FileNotFoundError:
+                    pass
 
     def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
         src = Path(local_path)

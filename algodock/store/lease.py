@@ -89,10 +89,11 @@ class RunLease:
     lease is released when the last of them releases it.
     """
 
-    def __init__(self, store: Store, run_id: str, ttl: float | None = None) -> None:
+    def __init__(self, store: Store, run_id: str, ttl: float | None = None, *, rel: str | None = None) -> None:
         self.store = store
         self.run_id = run_id
-        self.rel = lease_rel(run_id)
+        self.rel = rel or lease_rel(run_id)
+        """The lease object; another ``rel`` leases something else than a run (``algodock gc`` holds ``gc/lease.json``)."""
         self.ttl = ttl or float(os.environ.get("ALGODOCK_LEASE_SECONDS", DEFAULT_TTL))
         self.token = uuid.uuid4().hex
         self.lost = threading.Event()
@@ -117,7 +118,7 @@ class RunLease:
 
     def acquire(self) -> RunLease:
         """Take the run, or raise :class:`RunBusy` naming who holds it."""
-        key = (self.store.uri(), self.run_id)
+        key = (self.store.uri(), self.rel)
         with _HELD_LOCK:
             held = _HELD.get(key)
             if held is not None and not held.lost.is_set():
@@ -169,7 +170,7 @@ class RunLease:
 
     def release(self) -> None:
         """Give the run back (the last holder in this process marks the lease released)."""
-        key = (self.store.uri(), self.run_id)
+        key = (self.store.uri(), self.rel)
         with _HELD_LOCK:
             self._count -= 1
             if self._count > 0:
