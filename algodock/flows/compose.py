@@ -29,12 +29,14 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed
 
 from algodock.contract.manifest import Manifest, load_manifest
@@ -51,6 +53,70 @@ log = logging.getLogger("algodock.flows.compose")
 
 DEFAULT_STORE = "./.algodock/store"
 STORE_ENV = "ALGODOCK_STORE"
+
+
+# ---------------------------------------------------------------- one policy for every algorithm step (pipelines too)
+
+INFRA_RETRIES = 2
+"""How often an ``infrastructure`` failure is retried, whatever the step says."""
+USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
+"""Failure kinds retried only when the step sets ``retries``."""
+RETRY_DELAYS_SECONDS = [2.0, 10.0]
+"""Prefect's wait before each retry of a step (the last repeats): an engine or store that just
+failed gets time to come back instead of all attempts being spent within a second."""
+RETRY_JITTER_FACTOR = 0.5
+"""Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
+
+
+def retry_condition(max_user_retries: int) -> Any:
+    """Prefect's retry condition: ``infrastructure`` always, ``exit_code``/``timeout``/``oom`` up to ``max_user_retries``, nothing else (the kind is the exception's own, never parsed from text)."""
+
+    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+        exc = state.result(raise_on_failure=False)
+        kind = getattr(exc, "kind", "infrastructure")
+        if kind == "infrastructure":
+            return True
+        return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
+
+    return should_retry
+
+
+_ENGINES: dict[int, dict[str, str]] = {}
+
+
+def engine_identity_of(client: Any) -> dict[str, str] | None:
+    """``docker info``'s Name and ID of the engine a step ran on (asked once per client)."""
+    if id(client) not in _ENGINES:
+        from algodock.worker import engine_identity
+
+        try:
+            _ENGINES[id(client)] = engine_identity(client)
+        except Exception:  # the record matters more than naming its engine
+            return None
+    return _ENGINES[id(client)]
+
+
+def default_run_id(flow_run_id: str | None = None) -> str:
+    """A new run id; inside a flow run, one derived from it, so a retried flow run keeps its run id."""
+    if flow_run_id:
+        return f"{runtime_flow_run.name or 'run'}-{flow_run_id.replace('-', '')[:8]}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.urandom(4).hex()}"
+
+
+def check_concurrency_limit(name: str) -> None:
+    """Fail before any container starts when the named global concurrency limit does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise InvalidInput(
+                f"concurrency_limit: no Prefect global concurrency limit named {name!r}; "
+                f"create it with `prefect gcl create {name} --limit N`"
+            ) from None
 
 
 # ---------------------------------------------------------------- results and failures
@@ -225,7 +291,6 @@ def _open(store: Any, run_id: str | None, capacity: Any, cache: bool, concurrenc
     from prefect.context import FlowRunContext
 
     from algodock.blocks import resolve_engine, resolve_store
-    from algodock.flows.pipeline import _check_limit, default_run_id
 
     flow_ctx = FlowRunContext.get()
     flow_run_id = str(flow_ctx.flow_run.id) if flow_ctx is not None and flow_ctx.flow_run is not None else None
@@ -242,7 +307,7 @@ def _open(store: Any, run_id: str | None, capacity: Any, cache: bool, concurrenc
     else:
         cap = Capacity.parse(str(capacity))
     if concurrency_limit:
-        _check_limit(concurrency_limit)
+        check_concurrency_limit(concurrency_limit)
     the_store = resolve_store(store if store is not None else os.environ.get(STORE_ENV) or DEFAULT_STORE)
     run_id = run_id or default_run_id(flow_run_id)
     composed = ComposedRun(the_store, run_id, client, cap, name=name, use_cache=cache, flow_run_id=flow_run_id).open()
@@ -496,19 +561,6 @@ def _local_part(run: RunHandle, step_id: str, slot: str, i: int, bound: Ref | st
     return fetch_input(uri, run.composed.ctx.scratch / "parts" / f"{step_id}-{slot}-{i}").path
 
 
-def _retry_condition(max_user_retries: int) -> Any:
-    from algodock.flows.pipeline import USER_RETRY_KINDS
-
-    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
-        exc = state.result(raise_on_failure=False)
-        kind = getattr(exc, "kind", "infrastructure")
-        if kind == "infrastructure":
-            return True
-        return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
-
-    return should_retry
-
-
 def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str) -> Any:
     """The body of an algorithm task: bind the resolved inputs, run the step through the engine,
     return its :class:`StepResult` (a ``Cached`` state when no container ran) or raise :class:`AlgorithmFailed`."""
@@ -517,7 +569,6 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
     from prefect.runtime import task_run
 
     from algodock.flows.logs import LogBatches
-    from algodock.flows.pipeline import _engine_identity
 
     run = _RUNS.get(run_id)
     if run is None or run.composed.finished:
@@ -545,7 +596,7 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
             task_run_id=this_run,
             around_container=(lambda: concurrency(limit, occupy=1, strict=True)) if limit else None,
         )
-    record.engine = _engine_identity(run.composed.ctx.client)
+    record.engine = engine_identity_of(run.composed.ctx.client)
     for inp in record.inputs:
         made = tables.get(inp.name)
         if made is not None:
@@ -698,8 +749,6 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
     ``name-2``, …). ``retries``: retries after ``exit_code``, ``timeout`` or ``oom``
     (``infrastructure`` is always retried, as in pipelines).
     """
-    from algodock.flows.pipeline import INFRA_RETRIES, RETRY_DELAYS_SECONDS, RETRY_JITTER_FACTOR
-
     manifest = _manifest_of(source)
     step_name = name or manifest.name
     user_retries = int(retries or 0)
@@ -719,7 +768,7 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
         retries=max(user_retries, INFRA_RETRIES),
         retry_delay_seconds=RETRY_DELAYS_SECONDS,
         retry_jitter_factor=RETRY_JITTER_FACTOR,
-        retry_condition_fn=_retry_condition(user_retries),
+        retry_condition_fn=retry_condition(user_retries),
     )
 
 

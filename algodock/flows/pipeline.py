@@ -39,18 +39,20 @@ from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, StoreBlock
+from algodock.flows.compose import (  # the one retry policy and run naming of every algorithm step
+    INFRA_RETRIES,
+    RETRY_DELAYS_SECONDS,
+    RETRY_JITTER_FACTOR,
+    USER_RETRY_KINDS,
+    AlgorithmFailed,
+    check_concurrency_limit,
+    engine_identity_of,
+    retry_condition,
+    default_run_id,
+)
 from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
 from algodock.flows.logs import LogBatches
 
-INFRA_RETRIES = 2
-"""How often an ``infrastructure`` failure is retried, whatever the step says."""
-USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
-"""Failure kinds retried only when the step sets ``retries``."""
-RETRY_DELAYS_SECONDS = [2.0, 10.0]
-"""Prefect's wait before each retry of a step (the last repeats): an engine or store that just
-failed gets time to come back instead of all attempts being spent within a second."""
-RETRY_JITTER_FACTOR = 0.5
-"""Each delay is stretched by up to this fraction at random, so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
 
 
@@ -125,28 +127,22 @@ def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
                 return
 
 
-class StepFailed(Exception):
-    """Raised by a step task so that Prefect records the failure (and may retry it)."""
+class StepFailed(AlgorithmFailed):
+    """Raised by a pipeline step's task so that Prefect records the failure (and may retry it):
+    an :class:`~algodock.flows.compose.AlgorithmFailed` carrying the step's record.
 
-    def __init__(self, record: StepRecord) -> None:
+    ``cancelled``: the flow run was cancelled while the step waited or ran; its kind is then
+    ``cancelled`` (never retried), whatever the container's own failure was.
+    """
+
+    def __init__(self, record: StepRecord, cancelled: bool = False) -> None:
         failure = record.failure or Failure(kind="infrastructure", message="unknown failure")
-        super().__init__(f"step {record.id} failed ({failure.kind}): {failure.message}")
+        super().__init__("cancelled" if cancelled else failure.kind, record.id, failure.message, record.log_tail)
         self.record = record
-        self.kind = "cancelled" if failure.message.startswith("cancelled:") else failure.kind
+        self.cancelled = cancelled
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker (cluster mode)
-        return (type(self), (self.record,))
-
-
-def _retry_condition(max_user_retries: int):
-    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
-        exc = state.result(raise_on_failure=False)
-        kind = getattr(exc, "kind", "infrastructure")
-        if kind == "infrastructure":
-            return True
-        return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
-
-    return should_retry
+        return (type(self), (self.record, self.cancelled))
 
 
 def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
@@ -176,8 +172,9 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
             task_run_id=str(task_run.id) if task_run.id else None,
             around_container=slot if concurrency_limit else None,
         )
-    record.engine = _engine_identity(ctx.client)
-    if record.status == "failed" and ctx.cancel.is_set():
+    record.engine = engine_identity_of(ctx.client)
+    cancelled = record.status == "failed" and ctx.cancel.is_set()
+    if cancelled:
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     ledger.update(record)
@@ -185,7 +182,7 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
-        raise StepFailed(record)
+        raise StepFailed(record, cancelled=cancelled)
     this_run = str(task_run.id) if task_run.id else None
     kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
     if record.status == "cached" or kept:
@@ -194,21 +191,6 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     add_output_metadata(record, ctx)
     logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
     return record
-
-
-_ENGINES: dict[int, dict[str, str]] = {}
-
-
-def _engine_identity(client: Any) -> dict[str, str] | None:
-    """``docker info``'s Name and ID of the engine a step ran on (asked once per client)."""
-    if id(client) not in _ENGINES:
-        from algodock.worker import engine_identity
-
-        try:
-            _ENGINES[id(client)] = engine_identity(client)
-        except Exception:  # the record matters more than naming its engine
-            return None
-    return _ENGINES[id(client)]
 
 
 def step_task(ctx: RunContext, step_id: str) -> Any:
@@ -225,7 +207,7 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
         retries=max(spec.retries, INFRA_RETRIES),
         retry_delay_seconds=RETRY_DELAYS_SECONDS,
         retry_jitter_factor=RETRY_JITTER_FACTOR,
-        retry_condition_fn=_retry_condition(spec.retries),
+        retry_condition_fn=retry_condition(spec.retries),
     )
 
 
@@ -235,14 +217,6 @@ def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | Non
     if isinstance(spec, dict):
         return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
     return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
-
-
-def default_run_id(flow_run_id: str | None = None) -> str:
-    """A new run id; inside a flow run, one derived from it, so a retried flow run keeps its run id."""
-    if flow_run_id:
-        return f"{runtime_flow_run.name or 'run'}-{flow_run_id.replace('-', '')[:8]}"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{os.urandom(4).hex()}"
 
 
 def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
@@ -340,7 +314,7 @@ def run_pipeline(
     cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
     pipeline = _load(spec, overrides, cap)
     if concurrency_limit:
-        _check_limit(concurrency_limit)
+        check_concurrency_limit(concurrency_limit)
     the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
@@ -425,23 +399,6 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
             break
         cpu, mem, fit = cpu - c, mem - m, fit + 1
     return max(1, min(len(requests), fit + 1))
-
-
-def _check_limit(name: str) -> None:
-    """Fail before any container starts when the named global concurrency limit does not exist."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    from algodock.errors import InvalidInput
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            raise InvalidInput(
-                f"concurrency_limit: no Prefect global concurrency limit named {name!r}; "
-                f"create it with `prefect gcl create {name} --limit N`"
-            ) from None
 
 
 def _schedule(
@@ -548,7 +505,7 @@ def _schedule(
             retries=max(retries, INFRA_RETRIES),
             retry_delay_seconds=RETRY_DELAYS_SECONDS,
             retry_jitter_factor=RETRY_JITTER_FACTOR,
-            retry_condition_fn=_retry_condition(retries),
+            retry_condition_fn=retry_condition(retries),
         )
         # "running" before submitting: a fast (cached) step may finish before submit returns
         ledger.update(StepRecord(id=step_id, status="running"))
