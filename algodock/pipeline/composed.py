@@ -127,7 +127,7 @@ class ComposedRun:
             run_id=run_id,
             client=client,
             pool=ResourcePool(capacity),
-            scratch=Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-")),
+            scratch=Path(tempfile.gettempdir()),  # the run's own folder is made by open(), after the clean-up
             use_cache=use_cache,
             flow_run_id=flow_run_id,
             observers=[OpenLineageObserver()],
@@ -140,11 +140,14 @@ class ComposedRun:
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()
         self.finished = False
+        self._opened = False
 
     def open(self) -> ComposedRun:
         self._lease.acquire()
+        self._opened = True
         try:
-            recover_run(self.store, self.run_id, self.ctx.client)
+            recover_run(self.store, self.run_id, self.ctx.client)  # removes a dead writer's scratch folders too: make ours after
+            self.ctx.scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{self.run_id}-"))
             self.ctx.cache = StoreCache(self.store, run_id=self.run_id)  # reads an earlier attempt's lineage before it is rewritten
             self.ledger.start()
         except BaseException:
@@ -201,7 +204,8 @@ class ComposedRun:
             self.ledger.finish(status)
             return status
         finally:
-            shutil.rmtree(self.ctx.scratch, ignore_errors=True)
+            if self._opened:
+                shutil.rmtree(self.ctx.scratch, ignore_errors=True)
             self._lease.release()
 
 
