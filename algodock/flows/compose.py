@@ -561,19 +561,72 @@ def _local_part(run: RunHandle, step_id: str, slot: str, i: int, bound: Ref | st
     return fetch_input(uri, run.composed.ctx.scratch / "parts" / f"{step_id}-{slot}-{i}").path
 
 
-def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str) -> Any:
-    """The body of an algorithm task: bind the resolved inputs, run the step through the engine,
-    return its :class:`StepResult` (a ``Cached`` state when no container ran) or raise :class:`AlgorithmFailed`."""
+@dataclass
+class TaskStep:
+    """How a step ended inside its task (see :func:`execute_in_task`)."""
+
+    record: StepRecord
+    cancelled: bool = False
+    """The flow run was cancelled while the step waited or ran (its failure kind is then ``cancelled``)."""
+    reused: bool = False
+    """No container ran: a cache hit, or outputs kept from an earlier attempt of this run."""
+
+
+def execute_in_task(
+    ctx: Any,
+    step_id: str,
+    upstream: Mapping[str, StepRecord],
+    *,
+    record: Any,
+    concurrency_limit: str | None = None,
+) -> TaskStep:
+    """The one way a step runs inside a Prefect task, an algorithm call's or a pipeline step's:
+    the engine's :func:`~algodock.pipeline.execute.execute_step` with the task run's attempt,
+    its logs sent to Prefect in batches, the Prefect concurrency slot held only while the
+    container runs; the record (engine named) is handed to ``record(r)`` before anything is
+    raised or returned."""
     from prefect import get_run_logger
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import task_run
 
     from algodock.flows.logs import LogBatches
 
+    logger = get_run_logger()
+    this_run = str(task_run.id) if task_run.id else None
+    with LogBatches(logger.info) as on_log:
+        done = execute_step(
+            ctx,
+            step_id,
+            upstream,
+            attempt=int(task_run.run_count or 1),
+            on_log=on_log,
+            task_run_id=this_run,
+            around_container=(lambda: concurrency(concurrency_limit, occupy=1, strict=True)) if concurrency_limit else None,
+        )
+    done.engine = engine_identity_of(ctx.client)
+    cancelled = done.status == "failed" and ctx.cancel.is_set()
+    if cancelled:
+        assert done.failure is not None
+        done.failure.message = f"cancelled: the flow run was cancelled while the step ran ({done.failure.message})"
+    record(done)
+    if done.status == "failed":
+        assert done.failure is not None
+        logger.error("step %s failed (%s): %s", step_id, done.failure.kind, done.failure.message)
+        return TaskStep(done, cancelled=cancelled)
+    kept = done.status == "succeeded" and this_run is not None and done.task_run_id not in (None, this_run)
+    if done.status == "cached" or kept:
+        logger.info("step %s: %s, no container ran", step_id, "kept from an earlier attempt" if kept else f"cached from run {done.cached_from}")
+        return TaskStep(done, reused=True)
+    logger.info("step %s %s: %s", step_id, done.status, ", ".join(f"{o.name} {o.uri}" for o in done.outputs))
+    return TaskStep(done)
+
+
+def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str) -> Any:
+    """The body of an algorithm task: bind the resolved inputs, run the step (:func:`execute_in_task`),
+    return its :class:`StepResult` (a ``Cached`` state when no container ran) or raise :class:`AlgorithmFailed`."""
     run = _RUNS.get(run_id)
     if run is None or run.composed.finished:
         raise AlgorithmFailed("infrastructure", step_id, f"run {run_id} is not open in this process (its algodock_run block has ended)")
-    logger = get_run_logger()
     planned = run.planned(step_id) or _Planned(algorithm, manifest)
     ledger = run.composed.ledger
     try:
@@ -583,38 +636,24 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
         raise AlgorithmFailed(exc.kind, step_id, exc.message) from None
     run.composed.pipeline.add_step(step_id, manifest, parameters, bindings)
     ledger.update(StepRecord(id=step_id, status="running", algorithm=manifest.name))
-    this_run = str(task_run.id) if task_run.id else None
-    limit = run.concurrency_limit
 
-    with LogBatches(logger.info) as on_log:
-        record = execute_step(
-            run.composed.ctx,
-            step_id,
-            upstream,
-            attempt=int(task_run.run_count or 1),
-            on_log=on_log,
-            task_run_id=this_run,
-            around_container=(lambda: concurrency(limit, occupy=1, strict=True)) if limit else None,
-        )
-    record.engine = engine_identity_of(run.composed.ctx.client)
-    for inp in record.inputs:
-        made = tables.get(inp.name)
-        if made is not None:
-            inp.produced_by_task_run = made["task_run_id"]
-    ledger.update(record)
-    if record.status == "failed":
-        failure = record.failure
-        assert failure is not None
-        logger.error("step %s failed (%s): %s", step_id, failure.kind, failure.message)
-        raise AlgorithmFailed(failure.kind, step_id, failure.message, record.log_tail)
-    kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
-    if record.status == "cached" or kept:
-        result = StepResult.of(record, run_id, status="cached")
-        source = record.cached_from or run_id
-        logger.info("step %s: cached from run %s, no container ran", step_id, source)
-        return Completed(name="Cached", data=result, message=f"cache hit: outputs of step {record.id} of run {source} reused, no container ran")
-    logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
-    return StepResult.of(record, run_id)
+    def record(done: StepRecord) -> None:
+        for inp in done.inputs:  # which Python task made each table
+            made = tables.get(inp.name)
+            if made is not None:
+                inp.produced_by_task_run = made["task_run_id"]
+        ledger.update(done)
+
+    step = execute_in_task(run.composed.ctx, step_id, upstream, record=record, concurrency_limit=run.concurrency_limit)
+    done = step.record
+    if done.status == "failed":
+        assert done.failure is not None
+        raise AlgorithmFailed("cancelled" if step.cancelled else done.failure.kind, step_id, done.failure.message, done.log_tail)
+    if step.reused:
+        source = done.cached_from or run_id
+        result = StepResult.of(done, run_id, status="cached")
+        return Completed(name="Cached", data=result, message=f"cache hit: outputs of step {step_id} of run {source} reused, no container ran")
+    return StepResult.of(done, run_id)
 
 
 # ---------------------------------------------------------------- the task

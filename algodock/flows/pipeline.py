@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -23,7 +22,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -43,15 +41,13 @@ from algodock.flows.compose import (  # the one retry policy and run naming of e
     INFRA_RETRIES,
     RETRY_DELAYS_SECONDS,
     RETRY_JITTER_FACTOR,
-    USER_RETRY_KINDS,
     AlgorithmFailed,
     check_concurrency_limit,
-    engine_identity_of,
+    execute_in_task,
     retry_condition,
     default_run_id,
 )
 from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
-from algodock.flows.logs import LogBatches
 
 CANCEL_WATCH_SECONDS = 2.0
 
@@ -151,46 +147,21 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     ``upstream``: the records of the steps it reads from; their task runs are this task's
     ``wait_for`` (see :func:`_schedule`), which Prefect records as its ``task_inputs``.
     """
-    from prefect.runtime import task_run
-
-    logger = get_run_logger()
-    attempt = int(task_run.run_count or 1)
     watch = run_watch(ctx.run_id)
     if not watch.claim(step_id, "prefect"):  # run directly while the Prefect API was away
         return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
 
-    def slot() -> Any:  # the Prefect slot is held only while the container runs
-        return concurrency(concurrency_limit, occupy=1, strict=True)
+    def record(done: StepRecord) -> None:
+        ledger.update(done)
+        watch.final[step_id] = done  # what the scheduler uses if Prefect cannot be told
 
-    with LogBatches(logger.info) as on_log:
-        record = execute_step(
-            ctx,
-            step_id,
-            upstream,
-            attempt=attempt,
-            on_log=on_log,
-            task_run_id=str(task_run.id) if task_run.id else None,
-            around_container=slot if concurrency_limit else None,
-        )
-    record.engine = engine_identity_of(ctx.client)
-    cancelled = record.status == "failed" and ctx.cancel.is_set()
-    if cancelled:
-        assert record.failure is not None
-        record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
-    ledger.update(record)
-    watch.final[step_id] = record  # what the scheduler uses if Prefect cannot be told
-    if record.status == "failed":
-        assert record.failure is not None
-        logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
-        raise StepFailed(record, cancelled=cancelled)
-    this_run = str(task_run.id) if task_run.id else None
-    kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
-    if record.status == "cached" or kept:
-        logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
-        return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
-    add_output_metadata(record, ctx)
-    logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
-    return record
+    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=concurrency_limit)
+    if step.record.status == "failed":
+        raise StepFailed(step.record, cancelled=step.cancelled)
+    if step.reused:
+        return cached_state(step.record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
+    add_output_metadata(step.record, ctx)
+    return step.record
 
 
 def step_task(ctx: RunContext, step_id: str) -> Any:
