@@ -30,7 +30,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
-from algodock.errors import InfrastructureError, InvalidInput
+from algodock.errors import InfrastructureError
+from algodock.pipeline.prepare import check_shared_store  # noqa: F401  (where it lived)
 from algodock.records import Failure, StepRecord
 
 log = logging.getLogger("algodock.cluster")
@@ -41,23 +42,6 @@ WORKER_WAIT = 30
 
 
 # ---------------------------------------------------------------- checks before any container
-
-
-def check_shared_store(store: str | None, shared: bool) -> None:
-    """Cluster mode needs a store every host reaches: S3, or a path declared shared.
-
-    Raises :class:`InvalidInput` (before any container starts) for a host-local store.
-    """
-    if store and store.startswith("s3://"):
-        return
-    if shared and store:
-        return
-    where = store or "the default ./.algodock/store"
-    raise InvalidInput(
-        f"store: {where} is local to this host, but --cluster runs steps on other hosts. "
-        "Use an S3 store (--store s3://bucket/prefix) or a path every host mounts at the same place, "
-        "declared with --shared-store (flow parameter shared_store=True)."
-    )
 
 
 def step_resources(request: Any) -> dict[str, float]:

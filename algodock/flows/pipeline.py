@@ -33,7 +33,8 @@ from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.runtime.engine import kill_run_containers
 from algodock.pipeline.execute import RunContext, execute_step, recover_run
 from algodock.store.lease import RunLease
-from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
+from algodock.pipeline import Pipeline
+from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
 from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, StoreBlock
@@ -182,12 +183,10 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
     )
 
 
-def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity) -> Pipeline:
+def _block_manifest(name: str) -> Any:
     from algodock.blocks import manifest_from_block
 
-    if isinstance(spec, dict):
-        return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
-    return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block)
+    return manifest_from_block(name)
 
 
 def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
@@ -276,19 +275,26 @@ def run_pipeline(
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     session = None
-    if cluster:  # refuse a host-local store before anything starts
-        from algodock.flows.cluster import ClusterSession, check_shared_store
-
-        check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
-        session = ClusterSession(cluster).__enter__()
-    client = _engine_client(engine) if session is None else None
-    cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
-    pipeline = _load(spec, overrides, cap)
-    if concurrency_limit:
-        check_concurrency_limit(concurrency_limit)
     the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
-    lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
+    prepared = take_prepared(the_store, run_id, spec)  # `algodock run` prepared it: not again
+    if cluster:
+        from algodock.flows.cluster import ClusterSession
+
+        if prepared is None:  # refuse a host-local store before anything starts
+            check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
+        session = ClusterSession(cluster).__enter__()
+    client = _engine_client(engine) if session is None else None
+    if concurrency_limit:  # before the run is taken: nothing to give back when it is missing
+        check_concurrency_limit(concurrency_limit)
+    if prepared is not None and (prepared.capacity is not None or session is None):
+        pipeline = prepared.pipeline
+        cap = prepared.capacity or Capacity.from_engine(client)
+        lease = RunLease(the_store, run_id).acquire()  # this flow's own hold of the lease the command took
+    else:  # a deployment or a call from Python; or a cluster run, whose capacity is its biggest worker's
+        cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
+        prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest)
+        pipeline, lease = prepared.pipeline, prepared.lease  # RunBusy names the holder
     recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()])
