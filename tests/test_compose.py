@@ -343,3 +343,65 @@ def test_a_flow_under_the_dask_task_runner(tmp_path, prefect_harness, example_im
             return b.result()
 
     assert on_dask().read("scaled").column("x").to_pylist() == [6, 12, 18, 24]
+
+
+def test_retries_rerun_an_exit_code_failure_and_a_resumed_run_reuses_what_succeeded(tmp_path, prefect_harness, busybox_image):
+    from prefect import flow
+
+    from algodock.flows import AlgorithmFailed, algodock_run, algorithm
+
+    flaky = write_manifest(  # always exits 3
+        tmp_path / "flaky.json", name="flaky", image=busybox_image, command=["sh", "-c", "echo ok > /work/output/out.binary; exit 3"],
+        container={"timeout_seconds": 60}, outputs=[{"name": "out", "format": "binary"}],
+    )
+    ok = write_manifest(tmp_path / "ok.json", name="ok", image=busybox_image, command=["sh", "-c", "echo ok > /work/output/out.binary"],
+                        container={"timeout_seconds": 60}, outputs=[{"name": "out", "format": "binary"}])
+    fixed = write_manifest(tmp_path / "fixed.json", name="fixed", image=busybox_image, command=["sh", "-c", "echo fixed > /work/output/out.binary"],
+                           container={"timeout_seconds": 60}, outputs=[{"name": "out", "format": "binary"}])
+    store = tmp_path / "store"
+
+    @flow
+    def with_retries(retries: int):
+        with algodock_run(store=str(store), run_id=f"rt{retries}", cache=False):
+            fut = algorithm(flaky, retries=retries).submit(inputs={})
+            try:
+                fut.result()
+            except AlgorithmFailed as exc:
+                return exc.kind
+
+    assert with_retries(0) == "exit_code"
+    assert _lineage(store, "rt0")["steps"][0]["attempts"] == 1
+    assert with_retries(1) == "exit_code"
+    assert _lineage(store, "rt1")["steps"][0]["attempts"] == 2  # retried once: exit_code is a user-retried kind
+
+    @flow
+    def resumable(fail: bool):
+        with algodock_run(store=str(store), run_id="resume"):
+            first = algorithm(ok).submit(inputs={})
+            second = algorithm(flaky if fail else fixed, name="second").submit(inputs={}, wait_for=[first])
+            first.wait()
+            second.wait()
+            return first.state.name, second.state.name
+
+    assert resumable(True) == ("Completed", "Failed")
+    first_state, second_state = resumable(False)
+    assert first_state == "Cached" and second_state == "Completed"
+    by = {s["id"]: s for s in _lineage(store, "resume")["steps"]}
+    assert by["ok"]["status"] == "succeeded" and by["ok"]["attempts"] == 1  # as in pipelines: the first attempt's record, kept
+    assert by["second"]["status"] == "succeeded" and by["second"]["attempts"] == 1
+
+
+def test_a_bad_call_is_a_value_error_too(tmp_path, prefect_harness, example_image):
+    from prefect import flow
+
+    from algodock.flows import algodock_run, algorithm
+
+    scale = algorithm(_manifests(tmp_path)["scale"])
+
+    @flow
+    def bad():
+        with algodock_run(store=str(tmp_path / "store")):
+            with pytest.raises(ValueError, match="algorithm scale, step scale: inputs.numbers: required input missing"):
+                scale.submit(inputs={})
+
+    bad()

@@ -113,7 +113,7 @@ def check_concurrency_limit(name: str) -> None:
         try:
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            raise InvalidInput(
+            raise InvalidCall(
                 f"concurrency_limit: no Prefect global concurrency limit named {name!r}; "
                 f"create it with `prefect gcl create {name} --limit N`"
             ) from None
@@ -139,6 +139,12 @@ class AlgorithmFailed(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker
         return (type(self), (self.kind, self.step_id, self.message, self.log_tail))
+
+
+class InvalidCall(InvalidInput, ValueError):
+    """What an algorithm call was given cannot run (``invalid_input``), found when the call is made:
+    the message names the algorithm, the step and the field. A ``ValueError`` too, as Python's
+    own argument errors are."""
 
 
 @dataclass
@@ -303,7 +309,7 @@ def _open(store: Any, run_id: str | None, capacity: Any, cache: bool, concurrenc
         try:
             cap = Capacity(**capacity)
         except TypeError as exc:
-            raise InvalidInput(f"capacity {dict(capacity)!r}: expected cpu_millicore, memory_gb and optionally gpu ({exc})") from None
+            raise InvalidCall(f"capacity {dict(capacity)!r}: expected cpu_millicore, memory_gb and optionally gpu ({exc})") from None
     else:
         cap = Capacity.parse(str(capacity))
     if concurrency_limit:
@@ -403,13 +409,13 @@ def _pick_output(outputs: list[str], slot: str, name: str | None, where: str, pr
     """The upstream output a slot reads: ``name`` when given, else the one named like the slot, else the only one."""
     if name is not None:
         if name not in outputs:
-            raise InvalidInput(f"{where}: {producer} has no output {name!r} (outputs: {', '.join(outputs) or 'none'})")
+            raise InvalidCall(f"{where}: {producer} has no output {name!r} (outputs: {', '.join(outputs) or 'none'})")
         return name
     if slot in outputs:
         return slot
     if len(outputs) == 1:
         return outputs[0]
-    raise InvalidInput(f"{where}: {producer} has several outputs and none is named {slot!r}; pick one with output(..., NAME) (outputs: {', '.join(outputs)})")
+    raise InvalidCall(f"{where}: {producer} has several outputs and none is named {slot!r}; pick one with output(..., NAME) (outputs: {', '.join(outputs)})")
 
 
 def _check_location(value: str | os.PathLike[str], where: str) -> None:
@@ -418,9 +424,9 @@ def _check_location(value: str | os.PathLike[str], where: str) -> None:
         return
     local = local_path_of(text)
     if local is None:
-        raise InvalidInput(f"{where}: {text!r} is neither a local path, a file:// nor an s3:// URI")
+        raise InvalidCall(f"{where}: {text!r} is neither a local path, a file:// nor an s3:// URI")
     if not local.exists():
-        raise InvalidInput(f"{where}: {text} does not exist")
+        raise InvalidCall(f"{where}: {text} does not exist")
 
 
 def _check_one(run: RunHandle, slot: str, value: Any, where: str, known_late: dict[str, str], key: str) -> None:
@@ -440,10 +446,10 @@ def _check_one(run: RunHandle, slot: str, value: Any, where: str, known_late: di
         elif isinstance(source, PrefectFuture):
             manifest = run.manifest_of(source)
             if manifest is None:
-                raise InvalidInput(f"{where}: output(...) takes an algorithm task's future or StepResult, not the future of task run {source.task_run_id}")
+                raise InvalidCall(f"{where}: output(...) takes an algorithm task's future or StepResult, not the future of task run {source.task_run_id}")
             _pick_output([o.name for o in manifest.outputs], slot, value.name, where, f"algorithm {manifest.name}")
         else:
-            raise InvalidInput(f"{where}: output(...) takes an algorithm task's future or StepResult, got {type(source).__name__}")
+            raise InvalidCall(f"{where}: output(...) takes an algorithm task's future or StepResult, got {type(source).__name__}")
     elif isinstance(value, PrefectFuture):
         manifest = run.manifest_of(value)
         if manifest is not None:
@@ -451,7 +457,7 @@ def _check_one(run: RunHandle, slot: str, value: Any, where: str, known_late: di
         else:  # a Python task's value: checked when it is known, still before any container
             known_late[key] = str(value.task_run_id)
     else:
-        raise InvalidInput(f"{where}: got {type(value).__name__}; expected a path, a file:// or s3:// URI, a pyarrow.Table, an algorithm's future or StepResult, or output(...)")
+        raise InvalidCall(f"{where}: got {type(value).__name__}; expected a path, a file:// or s3:// URI, a pyarrow.Table, an algorithm's future or StepResult, or output(...)")
 
 
 def check_call(run: RunHandle, manifest: Manifest, algorithm: str, step_id: str, inputs: Any, parameters: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -459,23 +465,23 @@ def check_call(run: RunHandle, manifest: Manifest, algorithm: str, step_id: str,
     field); returns the parameters after defaults and the slots fed by Python tasks' futures."""
     inputs = _unwrap(inputs)
     if not isinstance(inputs, Mapping):
-        raise InvalidInput(f"{_where(algorithm, step_id, 'inputs')}: expected a dict of input slot -> value, got {type(inputs).__name__}")
+        raise InvalidCall(f"{_where(algorithm, step_id, 'inputs')}: expected a dict of input slot -> value, got {type(inputs).__name__}")
     slots = {s.name: s for s in manifest.inputs}
     for name in inputs:
         if name not in slots:
-            raise InvalidInput(f"{_where(algorithm, step_id, f'inputs.{name}')}: no such input slot (slots: {', '.join(slots) or 'none'})")
+            raise InvalidCall(f"{_where(algorithm, step_id, f'inputs.{name}')}: no such input slot (slots: {', '.join(slots) or 'none'})")
     for slot in slots.values():
         if slot.required and slot.name not in inputs:
-            raise InvalidInput(f"{_where(algorithm, step_id, f'inputs.{slot.name}')}: required input missing")
+            raise InvalidCall(f"{_where(algorithm, step_id, f'inputs.{slot.name}')}: required input missing")
     sources: dict[str, str] = {}
     for name, value in inputs.items():
         where = _where(algorithm, step_id, f"inputs.{name}")
         value = _unwrap(value)
         if isinstance(value, (list, tuple)):
             if not slots[name].multiple:
-                raise InvalidInput(f"{where}: a list is only for a slot with multiple: true; {name!r} takes one file or folder")
+                raise InvalidCall(f"{where}: a list is only for a slot with multiple: true; {name!r} takes one file or folder")
             if not value:
-                raise InvalidInput(f"{where}: an empty list")
+                raise InvalidCall(f"{where}: an empty list")
             for i, item in enumerate(value):
                 _check_one(run, name, item, f"{where}[{i}]", sources, f"{name}[{i}]")
         else:
@@ -484,18 +490,18 @@ def check_call(run: RunHandle, manifest: Manifest, algorithm: str, step_id: str,
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, Mapping):
-        raise InvalidInput(f"{_where(algorithm, step_id, 'parameters')}: expected a dict, got {type(parameters).__name__}")
+        raise InvalidCall(f"{_where(algorithm, step_id, 'parameters')}: expected a dict, got {type(parameters).__name__}")
     schema = manifest.parameters
     known = schema.get("properties")
     if isinstance(known, Mapping) and schema.get("additionalProperties", False) is False:
         for key in parameters:
             if key not in known:
-                raise InvalidInput(f"{_where(algorithm, step_id, f'parameters.{key}')}: unknown parameter (parameters: {', '.join(known) or 'none'})")
+                raise InvalidCall(f"{_where(algorithm, step_id, f'parameters.{key}')}: unknown parameter (parameters: {', '.join(known) or 'none'})")
     try:
         resolved = resolve_parameters(schema, parameters, source="parameters")
     except InvalidInput as exc:
         lines = [f"algorithm {algorithm}, step {step_id}: {line}" for line in exc.errors]
-        raise InvalidInput("\n".join(lines), errors=lines) from None
+        raise InvalidCall("\n".join(lines), errors=lines) from None
     return resolved, sources
 
 
@@ -531,7 +537,7 @@ def _bind(run: RunHandle, step_id: str, planned: _Planned, inputs: Mapping[str, 
             local = local_path_of(text)
             return text if local is None else str(local.absolute())
         what = f"the task run {planned.sources[key]} returned" if key in planned.sources else "got"
-        raise InvalidInput(f"{where}: {what} {type(value).__name__}; expected a path, a file:// or s3:// URI, a pyarrow.Table or a StepResult")
+        raise InvalidCall(f"{where}: {what} {type(value).__name__}; expected a path, a file:// or s3:// URI, a pyarrow.Table or a StepResult")
 
     for slot, value in inputs.items():
         where = _where(planned.algorithm, step_id, f"inputs.{slot}")
@@ -685,7 +691,10 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
     def _call(self, run: RunHandle, inputs: Any, parameters: Any, step_id: str | None) -> dict[str, Any]:
         algo = self.algorithm
         label = run.composed.peek_step_id(algo.name, step_id)
-        run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
+        try:
+            run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
+        except InvalidInput as exc:
+            raise InvalidCall(exc.message) from None
         resolved, sources = check_call(run, algo.manifest, algo.name, label, inputs, parameters)
         step_id = run.composed.step_id(algo.name, step_id)
         run.plan(step_id, _Planned(algo.name, algo.manifest, sources))
@@ -694,7 +703,7 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
     def submit(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         run = _run_for_call()
         if run is None:
-            raise InvalidInput(f"algorithm {self.algorithm.name}: .submit() is for inside a flow; call the task directly to run one step")
+            raise InvalidCall(f"algorithm {self.algorithm.name}: .submit() is for inside a flow; call the task directly to run one step")
         call = self._call(run, inputs, parameters, step_id)
         with _dask_resources(self.algorithm.manifest):
             future = super().submit(**call, wait_for=wait_for, **kwargs)
@@ -706,13 +715,13 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
 
         run = _run_for_call()
         if run is None:
-            raise InvalidInput(f"algorithm {self.algorithm.name}: .map() is for inside a flow")
+            raise InvalidCall(f"algorithm {self.algorithm.name}: .map() is for inside a flow")
         raw_inputs, raw_params = _unwrap(inputs), _unwrap(parameters)
         mapped_inputs = isinstance(raw_inputs, (list, tuple))
         mapped_params = isinstance(raw_params, (list, tuple))
         sizes = {len(v) for v, m in ((raw_inputs, mapped_inputs), (raw_params, mapped_params)) if m}
         if len(sizes) != 1:
-            raise InvalidInput(f"algorithm {self.algorithm.name}: .map() needs inputs and/or parameters as lists of one length (use unmapped(...) for a shared value)")
+            raise InvalidCall(f"algorithm {self.algorithm.name}: .map() needs inputs and/or parameters as lists of one length (use unmapped(...) for a shared value)")
         n = sizes.pop()
         ids = list(step_id) if isinstance(step_id, (list, tuple)) else [None] * n
         futures = []
@@ -774,7 +783,7 @@ def _manifest_of(source: Any) -> Manifest:
         if Path(source).is_file() or source.endswith(".json"):
             return load_manifest(Path(source))
         return manifest_from_block(source)
-    raise InvalidInput(f"algorithm({type(source).__name__}): expected a manifest file path, a Manifest, an AlgorithmBlock or a saved AlgorithmBlock's name")
+    raise InvalidCall(f"algorithm({type(source).__name__}): expected a manifest file path, a Manifest, an AlgorithmBlock or a saved AlgorithmBlock's name")
 
 
 def algorithm(source: Any, *, name: str | None = None, retries: int | None = None) -> AlgorithmTask:
@@ -811,4 +820,4 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
     )
 
 
-__all__ = ["AlgorithmFailed", "AlgorithmTask", "OutputRef", "RunHandle", "StepResult", "algodock_run", "algorithm", "output"]
+__all__ = ["AlgorithmFailed", "AlgorithmTask", "InvalidCall", "OutputRef", "RunHandle", "StepResult", "algodock_run", "algorithm", "output"]
