@@ -268,6 +268,16 @@ class RunHandle:
         planned = self._planned.get(step_id) if step_id else None
         return planned.manifest if planned else None
 
+    def cancel(self) -> None:
+        """The flow run was cancelled or crashed, or the process is ending: no step starts, no container of the run outlives it."""
+        from algodock.runtime.engine import kill_run_containers
+
+        ctx = self.composed.ctx
+        ctx.cancel.set()
+        ctx.pool.wake_all()
+        with contextlib.suppress(Exception):
+            kill_run_containers(ctx.client, self.run_id)
+
     def close(self) -> str:
         """Wait for the run's steps, write its final lineage, publish its artifacts, release its lease."""
         if self.status is not None:
@@ -352,6 +362,11 @@ def algodock_run(
     token = _CURRENT.set(handle)
     try:
         yield handle
+    except Exception:
+        raise  # the user's code failed: the steps already running end as they would
+    except BaseException:  # the process is being ended (a cancellation's signal, Ctrl-C)
+        handle.cancel()
+        raise
     finally:
         _CURRENT.reset(token)
         handle.close()
@@ -379,6 +394,8 @@ def _finish_implicit(flow: Any, flow_run: Any, state: Any) -> None:
     run = _IMPLICIT.pop(str(flow_run.id), None)
     if run is not None:
         try:
+            if state.is_cancelled() or state.is_cancelling() or state.is_crashed():
+                run.cancel()
             run.close()
         except Exception as exc:  # a hook must not mask the flow's own state
             log.warning("could not finish run %s: %s", run.run_id, exc)
