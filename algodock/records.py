@@ -97,6 +97,7 @@ class InputRecord(BaseModel):
     sha256: str = Field(description=HASH_DESCRIPTION)
     format: str | None = None
     produced_by: str | None = Field(None, description="Step id that produced it; null for an external input.")
+    produced_by_task_run: str | None = Field(None, description="A table handed over by a Python task of a flow: the Prefect task run that returned it.")
     rows: int | None = None
     files: list[str] = Field(default_factory=list, exclude=True)
     """The files as the container sees them (in algo_input.json; not recorded in lineage)."""

@@ -37,6 +37,16 @@ echo "running deployments/device-visits-daily.yaml ..."
 set +e
 "$VENV/bin/algodock" run deployments/device-visits-daily.yaml --json > .algodock/demo/run.json
 rc=$?
+echo "running examples/python_flow.py (the same algorithms composed in a Python flow) ..."
+"$VENV/bin/python" - > .algodock/demo/python-flow.txt <<'PY'
+import importlib.util
+spec = importlib.util.spec_from_file_location("python_flow", "examples/python_flow.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+state = module.device_visits_python(pings=".algodock/demo/pings", store=".algodock/store", return_state=True)
+print(state.state_details.flow_run_id, state.type.value)
+PY
+py_rc=$?
+[ $rc -eq 0 ] && rc=$py_rc
 set -e
 "$VENV/bin/python" - <<'PY'
 import json, os
@@ -61,5 +71,10 @@ print(f"\nPrefect UI:  {ui}")
 if s.get("flow_run_id"):
     print(f"This run:    {ui}/runs/flow-run/{s['flow_run_id']}   (graph: the steps and their edges; Artifacts: steps and outputs)")
 print(f"Lineage:     .venv/bin/algodock lineage {s['run_id']}")
+try:
+    flow_run_id, outcome = open(".algodock/demo/python-flow.txt").read().split()[-2:]
+    print(f"Python flow: {ui}/runs/flow-run/{flow_run_id}   ({outcome.lower()}; examples/python_flow.py: Python tasks and algorithm containers in one graph)")
+except (OSError, ValueError):
+    print("Python flow: did not run (see the output above)")
 PY
 exit $rc

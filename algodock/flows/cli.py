@@ -84,8 +84,9 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
     Example:
       algodock run deployments/device-visits-daily.yaml --set visits.look_back_time=7200
     """
+    from algodock.pipeline import parse_overrides
     from algodock.pipeline.capacity import Capacity
-    from algodock.pipeline import load_pipeline, parse_overrides
+    from algodock.pipeline.prepare import prepare_run
 
     terminate_on_sigterm()
     # Without PREFECT_API_URL Prefect starts a temporary server: it must not phone home (offline it prints errors).
@@ -96,12 +97,13 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    from algodock.pipeline.composed import default_run_id
+    from algodock.store.backends import open_store, run_json_rel
+
+    named_run = run_id
+    run_id = run_id or default_run_id()
     try:
         overrides = parse_overrides(list(sets))
-        if cluster:  # a host-local store is refused before anything starts
-            from algodock.flows.cluster import check_shared_store
-
-            check_shared_store(store, shared_store)
         cap = Capacity.parse(capacity) if capacity else None
         if cap is None and not cluster:  # in cluster mode the flow asks the workers
             from algodock.runtime.engine import docker_client
@@ -109,29 +111,20 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
             cap = Capacity.from_engine(docker_client())
         from algodock.blocks import manifest_from_block, registry_auths
 
-        spec = load_pipeline(pipeline, overrides=overrides, capacity=cap, resolve_block=manifest_from_block, require_digest=require_digest)
         registry_auths(registry_credentials)  # an unknown block name fails here, before any flow starts
+        # Once, here, for the flow too: a host-local store of a cluster run, a bad spec and a
+        # run another process holds (RunBusy names the holder) all fail before any flow starts.
+        prepared = prepare_run(pipeline, store=open_store(store), run_id=run_id, overrides=overrides, capacity=cap,
+                               resolve_block=manifest_from_block, cluster=bool(cluster), store_label=store,
+                               shared_store=shared_store, hand_over=True, require_digest=require_digest)
     except StepFailure as exc:
         print_errors(exc)
         if as_json:
-            click.echo(json.dumps({"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": exc.as_dict(), "steps": []}, indent=2))
+            click.echo(json.dumps({"run_id": named_run, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": exc.as_dict(), "steps": []}, indent=2))
         sys.exit(1)
-
+    spec, lease = prepared.pipeline, prepared.lease
     from algodock.flows import pipeline as flows_pipeline
-    from algodock.store.backends import open_store, run_json_rel
 
-    run_id = run_id or flows_pipeline.default_run_id(None)
-    # --- [store] one writer per run: refuse before any flow starts when another process holds the run ---
-    from algodock.store.lease import RunLease
-
-    try:
-        lease = RunLease(open_store(store), run_id).acquire()  # the flow re-enters this same lease
-    except StepFailure as exc:  # RunBusy (invalid_input) naming the holder, or the store failing (infrastructure)
-        print_errors(exc)
-        if as_json:
-            click.echo(json.dumps({"run_id": run_id, "status": "failed", "flow_run_id": None, "lineage_uri": None, "failure": exc.as_dict(), "steps": []}, indent=2))
-        sys.exit(1)
-    # --- [store] end ---
     live, listener = _live_view(spec.topological_order())
     if listener:
         flows_pipeline.LISTENERS.append(listener)

@@ -30,7 +30,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
-from algodock.errors import InfrastructureError, InvalidInput
+from algodock.errors import InfrastructureError
+from algodock.pipeline.prepare import check_shared_store  # noqa: F401  (where it lived)
 from algodock.records import Failure, StepRecord
 
 log = logging.getLogger("algodock.cluster")
@@ -41,23 +42,6 @@ WORKER_WAIT = 30
 
 
 # ---------------------------------------------------------------- checks before any container
-
-
-def check_shared_store(store: str | None, shared: bool) -> None:
-    """Cluster mode needs a store every host reaches: S3, or a path declared shared.
-
-    Raises :class:`InvalidInput` (before any container starts) for a host-local store.
-    """
-    if store and store.startswith("s3://"):
-        return
-    if shared and store:
-        return
-    where = store or "the default ./.algodock/store"
-    raise InvalidInput(
-        f"store: {where} is local to this host, but --cluster runs steps on other hosts. "
-        "Use an S3 store (--store s3://bucket/prefix) or a path every host mounts at the same place, "
-        "declared with --shared-store (flow parameter shared_store=True)."
-    )
 
 
 def step_resources(request: Any) -> dict[str, float]:
@@ -213,14 +197,15 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
     StepFailed = plugin.step_failed
     if ctx.cancel.is_set():
         record = StepRecord(id=step_id, status="failed", engine=engine.identity, failure=Failure(kind="infrastructure", message="cancelled: the flow run was cancelled"))
-        raise StepFailed(record)
+        raise StepFailed(record, cancelled=True)
     attempt, claim = _claim_attempt(ctx.store, run_id, step_id, engine.identity, worker.address)
     logger.info("step %s attempt %d on engine %s (%s), worker %s", step_id, attempt, engine.identity.get("name"), engine.identity.get("id"), worker.address)
     from algodock.flows.logs import LogBatches
 
     with LogBatches(logger.info) as on_log:
         record = execute_step(ctx, step_id, upstream, attempt=attempt, on_log=on_log, task_run_id=str(task_run.id) if task_run.id else None)
-    if record.status == "failed" and ctx.cancel.is_set():
+    cancelled = record.status == "failed" and ctx.cancel.is_set()
+    if cancelled:
         assert record.failure is not None
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     record.engine = engine.identity
@@ -232,7 +217,7 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
-        raise StepFailed(record)
+        raise StepFailed(record, cancelled=cancelled)
     if record.status == "cached":
         return cached_state(record, run_id)  # no asset event for a cache hit, as on one host
     add_output_metadata(record, ctx)  # the asset events come from the worker that ran the step

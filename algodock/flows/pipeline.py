@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -23,7 +22,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -35,23 +33,24 @@ from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.runtime.engine import kill_run_containers
 from algodock.pipeline.execute import RunContext, execute_step, recover_run
 from algodock.store.lease import RunLease
-from algodock.pipeline import Pipeline, load_pipeline, build_pipeline
+from algodock.pipeline import Pipeline
+from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
 from algodock.records import Failure, LineageDocument, StepRecord
-from algodock.store.backends import Store, lineage_rel, run_json_rel
+from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
+from algodock.flows.compose import (  # the one retry policy and run naming of every algorithm step
+    INFRA_RETRIES,
+    RETRY_DELAYS_SECONDS,
+    RETRY_JITTER_FACTOR,
+    AlgorithmFailed,
+    check_concurrency_limit,
+    execute_in_task,
+    retry_condition,
+    default_run_id,
+)
 from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
-from algodock.flows.logs import LogBatches
 
-INFRA_RETRIES = 2
-"""How often an ``infrastructure`` failure is retried, whatever the step says."""
-USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
-"""Failure kinds retried only when the step sets ``retries``."""
-RETRY_DELAYS_SECONDS = [2.0, 10.0]
-"""Prefect's wait before each retry of a step (the last repeats): an engine or store that just
-failed gets time to come back instead of all attempts being spent within a second."""
-RETRY_JITTER_FACTOR = 0.5
-"""Each delay is drawn at random around its nominal value, within this fraction (Prefect's jitter), so steps that failed together do not retry together."""
 CANCEL_WATCH_SECONDS = 2.0
 
 
@@ -126,28 +125,22 @@ def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
                 return
 
 
-class StepFailed(Exception):
-    """Raised by a step task so that Prefect records the failure (and may retry it)."""
+class StepFailed(AlgorithmFailed):
+    """Raised by a pipeline step's task so that Prefect records the failure (and may retry it):
+    an :class:`~algodock.flows.compose.AlgorithmFailed` carrying the step's record.
 
-    def __init__(self, record: StepRecord) -> None:
+    ``cancelled``: the flow run was cancelled while the step waited or ran; its kind is then
+    ``cancelled`` (never retried), whatever the container's own failure was.
+    """
+
+    def __init__(self, record: StepRecord, cancelled: bool = False) -> None:
         failure = record.failure or Failure(kind="infrastructure", message="unknown failure")
-        super().__init__(f"step {record.id} failed ({failure.kind}): {failure.message}")
+        super().__init__("cancelled" if cancelled else failure.kind, record.id, failure.message, record.log_tail)
         self.record = record
-        self.kind = "cancelled" if failure.message.startswith("cancelled:") else failure.kind
+        self.cancelled = cancelled
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker (cluster mode)
-        return (type(self), (self.record,))
-
-
-def _retry_condition(max_user_retries: int):
-    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
-        exc = state.result(raise_on_failure=False)
-        kind = getattr(exc, "kind", "infrastructure")
-        if kind == "infrastructure":
-            return True
-        return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
-
-    return should_retry
+        return (type(self), (self.record, self.cancelled))
 
 
 def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
@@ -156,60 +149,21 @@ def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], le
     ``upstream``: the records of the steps it reads from; their task runs are this task's
     ``wait_for`` (see :func:`_schedule`), which Prefect records as its ``task_inputs``.
     """
-    from prefect.runtime import task_run
-
-    logger = get_run_logger()
-    attempt = int(task_run.run_count or 1)
     watch = run_watch(ctx.run_id)
     if not watch.claim(step_id, "prefect"):  # run directly while the Prefect API was away
         return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
 
-    def slot() -> Any:  # the Prefect slot is held only while the container runs
-        return concurrency(concurrency_limit, occupy=1, strict=True)
+    def record(done: StepRecord) -> None:
+        ledger.update(done)
+        watch.final[step_id] = done  # what the scheduler uses if Prefect cannot be told
 
-    with LogBatches(logger.info) as on_log:
-        record = execute_step(
-            ctx,
-            step_id,
-            upstream,
-            attempt=attempt,
-            on_log=on_log,
-            task_run_id=str(task_run.id) if task_run.id else None,
-            around_container=slot if concurrency_limit else None,
-        )
-    record.engine = _engine_identity(ctx.client)
-    if record.status == "failed" and ctx.cancel.is_set():
-        assert record.failure is not None
-        record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
-    ledger.update(record)
-    watch.final[step_id] = record  # what the scheduler uses if Prefect cannot be told
-    if record.status == "failed":
-        assert record.failure is not None
-        logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
-        raise StepFailed(record)
-    this_run = str(task_run.id) if task_run.id else None
-    kept = record.status == "succeeded" and this_run is not None and record.task_run_id not in (None, this_run)
-    if record.status == "cached" or kept:
-        logger.info("step %s: %s", step_id, f"cached from run {record.cached_from}" if not kept else "kept from an earlier attempt")
-        return cached_state(record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
-    add_output_metadata(record, ctx)
-    logger.info("step %s %s: %s", step_id, record.status, ", ".join(f"{o.name} {o.uri}" for o in record.outputs))
-    return record
-
-
-_ENGINES: dict[int, dict[str, str]] = {}
-
-
-def _engine_identity(client: Any) -> dict[str, str] | None:
-    """``docker info``'s Name and ID of the engine a step ran on (asked once per client)."""
-    if id(client) not in _ENGINES:
-        from algodock.worker import engine_identity
-
-        try:
-            _ENGINES[id(client)] = engine_identity(client)
-        except Exception:  # the record matters more than naming its engine
-            return None
-    return _ENGINES[id(client)]
+    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=concurrency_limit)
+    if step.record.status == "failed":
+        raise StepFailed(step.record, cancelled=step.cancelled)
+    if step.reused:
+        return cached_state(step.record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
+    add_output_metadata(step.record, ctx)
+    return step.record
 
 
 def step_task(ctx: RunContext, step_id: str) -> Any:
@@ -226,108 +180,14 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
         retries=max(spec.retries, INFRA_RETRIES),
         retry_delay_seconds=RETRY_DELAYS_SECONDS,
         retry_jitter_factor=RETRY_JITTER_FACTOR,
-        retry_condition_fn=_retry_condition(spec.retries),
+        retry_condition_fn=retry_condition(spec.retries),
     )
 
 
-class Ledger:
-    """The run's lineage document, rewritten in the store whenever a step changes.
-
-    After :meth:`start`, a writer thread writes the latest document whenever it changed
-    (a burst of changes is one write), so recording a step never delays the next step;
-    :meth:`finish` stops it and writes the final document itself. Writes are at least
-    ``max(LEDGER_MIN_INTERVAL, LEDGER_INTERVAL_PER_STEP x steps)`` apart: the document grows
-    with the steps, so a 1000-step run writes about every 10 s instead of on every change
-    (bytes written per run grow with the run's duration, not with steps x changes).
-    """
-
-    LEDGER_MIN_INTERVAL = 0.5
-    LEDGER_INTERVAL_PER_STEP = 0.01
-
-    def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
-        self.doc = doc
-        self.store = store
-        self.on_change = on_change
-        self._lock = threading.Lock()
-        self._changed = threading.Event()
-        self._closing = False
-        self._stop = threading.Event()
-        self._writer: threading.Thread | None = None
-        self._index = {s.id: i for i, s in enumerate(doc.steps)}
-        self.interval = max(self.LEDGER_MIN_INTERVAL, self.LEDGER_INTERVAL_PER_STEP * len(doc.steps))
-
-    def update(self, record: StepRecord) -> None:
-        with self._lock:
-            self.doc.steps[self._index[record.id]] = record  # O(1): a 1000-step run updates thousands of times
-            if self._writer is None or self._closing:
-                self._write()
-        self._changed.set()
-        if self.on_change:
-            self.on_change(record)
-
-    def start(self) -> None:
-        with self._lock:
-            self._write()
-        self._writer = threading.Thread(target=self._write_behind, name="algodock-ledger", daemon=True)
-        self._writer.start()
-        for s in self.doc.steps:
-            self.on_change and self.on_change(s)
-
-    def finish(self, status: str) -> None:
-        if self._writer is not None:
-            self._closing = True
-            self._stop.set()
-            self._changed.set()
-            self._writer.join()
-        with self._lock:
-            self.doc.status = status  # type: ignore[assignment]
-            self.doc.finished_at = datetime.now(timezone.utc)
-            self._write()
-
-    def _write_behind(self) -> None:
-        while True:
-            self._changed.wait()
-            if self._closing:
-                return  # finish() writes the final document
-            self._changed.clear()
-            with self._lock:  # a consistent snapshot; the I/O is done without the lock
-                snapshot = (self.doc.model_dump(mode="json"), self.summary())
-            try:
-                self._write(snapshot)
-            except Exception as exc:  # the next change or finish() tries again
-                logging.getLogger("algodock").warning("could not write the lineage of run %s: %s", self.doc.run_id, exc)
-            if self._stop.wait(self.interval):  # batch the changes of the next interval into one write
-                return
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "run_id": self.doc.run_id,
-            "status": self.doc.status,
-            "flow_run_id": self.doc.flow_run_id,
-            "lineage_uri": self.store.uri(lineage_rel(self.doc.run_id)),
-            "steps": [s.summary() for s in self.doc.steps],
-        }
-
-    def _write(self, snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
-        lineage, summary = snapshot or (self.doc.model_dump(mode="json"), self.summary())
-        self.store.write_json(lineage_rel(self.doc.run_id), lineage)
-        self.store.write_json(run_json_rel(self.doc.run_id), summary)
-
-
-def _load(spec: str | dict[str, Any], overrides: dict[str, dict[str, Any]] | None, capacity: Capacity, require_digest: bool = False) -> Pipeline:
+def _block_manifest(name: str) -> Any:
     from algodock.blocks import manifest_from_block
 
-    if isinstance(spec, dict):
-        return build_pipeline(spec, overrides=overrides, capacity=capacity, resolve_block=manifest_from_block, require_digest=require_digest)
-    return load_pipeline(Path(spec), overrides=overrides, capacity=capacity, resolve_block=manifest_from_block, require_digest=require_digest)
-
-
-def default_run_id(flow_run_id: str | None = None) -> str:
-    """A new run id; inside a flow run, one derived from it, so a retried flow run keeps its run id."""
-    if flow_run_id:
-        return f"{runtime_flow_run.name or 'run'}-{flow_run_id.replace('-', '')[:8]}"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{os.urandom(4).hex()}"
+    return manifest_from_block(name)
 
 
 def _kill_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
@@ -423,20 +283,27 @@ def run_pipeline(
     logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     session = None
-    if cluster:  # refuse a host-local store before anything starts
-        from algodock.flows.cluster import ClusterSession, check_shared_store
-
-        check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
-        session = ClusterSession(cluster).__enter__()
-    client = _engine_client(engine) if session is None else None
-    cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
-    pipeline = _load(spec, overrides, cap, require_digest)
-    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
-    if concurrency_limit:
-        _check_limit(concurrency_limit)
     the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
-    lease = RunLease(the_store, run_id).acquire()  # one writer per run: RunBusy names the holder
+    prepared = take_prepared(the_store, run_id, spec)  # `algodock run` prepared it: not again
+    if cluster:
+        from algodock.flows.cluster import ClusterSession
+
+        if prepared is None:  # refuse a host-local store before anything starts
+            check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
+        session = ClusterSession(cluster).__enter__()
+    client = _engine_client(engine) if session is None else None
+    if concurrency_limit:  # before the run is taken: nothing to give back when it is missing
+        check_concurrency_limit(concurrency_limit)
+    if prepared is not None and (prepared.capacity is not None or session is None):
+        pipeline = prepared.pipeline
+        cap = prepared.capacity or Capacity.from_engine(client)
+        lease = RunLease(the_store, run_id).acquire()  # this flow's own hold of the lease the command took
+    else:  # a deployment or a call from Python; or a cluster run, whose capacity is its biggest worker's
+        cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
+        prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
+        pipeline, lease = prepared.pipeline, prepared.lease  # RunBusy names the holder
+    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
     recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
     scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
     ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
@@ -520,23 +387,6 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
             break
         cpu, mem, fit = cpu - c, mem - m, fit + 1
     return max(1, min(len(requests), fit + 1))
-
-
-def _check_limit(name: str) -> None:
-    """Fail before any container starts when the named global concurrency limit does not exist."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    from algodock.errors import InvalidInput
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            raise InvalidInput(
-                f"concurrency_limit: no Prefect global concurrency limit named {name!r}; "
-                f"create it with `prefect gcl create {name} --limit N`"
-            ) from None
 
 
 def _schedule(
@@ -643,7 +493,7 @@ def _schedule(
             retries=max(retries, INFRA_RETRIES),
             retry_delay_seconds=RETRY_DELAYS_SECONDS,
             retry_jitter_factor=RETRY_JITTER_FACTOR,
-            retry_condition_fn=_retry_condition(retries),
+            retry_condition_fn=retry_condition(retries),
         )
         # "running" before submitting: a fast (cached) step may finish before submit returns
         ledger.update(StepRecord(id=step_id, status="running"))
