@@ -35,7 +35,7 @@ from algodock.runtime.images import RegistryAuth
 
 __all__ = [
     "AlgorithmBlock", "AwsCredentials", "DockerHost", "DockerRegistryCredentials", "StoreBlock",
-    "algorithm_block_auths", "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
+    "algorithm_block_auths", "load_algorithm_block", "load_block", "manifest_from_block", "registry_auths", "resolve_engine", "resolve_store", "step_registry_auths",
 ]
 
 
@@ -229,8 +229,14 @@ def _auth_of(item: RegistryCredentialsRef, source: str | None = None) -> Registr
 
 def manifest_from_block(name: str) -> Manifest:
     """Resolve a pipeline step's ``block: NAME`` (passed to ``load_pipeline(resolve_block=…)``)."""
+    return load_algorithm_block(name).to_manifest(f"block {name}")
+
+
+def load_algorithm_block(name: str) -> AlgorithmBlock:
+    """The saved :class:`AlgorithmBlock` ``name``; a manifest saved without this class's checks is
+    refused with the errors naming each of its fields."""
     try:
-        block = AlgorithmBlock.load(name)
+        return AlgorithmBlock.load(name)  # type: ignore[return-value]
     except RuntimeError as exc:  # Prefect's "failed validation": a document saved without this class's checks
         if not isinstance(exc.__cause__, Exception) or "validation" not in str(exc):
             raise
@@ -241,4 +247,3 @@ def manifest_from_block(name: str) -> Manifest:
         raw = (doc.data or {}).get("manifest")
         parse_manifest(raw if isinstance(raw, dict) else {}, f"block {name}")  # raises the errors naming each field
         raise InvalidManifest(f"block {name}: {exc.__cause__}") from None
-    return block.to_manifest(f"block {name}")  # type: ignore[union-attr]

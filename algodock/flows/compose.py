@@ -47,6 +47,7 @@ from algodock.pipeline.composed import ComposedRun, put_combined, put_table
 from algodock.pipeline.execute import execute_step
 from algodock.pipeline.spec import Ref
 from algodock.records import OutputRecord, StepRecord, Usage
+from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, RegistryAuth
 from algodock.store.backends import fetch_input, local_path_of
 
 log = logging.getLogger("algodock.flows.compose")
@@ -303,11 +304,29 @@ def _publish(run: RunHandle) -> None:
     publish_run_artifacts(run.composed.ledger.doc, run.composed.pipeline)  # type: ignore[arg-type]
 
 
-def _open(store: Any, run_id: str | None, capacity: Any, cache: bool, concurrency_limit: str | None, engine: Any, name: str) -> RunHandle:
+def _check_pull_policy(policy: str, where: str) -> None:
+    if policy not in PULL_POLICIES:
+        raise InvalidCall(f"{where}: pull_policy {policy!r} is not one of {', '.join(PULL_POLICIES)}")
+
+
+def _open(
+    store: Any,
+    run_id: str | None,
+    capacity: Any,
+    cache: bool,
+    concurrency_limit: str | None,
+    engine: Any,
+    name: str,
+    registry_credentials: Any = None,
+    pull_policy: str = DEFAULT_PULL_POLICY,
+    require_digest: bool = False,
+) -> RunHandle:
     from prefect.context import FlowRunContext
 
-    from algodock.blocks import resolve_engine, resolve_store
+    from algodock.blocks import registry_auths, resolve_engine, resolve_store
 
+    _check_pull_policy(pull_policy, "algodock_run")
+    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before anything is opened
     flow_ctx = FlowRunContext.get()
     flow_run_id = str(flow_ctx.flow_run.id) if flow_ctx is not None and flow_ctx.flow_run is not None else None
     client = resolve_engine(engine)
@@ -326,7 +345,10 @@ def _open(store: Any, run_id: str | None, capacity: Any, cache: bool, concurrenc
         check_concurrency_limit(concurrency_limit)
     the_store = resolve_store(store if store is not None else os.environ.get(STORE_ENV) or DEFAULT_STORE)
     run_id = run_id or default_run_id(flow_run_id)
-    composed = ComposedRun(the_store, run_id, client, cap, name=name, use_cache=cache, flow_run_id=flow_run_id).open()
+    composed = ComposedRun(
+        the_store, run_id, client, cap, name=name, use_cache=cache, flow_run_id=flow_run_id,
+        pull_policy=pull_policy, registry_credentials=auths, require_digest=require_digest,
+    ).open()
     handle = RunHandle(composed, concurrency_limit)
     _RUNS[run_id] = handle
     return handle
@@ -340,6 +362,9 @@ def algodock_run(
     cache: bool = True,
     concurrency_limit: str | None = None,
     engine: Any = None,
+    registry_credentials: Any = None,
+    pull_policy: str = DEFAULT_PULL_POLICY,
+    require_digest: bool = False,
 ) -> Iterator[RunHandle]:
     """One algodock run around the algorithm calls in the block (inside a flow).
 
@@ -351,6 +376,12 @@ def algodock_run(
     global concurrency limit each container holds a slot of; ``engine``: a Docker engine URL,
     a ``DockerHost`` block or its name.
 
+    Images: ``registry_credentials``: prefect-docker ``DockerRegistryCredentials`` blocks or
+    their saved names (default: the engine host's docker config); ``pull_policy``:
+    ``if_not_present``, ``always`` or ``never`` for steps whose algorithm sets none;
+    ``require_digest``: a call whose image is not pinned by digest (``repo@sha256:…``) is
+    refused when it is made, before any container.
+
     It holds the run's lease; on exit, success or not, it waits for the run's steps, writes
     the run's ``lineage.json`` and ``run.json``, publishes the run artifacts and releases the lease.
     """
@@ -358,7 +389,7 @@ def algodock_run(
 
     flow_ctx = FlowRunContext.get()
     name = flow_ctx.flow.name if flow_ctx is not None else "composed"
-    handle = _open(store, run_id, capacity, cache, concurrency_limit, engine, name)
+    handle = _open(store, run_id, capacity, cache, concurrency_limit, engine, name, registry_credentials, pull_policy, require_digest)
     token = _CURRENT.set(handle)
     try:
         yield handle
@@ -687,6 +718,10 @@ class _Algorithm:
     manifest: Manifest
     name: str
     """The step name (``name``, ``name-2``, … in a run)."""
+    pull_policy: str | None = None
+    """The steps' own pull policy; None: the run's."""
+    credentials: tuple[RegistryAuth, ...] = ()
+    """The credentials of the algorithm block it came from, used before the run's own."""
 
 
 class AlgorithmTask(Task):  # type: ignore[type-arg]
@@ -696,13 +731,25 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
     its id; everything else is Prefect's own task.
     """
 
+    _pull_policy: str | None = None
+    """Set by ``with_options(pull_policy=…)``: this task's steps' pull policy, over the algorithm's."""
+
     @property
     def algorithm(self) -> _Algorithm:
         return self.fn.__algodock__  # type: ignore[no-any-return]
 
-    def with_options(self, *args: Any, **kwargs: Any) -> AlgorithmTask:
+    @property
+    def pull_policy(self) -> str | None:
+        """The pull policy of this task's steps (None: the run's)."""
+        return self._pull_policy or self.algorithm.pull_policy
+
+    def with_options(self, *args: Any, pull_policy: str | None = None, **kwargs: Any) -> AlgorithmTask:
+        """Prefect's ``with_options``, and ``pull_policy`` for the steps of the new task."""
+        if pull_policy is not None:
+            _check_pull_policy(pull_policy, f"algorithm {self.algorithm.name}")
         new = super().with_options(*args, **kwargs)
         new.__class__ = type(self)
+        new._pull_policy = pull_policy or self._pull_policy  # type: ignore[attr-defined]
         return new  # type: ignore[return-value]
 
     def _call(self, run: RunHandle, inputs: Any, parameters: Any, step_id: str | None) -> dict[str, Any]:
@@ -710,10 +757,12 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
         label = run.composed.peek_step_id(algo.name, step_id)
         try:
             run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
+            run.composed.check_image(algo.manifest, f"algorithm {algo.name}, step {label}")
         except InvalidInput as exc:
             raise InvalidCall(exc.message) from None
         resolved, sources = check_call(run, algo.manifest, algo.name, label, inputs, parameters)
         step_id = run.composed.step_id(algo.name, step_id)
+        run.composed.image_options(step_id, self.pull_policy, algo.credentials)
         run.plan(step_id, _Planned(algo.name, algo.manifest, sources))
         return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id}
 
@@ -787,23 +836,26 @@ def _dask_resources(manifest: Manifest) -> Iterator[None]:
         yield
 
 
-def _manifest_of(source: Any) -> Manifest:
-    from algodock.blocks import AlgorithmBlock, manifest_from_block
+def _manifest_of(source: Any) -> tuple[Manifest, tuple[RegistryAuth, ...]]:
+    """The manifest of ``source``, and the registry credentials of its algorithm block (if any)."""
+    from algodock.blocks import AlgorithmBlock, algorithm_block_auths, load_algorithm_block
 
     if isinstance(source, Manifest):
-        return source
-    if isinstance(source, AlgorithmBlock):
-        return source.to_manifest()
+        return source, ()
     if isinstance(source, Path):
-        return load_manifest(source)
+        return load_manifest(source), ()
+    if isinstance(source, str) and (Path(source).is_file() or source.endswith(".json")):
+        return load_manifest(Path(source)), ()
     if isinstance(source, str):
-        if Path(source).is_file() or source.endswith(".json"):
-            return load_manifest(Path(source))
-        return manifest_from_block(source)
+        block, name = load_algorithm_block(source), source
+        return block.to_manifest(f"block {source}"), algorithm_block_auths(block, name)
+    if isinstance(source, AlgorithmBlock):
+        name = getattr(source, "_block_document_name", None) or source.manifest.name
+        return source.to_manifest(), algorithm_block_auths(source, name)
     raise InvalidCall(f"algorithm({type(source).__name__}): expected a manifest file path, a Manifest, an AlgorithmBlock or a saved AlgorithmBlock's name")
 
 
-def algorithm(source: Any, *, name: str | None = None, retries: int | None = None) -> AlgorithmTask:
+def algorithm(source: Any, *, name: str | None = None, retries: int | None = None, pull_policy: str | None = None) -> AlgorithmTask:
     """An algorithm as a Prefect task: ``source`` a manifest file, a ``Manifest``, an
     ``AlgorithmBlock`` or a saved block's name.
 
@@ -812,10 +864,15 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
     or :class:`StepResult`, or :func:`output`) and ``parameters`` (checked against the
     manifest's schema, defaults filled); ``step_id`` names the step (default ``name``,
     ``name-2``, …). ``retries``: retries after ``exit_code``, ``timeout`` or ``oom``
-    (``infrastructure`` is always retried, as in pipelines).
+    (``infrastructure`` is always retried, as in pipelines). ``pull_policy``: ``if_not_present``,
+    ``always`` or ``never`` for this algorithm's steps (default: the run's; also
+    ``.with_options(pull_policy=…)``). An algorithm block's ``registry_credentials`` are used
+    for its image before the run's own.
     """
-    manifest = _manifest_of(source)
+    manifest, credentials = _manifest_of(source)
     step_name = name or manifest.name
+    if pull_policy is not None:
+        _check_pull_policy(pull_policy, f"algorithm {step_name}")
     user_retries = int(retries or 0)
 
     def run_algorithm(inputs: dict[str, Any], parameters: dict[str, Any] | None = None, step_id: str | None = None, run_id: str | None = None) -> Any:
@@ -823,7 +880,7 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
         return run_algorithm_step(step_name, manifest, inputs, dict(parameters or {}), step_id, run_id)
 
     run_algorithm.__name__ = run_algorithm.__qualname__ = step_name.replace("-", "_")
-    run_algorithm.__algodock__ = _Algorithm(manifest, step_name)  # type: ignore[attr-defined]
+    run_algorithm.__algodock__ = _Algorithm(manifest, step_name, pull_policy, credentials)  # type: ignore[attr-defined]
     return AlgorithmTask(
         fn=run_algorithm,
         name=step_name,

@@ -36,6 +36,7 @@ from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.pipeline.execute import RunContext, recover_run
 from algodock.pipeline.spec import Ref
 from algodock.records import LineageDocument, StepRecord
+from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, is_pinned
 from algodock.store.backends import Store
 from algodock.store.lease import RunLease
 
@@ -67,6 +68,8 @@ class ComposedPipeline:
     inputs: dict[str, str] = field(default_factory=dict)
     """External inputs: ``<step>.<slot>`` -> a local path or URI."""
     dependencies: dict[str, set[str]] = field(default_factory=dict)
+    pull_policies: dict[str, str] = field(default_factory=dict)
+    """A step's own pull policy (its algorithm's ``pull_policy``), read by ``RunContext.step_pull_policy``."""
     spec_sha256: str = ""
 
     def __post_init__(self) -> None:
@@ -116,10 +119,14 @@ class ComposedRun:
         name: str = "composed",
         use_cache: bool = True,
         flow_run_id: str | None = None,
+        pull_policy: str = DEFAULT_PULL_POLICY,
+        registry_credentials: tuple[RegistryAuth, ...] = (),
+        require_digest: bool = False,
     ) -> None:
         self.store = store
         self.run_id = run_id
         self.capacity = capacity
+        self.require_digest = require_digest
         self.pipeline = ComposedPipeline(name)
         self.ctx = RunContext(
             pipeline=self.pipeline,  # type: ignore[arg-type]  (the same view, growing)
@@ -131,6 +138,8 @@ class ComposedRun:
             use_cache=use_cache,
             flow_run_id=flow_run_id,
             observers=[OpenLineageObserver()],
+            pull_policy=pull_policy,
+            registry_credentials=registry_credentials,
         )
         self.ledger = Ledger(
             LineageDocument(run_id=run_id, pipeline=name, spec_sha256="", flow_run_id=flow_run_id, started_at=datetime.now(timezone.utc), store=store.uri()),
@@ -184,6 +193,20 @@ class ComposedRun:
         request = manifest.container_parameters.resource_request
         if not self.capacity.fits(request):
             raise InvalidInput(f"{where}: resource_request can never fit the run's capacity {self.capacity}: {', '.join(self.capacity.excess(request))}")
+
+    def check_image(self, manifest: Manifest, where: str) -> None:
+        """Refuse at once a step whose image the run's digest policy (``require_digest``) refuses."""
+        image = manifest.container_parameters.image
+        if self.require_digest and not is_pinned(image):
+            raise InvalidInput(f"{where}: image {image!r} is refused by the image policy: not pinned by digest (give the manifest's image as repo@sha256:<64 hex>)")
+
+    def image_options(self, step_id: str, pull_policy: str | None, credentials: tuple[RegistryAuth, ...]) -> None:
+        """How step ``step_id`` gets its image: its own pull policy (None: the run's) and the
+        credentials of its algorithm block (used before the run's own)."""
+        if pull_policy is not None:
+            self.pipeline.pull_policies[step_id] = pull_policy
+        if credentials:
+            self.ctx.step_credentials[step_id] = credentials
 
     def status(self) -> str:
         if self.ctx.cancel.is_set():
