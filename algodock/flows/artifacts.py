@@ -20,7 +20,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from algodock.lineage.queries import schema_text
+from algodock.lineage.render import schema_text
 from algodock.records import LineageDocument, StepRecord
 from algodock.store.backends import local_path_of, output_rel
 
