@@ -47,7 +47,8 @@ from algodock.pipeline.composed import ComposedRun, put_combined, put_table
 from algodock.pipeline.execute import execute_step
 from algodock.pipeline.spec import Ref
 from algodock.records import OutputRecord, StepRecord, Usage
-from algodock.store.backends import fetch_input, local_path_of
+from algodock.store.layout import local_path_of
+from algodock.store.transfer import fetch_input
 
 log = logging.getLogger("algodock.flows.compose")
 

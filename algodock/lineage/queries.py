@@ -37,8 +37,9 @@ from pydantic import ValidationError
 
 from algodock.errors import InvalidInput
 from algodock.records import LineageDocument, OutputRecord, StepRecord
-from algodock.store.backends import Store, lineage_rel, local_path_of
+from algodock.store.base import Store
 from algodock.store.content import hash_uri, store_rel
+from algodock.store.layout import lineage_rel, local_path_of
 
 __all__ = [
     "LineageDocument",

@@ -32,7 +32,8 @@ from algodock.hashing import sha256_path
 from algodock.lineage.queries import read_document, replays
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.staging import hash_input
-from algodock.store.backends import Store, local_path_of
+from algodock.store.base import Store
+from algodock.store.layout import local_path_of
 
 if TYPE_CHECKING:
     import docker

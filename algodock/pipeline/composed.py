@@ -36,7 +36,7 @@ from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.pipeline.execute import RunContext, recover_run
 from algodock.pipeline.spec import Ref
 from algodock.records import LineageDocument, StepRecord
-from algodock.store.backends import Store
+from algodock.store.base import Store
 from algodock.store.lease import RunLease
 
 if TYPE_CHECKING:
