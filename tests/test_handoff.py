@@ -253,7 +253,7 @@ def test_lineage_table_and_markdown_artifact_show_the_recorded_schema() -> None:
     from rich.console import Console
 
     from algodock.flows.artifacts import run_markdown
-    from algodock.lineage.queries import render_document
+    from algodock.lineage.render import render_document
 
     doc = _doc_with_schema(_schema(("device_id", "string", False), ("ts", "timestamp[us, tz=UTC]")))
     out = StringIO()

@@ -126,8 +126,10 @@ class StoreBlock(Block):
         return kwargs
 
     def open(self) -> Any:
-        """The :class:`algodock.store.backends.Store` this block describes."""
-        from algodock.store.backends import S3Store, open_store, s3_filesystem
+        """The :class:`algodock.store.base.Store` this block describes."""
+        from algodock.store.backends import open_store
+        from algodock.store.s3 import S3Store
+        from algodock.store.transfer import s3_filesystem
 
         if not self.uri.startswith("s3://"):
             return open_store(self.uri)

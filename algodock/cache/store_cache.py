@@ -67,10 +67,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from algodock.store.content import hash_uri, store_rel
 from algodock.records import InputBinding, InputRecord, LineageDocument, OutputRecord, StepRecord
-from algodock.store.backends import Store, cache_rel, lineage_rel, object_rel
+from algodock.store.base import Store
+from algodock.store.content import hash_uri, store_rel
 from algodock.store.gc import pin
+from algodock.store.layout import cache_rel, lineage_rel, object_rel
 
 if TYPE_CHECKING:
     from algodock.contract.manifest import Manifest

@@ -20,9 +20,9 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from algodock.lineage.queries import schema_text
+from algodock.lineage.render import schema_text
 from algodock.records import LineageDocument, StepRecord
-from algodock.store.backends import local_path_of, output_rel
+from algodock.store.layout import local_path_of, output_rel
 
 if TYPE_CHECKING:
     from algodock.pipeline import Pipeline

@@ -98,7 +98,8 @@ def run_cmd(pipeline: Path, store: str | None, run_id: str | None, sets: tuple[s
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     from algodock.pipeline.composed import default_run_id
-    from algodock.store.backends import open_store, run_json_rel
+    from algodock.store.backends import open_store
+    from algodock.store.layout import run_json_rel
 
     named_run = run_id
     run_id = run_id or default_run_id()

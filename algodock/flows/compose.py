@@ -48,7 +48,8 @@ from algodock.pipeline.execute import execute_step
 from algodock.pipeline.spec import Ref
 from algodock.records import OutputRecord, StepRecord, Usage
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, RegistryAuth
-from algodock.store.backends import fetch_input, local_path_of
+from algodock.store.layout import local_path_of
+from algodock.store.transfer import fetch_input
 
 log = logging.getLogger("algodock.flows.compose")
 

@@ -1,2 +1,2 @@
-"""What produced what: the step cache (``cache``), queries over stored runs (``queries``:
-``algodock lineage``) and OpenLineage events (``openlineage``)."""
+"""What produced what: queries over stored runs (``queries``), drawn by ``render``, the
+``algodock lineage`` commands (``commands``) and OpenLineage events (``openlineage``)."""

@@ -35,7 +35,9 @@ from algodock import __version__ as ALGODOCK_VERSION
 from algodock.errors import InvalidInput
 from algodock.lineage.queries import read_document
 from algodock.records import InputRecord, LineageDocument, OutputRecord, StepRecord
-from algodock.store.backends import S3Store, Store, local_path_of
+from algodock.store.base import Store
+from algodock.store.layout import local_path_of
+from algodock.store.s3 import S3Store
 
 WFRUN = "https://w3id.org/ro/terms/workflow-run#"
 PROFILES = [

@@ -15,7 +15,7 @@ from typing import Any
 
 from algodock.lineage.queries import read_document
 from algodock.records import StepRecord
-from algodock.store.backends import Store
+from algodock.store.base import Store
 
 COMPARED = ("image_id", "parameters", "inputs", "outputs", "status")
 """The parts whose sameness is reported (usage differs from run to run and is only shown)."""

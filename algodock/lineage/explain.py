@@ -19,11 +19,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from algodock.errors import InvalidInput
 from algodock.cache import keys_rel
+from algodock.errors import InvalidInput
 from algodock.lineage.queries import documents, read_document
 from algodock.records import LineageDocument, StepRecord
-from algodock.store.backends import Store, cache_rel
+from algodock.store.base import Store
+from algodock.store.layout import cache_rel
 
 _ABSENT = None
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)

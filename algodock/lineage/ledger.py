@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from algodock.records import LineageDocument, StepRecord
-from algodock.store.backends import Store, lineage_rel, run_json_rel
+from algodock.store.base import Store
+from algodock.store.layout import lineage_rel, run_json_rel
 
 
 class Ledger:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attr
 
 from algodock.records import StepRecord
-from algodock.store.backends import local_path_of
+from algodock.store.layout import local_path_of
 
 if TYPE_CHECKING:
     from openlineage.client import OpenLineageClient
@@ -246,7 +246,8 @@ def _parquet_schema(uri: str, store: Any = None) -> Any | None:
                     return None
                 path = parts[0]
             return pq.read_schema(path)
-        from algodock.store.backends import S3Store, s3_filesystem
+        from algodock.store.s3 import S3Store
+        from algodock.store.transfer import s3_filesystem
 
         fs = store.fs if isinstance(store, S3Store) else s3_filesystem()
         key = uri.removeprefix("s3://").rstrip("/")

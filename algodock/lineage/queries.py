@@ -6,6 +6,7 @@ the store) is written by the flow as each step ends. This module answers questio
 * :func:`read_document` — the document of one run;
 * :func:`trace` — walk a file back through the steps that produced it, to the pipeline's
   external inputs, naming each step's immutable image id on the way;
+* :func:`replays` — the replays recorded beside a run;
 * :func:`verify_run` — re-hash every stored output of a run (local or S3) and name those
   whose bytes no longer match the recorded sha256.
 
@@ -13,11 +14,8 @@ Hashes follow :mod:`algodock.hashing`: a file's sha256 is that of its bytes; a f
 the sha256 of the ``sha256sum``-style listing of its files (``"<hex>  <relative path>\\n"``,
 sorted by path).
 
-The same as commands::
-
-    algodock lineage RUN_ID [--store URI] [--json]
-    algodock lineage trace PATH_OR_URI [--store URI] [--json]
-    algodock lineage verify RUN_ID [--store URI] [--json]
+Neither click nor rich is imported here: the ``algodock lineage`` commands are in
+:mod:`algodock.lineage.commands`, the drawing in :mod:`algodock.lineage.render`.
 
 >>> import tempfile
 >>> from algodock.store.backends import open_store
@@ -29,29 +27,27 @@ The same as commands::
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import click
 from pydantic import ValidationError
 
 from algodock.errors import InvalidInput
 from algodock.records import LineageDocument, OutputRecord, StepRecord
-from algodock.store.backends import Store, lineage_rel, local_path_of, open_store
+from algodock.store.base import Store
 from algodock.store.content import hash_uri, store_rel
+from algodock.store.layout import lineage_rel, local_path_of
 
 __all__ = [
     "LineageDocument",
     "OutputCheck",
     "hash_uri",
-    "lineage_cli",
     "locate_output",
     "read_document",
+    "replays",
     "run_ids",
     "trace",
     "verify_run",
@@ -115,6 +111,12 @@ def documents(store: Store) -> Iterator[LineageDocument]:
             yield LineageDocument.model_validate(raw)
         except ValidationError:
             continue
+
+
+def replays(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The replays recorded beside the run (``runs/<run>/replays/*.json``, see algodock.lineage.replay), oldest first."""
+    found = [store.read_json(f"runs/{run_id}/replays/{name}") for name in store.list(f"runs/{run_id}/replays")]
+    return sorted((r for r in found if isinstance(r, dict)), key=lambda r: str(r.get("at")))
 
 
 # ---------------------------------------------------------------- verify
@@ -322,193 +324,3 @@ def trace(store: Store, path_or_uri: str) -> dict[str, Any]:
         "external_inputs": list(externals.values()),
         "images": list(images.values()),
     }
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def _short(digest: str | None, n: int = 12) -> str:
-    if not digest:
-        return ""
-    return digest.removeprefix("sha256:")[:n]
-
-
-def _duration(step: StepRecord) -> str:
-    if step.started_at and step.finished_at:
-        return f"{(step.finished_at - step.started_at).total_seconds():.1f}s"
-    return ""
-
-
-def schema_text(schema: dict[str, Any] | None) -> str:
-    """An output's recorded Arrow schema on one line (``''`` when none was recorded): ``\n  a: int64, b: string``."""
-    if not schema:
-        return ""
-    columns = ", ".join(f"{c['name']}: {c['type']}" + ("" if c.get("nullable", True) else " not null") for c in schema.get("columns", []))
-    return f"\n  {columns}"
-
-
-def render_document(doc: LineageDocument, console: Any) -> None:
-    """A table of the run's steps on a rich console."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from algodock.runtime.usage import usage_text
-
-    colours = {"succeeded": "green", "cached": "cyan", "failed": "red", "skipped": "yellow", "running": "blue"}
-    console.print(f"run [bold]{doc.run_id}[/] of pipeline [bold]{doc.pipeline}[/]: {doc.status}  (spec sha256 {_short(doc.spec_sha256)}, flow run {doc.flow_run_id or '-'})")
-    table = Table(show_lines=True)
-    for col in ("step", "status", "algorithm", "image id", "time", "used", "inputs", "outputs (sha256, rows, schema)"):
-        table.add_column(col, overflow="fold")
-    for s in doc.steps:
-        status = f"[{colours.get(s.status, 'white')}]{s.status}[/]"
-        if s.cached_from:
-            status += f"\nfrom {s.cached_from}"
-        if s.failure:
-            status += f"\n{s.failure.kind}"
-        algo = f"{s.algorithm or ''} {s.algorithm_version or ''}".strip()
-        inputs = "\n".join(f"{i.name} ← {i.produced_by or 'external'}" for i in s.inputs)
-        outputs = "\n".join(f"{o.name} {_short(o.sha256)}" + (f" ({o.rows} rows)" if o.rows is not None else "") + escape(schema_text(o.schema_)) for o in s.outputs)
-        used = usage_text(s.usage.model_dump()).replace(", ", "\n") if s.usage else ""
-        table.add_row(s.id, status, algo, _short(s.image_id), _duration(s), used, inputs, outputs)
-    console.print(table)
-
-
-def render_trace(result: dict[str, Any], console: Any) -> None:
-    """The trace as a tree on a rich console."""
-    from rich.tree import Tree
-
-    def label(node: dict[str, Any]) -> str:
-        p = node["producer"]
-        member = f" [dim]({node['member']})[/]" if node.get("member") else ""
-        cached = f", cached from run {p['cached_from']}" if p["cached_from"] else ""
-        return (
-            f"[bold]{node['uri']}[/]{member}\n"
-            f"sha256 {node['sha256']}\n"
-            f"← step [bold]{p['step']}[/] of run {p['run_id']} ({p['status']}{cached}): {p['algorithm'] or ''} {p['algorithm_version'] or ''}\n"
-            f"  image {p['image']} = {p['image_id']}" + (f"\n  repo digest {p['repo_digest']}" if p["repo_digest"] else "")
-        )
-
-    def add(tree: Tree, node: dict[str, Any]) -> None:
-        for inp in node["inputs"]:
-            if inp["external"]:
-                tree.add(f"[cyan]external[/] {inp['name']}: {inp['uri']}\nsha256 {inp['sha256']}")
-            elif "from" in inp:
-                add(tree.add(f"{inp['name']}: " + label(inp["from"])), inp["from"])
-            else:
-                tree.add(f"[red]{inp['name']}: {inp.get('error', 'unknown producer')}[/]")
-
-    root = Tree(label(result["tree"]))
-    add(root, result["tree"])
-    console.print(root)
-
-
-# ---------------------------------------------------------------- command line
-
-
-class _ShowByDefault(click.Group):
-    """``algodock lineage RUN_ID`` means ``algodock lineage show RUN_ID``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["show", *args]
-        return super().parse_args(ctx, args)
-
-
-_store_option = click.option("--store", metavar="URI", help="Local folder or s3://bucket/prefix [default: ./.algodock/store].")
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=200)  # piped: do not squeeze hashes into 80 columns
-
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(1)
-
-
-@click.group("lineage", cls=_ShowByDefault, context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
-def lineage_cli() -> None:
-    """What produced what: show a run's lineage, trace an output, verify stored outputs.
-
-    \b
-    algodock lineage RUN_ID [--store URI] [--json]        the run's steps (same as `show`)
-    algodock lineage trace PATH_OR_URI [--store URI]      an output back to external inputs and image ids
-    algodock lineage verify RUN_ID [--store URI]          re-hash stored outputs; exit 1 if any changed
-    algodock lineage diff RUN_A RUN_B [--store URI]       two runs side by side, step by step
-    """
-
-
-@lineage_cli.command("show")
-@click.argument("run_id")
-@_store_option
-@_json_option
-def show_cmd(run_id: str, store: str | None, as_json: bool) -> None:
-    """Show the lineage of RUN_ID: per step the image id, inputs and their producers, output hashes."""
-    the_store = open_store(store)
-    try:
-        doc = read_document(the_store, run_id)
-    except InvalidInput as exc:
-        _fail(exc)
-    replays = _replays(the_store, run_id)
-    if as_json:
-        click.echo(json.dumps(doc.model_dump(mode="json") | ({"replays": replays} if replays else {}), indent=2))
-        return
-    render_document(doc, _console())
-    for r in replays:
-        verdicts = ", ".join(f"{s['step']} {s['status']}" for s in r.get("steps") or [])
-        click.echo(f"replay {r.get('replay_id')} at {r.get('at')} on {(r.get('engine') or {}).get('name', '?')}: {verdicts}")
-
-
-def _replays(store: Store, run_id: str) -> list[dict[str, Any]]:
-    """The replays recorded beside the run (``runs/<run>/replays/*.json``, see algodock.lineage.replay), oldest first."""
-    found = [store.read_json(f"runs/{run_id}/replays/{name}") for name in store.list(f"runs/{run_id}/replays")]
-    return sorted((r for r in found if isinstance(r, dict)), key=lambda r: str(r.get("at")))
-
-
-@lineage_cli.command("trace")
-@click.argument("path_or_uri")
-@_store_option
-@_json_option
-def trace_cmd(path_or_uri: str, store: str | None, as_json: bool) -> None:
-    """Walk the output at PATH_OR_URI back through its producers to external inputs and image ids.
-
-    PATH_OR_URI is a stored output (local path, file:// or s3:// URI, or a file inside a
-    folder output), or any copy of one: it is then found by its sha256.
-    """
-    try:
-        result = trace(open_store(store), path_or_uri)
-    except InvalidInput as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    render_trace(result, _console())
-
-
-@lineage_cli.command("verify")
-@click.argument("run_id")
-@_store_option
-@_json_option
-def verify_cmd(run_id: str, store: str | None, as_json: bool) -> None:
-    """Re-hash the stored outputs of RUN_ID (local or S3); name each that changed. Exit 1 if any did."""
-    try:
-        checks = verify_run(open_store(store), run_id)
-    except InvalidInput as exc:
-        _fail(exc)
-    bad = [c for c in checks if not c.ok]
-    if as_json:
-        click.echo(json.dumps({"run_id": run_id, "ok": not bad, "outputs": [asdict(c) for c in checks]}, indent=2))
-    else:
-        for c in checks:
-            line = f"{c.status:<11} {c.step}.{c.output}  {c.uri}"
-            if c.status == "changed":
-                line += f"\n            recorded sha256 {c.expected}\n            now      sha256 {c.actual}"
-            click.echo(line)
-        click.echo(f"run {run_id}: {len(checks) - len(bad)} of {len(checks)} outputs match their recorded sha256", err=True)
-    sys.exit(1 if bad else 0)
-
-

@@ -26,13 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from algodock.cache import keys_rel
 from algodock.errors import ImageNotFound, InfrastructureError, InvalidInput
 from algodock.hashing import sha256_path
-from algodock.cache import keys_rel
-from algodock.lineage.queries import _replays, read_document
+from algodock.lineage.queries import read_document, replays
 from algodock.records import InputBinding, ResolvedImage, StepRecord
 from algodock.runtime.staging import hash_input
-from algodock.store.backends import Store, local_path_of
+from algodock.store.base import Store
+from algodock.store.layout import local_path_of
 
 if TYPE_CHECKING:
     import docker
@@ -51,7 +52,7 @@ def replays_rel(run_id: str, replay_id: str) -> str:
 
 def list_replays(store: Store, run_id: str) -> list[dict[str, Any]]:
     """The replays recorded beside ``run_id``, oldest first."""
-    return _replays(store, run_id)
+    return replays(store, run_id)
 
 
 def select_steps(doc_steps: list[StepRecord], steps: tuple[str, ...], all_steps: bool) -> list[StepRecord]:

@@ -37,7 +37,7 @@ from algodock.pipeline.execute import RunContext, recover_run
 from algodock.pipeline.spec import Ref
 from algodock.records import LineageDocument, StepRecord
 from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, is_pinned
-from algodock.store.backends import Store
+from algodock.store.base import Store
 from algodock.store.lease import RunLease
 
 if TYPE_CHECKING:

@@ -38,28 +38,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
-from algodock.pipeline.capacity import Cancelled, ResourcePool
-from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, resolve_image
+from algodock.cache import StepCache, cache_key
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
-from algodock.cache import StepCache, cache_key
+from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.handoff import check_outputs, parquet_files
+from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, resolve_image
 from algodock.runtime.outputs import copy_regular_tree
 from algodock.runtime.runner import run_step
 from algodock.runtime.staging import hash_input
-from algodock.store.backends import (
-    WORK_DIR,
-    Store,
-    attempt_rel,
-    fetch_input,
-    local_path_of,
-    log_rel,
-    new_attempt_id,
-    output_rel,
-    retrying,
-    run_rel,
-)
+from algodock.store.base import Store
+from algodock.store.layout import WORK_DIR, attempt_rel, local_path_of, log_rel, new_attempt_id, output_rel, run_rel
+from algodock.store.transfer import fetch_input, retrying
 
 if TYPE_CHECKING:
     import docker

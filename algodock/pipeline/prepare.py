@@ -20,7 +20,7 @@ from algodock.pipeline.capacity import Capacity
 from algodock.pipeline.load import build_pipeline, load_pipeline
 from algodock.pipeline.spec import BlockResolver
 from algodock.pipeline.validate import Pipeline
-from algodock.store.backends import Store
+from algodock.store.base import Store
 from algodock.store.lease import RunLease
 
 

@@ -16,7 +16,10 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from algodock.hashing import folder_digest, sha256_path
-from algodock.store.backends import S3Store, Store, local_path_of, s3_filesystem
+from algodock.store.base import Store
+from algodock.store.layout import local_path_of
+from algodock.store.s3 import S3Store
+from algodock.store.transfer import s3_filesystem
 
 if TYPE_CHECKING:
     import s3fs

@@ -53,8 +53,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from algodock.errors import InvalidInput
-from algodock.store.backends import MARKER_SUFFIX, WORK_DIR, Store, StoredFile, lease_rel, lineage_rel, run_json_rel
+from algodock.store.base import Store, StoredFile
 from algodock.store.content import store_rel
+from algodock.store.layout import MARKER_SUFFIX, WORK_DIR, lease_rel, lineage_rel, run_json_rel
 from algodock.store.lease import RunBusy, RunLease, holder_alive
 
 log = logging.getLogger("algodock.store.gc")

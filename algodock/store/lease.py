@@ -32,7 +32,8 @@ from typing import Any
 
 from algodock.errors import InvalidInput
 from algodock.processes import process_start
-from algodock.store.backends import Store, lease_rel
+from algodock.store.base import Store
+from algodock.store.layout import lease_rel
 
 log = logging.getLogger("algodock.store.lease")
 

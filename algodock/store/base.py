@@ -1,0 +1,110 @@
+"""What every store answers: :class:`Store` (the interface the engine writes runs through)
+and :class:`StoredFile` (one file of a listing). The backends are :class:`~algodock.store.local.LocalStore`
+and :class:`~algodock.store.s3.S3Store`; :func:`algodock.store.backends.open_store` picks one by URI.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from algodock.contract.manifest import safe_relative
+from algodock.store.transfer import Fetched, fetch_input
+
+__all__ = ["Store", "StoredFile"]
+
+
+class StoredFile(NamedTuple):
+    """One file of a store, as a listing sees it."""
+
+    rel: str
+    """Its path relative to the store's root (POSIX)."""
+    size: int
+    """Its size in bytes."""
+
+
+
+class Store(ABC):
+    """Where a run keeps its outputs, logs and records. ``rel`` paths are POSIX, relative to the root."""
+
+    is_local: bool = False
+    """True when the store is a folder on this host (outputs can be mounted without copying)."""
+
+    @abstractmethod
+    def uri(self, *parts: str) -> str:
+        """Where ``parts`` lives: an absolute local path, or ``s3://bucket/prefix/…``."""
+
+    def local_path(self, *parts: str) -> Path | None:
+        """The local path of ``parts`` (local store only; None otherwise)."""
+        return None
+
+    @abstractmethod
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Write a JSON record atomically: readers see the old record or the new one, never half."""
+
+    @abstractmethod
+    def read_json(self, rel: str) -> Any | None:
+        """The JSON record at ``rel``, or None when there is none."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """True when anything (a file or a folder) is at ``rel``."""
+
+    @abstractmethod
+    def list(self, rel_prefix: str) -> list[str]:
+        """Names of the entries directly under ``rel_prefix``, sorted; temporaries and markers hidden."""
+
+    @abstractmethod
+    def put_output(self, local_path: Path, rel: str, *, move: bool = False) -> str:
+        """Store a local file or folder at ``rel``, committed only once complete; return its URI.
+
+        ``move=True`` lets a local store rename the source into place instead of hardlinking
+        or copying it (the source is gone afterwards); S3 always uploads and leaves it.
+        """
+
+    @abstractmethod
+    def output_exists(self, rel: str) -> bool:
+        """True when a complete (committed) output is at ``rel``."""
+
+    @abstractmethod
+    def create_json(self, rel: str, obj: Any) -> str:
+        """Write a JSON record only if nothing is at ``rel`` (one atomic step); return its version.
+
+        Raises :class:`FileExistsError` when a record is already there: of two writers racing
+        for ``rel``, exactly one wins.
+        """
+
+    @abstractmethod
+    def read_json_versioned(self, rel: str) -> tuple[Any | None, str | None]:
+        """The JSON record at ``rel`` and its version (an opaque token), or ``(None, None)``."""
+
+    @abstractmethod
+    def replace_json(self, rel: str, obj: Any, version: str) -> str:
+        """Replace the record at ``rel`` only if it still has ``version``; return the new version.
+
+        Raises :class:`FileExistsError` when someone else changed it in between.
+        """
+
+    @abstractmethod
+    def walk(self, rel_prefix: str = "") -> list[StoredFile]:
+        """Every file under ``rel_prefix`` (temporaries and markers included), in one listing; [] when nothing is there."""
+
+    @abstractmethod
+    def remove(self, rels: list[str]) -> None:
+        """Delete the files ``rels`` (absent ones are fine); empty local folders left behind go too."""
+
+    def fetch(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Path:
+        """Make data at ``uri`` (local path, file:// or s3://) available locally; see :func:`fetch_uri`."""
+        return self.fetch_input(uri, dest, expected_sha256=expected_sha256).path
+
+    def fetch_input(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> Fetched:
+        """As :meth:`fetch`, with the sha256 measured while downloading (see :func:`fetch_input`)."""
+        return fetch_input(uri, dest, expected_sha256=expected_sha256)
+
+    def _rel(self, *parts: str) -> str:
+        rel = posixpath.join(*parts) if parts else ""
+        if rel and not safe_relative(rel):
+            raise ValueError(f"store path {rel!r} must be relative without '..'")
+        return rel
