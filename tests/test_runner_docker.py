@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -925,12 +926,17 @@ def test_under_the_limits_succeeds(docker_client: Any, busybox_image: str, out: 
 def test_volume_mode_output_over_the_limit_is_disk_limit(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Named-volume staging: checked when the output is read back, which stops at the limit."""
     monkeypatch.setenv("ALGODOCK_STAGING", "volume")
+    run_id = f"vol-{uuid.uuid4().hex[:12]}"
+    labelled = {"filters": {"label": f"{LABEL}.run_id={run_id}"}}  # the step's volumes carry the run's labels
+    while_it_ran: list[str] = []  # the same filter, before the clean-up: it finds the step's two volumes
     peak = PeakWatcher(out)
-    run = Run(docker_client, manifest(busybox_image, "dd if=/dev/zero of=/work/output/big bs=1M count=300 2>/dev/null", output_mb=50), out)
+    run = Run(docker_client, manifest(busybox_image, "dd if=/dev/zero of=/work/output/big bs=1M count=300 2>/dev/null", output_mb=50), out,
+              run_id=run_id, on_exit=lambda: while_it_ran.extend(v.name for v in docker_client.volumes.list(**labelled)))
     most = peak.stop()
     assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
     assert most <= 60 * MB, f"the host took {most / MB:.0f} MiB while reading the output back"
-    assert not docker_client.volumes.list(filters={"label": f"{LABEL}.run_id={run.result.container_id}"})
+    assert len(while_it_ran) == 2, f"the step's work and output volumes, labelled run_id={run_id}: {while_it_ran}"
+    assert not docker_client.volumes.list(**labelled), "the step's volumes were left behind"
 
 
 def test_shm_mb_gives_a_writable_dev_shm_of_that_size(docker_client: Any, busybox_image: str, out: Path) -> None:
