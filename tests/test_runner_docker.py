@@ -29,7 +29,7 @@ from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
 from algodock.records import InputBinding, StepRecord
 from algodock.runtime.runner import run_step
-from tests.conftest import build_image
+from tests.conftest import build_image, unmet
 
 pytestmark = pytest.mark.docker
 
@@ -330,8 +330,13 @@ def test_cgroup_limits(probe: dict[str, Any]) -> None:
     assert int(f["pids_max"]) == sandbox.PIDS_LIMIT
     assert int(f["cfs_quota"]) / int(f["cfs_period"]) == 500 / 1000
     assert int(f["mem_limit"]) == int(0.25 * 1024**3)
-    if f["memsw_limit"] != "absent":  # swap accounting is off on some kernels
-        assert int(f["memsw_limit"]) == int(0.25 * 1024**3), "swap equal to memory: no swap beyond the limit"
+
+
+def test_no_swap_beyond_the_memory_limit(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    if f["memsw_limit"] == "absent":  # swap accounting is off on some kernels (swapaccount=0)
+        unmet("the kernel has no swap accounting (memory.memsw.limit_in_bytes), so the swap limit cannot be seen")
+    assert int(f["memsw_limit"]) == int(0.25 * 1024**3), "swap equal to memory: no swap beyond the limit"
 
 
 def test_pids_limit_stops_a_fork_bomb(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -889,7 +894,10 @@ def test_writing_3_gb_with_output_mb_100_is_stopped_as_disk_limit(docker_client:
     assert "output_mb=100" in run.message
     assert "wrote-it-all" not in run.lines, "stopped while it ran"
     print(f"\noutput_mb=100: the host held at most {most / MB:.0f} MiB (slack {max(0, most - 100 * MB) / MB:.0f} MiB)")
-    assert most < 100 * MB + 700 * MB, f"the host held {most / MB:.0f} MiB"
+    # README: "a 3 GiB writer with output_mb: 100 was stopped with 101-136 MiB on disk" (the most
+    # the output folder held, sampled on the host as bench/output_limit.py does). Over 100: the
+    # sampler saw the folder past the limit, so the bound below is a real measurement.
+    assert 100 * MB < most <= 136 * MB, f"the host held {most / MB:.0f} MiB; the README promises 101-136 MiB"
     assert run.result.outputs == []
     assert_gone(docker_client, run.result)
 
