@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,12 @@ class Cluster:
     def kill_worker(self, i: int) -> None:
         self.workers[i].send_signal(signal.SIGKILL)
         self.workers[i].wait(30)
+
+    def stop_worker(self, i: int) -> None:
+        """Stop worker ``i`` as its operator would (SIGTERM), and wait until the scheduler has let it go."""
+        self.workers[i].terminate()
+        self.workers[i].wait(60)
+        _wait(lambda: f"w{i}" not in self.worker_names(), 60, f"the scheduler to let worker w{i} go")
 
     def close(self) -> None:
         for p in [*self.workers.values(), self.scheduler]:
@@ -243,36 +250,40 @@ def _containers(client, run_id: str) -> list:
     return client.api.containers(all=True, filters={"label": f"io.algodock.run_id={run_id}"})
 
 
-def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container_is_swept(tmp_path, cluster, docker_client, second_engine, busybox_image):
+def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container_is_swept(tmp_path, cluster, engine_ids, second_engine, busybox_image):
     from algodock.flows.pipeline import run_pipeline
 
     _sleeper(tmp_path, busybox_image, "slow", 4, cpu=1000)
     (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: loss\nsteps:\n  - {id: slow, manifest: slow.json}\n')
     outcome: dict = {}
+    run_id = f"loss-{uuid.uuid4().hex[:8]}"  # its own: a container left by an earlier session must not count
+    # Placement made certain: only worker 2 is up when the step is submitted, and worker 1 joins
+    # only after worker 2 died (Dask holds the step until then), so the lost attempt's container
+    # is on the second engine, which no other process sweeps, and the re-run lands on worker 1.
+    cluster.stop_worker(1)
     runner = threading.Thread(target=lambda: outcome.update(state=run_pipeline(
-        spec=str(tmp_path / "p.yaml"), store="s3://cluster/loss", run_id="loss1", no_cache=True, cluster=cluster.address, return_state=True)), daemon=True)
+        spec=str(tmp_path / "p.yaml"), store="s3://cluster/loss", run_id=run_id, no_cache=True, cluster=cluster.address, return_state=True)), daemon=True)
     runner.start()
-    engines = {1: docker_client, 2: second_engine}
-    where = _wait(lambda: next((i for i, c in engines.items() if _containers(c, "loss1")), None), 120, "the step's container")
+    _wait(lambda: _containers(second_engine, run_id), 120, "the step's container on the second engine")
+    where = 2
     dead = cluster.workers[where].pid
     cluster.kill_worker(where)
     assert list(Path(tempfile.gettempdir()).glob(f"algodock-worker-{dead}.*")), "a killed worker cannot remove its scratch folder"
+    cluster.start_worker(1)
     runner.join(180)
     assert not runner.is_alive()
     assert outcome["state"].is_completed(), outcome["state"].message
-    got = _summary("loss1", "s3://cluster/loss")
+    got = _summary(run_id, "s3://cluster/loss")
     step = got["lineage"]["steps"][0]
     history = step["attempt_history"]
     assert [a["status"] for a in history] == ["lost", "succeeded"], history
-    assert history[0]["engine"]["id"] != history[1]["engine"]["id"]
+    assert [a["engine"]["id"] for a in history] == [engine_ids["second"], engine_ids["main"]], history
     assert step["attempts"] == 2 and step["engine"] == history[1]["engine"]
     # the lost attempt's container stays on the dead worker's engine until that worker returns
-    # (on the main engine another process's sweep may remove it first: the engine is shared)
-    lost = engines[where]
-    if where == 2:
-        assert _containers(lost, "loss1")
+    lost = second_engine
+    assert _containers(lost, run_id), "the lost attempt's container was removed before its worker returned"
     cluster.start_worker(where)
-    _wait(lambda: not _containers(lost, "loss1"), 30, "the returning worker to sweep the lost attempt's container")
+    _wait(lambda: not _containers(lost, run_id), 30, "the returning worker to sweep the lost attempt's container")
     assert not list(Path(tempfile.gettempdir()).glob(f"algodock-worker-{dead}.*")), "a starting worker removes a dead one's scratch folder"
 
 

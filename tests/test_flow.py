@@ -144,10 +144,14 @@ def test_fan_out_fan_in_local_store(tmp_path, prefect_harness, example_image):
     assert squared["rows"] == 100 and Path(squared["uri"]).is_dir()  # found without algo_output.json
     [log] = (store / "runs/r1/steps/double/attempts").glob("*/container.log")  # each attempt writes its own
     assert log.read_text().strip() == "scaled 100"
-    # Downstream read upstream outputs in place: the stored file and the staged one were one inode.
+    # Lineage links merge's inputs to the upstream steps and to the very outputs they stored (uri
+    # and sha256). That the staged input is the stored file itself (one inode) is
+    # test_run_store.py::test_inputs_are_hardlinks_of_stored_outputs.
     lineage = json.loads((store / "runs/r1/lineage.json").read_text())
     merge = next(s for s in lineage["steps"] if s["id"] == "merge")
     assert {i["name"]: i["produced_by"] for i in merge["inputs"]} == {"a": "double", "b": "square"}
+    stored = {s["id"]: s["outputs"][0] for s in summary["steps"] if s["id"] in ("double", "square")}
+    assert {i["name"]: (i["uri"], i["sha256"]) for i in merge["inputs"]} == {a: (stored[s]["uri"], stored[s]["sha256"]) for a, s in (("a", "double"), ("b", "square"))}
 
 
 def test_failing_middle_step_skips_dependents_keeps_the_rest(tmp_path, prefect_harness, example_image):

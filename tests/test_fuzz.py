@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
+from algodock.contract.documents import TOO_DEEP
 from algodock.contract.manifest import AlgoOutput, Manifest, load_manifest, parse_manifest
 from algodock.contract.params import parse_assignments, resolve_parameters
 from algodock.errors import InvalidInput, InvalidManifest, InvalidOutput, MissingOutput
 from algodock.pipeline import build_pipeline, parse_overrides
 from algodock.pipeline.spec import PipelineSpec
-from algodock.runtime.outputs import read_algo_output
+from algodock.runtime.outputs import MAX_ALGO_OUTPUT_BYTES, read_algo_output
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "schemas"
@@ -107,6 +109,17 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+SCHEMA_SAMPLES = [
+    {"type": "object"},
+    VALID_MANIFEST["parameters"],
+    {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string", "default": "x"}}, "default": {}}}},
+    {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "number"}, "default": [1]}}, "required": ["a"]},
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {"n": {"type": "integer", "minimum": 0, "default": 3}}},
+    {"type": "object", "properties": {"a": {"pattern": "^[a-z]+$", "default": 5}}},
+    {"type": "object", "properties": {"a": {"format": "date-time"}}},
+]
+
+
 # ---------------------------------------------------------------- manifests
 
 
@@ -129,13 +142,27 @@ def test_a_manifest_with_one_field_changed(doc: dict[str, Any]) -> None:
     _resolve_never_crashes(m, {"k": 1})
 
 
+def _within_the_rules_beyond_the_schema(doc: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` made to keep the manifest rules a JSON Schema does not state: slot names unique
+    within inputs and within outputs, no ``ALGORITHM_INPUT_PATH`` in ``env``, and ``parameters``
+    a valid JSON Schema (the generator reads its meta-schema as ``{"type": "object"}``)."""
+    doc = copy.deepcopy(doc)
+    for key in ("inputs", "outputs"):
+        if key in doc:
+            firsts = {slot["name"]: slot for slot in reversed(doc[key])}
+            doc[key] = [slot for slot in doc[key] if firsts[slot["name"]] is slot]
+    doc["container_parameters"].get("env", {}).pop("ALGORITHM_INPUT_PATH", None)
+    if "parameters" in doc:
+        doc["parameters"] = parameters
+    return doc
+
+
 @settings(suppress_health_check=list(HealthCheck))
-@given(from_schema(_schema("manifest")))
-def test_documents_the_manifest_schema_allows(doc: dict[str, Any]) -> None:
-    try:
-        parse_manifest(doc, "gen.json")
-    except InvalidManifest:
-        pass
+@given(from_schema(_schema("manifest")), st.sampled_from(SCHEMA_SAMPLES))
+def test_documents_the_manifest_schema_allows_are_manifests(doc: dict[str, Any], parameters: dict[str, Any]) -> None:
+    """schemas/manifest.schema.json and the model agree: what the schema accepts parses (an editor
+    that checks a manifest against the schema never passes one algodock refuses)."""
+    parse_manifest(_within_the_rules_beyond_the_schema(doc, parameters), "gen.json")
 
 
 @given(data=st.binary(max_size=400), suffix=st.sampled_from([".json", ".yaml", ".yml"]))
@@ -155,17 +182,6 @@ def _resolve_never_crashes(manifest: Manifest, given_params: Any) -> None:
         resolve_parameters(manifest.parameters, given_params, source="fuzz: parameters")
     except InvalidInput as exc:
         assert all(line.startswith("fuzz: parameters") for line in exc.errors), exc.errors
-
-
-SCHEMA_SAMPLES = [
-    {"type": "object"},
-    VALID_MANIFEST["parameters"],
-    {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string", "default": "x"}}, "default": {}}}},
-    {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "number"}, "default": [1]}}, "required": ["a"]},
-    {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {"n": {"type": "integer", "minimum": 0, "default": 3}}},
-    {"type": "object", "properties": {"a": {"pattern": "^[a-z]+$", "default": 5}}},
-    {"type": "object", "properties": {"a": {"format": "date-time"}}},
-]
 
 
 @given(st.sampled_from(SCHEMA_SAMPLES), st.dictionaries(st.text(max_size=4), json_values, max_size=4))
@@ -283,10 +299,18 @@ def test_any_json_as_algo_output(tmp_path_factory: pytest.TempPathFactory, doc: 
 
 @settings(suppress_health_check=list(HealthCheck))
 @given(doc=from_schema(_schema("algo_output")))
-def test_documents_the_algo_output_schema_allows(tmp_path_factory: pytest.TempPathFactory, doc: Any) -> None:
-    _read(tmp_path_factory.mktemp("o"), json.dumps(doc).encode())
+def test_documents_the_algo_output_schema_allows_are_read(tmp_path_factory: pytest.TempPathFactory, doc: Any) -> None:
+    """schemas/algo_output.schema.json and the model agree: what the schema accepts is read, never invalid_output."""
+    folder = tmp_path_factory.mktemp("o")
+    (folder / "algo_output.json").write_text(json.dumps(doc))
+    out = read_algo_output(folder)
+    assert isinstance(out, AlgoOutput) and out.status == doc.get("status", "success")
 
 
 def test_deeply_nested_algo_output_is_invalid_output(tmp_path: Path) -> None:
-    deep = b"[" * 200_000 + b"]" * 200_000
-    _read(tmp_path, deep[: 1024 * 1024 - 10])
+    """Well under the 1 MiB limit, refused for its depth before the parser recurses."""
+    deep = b'{"status": "success", "metrics": {"m": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+    assert len(deep) < MAX_ALGO_OUTPUT_BYTES
+    (tmp_path / "algo_output.json").write_bytes(deep)
+    with pytest.raises(InvalidOutput, match=re.escape(f"algo_output.json is {TOO_DEEP}")):
+        read_algo_output(tmp_path)

@@ -9,6 +9,8 @@ standard facet against its facet schema and each custom facet against
 from __future__ import annotations
 
 import json
+import logging
+import re
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -240,12 +242,17 @@ def test_step_events_validate_against_the_spec(file_transport, tmp_path, docker_
 
 
 @pytest.mark.docker
-def test_a_broken_transport_never_fails_a_step(clean_env, tmp_path, docker_client, images) -> None:
+def test_a_broken_transport_never_fails_a_step(clean_env, tmp_path, docker_client, images, caplog) -> None:
+    """Every event is tried, fails in the transport (its folder does not exist), is logged, and the steps succeed."""
     clean_env.setenv("OPENLINEAGE__TRANSPORT__TYPE", "file")
     clean_env.setenv("OPENLINEAGE__TRANSPORT__LOG_FILE_PATH", str(tmp_path / "no-such-dir" / "events.jsonl"))
     clean_env.setenv("OPENLINEAGE__TRANSPORT__APPEND", "true")
+    caplog.set_level(logging.WARNING, logger=openlineage.log.name)
     doc = run_local(five_step_pipeline(tmp_path), open_store(str(tmp_path / "store")), "r1", docker_client)
     assert statuses(doc) == dict.fromkeys(ALL, "succeeded")
+    tried = {(m.group(1), m.group(2)) for r in caplog.records if (m := re.match(r"could not emit the OpenLineage (\w+) event of step (\S+): ", r.getMessage()))}
+    assert tried == {(event, s) for event in ("START", "COMPLETE") for s in ALL}, [r.getMessage() for r in caplog.records]
+    assert not (tmp_path / "no-such-dir").exists()
 
 
 @pytest.mark.s3

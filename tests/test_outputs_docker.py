@@ -7,8 +7,10 @@ uploaded, and the failed attempt kept for debugging holds only regular files and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,9 @@ def test_hostile_output_folders_are_invalid_output(docker_client: Any, busybox_i
     assert result.outputs == []
 
 
-def test_a_hard_link_inside_the_output_folder_is_two_regular_files(docker_client: Any, busybox_image: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("staging", ["bind", "volume"])
+def test_a_hard_link_inside_the_output_folder_is_two_regular_files(docker_client: Any, busybox_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: str) -> None:
+    monkeypatch.setenv("ALGODOCK_STAGING", staging)
     m = parse_manifest({
         "manifest_version": "0.1", "name": "hardlink", "version": "1",
         "container_parameters": {"image": busybox_image, "command": ["sh", "-c", "echo x > /work/output/v.csv; ln /work/output/v.csv /work/output/copy"], "timeout_seconds": 60},
@@ -64,6 +68,10 @@ def test_a_hard_link_inside_the_output_folder_is_two_regular_files(docker_client
     })
     result = run_step(m, output_dir=tmp_path / "out", client=docker_client)
     assert result.ok, result.failure
+    out = tmp_path / "out"
+    for name in ("v.csv", "copy"):
+        assert stat.S_ISREG((out / name).lstat().st_mode) and (out / name).read_bytes() == b"x\n", name
+    assert [(o.name, o.sha256) for o in result.outputs] == [("v", hashlib.sha256(b"x\n").hexdigest())]
 
 
 LEAK = "echo x > /work/output/v.csv; mkdir /work/output/debug; ln -s /etc/passwd /work/output/debug/passwd; ln -s / /work/output/root; mkfifo /work/output/debug/pipe; echo keep > /work/output/debug/trace.txt"

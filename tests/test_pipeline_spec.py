@@ -5,6 +5,7 @@ No Docker needed: the fixture manifests (tests/fixtures/pipelines/manifests/) ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -215,11 +216,38 @@ def test_build_pipeline_from_dict_and_model() -> None:
     assert from_dict.dependencies == fanout().dependencies
 
 
+def _step(id: str, manifest: str, inputs: dict[str, str], *, parameters: dict[str, Any] | None = None, retries: int = 0, after: list[str] | None = None) -> dict[str, Any]:
+    return {"id": id, "manifest": f"../manifests/{manifest}.json", "block": None, "inputs": inputs, "parameters": parameters or {}, "retries": retries, "after": after or []}
+
+
+FANOUT_CANONICAL = {
+    "pipeline_version": "0.1",
+    "name": "fanout",
+    "description": "fan-out and fan-in over tiny manifests",
+    "inputs": {"raw": "../data/raw.csv", "notes": "s3://bucket/notes.json"},
+    "steps": [
+        _step("merge", "merge", {"left": "left.squared", "right": "right.squared", "notes": "inputs.notes"}),
+        _step("source", "source", {"raw": "inputs.raw"}, parameters={"n": 5}),
+        _step("left", "square", {"table": "source.table"}),
+        _step("right", "square", {"table": "source.table"}, parameters={"power": 3}, retries=2),
+        _step("parts", "parts", {"raw": "inputs.raw"}),
+        _step("collect", "collect", {"tables": "parts.parts"}, after=["merge"]),
+    ],
+}
+"""fanout.yaml as the hash sees it: the spec with every default spelled out (step order kept)."""
+
+
 def test_spec_sha256_is_stable() -> None:
     p = fanout()
     # Key order, formatting, JSON vs YAML and spelled-out defaults do not change the hash ...
     assert load_pipeline(GOOD / "fanout-reordered.json").spec_sha256 == p.spec_sha256
-    # ... and it does not depend on where the spec lives or on the Python session.
+    # ... and it does not depend on where the spec lives or on the Python session: it is the
+    # sha256 of the spec's canonical JSON (every default spelled out, keys sorted, no spaces).
+    assert p.spec_sha256 == hashlib.sha256(json.dumps(FANOUT_CANONICAL, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    # Every run records it (lineage.json, run.json: spec_sha256), and runs of one spec are told
+    # apart from runs of another by it, across algodock versions: a new field, a changed default
+    # or another canonical form changes it for every stored run. Change it only on purpose, with
+    # a note in the changelog; this value was printed by `load_pipeline(GOOD / "fanout.yaml").spec_sha256`.
     assert p.spec_sha256 == "27c8b5602a2b2eef531d979672068526eb32cedec14681ec32e845a390320a15"
     # Any change of meaning does.
     doc = yaml.safe_load((GOOD / "fanout.yaml").read_text())

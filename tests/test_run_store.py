@@ -28,6 +28,7 @@ import pytest
 from algodock.runtime.engine import LABEL
 from algodock.hashing import sha256_path
 from algodock.store.backends import lease_rel, local_path_of, open_store, s3_filesystem
+from tests.conftest import BUSYBOX_IMAGE
 from tests.lineage_support import STABLE, build_versioned, manifest, sh
 
 pytestmark = pytest.mark.docker
@@ -115,6 +116,8 @@ class ContainerCreates:
 
     def __init__(self, client, run_id: str) -> None:
         self.seen: list[str] = []
+        self._client = client
+        self._run_id = run_id
         self._stream = client.events(decode=True, filters={"type": "container", "event": "create", "label": f"{LABEL}.run_id={run_id}"})
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -126,12 +129,17 @@ class ContainerCreates:
         except Exception:  # closed
             pass
 
-    def count(self, at_least: int) -> int:
-        """The count, once it reached ``at_least`` (events arrive a moment after the fact) or after 10 s."""
-        end = time.monotonic() + 10
-        while len(self.seen) < at_least and time.monotonic() < end:
-            time.sleep(0.05)  # polling interval
-        return len(self.seen)
+    def count(self) -> int:
+        """How many were created until now, exactly: a marker container with the run's label is
+        created (never started) and the count is what the stream delivered before the marker's
+        own event. The engine sends events in order, so nothing created earlier is still on the way."""
+        marker = self._client.containers.create(BUSYBOX_IMAGE, ["true"], network_mode="none",
+                                                labels={f"{LABEL}.run_id": self._run_id, f"{LABEL}.test_marker": "true"})
+        try:
+            poll("the marker container's create event", lambda: marker.id in self.seen, deadline=30)
+        finally:
+            marker.remove(force=True)
+        return self.seen.index(marker.id)
 
     def close(self) -> None:
         self._stream.close()
@@ -414,7 +422,7 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
     doc = json.loads(stdout)
     assert proc.returncode == 0, "".join(lines)[-4000:]
     assert step(doc, "make")["status"] == "succeeded"
-    assert creates.count(1) == 1, "the container ran again for a store fault"
+    assert creates.count() == 1, "the container ran again for a store fault"
     creates.close()
     out = step(doc, "make")["outputs"][0]
     assert out["uri"].startswith("s3://stall/st/runs/stall/steps/make/attempts/")
@@ -466,7 +474,7 @@ def test_a_store_that_stays_down_fails_the_step_and_the_retry_commits_the_kept_o
     said: list[str] = []
     second = execute_step(ctx, "make", {}, attempt=2, on_log=said.append)
     assert second.status == "succeeded", second.failure
-    assert creates.count(1) == 0, "the container ran again for a store fault"
+    assert creates.count() == 0, "the container ran again for a store fault"
     creates.close()
     assert any("committing the outputs of attempt 1-" in line for line in said), said
     assert second.attempts == 2 and second.exit_code == 0 and second.started_at == first.started_at, "the record is the attempt that ran"
@@ -516,7 +524,7 @@ def test_kept_outputs_are_committed_only_when_made_from_the_same_inputs_and_unch
     creates = ContainerCreates(docker_client, "forge")
     again = execute_step(ctx, "make", {}, attempt=2)
     assert again.status == "succeeded", again.failure
-    assert creates.count(1) == 1, "the container must run"
+    assert creates.count() == 1, "the container must run"
     creates.close()
     assert again.outputs[0].sha256 == real.outputs[0].sha256 != record.outputs[0].sha256
     assert local_path_of(again.outputs[0].uri).read_bytes() != forged
@@ -561,7 +569,7 @@ def test_killed_run_resumes_with_the_same_run_id(tmp_path, image, prefect_env, d
     rc, resumed, err = algodock_run(spec, prefect_env, "--store", str(store), "--run-id", "crash")
     assert rc == 0, err[-4000:]
     assert step(resumed, "make")["status"] in ("succeeded", "cached")
-    assert creates.count(3) == 3, "the finished step ran again"  # make, slow (killed), slow
+    assert creates.count() == 3, "the finished step ran again"  # make, slow (killed), slow
     creates.close()
     present = {x["Id"] for x in docker_client.api.containers(all=True)}
     assert not [c.id for c in left if c.id in present], "the killed run's container was not removed"

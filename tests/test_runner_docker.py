@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
 from algodock.records import InputBinding, StepRecord
 from algodock.runtime.runner import run_step
-from tests.conftest import build_image
+from tests.conftest import build_image, unmet
 
 pytestmark = pytest.mark.docker
 
@@ -329,8 +330,13 @@ def test_cgroup_limits(probe: dict[str, Any]) -> None:
     assert int(f["pids_max"]) == sandbox.PIDS_LIMIT
     assert int(f["cfs_quota"]) / int(f["cfs_period"]) == 500 / 1000
     assert int(f["mem_limit"]) == int(0.25 * 1024**3)
-    if f["memsw_limit"] != "absent":  # swap accounting is off on some kernels
-        assert int(f["memsw_limit"]) == int(0.25 * 1024**3), "swap equal to memory: no swap beyond the limit"
+
+
+def test_no_swap_beyond_the_memory_limit(probe: dict[str, Any]) -> None:
+    f = probe["facts"]
+    if f["memsw_limit"] == "absent":  # swap accounting is off on some kernels (swapaccount=0)
+        unmet("the kernel has no swap accounting (memory.memsw.limit_in_bytes), so the swap limit cannot be seen")
+    assert int(f["memsw_limit"]) == int(0.25 * 1024**3), "swap equal to memory: no swap beyond the limit"
 
 
 def test_pids_limit_stops_a_fork_bomb(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -898,7 +904,10 @@ def test_writing_3_gb_with_output_mb_100_is_stopped_as_disk_limit(docker_client:
     assert "output_mb=100" in run.message
     assert "wrote-it-all" not in run.lines, "stopped while it ran"
     print(f"\noutput_mb=100: the host held at most {most / MB:.0f} MiB (slack {max(0, most - 100 * MB) / MB:.0f} MiB)")
-    assert most < 100 * MB + 700 * MB, f"the host held {most / MB:.0f} MiB"
+    # README: "a 3 GiB writer with output_mb: 100 was stopped with 101-136 MiB on disk" (the most
+    # the output folder held, sampled on the host as bench/output_limit.py does). Over 100: the
+    # sampler saw the folder past the limit, so the bound below is a real measurement.
+    assert 100 * MB < most <= 136 * MB, f"the host held {most / MB:.0f} MiB; the README promises 101-136 MiB"
     assert run.result.outputs == []
     assert_gone(docker_client, run.result)
 
@@ -935,12 +944,17 @@ def test_under_the_limits_succeeds(docker_client: Any, busybox_image: str, out: 
 def test_volume_mode_output_over_the_limit_is_disk_limit(docker_client: Any, busybox_image: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Named-volume staging: checked when the output is read back, which stops at the limit."""
     monkeypatch.setenv("ALGODOCK_STAGING", "volume")
+    run_id = f"vol-{uuid.uuid4().hex[:12]}"
+    labelled = {"filters": {"label": f"{LABEL}.run_id={run_id}"}}  # the step's volumes carry the run's labels
+    while_it_ran: list[str] = []  # the same filter, before the clean-up: it finds the step's two volumes
     peak = PeakWatcher(out)
-    run = Run(docker_client, manifest(busybox_image, "dd if=/dev/zero of=/work/output/big bs=1M count=300 2>/dev/null", output_mb=50), out)
+    run = Run(docker_client, manifest(busybox_image, "dd if=/dev/zero of=/work/output/big bs=1M count=300 2>/dev/null", output_mb=50), out,
+              run_id=run_id, on_exit=lambda: while_it_ran.extend(v.name for v in docker_client.volumes.list(**labelled)))
     most = peak.stop()
     assert run.kind == "disk_limit", (run.result.failure, run.lines[-3:])
     assert most <= 60 * MB, f"the host took {most / MB:.0f} MiB while reading the output back"
-    assert not docker_client.volumes.list(filters={"label": f"{LABEL}.run_id={run.result.container_id}"})
+    assert len(while_it_ran) == 2, f"the step's work and output volumes, labelled run_id={run_id}: {while_it_ran}"
+    assert not docker_client.volumes.list(**labelled), "the step's volumes were left behind"
 
 
 def test_shm_mb_gives_a_writable_dev_shm_of_that_size(docker_client: Any, busybox_image: str, out: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -148,21 +149,39 @@ def test_extract_writes_regular_files_and_folders(tmp_path):
     ids=["symlink", "device", "fifo", "hardlink-out", "hardlink-forward", "hardlink-to-dir", "dotdot", "absolute", "newline", "duplicate", "file-as-folder"],
 )
 def test_extract_refuses_what_the_contract_forbids(tmp_path, members, expected):
+    cell = tmp_path / "jail" / "cell"  # deep enough that "../../" from the output folder still lands in tmp_path
     with pytest.raises(InvalidOutput, match=re.escape(expected)):
-        _extract(tmp_path, _tar(*members))
-    assert not os.path.lexists("/etc/cron.d/x") or expected != "outside the output folder"
-    assert not any(p.is_symlink() for p in (tmp_path / "x").rglob("*"))
+        _extract(cell, _tar(*members))
+    out = cell / "x"
+    assert _written_outside(tmp_path, out) == [], "the refused archive wrote outside the output folder"
+    for name, _, _ in members:  # where each name lands if taken as it is (an absolute one: this host's own path)
+        landing = Path(os.path.normpath(out / name.removeprefix("output/")))
+        assert landing.is_relative_to(out) or not os.path.lexists(landing), f"{name!r} was written to {landing}"
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+
+
+def _written_outside(top: Path, out: Path) -> list[str]:
+    """Every file, link or folder under ``top`` that is neither ``out``, inside it, nor a folder on the way to it."""
+    on_the_way = {top, *(p for p in out.parents if p.is_relative_to(top))}
+    found = []
+    for folder, dirs, files in os.walk(top):  # never follows a symlink
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path not in on_the_way and not path.is_relative_to(out):
+                found.append(str(path.relative_to(top)))
+    return sorted(found)
 
 
 def test_extract_is_bounded_by_output_mb_and_output_files(tmp_path):
     big = _tar(("output/a", "file", b"x" * 3000), ("output/b", "file", b"x" * 3000))
     with pytest.raises(StepFailure, match="more than output_mb") as info:
         extract_output_tar(big, tmp_path / "x", max_bytes=5000, max_entries=10)
-    assert info.value.kind in ("disk_limit", "invalid_output")
+    assert info.value.kind == "disk_limit"  # CONTRACT 0.2 on; invalid_output before it
     assert not (tmp_path / "x" / "b").exists(), "stopped before writing past the limit"
     many = _tar(*[(f"output/f{i}", "file", b"") for i in range(5)])
-    with pytest.raises(StepFailure, match="more than output_files=3"):
+    with pytest.raises(StepFailure, match="more than output_files=3") as info:
         extract_output_tar(many, tmp_path / "y", max_bytes=5000, max_entries=3)
+    assert info.value.kind == "disk_limit"
 
 
 def test_extract_of_a_truncated_or_garbage_stream_is_invalid_output(tmp_path):
