@@ -345,7 +345,7 @@ class StepProfiler:
         ("container wait", "algodock.runtime.runner", "_wait", 3),
         ("container reload", "docker.models.containers", "Container.reload", 3),
         ("collect_outputs (hash)", "algodock.runtime.runner", "collect_outputs", 3),
-        ("container remove", "algodock.runtime.runner", "_remove", 3),
+        ("container remove", "algodock.runtime.runner", "remove_container", 3),
         ("store put_output", "algodock.store.backends", "LocalStore.put_output", 2),
         ("cache remember", "algodock.lineage.cache", "StoreCache.remember", 2),
         ("ledger update", "algodock.flows.pipeline", "Ledger.update", 0),

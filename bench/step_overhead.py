@@ -131,7 +131,7 @@ def profile(m: Manifest, client: Any, root: Path, repeats: int) -> None:
         setattr(module, name, timed)
         return lambda: setattr(module, name, original)
 
-    undo = [wrap(runner, n) for n in ("resolve_parameters", "plan_inputs", "resolve_image", "prepare_work_dir", "_create", "_give_to", "_wait", "read_algo_output", "collect_outputs", "_remove")]
+    undo = [wrap(runner, n) for n in ("resolve_parameters", "plan_inputs", "resolve_image", "prepare_work_dir", "_create", "_give_to", "_wait", "read_algo_output", "collect_outputs", "remove_container")]
     client.api.request = timed_request
     totals = []
     try:

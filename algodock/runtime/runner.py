@@ -32,9 +32,11 @@ from algodock.contract.manifest import ALGO_INPUT_PATH, ALGO_OUTPUT_NAME, INPUT_
 from algodock.contract.params import resolve_parameters
 from algodock.errors import DiskLimitFailure, ExitCodeFailure, InfrastructureError, InvalidInput, InvalidOutput, OomFailure, StepFailure, TimeoutFailure, shorten
 from algodock.records import InputBinding, ResolvedImage, StepRecord
-from algodock.runtime.engine import container_labels, docker_client, sweep_orphans
+from algodock.runtime.engine import container_labels, docker_client
+from algodock.runtime.engine_api import archive_response, raise_for_engine_status
 from algodock.runtime.handoff import check_inputs, check_outputs, record_schema
 from algodock.runtime.images import RegistryAuth, resolve_image
+from algodock.runtime.leftovers import REMOVE_ATTEMPTS, remove_container, sweep_orphans_once
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
 from algodock.runtime.logs import EMIT_LINES, LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
@@ -50,12 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("algodock.runtime.runner")
 
 KILL_GRACE_SECONDS = 30
-REMOVE_ATTEMPTS = 5
-"""Tries to remove a container (backing off 0.25 s, 0.5 s, ...) before leaving it to the orphan sweep."""
 TAR_OVERHEAD_PER_ENTRY = 2048
 WATCH_OUTPUT = True
 """Enforce output_mb/output_files while the container runs (bench/output_limit.py turns it off to measure its cost)."""
-_swept: set[int] = set()
 
 
 def _now() -> datetime:
@@ -147,7 +146,7 @@ def _create(
     named = lookup_user(_read_passwd(container), image.user)
     if named is None:  # unknown, or a name for uid 0
         return container, unprivileged
-    _remove(client, container.id)
+    remove_container(client, container.id, attempts=REMOVE_ATTEMPTS)
     return create(named.user), named
 
 
@@ -177,10 +176,9 @@ class _CappedArchive:
     def get_archive(self, path: str, chunk_size: int = 2 * 1024 * 1024, **_: Any) -> tuple[Any, Any]:
         # The SDK's own get_archive hides the response: a stream abandoned half-read keeps the
         # engine's archive (and so the container) busy, and removing the container then hangs.
-        api = self._container.client.api
-        res = api._get(api._url("/containers/{0}/archive", self._container.id), params={"path": path}, stream=True)
+        res = archive_response(self._container.client.api, self._container.id, path)
         self._responses.append(res)
-        api._raise_for_status(res)
+        raise_for_engine_status(res)
         info = json.loads(base64.b64decode(res.headers.get("x-docker-container-path-stat") or "e30="))
         return self._capped(res, chunk_size), info
 
@@ -272,9 +270,7 @@ def run_step(
         plan_inputs(manifest, bindings, Path(INPUT_DIR))  # a check only: bad inputs fail before the engine is asked anything
         check_inputs(manifest, bindings)  # parquet inputs against the slots' schemas, footers only: no container for bad data
         client = client or docker_client()
-        if id(client) not in _swept:
-            _swept.add(id(client))
-            sweep_orphans(client)
+        sweep_orphans_once(client)
         say = (lambda line: on_log(f"[algodock] {line}")) if on_log else None
         resolved = image or resolve_image(client, cp.image, policy=pull_policy, credentials=registry_credentials, on_log=say)
         result.image_id, result.repo_digest = resolved.id, resolved.repo_digest
@@ -419,7 +415,7 @@ def _clean_up(
         targets = [container.id] if container is not None else []
         targets += [n for n in names if container is None or n != container.name]
         for target in targets:
-            _remove(client, target)
+            remove_container(client, target, attempts=REMOVE_ATTEMPTS)
     if workspace is not None:
         workspace.remove()
     if pump is not None:
@@ -492,51 +488,3 @@ def _wait(container: Container, timeout: float) -> tuple[int | None, bool]:
         return container.wait(timeout=KILL_GRACE_SECONDS).get("StatusCode"), True
     except (ReadTimeout, ConnectionError) as exc:
         raise InfrastructureError(f"the engine did not stop container {container.name} after kill") from exc
-
-
-def _gone(client: docker.DockerClient, container: str, seconds: float = 10) -> bool:
-    """Poll until another removal of ``container`` has finished (True) or ``seconds`` passed."""
-    from docker.errors import NotFound
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            client.api.inspect_container(container)
-        except NotFound:
-            return True
-        except Exception:  # the engine went away: the sweep takes over
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def _remove(client: docker.DockerClient, container: str) -> bool:
-    """Force-remove ``container`` (id or name), retrying while the engine is unreachable; never raises.
-
-    False when it could not be removed: the orphan sweep (labels) removes it later, once the
-    engine answers again and this process is gone.
-    """
-    from docker.errors import APIError, DockerException, NotFound
-    from requests.exceptions import RequestException
-
-    delay = 0.25
-    problem: Exception | None = None
-    for attempt in range(REMOVE_ATTEMPTS):
-        try:
-            client.api.remove_container(container, force=True, v=True)
-            return True
-        except NotFound:
-            return True
-        except APIError as exc:
-            if exc.status_code == 409 and "already in progress" in str(exc):
-                return _gone(client, container)
-            problem = exc
-        except (DockerException, RequestException) as exc:  # the engine is gone or restarting
-            problem = exc
-        except Exception as exc:  # never let a clean-up hide the step's outcome
-            problem = exc
-        if attempt < REMOVE_ATTEMPTS - 1:
-            time.sleep(delay)  # back off: the engine may be restarting
-            delay *= 2
-    log.warning("could not remove container %s (%s); the orphan sweep of the next algodock run removes it", container, problem)
-    return False
