@@ -6,7 +6,7 @@ Dask places on this worker run their containers on this worker's engine: the
 :class:`EnginePlugin` holds the engine's client, its identity (``docker info``'s Name and
 ID, recorded per step as ``engine``) and a resource pool of the worker's size, and on start
 removes the containers a dead earlier worker left on the engine (the owner labels of
-:func:`algodock.runtime.engine.sweep_orphans`).
+:func:`algodock.runtime.leftovers.sweep_orphans`).
 
 Dask's resources are bookkeeping: the container still gets its hard CPU and memory limits.
 No Prefect here (the engine never imports it); the flow side is ``algodock.flows.cluster``.
@@ -101,7 +101,8 @@ class EnginePlugin:
 
     def setup(self, worker: Any = None) -> None:
         """Connect to the engine, point this process at it, sweep what a dead worker left."""
-        from algodock.runtime.engine import docker_client, sweep_orphans
+        from algodock.runtime.engine import docker_client
+        from algodock.runtime.leftovers import sweep_orphans
 
         if self.docker_host:
             os.environ["DOCKER_HOST"] = self.docker_host  # anything in this process that connects by default
@@ -125,7 +126,7 @@ class EnginePlugin:
 
     def cancel_run(self, run_id: str) -> list[str]:
         """Mark ``run_id`` cancelled here and kill its containers on this engine."""
-        from algodock.runtime.engine import kill_run_containers
+        from algodock.runtime.leftovers import kill_run_containers
 
         event = self.cancel_event(run_id)
         event.set()

@@ -37,7 +37,7 @@ from typing import Any
 
 from _util import busybox_image, exit_status, fmt_s, print_table, scratch_dir, verdict
 
-from algodock.runtime import runner
+from algodock.runtime import lifecycle, runner
 from algodock.contract.manifest import Manifest, parse_manifest
 from algodock.runtime.engine import container_labels, docker_client
 from algodock.runtime.sandbox import container_config, docker_run_argv, run_as
@@ -131,7 +131,8 @@ def profile(m: Manifest, client: Any, root: Path, repeats: int) -> None:
         setattr(module, name, timed)
         return lambda: setattr(module, name, original)
 
-    undo = [wrap(runner, n) for n in ("resolve_parameters", "plan_inputs", "resolve_image", "prepare_work_dir", "_create", "_give_to", "_wait", "read_algo_output", "collect_outputs", "_remove")]
+    undo = [wrap(runner, n) for n in ("resolve_parameters", "plan_inputs", "resolve_image", "prepare_work_dir")]
+    undo += [wrap(lifecycle, n) for n in ("_create", "_give_to", "_wait", "read_algo_output", "collect_outputs", "remove_container")]
     client.api.request = timed_request
     totals = []
     try:

@@ -44,7 +44,8 @@ def docker_client():
     except InfrastructureError as exc:
         _need_engine(f"no Docker engine answers: {exc}")
     yield client
-    from algodock.runtime.engine import MANAGED_LABEL, _owner_alive, list_containers, remove_container
+    from algodock.runtime.engine import MANAGED_LABEL, _owner_alive
+    from algodock.runtime.leftovers import list_containers, remove_container
 
     # Ours, or orphaned by a process that is gone (a concurrent session's live containers are not ours).
     left = [

@@ -131,7 +131,7 @@ def test_engine_restarted_mid_step_is_infrastructure(extra_engine: str, tmp_path
     assert doc["failure"]["kind"] == "infrastructure", doc["failure"]
     # The engine came back: whatever the step left (the restart leaves its container exited)
     # goes with the sweep, which removes containers whose owning process is gone.
-    from algodock.runtime.engine import sweep_orphans
+    from algodock.runtime.leftovers import sweep_orphans
 
     sweep_orphans(_client(extra_engine))
     _until("no container of the step remains", lambda: _answers(extra_engine) and _step_containers(extra_engine, step) == [], 30)

@@ -24,7 +24,8 @@ import pytest
 
 from algodock.runtime import sandbox
 from algodock.contract.manifest import Manifest, parse_manifest
-from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels, sweep_orphans
+from algodock.runtime.engine import LABEL, MANAGED_LABEL, container_labels
+from algodock.runtime.leftovers import sweep_orphans
 from algodock.errors import InfrastructureError
 from algodock.hashing import list_files, sha256_file
 from algodock.records import InputBinding, StepRecord
@@ -110,7 +111,7 @@ def assert_gone(client: Any, result: StepRecord) -> None:
 def no_container_left(docker_client: Any) -> Iterator[None]:
     """Every container this process started is removed, after success and after every failure."""
     yield
-    from algodock.runtime.engine import list_containers, remove_container
+    from algodock.runtime.leftovers import list_containers, remove_container
 
     left = list_containers(docker_client, f"{MANAGED_LABEL}=true", MY_PID_LABEL)  # no inspect: no 404 race
     for c in left:
@@ -693,7 +694,7 @@ def test_sweep_removes_containers_of_dead_processes_only(docker_client: Any, bus
     try:
         removed = sweep_orphans(docker_client)
         assert orphan.name in removed and live.name not in removed
-        from algodock.runtime.engine import list_containers
+        from algodock.runtime.leftovers import list_containers
 
         names = {c.name for c in list_containers(docker_client, f"{MANAGED_LABEL}=true")}  # other sessions remove theirs meanwhile
         assert orphan.name not in names and live.name in names

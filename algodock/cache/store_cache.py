@@ -72,6 +72,7 @@ from algodock.store.base import Store
 from algodock.store.content import hash_uri, store_rel
 from algodock.store.gc import pin
 from algodock.store.layout import cache_rel, lineage_rel, object_rel
+from algodock.store.transfer import retrying
 
 if TYPE_CHECKING:
     from algodock.contract.manifest import Manifest
@@ -268,8 +269,10 @@ class StoreCache:
         """Keep the key document beside the run, for ``algodock cache explain`` (never fails the step)."""
         if not self.run_id:
             return
-        try:
-            self.store.write_json(keys_rel(self.run_id, record.id), {"key": record.cache_key, "use_cache": use, "image": record.image, "document": document})
+        rel = keys_rel(self.run_id, record.id)
+        body = {"key": record.cache_key, "use_cache": use, "image": record.image, "document": document}
+        try:  # one bounded try: a store that stalls must not hold the step (the document is a courtesy)
+            retrying(lambda: self.store.write_json(rel, body), f"keeping the cache key document {rel}", attempts=1)
         except Exception as exc:
             log.warning("step %s: could not keep its cache key document: %s", record.id, exc)
 

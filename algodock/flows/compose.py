@@ -272,7 +272,7 @@ class RunHandle:
 
     def cancel(self) -> None:
         """The flow run was cancelled or crashed, or the process is ending: no step starts, no container of the run outlives it."""
-        from algodock.runtime.engine import kill_run_containers
+        from algodock.runtime.leftovers import kill_run_containers
 
         ctx = self.composed.ctx
         ctx.cancel.set()

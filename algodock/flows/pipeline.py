@@ -30,7 +30,7 @@ from prefect.utilities.annotations import quote
 from algodock.cache import StoreCache
 from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.capacity import Capacity, ResourcePool
-from algodock.runtime.engine import kill_run_containers
+from algodock.runtime.leftovers import kill_run_containers
 from algodock.pipeline.execute import RunContext, execute_step, recover_run
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline

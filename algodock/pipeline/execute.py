@@ -556,14 +556,12 @@ def recover_run(store: Store, run_id: str, client: docker.DockerClient | None = 
     """
     removed: list[str] = []
     if client is not None:
-        from algodock.runtime.engine import LABEL, _owner_alive, list_containers, remove_container
+        from algodock.runtime.leftovers import sweep
 
         try:
             # This run's containers only, from the list call alone (no inspect of each container,
             # so an unrelated container the engine is slow to describe cannot stall the resume).
-            for c in list_containers(client, f"{LABEL}.run_id={run_id}"):
-                if not _owner_alive(c.labels) and remove_container(client, c):
-                    removed.append(f"container {c.id[:12]}")
+            removed += [f"container {c.id[:12]}" for c in sweep(client, run_id=run_id, dead_owners_only=True)]
         except Exception as exc:  # the engine may be down; the run reports that itself
             log.warning("run %s: could not remove leftover containers: %s", run_id, exc)
     run_dir = store.local_path(run_rel(run_id)) if store.is_local else None

@@ -1,8 +1,8 @@
-"""The Docker engine: connecting, resolving images to their immutable ids, sweeping leftovers.
+"""The Docker engine: connecting, resolving images to their immutable ids, labelling containers.
 
 Every container algodock starts carries the labels of :func:`container_labels`; a container
 whose owning process is gone (a crashed or killed earlier run on this host) is removed by
-:func:`sweep_orphans`.
+:func:`algodock.runtime.leftovers.sweep_orphans`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from algodock.errors import InfrastructureError
 from algodock.processes import process_start
@@ -80,7 +80,7 @@ def _one_pool_per_socket(client: docker.DockerClient) -> None:
 
     shared = SocketPool(f"http+unix://{adapter.socket_path}", timeout=adapter.timeout, max_pool_size=SOCKET_POOL_SIZE)
     client.api.mount("http+docker://", shared)
-    client.api._custom_adapter = shared  # what the SDK itself falls back to
+    # (the SDK's fallback adapter is only for URLs no mounted prefix matches: never the socket's)
     client.api.trust_env = False
     adapter.close()
 
@@ -122,69 +122,6 @@ def _owner_alive(labels: dict[str, str]) -> bool:
         return False
     start = process_start(pid)
     return bool(start) and start == labels.get(f"{LABEL}.pid_start", start)
-
-
-class ContainerRef(NamedTuple):
-    """A container as the engine's list call gives it (no per-container inspect, so a
-    container removed meanwhile by someone else cannot make the listing fail)."""
-
-    id: str
-    name: str
-    labels: dict[str, str]
-
-
-def list_containers(client: docker.DockerClient, *labels: str) -> list[ContainerRef]:
-    """Every container, running or not, carrying all of ``labels`` (``key=value`` filters)."""
-    rows = client.api.containers(all=True, filters={"label": list(labels)})
-    return [ContainerRef(r["Id"], (r.get("Names") or ["/" + r["Id"][:12]])[0].lstrip("/"), r.get("Labels") or {}) for r in rows]
-
-
-def remove_container(client: docker.DockerClient, ref: ContainerRef) -> bool:
-    """Force-remove ``ref``; False when it is already gone or the engine refused."""
-    from docker.errors import APIError, NotFound
-
-    try:
-        client.api.remove_container(ref.id, force=True)
-        return True
-    except NotFound:
-        return False
-    except APIError as exc:
-        log.warning("could not remove container %s: %s", ref.name, exc)
-        return False
-
-
-def sweep_orphans(client: docker.DockerClient) -> list[str]:
-    """Remove algodock containers on this host whose owning process is gone; return their names."""
-    removed = []
-    for c in list_containers(client, f"{MANAGED_LABEL}=true"):
-        if _owner_alive(c.labels):
-            continue
-        if remove_container(client, c):
-            removed.append(c.name)
-            log.warning("removed container %s left by a crashed run (%s)", c.name, c.labels.get(f"{LABEL}.run_id"))
-    for v in client.volumes.list(filters={"label": f"{MANAGED_LABEL}=true"}):  # named-volume staging
-        if _owner_alive(v.attrs.get("Labels") or {}):
-            continue
-        if _remove_quietly(v):
-            removed.append(v.name)
-    return removed
-
-
-def _remove_quietly(obj: object) -> bool:
-    """Force-remove a container or volume; False when it is already gone or the engine refused."""
-    from docker.errors import APIError, NotFound
-
-    try:
-        obj.remove(force=True)  # type: ignore[attr-defined]
-        return True
-    except (NotFound, APIError):
-        return False
-
-
-def kill_run_containers(client: docker.DockerClient, run_id: str | None = None, *, flow_run_id: str | None = None) -> list[str]:
-    """Kill and remove every container of ``run_id``, or of the Prefect flow run ``flow_run_id`` (used when a flow run is cancelled)."""
-    label = f"{FLOW_RUN_LABEL}={flow_run_id}" if flow_run_id else f"{LABEL}.run_id={run_id}"
-    return [c.name for c in list_containers(client, label) if remove_container(client, c)]
 
 
 def _is_local(client: Any) -> bool:
@@ -279,3 +216,4 @@ def detect_gpus(client: Any, info: dict[str, Any] | None = None) -> int:
         nvidia_smi=shutil.which("nvidia-smi"),
         hook=shutil.which("nvidia-container-runtime-hook"),
     )
+

@@ -161,7 +161,9 @@ class _Auth:
 
 def _host_config_has(client: Any, registry: str) -> bool:
     try:
-        configs = client.api._auth_configs
+        from docker import auth as docker_auth
+
+        configs = docker_auth.load_config(credstore_env=getattr(client.api, "credstore_env", None))  # what the client itself loaded
         return bool(configs.resolve_authconfig(registry) or (registry == DOCKER_HUB and configs.resolve_authconfig("https://index.docker.io/v1/")))
     except Exception:  # an SDK without it, or an unreadable config: say nothing about it
         return False
@@ -305,7 +307,7 @@ FLIGHTS = _Flights()
 def engine_key(client: Any) -> str:
     """What tells engines apart: the API URL, and the socket for a local one."""
     api = client.api
-    adapter = getattr(api, "_custom_adapter", None) or (getattr(api, "adapters", {}) or {}).get("http+docker://")
+    adapter = (getattr(api, "adapters", {}) or {}).get("http+docker://")  # a local engine's socket adapter
     return f"{api.base_url}|{getattr(adapter, 'socket_path', '')}"
 
 
@@ -318,17 +320,21 @@ def pull_stall_seconds() -> float:
 
 def _pull_events(client: Any, target: str, config: dict[str, str] | None) -> Iterator[dict[str, Any]]:
     """The engine's pull stream (``POST /images/create``), each read bounded by :func:`pull_stall_seconds`
-    (the SDK's own ``pull`` waits forever on a registry that stalls)."""
+    (the SDK's own ``pull`` waits forever on a registry that stalls: this posts through the
+    ``requests.Session`` the ``APIClient`` is, with a timeout)."""
     from docker import auth as docker_auth
     from docker.utils import parse_repository_tag
+    from docker.utils.json_stream import json_stream
+
+    from algodock.runtime.engine_api import api_url, raise_for_engine_status
 
     api = client.api
     repo, tag = parse_repository_tag(target)
     header = docker_auth.encode_header(config) if config is not None else docker_auth.get_config_header(api, docker_auth.resolve_repository_name(repo)[0])
-    res = api._post(api._url("/images/create"), params={"tag": tag or "latest", "fromImage": repo},
-                    headers={"X-Registry-Auth": header} if header else {}, stream=True, timeout=pull_stall_seconds())
-    api._raise_for_status(res)
-    return api._stream_helper(res, decode=True)
+    res = api.post(api_url(api, "/images/create"), params={"tag": tag or "latest", "fromImage": repo},
+                   headers={"X-Registry-Auth": header} if header else {}, stream=True, timeout=pull_stall_seconds())
+    raise_for_engine_status(res)
+    return json_stream(res.iter_content(chunk_size=None))  # each JSON message as soon as its chunk arrives
 
 
 def _pull(client: Any, ref: str, auth: _Auth, say: Say | None) -> str | None:

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 from algodock.contract.manifest import safe_relative
 from algodock.errors import FAILURE_KINDS, InfrastructureError, InvalidOutput, StepFailure
 from algodock.runtime.outputs import bad_name_reason
+from algodock.runtime.leftovers import REMOVE_ATTEMPTS, remove_container, remove_volume
 
 if TYPE_CHECKING:
     import docker
@@ -90,7 +91,7 @@ class VolumeWorkspace:
                 if not loader.put_archive("/work", buf):
                     raise InfrastructureError("the engine refused to fill the step's work volume")
         finally:
-            loader.remove(force=True)
+            remove_container(self.client, loader.id, attempts=REMOVE_ATTEMPTS)
 
     def export_output(self, container: Container, output_dir: Path, container_parameters: Any = None) -> None:
         """Unpack the (stopped) container's ``/work/output`` into ``output_dir``, streaming (see module docstring).
@@ -110,10 +111,7 @@ class VolumeWorkspace:
 
     def remove(self) -> None:
         for volume in (self.work, self.output):
-            try:
-                volume.remove(force=True)
-            except Exception:  # already gone, or the engine went away: the sweep gets it later
-                pass
+            remove_volume(self.client, volume.name)  # never raises: what stays, the sweep gets later
 
 
 class _ChunkReader(io.RawIOBase):
