@@ -144,13 +144,24 @@ def test_a_manifest_with_one_field_changed(doc: dict[str, Any]) -> None:
 
 def _within_the_rules_beyond_the_schema(doc: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
     """``doc`` made to keep the manifest rules a JSON Schema does not state: slot names unique
-    within inputs and within outputs, no ``ALGORITHM_INPUT_PATH`` in ``env``, and ``parameters``
-    a valid JSON Schema (the generator reads its meta-schema as ``{"type": "object"}``)."""
+    within inputs and within outputs, no ``ALGORITHM_INPUT_PATH`` in ``env``, ``parameters``
+    a valid JSON Schema (the generator reads its meta-schema as ``{"type": "object"}``), and a
+    slot ``schema`` only on a parquet slot of a 0.3 manifest, its column names unique and its
+    types in pyarrow's grammar (its structure, ``nullable`` and ``extra_columns`` stay as
+    generated; the grammar is tested on its own in tests/test_slot_schema.py)."""
     doc = copy.deepcopy(doc)
     for key in ("inputs", "outputs"):
         if key in doc:
             firsts = {slot["name"]: slot for slot in reversed(doc[key])}
             doc[key] = [slot for slot in doc[key] if firsts[slot["name"]] is slot]
+            for slot in doc[key]:
+                if slot.get("schema") is None:
+                    continue
+                if doc.get("manifest_version") != "0.3" or slot.get("format", "parquet") != "parquet":
+                    del slot["schema"]
+                    continue
+                columns = {c["name"]: c for c in reversed(slot["schema"].get("columns", []))}
+                slot["schema"]["columns"] = [dict(c, type="int64") for c in slot["schema"].get("columns", []) if columns[c["name"]] is c]
     doc["container_parameters"].get("env", {}).pop("ALGORITHM_INPUT_PATH", None)
     if "parameters" in doc:
         doc["parameters"] = parameters
