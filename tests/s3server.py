@@ -7,10 +7,17 @@ directly (``from tests.s3server import s3_endpoint  # noqa: F401``).
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
+
+from tests.waiting import poll
 
 _ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -27,6 +34,31 @@ def start_moto_server() -> tuple[str, Callable[[], None]]:
     server.start()
     host, port = server.get_host_and_port()
     return f"http://{host}:{port}", server.stop
+
+
+@contextmanager
+def moto_in_process() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A moto server in its own process (so it can be SIGSTOPped), on a free port of 127.0.0.1:
+    ``(endpoint_url, process)``; resumed and killed on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        poll("the moto server process", up, deadline=60)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

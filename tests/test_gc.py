@@ -353,7 +353,8 @@ def test_a_pipeline_started_during_gc_gets_no_removed_byte(tmp_path, image, pref
 
 @pytest.mark.docker
 def test_a_run_that_finishes_during_gc_keeps_everything_it_wrote(tmp_path, image, prefect_env) -> None:
-    from tests.test_run_store import k_pipeline, poll
+    from tests.test_run_store import k_pipeline
+    from tests.waiting import poll
 
     uri = str(tmp_path / "store")
     store = open_store(uri)

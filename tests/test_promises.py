@@ -37,6 +37,8 @@ import pytest
 
 from algodock.runtime.engine import LABEL
 from algodock.store.backends import lease_rel, open_store, s3_filesystem
+from tests.s3server import moto_in_process
+from tests.waiting import poll
 from tests.lineage_support import manifest, sh
 
 pytestmark = pytest.mark.docker
@@ -47,15 +49,6 @@ ALGODOCK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "algod
 BARRIER = "io.algodock-test.barrier"
 
 
-def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: float = 0.05, seen: Callable[[], str] | None = None) -> Any:
-    """Wait until ``check()`` is truthy (returning it); fail naming ``what`` (and ``seen()``) at the deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)  # polling interval, not synchronization: the state decides
-    pytest.fail(f"timed out after {deadline:g} s waiting for {what}" + (f"; seen:\n{seen()[-4000:]}" if seen else ""))
 
 
 class ContainerCreates:
@@ -222,26 +215,9 @@ def test_algodock_run_refuses_a_live_foreign_lease_and_takes_an_expired_one(tmp_
 
 @pytest.fixture(scope="module")
 def moto_process() -> Iterator[tuple[str, subprocess.Popen]]:
-    """A moto server in its own process (so it can be SIGSTOPped), on a free port of 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    try:
-        poll("the moto server process", up, deadline=60)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+    """A moto server in its own process (so it can be SIGSTOPped)."""
+    with moto_in_process() as endpoint_and_process:
+        yield endpoint_and_process
 
 
 def stalling_env(endpoint: str, keep: Path) -> dict[str, str]:

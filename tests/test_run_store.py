@@ -16,9 +16,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from algodock.runtime.engine import LABEL
 from algodock.hashing import sha256_path
 from algodock.store.backends import lease_rel, local_path_of, open_store, s3_filesystem
 from tests.conftest import BUSYBOX_IMAGE
+from tests.s3server import moto_in_process
+from tests.waiting import poll
 from tests.lineage_support import STABLE, build_versioned, manifest, sh
 
 pytestmark = pytest.mark.docker
@@ -50,15 +51,6 @@ def prefect_env(prefect_harness) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
 
 
-def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: float = 0.05) -> Any:
-    """Wait until ``check()`` is truthy (returning it); fail naming ``what`` at the deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)  # polling interval, not synchronization: the state decides
-    pytest.fail(f"timed out after {deadline:g} s waiting for {what}")
 
 
 def algodock_run(spec: Path, env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:
@@ -361,27 +353,9 @@ def test_two_writers_cannot_both_commit_one_s3_output(tmp_path, s3_endpoint) -> 
 
 @pytest.fixture
 def moto_process() -> Iterator[tuple[str, subprocess.Popen]]:
-    """A moto server in its own process (so it can be SIGSTOPped), on a free port of 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    try:
-        poll("the moto server process", up, deadline=60)
-        yield endpoint, proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+    """A moto server in its own process (so it can be SIGSTOPped)."""
+    with moto_in_process() as endpoint_and_process:
+        yield endpoint_and_process
 
 
 def _stderr_reader(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
