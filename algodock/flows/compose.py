@@ -83,6 +83,18 @@ def retry_condition(max_user_retries: int) -> Any:
     return should_retry
 
 
+
+def retry_options(user_retries: int) -> dict[str, Any]:
+    """Prefect's retry settings of every algorithm step, a pipeline's or a Python flow's:
+    ``infrastructure`` up to :data:`INFRA_RETRIES` times, the user kinds up to ``user_retries``,
+    after :data:`RETRY_DELAYS_SECONDS` with :data:`RETRY_JITTER_FACTOR` (read at each call)."""
+    return {
+        "retries": max(user_retries, INFRA_RETRIES),
+        "retry_delay_seconds": RETRY_DELAYS_SECONDS,
+        "retry_jitter_factor": RETRY_JITTER_FACTOR,
+        "retry_condition_fn": retry_condition(user_retries),
+    }
+
 _ENGINES: dict[int, dict[str, str]] = {}
 
 
@@ -888,10 +900,7 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
         task_run_name="{step_id}",
         cache_policy=NO_CACHE,
         persist_result=False,
-        retries=max(user_retries, INFRA_RETRIES),
-        retry_delay_seconds=RETRY_DELAYS_SECONDS,
-        retry_jitter_factor=RETRY_JITTER_FACTOR,
-        retry_condition_fn=retry_condition(user_retries),
+        **retry_options(user_retries),
     )
 
 

@@ -40,13 +40,10 @@ from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
 from algodock.flows.compose import (  # the one retry policy and run naming of every algorithm step
-    INFRA_RETRIES,
-    RETRY_DELAYS_SECONDS,
-    RETRY_JITTER_FACTOR,
     AlgorithmFailed,
     check_concurrency_limit,
     execute_in_task,
-    retry_condition,
+    retry_options,
     default_run_id,
 )
 from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
@@ -177,10 +174,7 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
         task_run_name=step_id,
         cache_policy=NO_CACHE,
         persist_result=False,
-        retries=max(spec.retries, INFRA_RETRIES),
-        retry_delay_seconds=RETRY_DELAYS_SECONDS,
-        retry_jitter_factor=RETRY_JITTER_FACTOR,
-        retry_condition_fn=retry_condition(spec.retries),
+        **retry_options(spec.retries),
     )
 
 
@@ -490,10 +484,7 @@ def _schedule(
             step_id,
             name=step_id,
             task_run_name=step_id,
-            retries=max(retries, INFRA_RETRIES),
-            retry_delay_seconds=RETRY_DELAYS_SECONDS,
-            retry_jitter_factor=RETRY_JITTER_FACTOR,
-            retry_condition_fn=retry_condition(retries),
+            **retry_options(retries),
         )
         # "running" before submitting: a fast (cached) step may finish before submit returns
         ledger.update(StepRecord(id=step_id, status="running"))
