@@ -39,7 +39,7 @@ from algodock.errors import InvalidInput
 from algodock.records import LineageDocument, OutputRecord, StepRecord
 from algodock.store.base import Store
 from algodock.store.content import hash_uri, store_rel
-from algodock.store.layout import lineage_rel, local_path_of
+from algodock.store.layout import lineage_rel, local_path_of, run_json_rel
 
 __all__ = [
     "LineageDocument",
@@ -63,10 +63,10 @@ def read_document(store: Store, run_id: str) -> LineageDocument:
     """The lineage document of ``run_id``; :class:`InvalidInput` naming the known runs when absent."""
     raw = store.read_json(lineage_rel(run_id))
     if raw is None:
-        summary = store.read_json(f"runs/{run_id}/run.json")
+        summary = store.read_json(run_json_rel(run_id))
         removed = [c for c in (summary or {}).get("collected") or [] if isinstance(c, dict) and c.get("removed")] if isinstance(summary, dict) else []
         if removed:
-            raise InvalidInput(f"run {run_id!r} was removed by algodock gc {removed[-1].get('gc_id')} at {removed[-1].get('at')}; its record is {store.uri(f'runs/{run_id}/run.json')}")
+            raise InvalidInput(f"run {run_id!r} was removed by algodock gc {removed[-1].get('gc_id')} at {removed[-1].get('at')}; its record is {store.uri(run_json_rel(run_id))}")
         known = run_ids(store)
         hint = f"runs in this store: {', '.join(known[-10:])}" if known else "this store has no runs yet"
         raise InvalidInput(f"run {run_id!r} has no lineage document at {store.uri(lineage_rel(run_id))} ({hint})")
