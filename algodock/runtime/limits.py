@@ -20,7 +20,7 @@ Slack: the bytes an algorithm can write past ``output_mb`` before it is stopped 
 writes in the last interval plus the kill (a SIGKILL from this host takes microseconds; the
 engine's kill, an API call, tens of ms on a loaded engine): for a small tree at 1-4 GB/s into
 the page cache, 10-20 ms of writing, i.e. tens of MB (measured 1-36 MiB over a 100 MiB
-limit by the bench, up to 167 MiB in the loaded test suite, where the kill lands later); more for a tree so large that one walk takes long (a 100,000-entry tree walks in
+limit by the bench, up to 235 MiB in the loaded test suite, where the kill lands later); more for a tree so large that one walk takes long (a 100,000-entry tree walks in
 ~0.1-0.3 s, so it is looked at every few seconds). bench/output_limit.py measures it.
 After the container exited, :func:`measure` walks the folder once more, so a step can never
 end over its limits unnoticed, whatever it wrote in its last interval.
