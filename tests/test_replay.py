@@ -71,9 +71,10 @@ def test_a_deterministic_step_reproduces_and_a_noisy_one_names_its_column(record
     detail = verdicts["noisy"]["outputs"][0]["parquet"]
     assert detail == {"rows": {"recorded": 6, "replayed": 6}, "schema": [], "columns": ["noise"], "first_differing_row": 2}
     assert {f.rel: f.size for f in store.walk("runs/rec/steps")} == before, "a replay wrote over the recorded outputs"
-    replays = store.list("runs/rec/replays")
-    assert len(replays) == 2
-    kept = store.read_json(f"runs/rec/replays/{replays[-1]}")
+    names = store.list("runs/rec/replays")
+    assert len(names) == 2
+    assert names == sorted(names, key=lambda n: store.read_json(f"runs/rec/replays/{n}")["at"]), "replay ids do not sort by time"
+    kept = store.read_json(f"runs/rec/replays/{names[-1]}")
     assert kept["reproduced"] is False and kept["engine"]["id"] and kept["steps"][1]["usage"]["wall_seconds"] is not None
     shown = subprocess.run([*ALGODOCK, "lineage", "rec", "--store", store.uri()], capture_output=True, text=True, timeout=120)
     assert "copy reproduced, noisy differs" in shown.stdout, shown.stdout[-2000:]

@@ -209,7 +209,7 @@ def replay(store: Store, client: docker.DockerClient, run_id: str, steps: tuple[
     """Replay ``steps`` (or every step that ran, with ``all_steps``) of ``run_id``; record and return the replay."""
     doc = read_document(store, run_id)
     chosen = select_steps(doc.steps, steps, all_steps)
-    replay_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+    replay_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"  # sorts by time to the microsecond
     record: dict[str, Any] = {"replay_id": replay_id, "run_id": run_id, "at": datetime.now(timezone.utc).isoformat(), "engine": None, "steps": []}
     try:
         info = client.info()
