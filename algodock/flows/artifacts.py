@@ -69,10 +69,10 @@ def asset_key(uri: str) -> str | None:
         return None
 
 
-def cached_state(record: StepRecord, run_id: str) -> Any:
+def cached_state(record: StepRecord, run_id: str, data: Any = None) -> Any:
     """Prefect's ``Cached`` state (Completed, named "Cached") for a step that ran no container,
     naming the run whose outputs it reuses: another run's (a cache hit), or an earlier attempt
-    of this run (a retried flow run keeps what already succeeded)."""
+    of this run (a retried flow run keeps what already succeeded). ``data``: the task's result (default the record)."""
     from prefect.states import Completed
 
     key = (record.cache_key or "")[:12]
@@ -80,22 +80,33 @@ def cached_state(record: StepRecord, run_id: str) -> Any:
         message = f"cache hit: outputs of step {record.id} of run {record.cached_from} reused, no container ran (cache key {key})"
     else:
         message = f"kept from the earlier attempt of run {run_id} (task run {record.task_run_id}), no container ran (cache key {key})"
-    return Completed(name="Cached", data=record, message=message)
+    return Completed(name="Cached", data=record if data is None else data, message=message)
 
 
 MATERIALIZED_BY = "algodock"
 
 
-def output_asset_keys(ctx: RunContext, step_id: str) -> dict[str, str]:
+def output_asset_keys(ctx: RunContext, step_id: str, manifest: Any = None) -> dict[str, str]:
     """Output name -> its asset key: the store URI ``runs/<run>/steps/<step>/outputs/<file>``,
     one name per output of the run, whichever attempt's folder holds the bytes (the
-    materialization's metadata carries that real ``uri``)."""
+    materialization's metadata carries that real ``uri``). ``manifest``: the step's, when the
+    run does not know the step yet (a step composed in Python, at its call)."""
     keys = {}
-    for o in ctx.pipeline.manifests[step_id].outputs:
+    for o in (manifest or ctx.pipeline.manifests[step_id]).outputs:
         key = asset_key(ctx.store.uri(output_rel(ctx.run_id, step_id, o.name if o.multiple else f"{o.name}.{o.format}")))
         if key:
             keys[o.name] = key
     return keys
+
+
+def step_assets(ctx: RunContext, step_id: str, manifest: Any, externals: list[str]) -> dict[str, Any]:
+    """The ``assets`` and ``asset_deps`` task options of a step: the outputs it materializes
+    and the external inputs (URIs, paths) it reads; empty when it has no output that can be an asset."""
+    outputs = sorted(set(output_asset_keys(ctx, step_id, manifest).values()))
+    if not outputs:
+        return {}
+    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
+    return {"assets": outputs, "asset_deps": deps or None}
 
 
 def materializing(fn: Any, ctx: RunContext, step_id: str, **options: Any) -> Any:

@@ -37,7 +37,8 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Completed
+from prefect.states import Cancelled
+from prefect.tasks import MaterializingTask
 
 from algodock.contract.manifest import Manifest, load_manifest
 from algodock.contract.params import resolve_parameters
@@ -46,10 +47,12 @@ from algodock.pipeline.capacity import Capacity
 from algodock.pipeline.composed import ComposedRun, put_combined, put_table
 from algodock.pipeline.execute import execute_step
 from algodock.pipeline.spec import Ref
+from algodock.pipeline.validate import Pipeline
 from algodock.records import OutputRecord, StepRecord, Usage
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, RegistryAuth
 from algodock.store.layout import local_path_of
 from algodock.store.transfer import fetch_input
+from algodock.flows.artifacts import MATERIALIZED_BY
 
 log = logging.getLogger("algodock.flows.compose")
 
@@ -253,11 +256,15 @@ class _Planned:
 class RunHandle:
     """An open run (``with algodock_run(...) as run``): ``run.run_id``, ``run.store`` (its URI)."""
 
-    def __init__(self, composed: ComposedRun, concurrency_limit: str | None = None) -> None:
+    def __init__(self, composed: ComposedRun, concurrency_limit: str | None = None, runner: Any = None, watch: Any = None) -> None:
         self.composed = composed
         self.run_id = composed.run_id
         self.store = composed.store.uri()
         self.concurrency_limit = concurrency_limit
+        self.runner = runner
+        """The task runner the run's steps are submitted to (a pipeline's, sized by its capacity); None: the flow's own."""
+        self.watch = watch
+        """A :class:`~algodock.flows.watch.RunWatch`: whether Prefect's API went away, and who runs each step (a pipeline's)."""
         self.status: str | None = None
         self._futures: list[PrefectFuture[Any]] = []
         self._planned: dict[str, _Planned] = {}
@@ -365,6 +372,50 @@ def _open(
     handle = RunHandle(composed, concurrency_limit)
     _RUNS[run_id] = handle
     return handle
+
+
+def open_spec_run(
+    pipeline: Pipeline,
+    store: Any,
+    run_id: str,
+    client: Any,
+    capacity: Capacity,
+    *,
+    use_cache: bool,
+    flow_run_id: str | None,
+    pull_policy: str,
+    registry_credentials: tuple[RegistryAuth, ...],
+    step_credentials: dict[str, tuple[RegistryAuth, ...]],
+    concurrency_limit: str | None,
+    runner: Any,
+    watch: Any,
+    on_change: Any = None,
+) -> RunHandle:
+    """The run of a pipeline spec, open (lease taken, a dead writer's leftovers cleaned, lineage
+    started) and current: its steps are submitted as :func:`algorithm` tasks like any call
+    (see ``algodock.flows.pipeline``); close it with :meth:`RunHandle.close`."""
+    composed = ComposedRun(
+        store, run_id, client, capacity, use_cache=use_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
+        registry_credentials=registry_credentials, pipeline=pipeline, step_credentials=step_credentials, on_change=on_change,
+    ).open()
+    handle = RunHandle(composed, concurrency_limit, runner=runner, watch=watch)
+    _RUNS[run_id] = handle
+    return handle
+
+
+@contextlib.contextmanager
+def current_run(run: RunHandle) -> Iterator[RunHandle]:
+    """Algorithm calls in the block join ``run``."""
+    token = _CURRENT.set(run)
+    try:
+        yield run
+    finally:
+        _CURRENT.reset(token)
+
+
+def forget_run(run: RunHandle) -> None:
+    """``run`` is no longer open in this process (it was finished without :meth:`RunHandle.close`)."""
+    _RUNS.pop(run.run_id, None)
 
 
 @contextlib.contextmanager
@@ -694,14 +745,30 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
     run = _RUNS.get(run_id)
     if run is None or run.composed.finished:
         raise AlgorithmFailed("infrastructure", step_id, f"run {run_id} is not open in this process (its algodock_run block has ended)")
-    planned = run.planned(step_id) or _Planned(algorithm, manifest)
+    from algodock.flows.artifacts import add_output_metadata, cached_state
+
+    if run.watch is not None and not run.watch.claim(step_id, "prefect"):  # it ran directly while Prefect's API did not answer
+        return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
+    ctx = run.composed.ctx
     ledger = run.composed.ledger
+
+    def ended(done: StepRecord) -> None:
+        ledger.update(done)
+        if run.watch is not None:
+            run.watch.final[step_id] = done  # what the run uses if Prefect cannot be told
+
+    if ctx.cancel.is_set():  # the flow run was cancelled before this step started: no container
+        ended(StepRecord(id=step_id, status="skipped"))
+        return Cancelled(message=f"step {step_id} did not start: the flow run was cancelled")
+    planned = run.planned(step_id) or _Planned(algorithm, manifest)
     try:
         bindings, upstream, tables = _bind(run, step_id, planned, inputs)
     except StepFailure as exc:
-        ledger.update(StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc))
+        ended(StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc))
         raise AlgorithmFailed(exc.kind, step_id, exc.message) from None
-    run.composed.pipeline.add_step(step_id, manifest, parameters, bindings)
+    if run.composed.spec is not None and step_id in run.composed.spec.steps:  # its bindings are the spec's; its upstream futures were its wait_for
+        upstream = run.composed.upstream_of(step_id)
+    run.composed.add_step(step_id, manifest, parameters, bindings)
     ledger.update(StepRecord(id=step_id, status="running", algorithm=manifest.name))
 
     def record(done: StepRecord) -> None:
@@ -709,17 +776,16 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
             made = tables.get(inp.name)
             if made is not None:
                 inp.produced_by_task_run = made["task_run_id"]
-        ledger.update(done)
+        ended(done)
 
-    step = execute_in_task(run.composed.ctx, step_id, upstream, record=record, concurrency_limit=run.concurrency_limit)
+    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=run.concurrency_limit)
     done = step.record
     if done.status == "failed":
         assert done.failure is not None
         raise AlgorithmFailed("cancelled" if step.cancelled else done.failure.kind, step_id, done.failure.message, done.log_tail)
-    if step.reused:
-        source = done.cached_from or run_id
-        result = StepResult.of(done, run_id, status="cached")
-        return Completed(name="Cached", data=result, message=f"cache hit: outputs of step {step_id} of run {source} reused, no container ran")
+    if step.reused:  # Prefect emits no asset event for a Cached state, as for its own cache hits
+        return cached_state(done, run_id, data=StepResult.of(done, run_id, status="cached"))
+    add_output_metadata(done, ctx)
     return StepResult.of(done, run_id)
 
 
@@ -737,11 +803,12 @@ class _Algorithm:
     """The credentials of the algorithm block it came from, used before the run's own."""
 
 
-class AlgorithmTask(Task):  # type: ignore[type-arg]
+class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
     """A Prefect task that runs one algorithm container per call (see :func:`algorithm`).
 
     ``submit``, ``map`` and direct calls check what they are given first and give the step
-    its id; everything else is Prefect's own task.
+    its id; everything else is Prefect's own task. Each step materializes its outputs as
+    Prefect assets (their store URIs), with the external inputs it reads as asset dependencies.
     """
 
     _pull_policy: str | None = None
@@ -767,6 +834,11 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
 
     def _call(self, run: RunHandle, inputs: Any, parameters: Any, step_id: str | None) -> dict[str, Any]:
         algo = self.algorithm
+        spec = run.composed.spec
+        if spec is not None and step_id in spec.steps:  # a step of the run's spec: validated when the spec was loaded
+            assert step_id is not None
+            run.plan(step_id, _Planned(algo.name, algo.manifest))
+            return {"inputs": inputs, "parameters": spec.parameters[step_id], "step_id": step_id, "run_id": run.run_id}
         label = run.composed.peek_step_id(algo.name, step_id)
         try:
             run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
@@ -779,15 +851,38 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
         run.plan(step_id, _Planned(algo.name, algo.manifest, sources))
         return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id}
 
+    def _for_step(self, run: RunHandle, call: dict[str, Any]) -> AlgorithmTask:
+        """This task as the step's: its task run named by the step id, its assets the outputs it
+        materializes, its asset dependencies the external inputs it reads."""
+        from algodock.flows.artifacts import step_assets
+
+        step_id = call["step_id"]
+        spec = run.composed.spec
+        if spec is not None and step_id in spec.steps:
+            bindings = spec.bindings[step_id]
+            externals = [spec.inputs.get(ref.name, "") for ref in bindings.values() if ref.kind == "input"]
+        else:
+            externals = [os.fspath(v) for v in _unwrap(call["inputs"] or {}).values() if isinstance(_unwrap(v), (str, os.PathLike))]
+        options = step_assets(run.composed.ctx, step_id, self.algorithm.manifest, externals)
+        # the name spelled out: a task run whose upstream failed (NotReady) is named before its parameters resolve
+        return self.with_options(task_run_name=step_id, **options)
+
+    def _submit_step(self, run: RunHandle, call: dict[str, Any], wait_for: Any, kwargs: dict[str, Any]) -> Any:
+        task = self._for_step(run, call)
+        with _dask_resources(self.algorithm.manifest):
+            if run.runner is not None and not kwargs:
+                future = run.runner.submit(task, parameters=call, wait_for=wait_for)
+            else:
+                future = Task.submit(task, **call, wait_for=wait_for, **kwargs)
+        run.track(call["step_id"], future)
+        return future
+
     def submit(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         run = _run_for_call()
         if run is None:
             raise InvalidCall(f"algorithm {self.algorithm.name}: .submit() is for inside a flow; call the task directly to run one step")
         call = self._call(run, inputs, parameters, step_id)
-        with _dask_resources(self.algorithm.manifest):
-            future = super().submit(**call, wait_for=wait_for, **kwargs)
-        run.track(call["step_id"], future)
-        return future
+        return self._submit_step(run, call, wait_for, kwargs)
 
     def map(self, inputs: Any = None, parameters: Any = None, step_id: Any = None, run_id: Any = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         from prefect.futures import PrefectFutureList
@@ -808,21 +903,18 @@ class AlgorithmTask(Task):  # type: ignore[type-arg]
             one_inputs = raw_inputs[i] if mapped_inputs else raw_inputs
             one_params = raw_params[i] if mapped_params else raw_params
             call = self._call(run, one_inputs, one_params, ids[i])
-            with _dask_resources(self.algorithm.manifest):
-                future = Task.submit(self, **call, wait_for=wait_for, **kwargs)
-            run.track(call["step_id"], future)
-            futures.append(future)
+            futures.append(self._submit_step(run, call, wait_for, kwargs))
         return PrefectFutureList(futures)
 
     def __call__(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         run = _run_for_call()
         if run is not None:
             call = self._call(run, inputs, parameters, step_id)
-            return super().__call__(**call, **kwargs)
+            return Task.__call__(self._for_step(run, call), **call, **kwargs)
         one = _open(None, None, None, True, None, None, self.algorithm.name)  # outside any flow: a one-step run
         try:
             call = self._call(one, inputs, parameters, step_id)
-            return super().__call__(**call, **kwargs)
+            return Task.__call__(self._for_step(one, call), **call, **kwargs)
         finally:
             one.close()
 
@@ -896,6 +988,8 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
     run_algorithm.__algodock__ = _Algorithm(manifest, step_name, pull_policy, credentials)  # type: ignore[attr-defined]
     return AlgorithmTask(
         fn=run_algorithm,
+        assets=[],  # each step's own, given at its call (see AlgorithmTask._for_step)
+        materialized_by=MATERIALIZED_BY,
         name=step_name,
         task_run_name="{step_id}",
         cache_policy=NO_CACHE,

@@ -1,10 +1,15 @@
-"""The Prefect flow that runs a pipeline: one task per step, named after the step.
+"""The Prefect flow that runs a pipeline spec: one algorithm task per step, named after the step.
 
-A step is submitted as soon as every step it depends on succeeded (or was cached); it then
-waits in the engine's :class:`~algodock.pipeline.capacity.ResourcePool` until its resource request
-fits, so independent steps run concurrently and the host is packed tightly. A failed step's
-dependents are ``skipped`` while independent branches finish; the flow run fails when any
-step failed. The lineage document in the store is rewritten as each step ends.
+The steps are the same :func:`~algodock.flows.compose.algorithm` tasks a Python flow calls,
+submitted at once in dependency order, each given its upstream steps' futures as inputs:
+Prefect starts a step when they completed (the run graph's edges) and gives a dependent of a
+failure ``NotReady``; a started step waits in the run's
+:class:`~algodock.pipeline.capacity.ResourcePool` until its resource request fits, so
+independent steps run concurrently and the host is packed tightly. A failed step's dependents
+are ``skipped`` while independent branches finish; the flow run fails when any step failed.
+The lineage document in the store is rewritten as each step ends. On a cluster the same
+futures go to Dask (see algodock.flows.cluster). When Prefect's API goes away mid-run, the run
+ends without it (:func:`~algodock.pipeline.direct.finish_directly`).
 """
 
 from __future__ import annotations
@@ -21,17 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import Cancelled, Failed
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from algodock.cache import StoreCache
 from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.runtime.leftovers import kill_run_containers
-from algodock.pipeline.execute import RunContext, execute_step, recover_run
+from algodock.pipeline.direct import finish_directly
+from algodock.pipeline.execute import RunContext, recover_run
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline
 from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
@@ -39,14 +43,17 @@ from algodock.records import Failure, LineageDocument, StepRecord
 from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
-from algodock.flows.compose import (  # the one retry policy and run naming of every algorithm step
+from algodock.flows.compose import (  # every step is an algorithm task, with the one retry policy and run naming
     AlgorithmFailed,
+    algorithm,
     check_concurrency_limit,
-    execute_in_task,
-    retry_options,
+    current_run,
     default_run_id,
+    forget_run,
+    open_spec_run,
+    retry_options,
 )
-from algodock.flows.artifacts import add_output_metadata, cached_state, materializing, publish_run_artifacts
+from algodock.flows.artifacts import publish_run_artifacts
 
 CANCEL_WATCH_SECONDS = 2.0
 
@@ -138,44 +145,6 @@ class StepFailed(AlgorithmFailed):
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker (cluster mode)
         return (type(self), (self.record, self.cancelled))
-
-
-def _run_step(ctx: RunContext, step_id: str, upstream: dict[str, StepRecord], ledger: Ledger, concurrency_limit: str | None = None) -> Any:
-    """The body of a step's task: run it; raise :class:`StepFailed` on failure so Prefect can retry it.
-
-    ``upstream``: the records of the steps it reads from; their task runs are this task's
-    ``wait_for`` (see :func:`_schedule`), which Prefect records as its ``task_inputs``.
-    """
-    watch = run_watch(ctx.run_id)
-    if not watch.claim(step_id, "prefect"):  # run directly while the Prefect API was away
-        return Cancelled(message=f"step {step_id} ran outside Prefect while its API did not answer; see the lineage")
-
-    def record(done: StepRecord) -> None:
-        ledger.update(done)
-        watch.final[step_id] = done  # what the scheduler uses if Prefect cannot be told
-
-    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=concurrency_limit)
-    if step.record.status == "failed":
-        raise StepFailed(step.record, cancelled=step.cancelled)
-    if step.reused:
-        return cached_state(step.record, ctx.run_id)  # Prefect emits no asset event for a Cached state, as for its own cache hits
-    add_output_metadata(step.record, ctx)
-    return step.record
-
-
-def step_task(ctx: RunContext, step_id: str) -> Any:
-    """The Prefect task of ``step_id`` (a materializing task of its outputs, see :func:`materializing`)."""
-    spec = next(s for s in ctx.pipeline.spec.steps if s.id == step_id)
-    return materializing(
-        _run_step,
-        ctx,
-        step_id,
-        name=step_id,
-        task_run_name=step_id,
-        cache_policy=NO_CACHE,
-        persist_result=False,
-        **retry_options(spec.retries),
-    )
 
 
 def _block_manifest(name: str) -> Any:
@@ -272,9 +241,8 @@ def run_pipeline(
     ``pull_policy``: ``if_not_present``, ``always`` or ``never`` for steps that set none;
     ``require_digest``: refuse, before any container, a step whose image is not pinned by digest.
     """
-    from algodock.blocks import registry_auths, resolve_store, step_registry_auths
+    from algodock.blocks import registry_auths, resolve_store
 
-    logger = get_run_logger()
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     session = None
     the_store = resolve_store(store)
@@ -289,79 +257,161 @@ def run_pipeline(
     client = _engine_client(engine) if session is None else None
     if concurrency_limit:  # before the run is taken: nothing to give back when it is missing
         check_concurrency_limit(concurrency_limit)
+    held: RunLease | None = None
+    """The lease as this flow's preparation took it (None: `algodock run` holds it), given back when the run is written."""
     if prepared is not None and (prepared.capacity is not None or session is None):
         pipeline = prepared.pipeline
         cap = prepared.capacity or Capacity.from_engine(client)
-        lease = RunLease(the_store, run_id).acquire()  # this flow's own hold of the lease the command took
     else:  # a deployment or a call from Python; or a cluster run, whose capacity is its biggest worker's
         cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
         prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
-        pipeline, lease = prepared.pipeline, prepared.lease  # RunBusy names the holder
+        pipeline, held = prepared.pipeline, prepared.lease  # RunBusy names the holder
     auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
-    recover_run(the_store, run_id, client)  # containers, .tmp-* and work folders of a dead earlier writer
-    scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-    ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
-                     pull_policy=pull_policy, registry_credentials=auths, step_credentials=step_registry_auths(pipeline))
-    ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
-    order = pipeline.topological_order()
-    doc = LineageDocument(
-        run_id=run_id,
-        pipeline=pipeline.spec.name,
-        spec_sha256=pipeline.spec_sha256,
-        flow_run_id=flow_run_id,
-        started_at=datetime.now(timezone.utc),
-        store=the_store.uri(),
-        steps=[StepRecord(id=s) for s in order],
-    )
-    ledger = Ledger(doc, the_store, on_change=_notify)
-    ledger.start()
     if session is not None:
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
-                          images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
-    workers = max_workers(pipeline, cap)
-    logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
+        lease = held or RunLease(the_store, run_id).acquire()  # this flow's own hold of the lease the command took
+        return _run_on_cluster(session, pipeline, the_store, run_id, cap, lease, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
+    try:
+        return _run_here(pipeline, the_store, run_id, client, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
+    finally:
+        if held is not None:
+            held.release()
 
-    stop_watch = threading.Event()
+
+def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap: Capacity, auths: Any, no_cache: bool,
+              flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
+    """The run on this host: each step is an :func:`~algodock.flows.compose.algorithm` task,
+    submitted with its upstream steps' futures as inputs, as in any Python flow: Prefect waits
+    for them (the run graph's edges) and gives a dependent of a failure ``NotReady``."""
+    from algodock.blocks import step_registry_auths
+
+    logger = get_run_logger()
+    workers = max_workers(pipeline, cap)
     watch = run_watch(run_id)
+    runner = ThreadPoolTaskRunner(max_workers=_threads(pipeline, workers)).__enter__()
+    run = open_spec_run(
+        pipeline, the_store, run_id, client, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
+        registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=concurrency_limit,
+        runner=runner, watch=watch, on_change=_notify,
+    )
+    ctx = run.composed.ctx
+    order = pipeline.topological_order()
+    logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
+    stop_watch = threading.Event()
     if flow_run_id:
         # In copies of this context, so the watchers talk to the same Prefect API (settings set in code included).
-        kill = session.cancel_everywhere if session is not None else None
-        for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch, kill)), (_watch_api, (watch, stop_watch))):
+        for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch)), (_watch_api, (watch, stop_watch))):
             threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
-    runner = ThreadPoolTaskRunner(max_workers=workers).__enter__()
     try:
-        status = _schedule(ctx, pipeline, order, ledger, runner, concurrency_limit, watch, workers, cluster=session)
+        with current_run(run):
+            futures = _submit_steps(pipeline, order)
+        if not _wait(futures, watch):  # Prefect's API went away: the run ends without it
+            finish_directly(ctx, run.composed.ledger, watch.final, lambda s: watch.claim(s, "direct"), workers)
+            forget_run(run)
+            status = run.composed.finish()
+            watch.finished.set()
+            logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
+            return run.composed.ledger.summary()
+        status = run.close()  # writes the run, publishes its artifacts, gives the lease back
     except BaseException:
         # The process is being ended (a worker's SIGTERM on cancellation arrives here as an
         # exception, before Prefect could run any hook) or the flow crashed: no container of
         # this run may outlive it.
-        ctx.cancel.set()
-        ctx.pool.wake_all()
-        if session is not None:
+        run.cancel()
+        if flow_run_id:
             with contextlib.suppress(Exception):
-                session.cancel_everywhere()
-        for label in ({"flow_run_id": flow_run_id} if flow_run_id else {}, {"run_id": run_id}):
-            if label and client is not None:
-                with contextlib.suppress(Exception):
-                    kill_run_containers(client, **label)
+                kill_run_containers(client, flow_run_id=flow_run_id)
+        with contextlib.suppress(Exception):
+            forget_run(run)
+            run.composed.finish()
         raise
     finally:
         stop_watch.set()
-        shutil.rmtree(scratch, ignore_errors=True)
-        if session is not None:
-            session.__exit__(None, None, None)
-    ledger.finish(status)
-    lease.release()  # the run is written; another process may take it now
     watch.finished.set()
-    if watch.prefect_lost.is_set():  # task threads may still be retrying calls to the API: do not wait for them
-        logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
-        return ledger.summary()
     runner.__exit__(None, None, None)
+    summary = run.composed.ledger.summary()
+    if status != "succeeded":
+        failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
+        return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)
+    return summary
+
+
+def _submit_steps(pipeline: Pipeline, order: list[str]) -> dict[str, Any]:
+    """Submit every step as an algorithm task, in dependency order, waiting for the futures of
+    the steps it depends on (``wait_for``: the run graph's edges; the inputs are the spec's
+    bindings, read from the upstream records). Waiting, not resolving, lets Prefect name a
+    step's task run before it finds an upstream failed (``NotReady``)."""
+    futures: dict[str, Any] = {}
+    for step_id in order:
+        step = pipeline.steps[step_id]
+        task = algorithm(step.manifest, name=step_id, retries=step.retries)
+        upstream = [futures[d] for d in sorted(step.dependencies)]
+        futures[step_id] = task.submit(inputs={}, step_id=step_id, wait_for=upstream or None)
+    return futures
+
+
+def _wait(futures: dict[str, Any], watch: RunWatch) -> bool:
+    """Wait for every step's task; False as soon as Prefect's API went away (see :func:`_watch_api`)."""
+    pending = {f.wrapped_future for f in futures.values()}
+    while pending:
+        if watch.prefect_lost.is_set():
+            return False
+        _, pending = concurrent.futures.wait(pending, timeout=API_PROBE_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
+    return not watch.prefect_lost.is_set() or True
+
+
+def _threads(pipeline: Pipeline, workers: int) -> int:
+    """Threads of the run's task runner: a task waits in its thread for its upstream futures, so
+    the steps that have upstream steps get one each (they were submitted after their upstreams, so
+    a thread never waits for a step with none), and ``workers`` run containers; at most 256."""
+    waiting = sum(1 for s in pipeline.steps.values() if s.dependencies)
+    return max(1, min(len(pipeline.steps), workers + waiting, 256))
+
+
+def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, lease: RunLease, auths: Any, no_cache: bool,
+                    flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
+    """The run on a Dask cluster (see algodock.flows.cluster)."""
+    from algodock.blocks import step_registry_auths
+
+    logger = get_run_logger()
+    try:
+        recover_run(the_store, run_id, None)  # .tmp-* and work folders of a dead earlier writer
+        scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
+        ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=None, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
+                         pull_policy=pull_policy, registry_credentials=auths, step_credentials=step_registry_auths(pipeline))
+        ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
+        order = pipeline.topological_order()
+        doc = LineageDocument(run_id=run_id, pipeline=pipeline.spec.name, spec_sha256=pipeline.spec_sha256, flow_run_id=flow_run_id,
+                              started_at=datetime.now(timezone.utc), store=the_store.uri(), steps=[StepRecord(id=s) for s in order])
+        ledger = Ledger(doc, the_store, on_change=_notify)
+        ledger.start()
+        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
+                          images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
+        logger.info("run %s of pipeline %s: %d steps on cluster %s, store %s", run_id, pipeline.spec.name, len(order), session.address, the_store.uri())
+        stop_watch = threading.Event()
+        watch = run_watch(run_id)
+        if flow_run_id:
+            for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch, session.cancel_everywhere)), (_watch_api, (watch, stop_watch))):
+                threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
+        try:
+            status = _schedule_on_cluster(ctx, pipeline, order, ledger, session)
+        except BaseException:
+            ctx.cancel.set()
+            with contextlib.suppress(Exception):
+                session.cancel_everywhere()
+            raise
+        finally:
+            stop_watch.set()
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        session.__exit__(None, None, None)
+    ledger.finish(status)
+    lease.release()
+    watch.finished.set()
     publish_run_artifacts(ledger.doc, pipeline)
     summary = ledger.summary()
     if status != "succeeded":
         failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
-        return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)  # type: ignore[return-value]
+        return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)
     return summary
 
 
@@ -383,180 +433,45 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
     return max(1, min(len(requests), fit + 1))
 
 
-def _schedule(
-    ctx: RunContext,
-    pipeline: Pipeline,
-    order: list[str],
-    ledger: Ledger,
-    runner: ThreadPoolTaskRunner,
-    concurrency_limit: str | None = None,
-    watch: RunWatch | None = None,
-    workers: int = 1,
-    cluster: Any = None,
-) -> str:
-    """Submit each step when its dependencies are done; dependents of a failure are not run.
+def _schedule_on_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> str:
+    """Submit every step to the cluster at once, each with its upstream steps' futures as
+    ``upstream``: Dask starts a step on a worker with room as soon as they are done (Prefect
+    gives a dependent of a failure ``NotReady``); the records come back here to the ledger."""
+    from algodock.flows import cluster as cluster_mode
 
-    A step's task waits for its upstream tasks' futures (``wait_for``), so Prefect records
-    them in the task run's ``task_inputs`` (the run graph's edges); the upstream records
-    themselves are passed as data (the futures are already done). A dependent of a
-    failed step is still submitted with those futures: Prefect itself then gives it the state
-    it gives any task whose upstream did not complete, ``NotReady`` (Pending, "Upstream task
-    run … did not reach a 'COMPLETED' state"), without calling it; the lineage says ``skipped``.
-
-    When the Prefect API goes away (``watch.prefect_lost``), a step whose task already
-    recorded its outcome is done, and the steps not yet started run directly
-    (:func:`execute_step` in a thread pool of the same size): the run ends as its steps do.
-
-    With ``cluster`` (a :class:`~algodock.flows.cluster.ClusterSession`) each step runs on a
-    Dask worker with room for its resource request; its record comes back here, and the
-    ledger is updated here. A dependent of a failure is skipped without a task.
-    """
-    watch = watch or RunWatch()
-    records: dict[str, StepRecord] = {}
-    running: dict[concurrent.futures.Future, str] = {}
-    direct: set[concurrent.futures.Future] = set()
-    prefect_futures: dict[str, Any] = {}
-    waiting = list(order)
-    skipping: set[str] = set()
-    direct_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def run_direct(step_id: str) -> None:
-        nonlocal direct_pool
-        if direct_pool is None:
-            direct_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="algodock-direct")
-        inputs = {d: records[d] for d in pipeline.dependencies[step_id]}
-        ledger.update(StepRecord(id=step_id, status="running"))
-
-        def body() -> StepRecord:
-            record = execute_step(ctx, step_id, inputs, on_log=logging.getLogger(f"algodock.step.{step_id}").info)
-            ledger.update(record)
-            return record
-
-        fut = direct_pool.submit(contextvars.copy_context().run, body)
-        direct.add(fut)
-        running[fut] = step_id
-
-    def submit_ready() -> None:
-        for step_id in list(waiting):
-            deps = pipeline.dependencies[step_id]
-            if any(records.get(d) is None for d in deps):
-                continue
-            waiting.remove(step_id)
-            upstream = [prefect_futures[d] for d in sorted(deps) if d in prefect_futures]
-            blocked = any(records[d].status not in ("succeeded", "cached") for d in deps)
-            lost = watch.prefect_lost.is_set()
-            if ctx.cancel.is_set() or (blocked and (lost or len(upstream) < len(deps))):
-                records[step_id] = StepRecord(id=step_id, status="skipped")  # nothing in Prefect to point at
-                ledger.update(records[step_id])
-                continue
-            if lost:
-                if watch.claim(step_id, "direct"):
-                    run_direct(step_id)
-                continue
-            if cluster is not None:
-                submit_to_cluster(step_id, deps, blocked)
-                continue
-            if blocked:
-                skipping.add(step_id)
-            else:
-                # "running" before submitting: a fast (cached) step may finish, and record itself, before submit returns
-                ledger.update(StepRecord(id=step_id, status="running"))
-            task_fn = step_task(ctx, step_id)
-            inputs = {d: records[d] for d in deps if not blocked}
-            fut = runner.submit(
-                task_fn,
-                {"ctx": quote(ctx), "step_id": step_id, "upstream": quote(inputs), "ledger": quote(ledger), "concurrency_limit": concurrency_limit},
-                wait_for=upstream,
-            )
-            prefect_futures[step_id] = fut
-            running[fut.wrapped_future] = step_id
-
-    def submit_to_cluster(step_id: str, deps: set[str], blocked: bool) -> None:
-        from algodock.flows import cluster as cluster_mode
-
-        if blocked:
-            records[step_id] = StepRecord(id=step_id, status="skipped")
-            ledger.update(records[step_id])
-            return
-        retries = pipeline.steps[step_id].retries
-        task_fn = cluster_mode.step_task(
-            ctx,
-            step_id,
-            name=step_id,
-            task_run_name=step_id,
-            **retry_options(retries),
-        )
-        # "running" before submitting: a fast (cached) step may finish before submit returns
-        ledger.update(StepRecord(id=step_id, status="running"))
-        request = pipeline.manifests[step_id].container_parameters.resource_request
-        fut, waitable = cluster.submit(task_fn, step_id, {d: records[d] for d in deps}, request)
-        prefect_futures[step_id] = fut
-        running[waitable] = step_id
-
-    def without_prefect() -> None:
-        """The API is gone: take each step's outcome from its task's own record, or run it here."""
-        for f, step_id in list(running.items()):
-            if f in direct:
-                continue
-            if step_id in watch.final:
-                records[step_id] = watch.final[step_id]
-            elif step_id in skipping:
-                records[step_id] = StepRecord(id=step_id, status="skipped")
-                ledger.update(records[step_id])
-            elif watch.claim(step_id, "direct"):  # its task never started: Prefect could not create its run
-                del running[f]
-                run_direct(step_id)
-                continue
-            else:
-                continue  # its task is running the step: its record will come
-            del running[f]
-
-    submit_ready()
-    try:
-        while running:
-            done, _ = concurrent.futures.wait(list(running), timeout=API_PROBE_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
-            for f in done:
-                step_id = running.pop(f)
-                if f in direct:
-                    try:
-                        records[step_id] = f.result()
-                    except BaseException as exc:  # execute_step never raises; a bug must still end the step
-                        records[step_id] = StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}"))
-                        ledger.update(records[step_id])
-                    continue
-                if step_id in skipping:
-                    records[step_id] = StepRecord(id=step_id, status="skipped")
-                    ledger.update(records[step_id])
-                    continue
-                try:
-                    value = prefect_futures[step_id].result(raise_on_failure=True)
-                    records[step_id] = value
-                    if cluster is not None:  # a worker cannot reach this process's ledger
-                        ledger.update(value)
-                except StepFailed as exc:
-                    records[step_id] = exc.record
-                    if cluster is not None:
-                        ledger.update(exc.record)
-                except BaseException as exc:  # a crash of the task itself, or Prefect's API failing around a finished step
-                    if step_id in watch.final:
-                        records[step_id] = watch.final[step_id]
-                        continue
-                    records[step_id] = StepRecord(
-                        id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")
-                    )
-                    ledger.update(records[step_id])
-            if watch.prefect_lost.is_set():
-                without_prefect()
-            submit_ready()
-    finally:
-        if direct_pool is not None:
-            direct_pool.shutdown(wait=True)
-    for step_id in waiting:  # only reachable when a dependency never finished
-        records[step_id] = StepRecord(id=step_id, status="skipped")
-        ledger.update(records[step_id])
+    futures: dict[str, Any] = {}
+    waiting: dict[concurrent.futures.Future[Any], str] = {}
+    for step_id in order:
+        step = pipeline.steps[step_id]
+        task_fn = cluster_mode.step_task(ctx, step_id, name=step_id, task_run_name=step_id, **retry_options(step.retries))
+        upstream = {d: futures[d] for d in sorted(step.dependencies)}
+        futures[step_id], done = session.submit(task_fn, step_id, upstream, step.manifest.container_parameters.resource_request)
+        waiting[done] = step_id
+    pending = set(waiting)
+    while pending:
+        done_now, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done_now:
+            step_id = waiting[f]
+            ledger.update(_cluster_record(step_id, futures[step_id]))
     if ctx.cancel.is_set():
         return "cancelled"
-    return "succeeded" if all(r.status in ("succeeded", "cached") for r in records.values()) else "failed"
+    return "succeeded" if all(r.status in ("succeeded", "cached") for r in ledger.doc.steps) else "failed"
+
+
+def _cluster_record(step_id: str, future: Any) -> StepRecord:
+    """The record a step's task on the cluster returned, raised (``StepFailed``), or ``skipped`` when it never ran."""
+    try:
+        value = future.result(raise_on_failure=True)
+    except StepFailed as exc:
+        return exc.record
+    except BaseException as exc:
+        state = getattr(future, "state", None)
+        if state is not None and (state.is_pending() or state.is_cancelled()):  # NotReady: an upstream step did not succeed
+            return StepRecord(id=step_id, status="skipped")
+        return StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}"))
+    if isinstance(value, StepRecord):
+        return value
+    return StepRecord(id=step_id, status="skipped")
 
 
 def run_with_watchdog(on_prefect_lost: Any, **params: Any) -> Any:

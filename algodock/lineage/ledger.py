@@ -56,6 +56,12 @@ class Ledger:
         if self.on_change:
             self.on_change(record)
 
+    def record(self, step_id: str) -> StepRecord | None:
+        """The latest record of ``step_id`` (None: not a step of the run)."""
+        with self._lock:
+            i = self._index.get(step_id)
+            return None if i is None else self.doc.steps[i]
+
     def start(self) -> None:
         with self._lock:
             self._write()

@@ -35,6 +35,7 @@ from algodock.lineage.openlineage import OpenLineageObserver
 from algodock.pipeline.capacity import Capacity, ResourcePool
 from algodock.pipeline.execute import RunContext, recover_run
 from algodock.pipeline.spec import Ref
+from algodock.pipeline.validate import Pipeline
 from algodock.records import LineageDocument, StepRecord
 from algodock.runtime.images import DEFAULT_PULL_POLICY, RegistryAuth, is_pinned
 from algodock.store.base import Store
@@ -122,14 +123,20 @@ class ComposedRun:
         pull_policy: str = DEFAULT_PULL_POLICY,
         registry_credentials: tuple[RegistryAuth, ...] = (),
         require_digest: bool = False,
+        pipeline: Pipeline | None = None,
+        step_credentials: dict[str, tuple[RegistryAuth, ...]] | None = None,
+        on_change: Any = None,
     ) -> None:
         self.store = store
         self.run_id = run_id
         self.capacity = capacity
         self.require_digest = require_digest
-        self.pipeline = ComposedPipeline(name)
+        self.spec: Pipeline | None = pipeline
+        """A pipeline spec's run: its steps are known up front (their ids, bindings and
+        parameters are the spec's); None for a run composed call by call."""
+        self.pipeline: Any = pipeline if pipeline is not None else ComposedPipeline(name)
         self.ctx = RunContext(
-            pipeline=self.pipeline,  # type: ignore[arg-type]  (the same view, growing)
+            pipeline=self.pipeline,  # the same view, growing when composed
             store=store,
             run_id=run_id,
             client=client,
@@ -140,10 +147,20 @@ class ComposedRun:
             observers=[OpenLineageObserver()],
             pull_policy=pull_policy,
             registry_credentials=registry_credentials,
+            step_credentials=dict(step_credentials or {}),
         )
         self.ledger = Ledger(
-            LineageDocument(run_id=run_id, pipeline=name, spec_sha256="", flow_run_id=flow_run_id, started_at=datetime.now(timezone.utc), store=store.uri()),
+            LineageDocument(
+                run_id=run_id,
+                pipeline=pipeline.spec.name if pipeline is not None else name,
+                spec_sha256=pipeline.spec_sha256 if pipeline is not None else "",
+                flow_run_id=flow_run_id,
+                started_at=datetime.now(timezone.utc),
+                store=store.uri(),
+                steps=[StepRecord(id=s) for s in pipeline.topological_order()] if pipeline is not None else [],
+            ),
             store,
+            on_change=on_change,
         )
         self._lease = RunLease(store, run_id)
         self._ids: dict[str, int] = {}
@@ -165,8 +182,11 @@ class ComposedRun:
         return self
 
     def step_id(self, name: str, given: str | None = None) -> str:
-        """``given`` when set (it must be new in this run), else ``name``, ``name-2``, ``name-3``… in call order."""
+        """``given`` when set (it must be new in this run, or a step of the run's spec), else
+        ``name``, ``name-2``, ``name-3``… in call order."""
         with self._lock:
+            if given is not None and self.spec is not None and given in self.spec.steps:
+                return given
             if given is not None:
                 if given in self.ledger._index:
                     raise InvalidInput(f"step_id {given!r}: a step of run {self.run_id} already has this id")
@@ -187,6 +207,17 @@ class ComposedRun:
                 return given
             n = self._ids.get(name, 0) + 1
             return name if n == 1 else f"{name}-{n}"
+
+    def add_step(self, step_id: str, manifest: Manifest, parameters: dict[str, Any], bindings: Mapping[str, Ref | str]) -> None:
+        """A composed step's manifest, parameters and bindings, as its task runs (a spec's steps are known already)."""
+        if self.spec is None:
+            self.pipeline.add_step(step_id, manifest, parameters, bindings)
+
+    def upstream_of(self, step_id: str) -> dict[str, StepRecord]:
+        """The records of the steps a step of the run's spec depends on, as they ended."""
+        assert self.spec is not None
+        found = {d: self.ledger.record(d) for d in sorted(self.spec.steps[step_id].dependencies)}
+        return {d: r for d, r in found.items() if r is not None}
 
     def check_fits(self, manifest: Manifest, where: str) -> None:
         """Refuse at once a step whose resource request can never fit this run's capacity."""
