@@ -153,7 +153,9 @@ def test_a_failure_raises_algorithm_failed_and_its_dependent_is_not_ready(tmp_pa
     assert by["scale"]["status"] == "failed" and by["scale"]["failure"]["kind"] == "exit_code"
     assert by["scale"]["attempts"] == 1  # exit_code is not retried without retries=
     assert by["merge"]["status"] == "skipped" and by["merge"]["started_at"] is None  # no container
-    assert _task_runs(flow_run_id)["scale"].state.is_failed()
+    runs = _task_runs(flow_run_id)
+    assert runs["scale"].state.is_failed()
+    assert runs["merge"].state.name == "NotReady", "a step's task run is named by its step id, also when it never ran"
 
 
 def test_bad_input_is_refused_at_submit_naming_algorithm_step_and_field(tmp_path, prefect_harness, example_image):
@@ -405,3 +407,127 @@ def test_a_bad_call_is_a_value_error_too(tmp_path, prefect_harness, example_imag
                 scale.submit(inputs={})
 
     bad()
+
+
+def test_a_step_materializes_its_outputs_as_assets_reading_its_external_inputs(tmp_path, prefect_harness, example_image):
+    """Each algorithm call is a materializing task: its outputs' store URIs are assets, the
+    files it reads are their dependencies, the event carries the output's sha256 and where its bytes are."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from algodock.flows import algodock_run, algorithm
+    from tests.waiting import poll
+
+    m = _manifests(tmp_path)
+    scale = algorithm(m["scale"])
+    store = tmp_path / "store"
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(_numbers(), numbers)
+
+    @flow
+    def assets():
+        with algodock_run(store=str(store), run_id="as1", cache=False):
+            return scale.submit(inputs={"numbers": str(numbers)}).result()
+
+    result = assets()
+    out = result.outputs["scaled"]
+    key = "file://" + str(store / "runs/as1/steps/scale/outputs/scaled.parquet")
+
+    def events():
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
+                                                         resource=EventResourceFilter(id=[key])), limit=50)
+        return page.events
+
+    [event] = poll("the materialization event of the step's output", events, deadline=30, every=0.5)
+    assert event.payload["sha256"] == out.sha256 and event.payload["uri"] == out.uri and event.payload["step"] == "scale"
+    related = {(r.id, r.role) for r in event.related}
+    assert ("file://" + str(numbers), "asset") in related and ("algodock", "asset-materialized-by") in related
+
+
+def test_cancelling_a_python_flow_from_the_ui_removes_its_containers(tmp_path, prefect_harness, docker_client, busybox_image):
+    """The UI's Cancel button on a flow that calls algorithms: the running container dies within
+    seconds, the step ends `cancelled`, its dependent never starts, the run is `cancelled`."""
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from algodock.flows import algodock_run, algorithm
+
+    sleeper = write_manifest(tmp_path / "sleep.json", name="sleeper", image=busybox_image,
+                             command=["sh", "-c", "echo started; sleep 300; mkdir -p /work/output/out"],
+                             container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}},
+                             outputs=[{"name": "out", "format": "binary", "multiple": True}])
+    after = write_manifest(tmp_path / "after.json", name="after", image=busybox_image, command=["true"],
+                           container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}},
+                           inputs=[{"name": "prev", "format": "binary", "multiple": True}])
+    store = tmp_path / "store"
+    slow, then = algorithm(sleeper), algorithm(after)
+
+    @flow
+    def cancellable():
+        with algodock_run(store=str(store), run_id="ccancel1", cache=False):
+            first = slow.submit(inputs={})
+            then.submit(inputs={"prev": first})
+
+    events = docker_client.events(decode=True, filters={"label": "io.algodock.run_id=ccancel1", "type": "container"})
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=cancellable(return_state=True)), daemon=True)
+    runner.start()
+    try:
+        for event in events:  # blocks until the container starts: no sleep
+            if event.get("status") == "start":
+                break
+        flow_run_id = json.loads((store / "runs/ccancel1/run.json").read_text())["flow_run_id"]
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        cancelled_at = time.monotonic()
+        for event in events:
+            if event.get("status") in ("die", "destroy"):
+                break
+        killed_after = time.monotonic() - cancelled_at
+    finally:
+        events.close()
+    runner.join(120)
+    assert not runner.is_alive()
+    assert killed_after < 10, f"the container outlived the cancellation by {killed_after:.1f} s"
+    summary = json.loads((store / "runs/ccancel1/run.json").read_text())
+    by = {s["id"]: s for s in summary["steps"]}
+    assert by["sleeper"]["status"] == "failed" and "cancelled" in by["sleeper"]["failure"]["message"]
+    assert by["after"]["status"] == "skipped"
+    assert summary["status"] == "cancelled"
+    assert not docker_client.containers.list(all=True, filters={"label": "io.algodock.run_id=ccancel1"})
+
+
+def test_a_flow_on_a_dask_cluster_of_worker_processes_records_its_steps(tmp_path, prefect_harness, example_image):
+    """Under a DaskTaskRunner whose workers are other processes, each step runs there (its run
+    joined through the call's ticket) and the flow's process writes its record into the lineage."""
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from algodock.flows import algodock_run, algorithm
+
+    scale = algorithm(_manifests(tmp_path)["scale"])
+    runner = DaskTaskRunner(cluster_kwargs={"processes": True, "n_workers": 1, "threads_per_worker": 2, "host": "127.0.0.1",
+                                            "dashboard_address": None, "resources": {"cpu_millicore": 1000, "memory_gb": 2}})
+    store = tmp_path / "store"
+
+    @flow(task_runner=runner)
+    def on_workers():
+        with algodock_run(store=str(store), run_id="dp1", cache=False):
+            a = scale.submit(inputs={"numbers": _numbers(4)}, parameters={"factor": 2})
+            b = scale.submit(inputs={"numbers": a}, parameters={"factor": 3})
+            return b.result()
+
+    result = on_workers()
+    assert result.read("scaled").column("x").to_pylist() == [6, 12, 18, 24]
+    lineage = _lineage(store, "dp1")
+    assert lineage["status"] == "succeeded"
+    by = {s["id"]: s for s in lineage["steps"]}
+    assert set(by) == {"scale", "scale-2"} and all(s["status"] == "succeeded" and s["image_id"] for s in by.values())
+    assert {i["name"]: i["produced_by"] for i in by["scale-2"]["inputs"]} == {"numbers": "scale"}
+    assert by["scale"]["inputs"][0]["uri"].endswith(".parquet") and "tables/" in by["scale"]["inputs"][0]["uri"]

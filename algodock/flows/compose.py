@@ -53,6 +53,7 @@ from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, Registry
 from algodock.store.layout import local_path_of
 from algodock.store.transfer import fetch_input
 from algodock.flows.artifacts import MATERIALIZED_BY
+from algodock.flows.watch import watch_run
 
 log = logging.getLogger("algodock.flows.compose")
 
@@ -146,16 +147,18 @@ class AlgorithmFailed(Exception):
     Prefect records the failure and retries ``infrastructure``).
     """
 
-    def __init__(self, kind: str, step_id: str, message: str, log_tail: list[str] | None = None) -> None:
+    def __init__(self, kind: str, step_id: str, message: str, log_tail: list[str] | None = None, record: StepRecord | None = None) -> None:
         self.kind = kind
         self.step_id = step_id
         self.message = message
         self.log_tail = list(log_tail or [])
+        self.record = record
+        """The step's record in the lineage, when it got that far."""
         tail = ("\n" + "\n".join(self.log_tail[-20:])) if self.log_tail else ""
         super().__init__(f"step {step_id} failed ({kind}): {message}{tail}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker
-        return (type(self), (self.kind, self.step_id, self.message, self.log_tail))
+        return (type(self), (self.kind, self.step_id, self.message, self.log_tail, self.record))
 
 
 class InvalidCall(InvalidInput, ValueError):
@@ -253,6 +256,58 @@ class _Planned:
     """Slot -> the task run id of the (non-algorithm) Prefect task whose value it receives."""
 
 
+@dataclass(frozen=True)
+class RunTicket:
+    """What a step needs to join its run from another process (a Dask worker): the run's id,
+    store and image settings. It travels with each call (the credentials too: over the Dask
+    cluster's connections, as ``run --cluster`` sends them)."""
+
+    run_id: str
+    store: str
+    use_cache: bool
+    flow_run_id: str | None
+    run_pull_policy: str
+    registry_credentials: tuple[RegistryAuth, ...]
+    concurrency_limit: str | None
+    pull_policy: str | None
+    """The step's own (None: the run's)."""
+    credentials: tuple[RegistryAuth, ...]
+    """The credentials of the step's algorithm block."""
+
+
+_GUESTS: dict[str, RunHandle] = {}
+"""The runs whose steps this process runs for another one (a Dask worker's), by run id."""
+
+
+def _guest_run(ticket: RunTicket) -> RunHandle:
+    """This process's part of ``ticket``'s run: its steps run on this host's engine (an ``algodock
+    worker``'s, with its resource pool and cancel event, else the local engine), stage from and
+    store into the run's store, and return their records to the run's process, which writes the lineage."""
+    from algodock.runtime.engine import docker_client
+    from algodock.store.backends import open_store
+
+    with _LOCK:
+        run = _GUESTS.get(ticket.run_id)
+        if run is not None:
+            return run
+        try:
+            from algodock.worker import current_engine
+
+            engine = current_engine()
+            client, pool, cancel = engine.client, engine.pool, engine.cancel_event(ticket.run_id)
+        except Exception:  # a plain Dask worker (a LocalCluster): the engine of this host
+            client = docker_client()
+            pool, cancel = None, None
+        composed = ComposedRun(
+            open_store(ticket.store), ticket.run_id, client, Capacity.from_engine(client) if pool is None else Capacity(cpu_millicore=1, memory_gb=1),
+            use_cache=ticket.use_cache, flow_run_id=ticket.flow_run_id, pull_policy=ticket.run_pull_policy,
+            registry_credentials=ticket.registry_credentials, guest=True, pool=pool, cancel=cancel,
+        ).open()
+        run = RunHandle(composed, ticket.concurrency_limit)
+        _GUESTS[ticket.run_id] = run
+        return run
+
+
 class RunHandle:
     """An open run (``with algodock_run(...) as run``): ``run.run_id``, ``run.store`` (its URI)."""
 
@@ -266,6 +321,8 @@ class RunHandle:
         self.watch = watch
         """A :class:`~algodock.flows.watch.RunWatch`: whether Prefect's API went away, and who runs each step (a pipeline's)."""
         self.status: str | None = None
+        self.stop_watching: threading.Event | None = None
+        """Set when the run closes: its watchers of the flow run (see algodock.flows.watch) stop."""
         self._futures: list[PrefectFuture[Any]] = []
         self._planned: dict[str, _Planned] = {}
         self._by_task_run: dict[str, str] = {}
@@ -289,6 +346,32 @@ class RunHandle:
         planned = self._planned.get(step_id) if step_id else None
         return planned.manifest if planned else None
 
+    def ticket(self, pull_policy: str | None, credentials: tuple[RegistryAuth, ...]) -> RunTicket:
+        """What a step of this run needs to run in another process (see :func:`_guest_run`)."""
+        ctx = self.composed.ctx
+        return RunTicket(self.run_id, self.store, ctx.use_cache, ctx.flow_run_id, ctx.pull_policy, ctx.registry_credentials,
+                         self.concurrency_limit, pull_policy, credentials)
+
+    def settle(self) -> None:
+        """Record the steps that ran in another process (a Dask worker's): their task returned
+        (or raised) the record the lineage keeps; a step that never ran stays for ``skipped``."""
+        ledger = self.composed.ledger
+        for future in list(self._futures):
+            step_id = self._by_task_run.get(str(future.task_run_id))
+            known = ledger.record(step_id) if step_id else None
+            if step_id is None or (known is not None and known.status not in ("pending", "running")):
+                continue
+            try:
+                value = future.result(raise_on_failure=True)
+            except AlgorithmFailed as exc:
+                if exc.record is not None:
+                    ledger.update(exc.record)
+                continue
+            except Exception:
+                continue
+            if isinstance(value, StepResult) and value.record is not None:
+                ledger.update(value.record)
+
     def cancel(self) -> None:
         """The flow run was cancelled or crashed, or the process is ending: no step starts, no container of the run outlives it."""
         from algodock.runtime.leftovers import kill_run_containers
@@ -306,10 +389,13 @@ class RunHandle:
         for future in list(self._futures):
             with contextlib.suppress(Exception):
                 future.wait()
+        self.settle()
         try:
             self.status = self.composed.finish()
         finally:
             _RUNS.pop(self.run_id, None)
+            if self.stop_watching is not None:
+                self.stop_watching.set()
         _publish(self)
         return self.status
 
@@ -370,6 +456,7 @@ def _open(
         pull_policy=pull_policy, registry_credentials=auths, require_digest=require_digest,
     ).open()
     handle = RunHandle(composed, concurrency_limit)
+    handle.stop_watching = watch_run(flow_run_id, composed.ctx)  # a cancellation from the UI removes the run's containers
     _RUNS[run_id] = handle
     return handle
 
@@ -660,16 +747,16 @@ def _bind(run: RunHandle, step_id: str, planned: _Planned, inputs: Mapping[str, 
         parts: list[Path] = []
         for i, item in enumerate(value):
             bound = one(slot, item, f"{where}[{i}]", f"{slot}[{i}]")
-            parts.append(_local_part(run, step_id, slot, i, bound))
+            parts.append(_local_part(run, upstream, step_id, slot, i, bound))
         uri, _ = put_combined(run.composed.store, parts, run.composed.ctx.scratch / "combined")
         bindings[slot] = uri
     return bindings, upstream, tables
 
 
-def _local_part(run: RunHandle, step_id: str, slot: str, i: int, bound: Ref | str | Path) -> Path:
+def _local_part(run: RunHandle, upstream: Mapping[str, StepRecord], step_id: str, slot: str, i: int, bound: Ref | str | Path) -> Path:
     """One element of a list, as a local file or folder (fetched when it lives in S3)."""
     if isinstance(bound, Ref):
-        record = next(s for s in run.composed.ledger.doc.steps if s.id == bound.name)
+        record = upstream[bound.name]
         uri = next(o.uri for o in record.outputs if o.name == bound.output)
     else:
         uri = str(bound)
@@ -739,10 +826,13 @@ def execute_in_task(
     return TaskStep(done)
 
 
-def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str) -> Any:
+def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str, ticket: RunTicket | None = None) -> Any:
     """The body of an algorithm task: bind the resolved inputs, run the step (:func:`execute_in_task`),
     return its :class:`StepResult` (a ``Cached`` state when no container ran) or raise :class:`AlgorithmFailed`."""
     run = _RUNS.get(run_id)
+    if run is None and ticket is not None:  # the step runs in another process than its run (a Dask worker)
+        run = _guest_run(ticket)
+        run.composed.image_options(step_id, ticket.pull_policy, ticket.credentials)
     if run is None or run.composed.finished:
         raise AlgorithmFailed("infrastructure", step_id, f"run {run_id} is not open in this process (its algodock_run block has ended)")
     from algodock.flows.artifacts import add_output_metadata, cached_state
@@ -764,8 +854,9 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
     try:
         bindings, upstream, tables = _bind(run, step_id, planned, inputs)
     except StepFailure as exc:
-        ended(StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc))
-        raise AlgorithmFailed(exc.kind, step_id, exc.message) from None
+        failed = StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc)
+        ended(failed)
+        raise AlgorithmFailed(exc.kind, step_id, exc.message, record=failed) from None
     if run.composed.spec is not None and step_id in run.composed.spec.steps:  # its bindings are the spec's; its upstream futures were its wait_for
         upstream = run.composed.upstream_of(step_id)
     run.composed.add_step(step_id, manifest, parameters, bindings)
@@ -782,7 +873,7 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
     done = step.record
     if done.status == "failed":
         assert done.failure is not None
-        raise AlgorithmFailed("cancelled" if step.cancelled else done.failure.kind, step_id, done.failure.message, done.log_tail)
+        raise AlgorithmFailed("cancelled" if step.cancelled else done.failure.kind, step_id, done.failure.message, done.log_tail, record=done)
     if step.reused:  # Prefect emits no asset event for a Cached state, as for its own cache hits
         return cached_state(done, run_id, data=StepResult.of(done, run_id, status="cached"))
     add_output_metadata(done, ctx)
@@ -838,7 +929,7 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         if spec is not None and step_id in spec.steps:  # a step of the run's spec: validated when the spec was loaded
             assert step_id is not None
             run.plan(step_id, _Planned(algo.name, algo.manifest))
-            return {"inputs": inputs, "parameters": spec.parameters[step_id], "step_id": step_id, "run_id": run.run_id}
+            return {"inputs": inputs, "parameters": spec.parameters[step_id], "step_id": step_id, "run_id": run.run_id, "ticket": run.ticket(self.pull_policy, algo.credentials)}
         label = run.composed.peek_step_id(algo.name, step_id)
         try:
             run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
@@ -849,7 +940,7 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         step_id = run.composed.step_id(algo.name, step_id)
         run.composed.image_options(step_id, self.pull_policy, algo.credentials)
         run.plan(step_id, _Planned(algo.name, algo.manifest, sources))
-        return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id}
+        return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id, "ticket": run.ticket(self.pull_policy, algo.credentials)}
 
     def _for_step(self, run: RunHandle, call: dict[str, Any]) -> AlgorithmTask:
         """This task as the step's: its task run named by the step id, its assets the outputs it
@@ -877,14 +968,14 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         run.track(call["step_id"], future)
         return future
 
-    def submit(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+    def submit(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, ticket: Any = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         run = _run_for_call()
         if run is None:
             raise InvalidCall(f"algorithm {self.algorithm.name}: .submit() is for inside a flow; call the task directly to run one step")
         call = self._call(run, inputs, parameters, step_id)
         return self._submit_step(run, call, wait_for, kwargs)
 
-    def map(self, inputs: Any = None, parameters: Any = None, step_id: Any = None, run_id: Any = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+    def map(self, inputs: Any = None, parameters: Any = None, step_id: Any = None, run_id: Any = None, ticket: Any = None, wait_for: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         from prefect.futures import PrefectFutureList
 
         run = _run_for_call()
@@ -906,7 +997,7 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
             futures.append(self._submit_step(run, call, wait_for, kwargs))
         return PrefectFutureList(futures)
 
-    def __call__(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+    def __call__(self, inputs: Any = None, parameters: Any = None, step_id: str | None = None, run_id: str | None = None, ticket: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         run = _run_for_call()
         if run is not None:
             call = self._call(run, inputs, parameters, step_id)
@@ -980,9 +1071,9 @@ def algorithm(source: Any, *, name: str | None = None, retries: int | None = Non
         _check_pull_policy(pull_policy, f"algorithm {step_name}")
     user_retries = int(retries or 0)
 
-    def run_algorithm(inputs: dict[str, Any], parameters: dict[str, Any] | None = None, step_id: str | None = None, run_id: str | None = None) -> Any:
+    def run_algorithm(inputs: dict[str, Any], parameters: dict[str, Any] | None = None, step_id: str | None = None, run_id: str | None = None, ticket: RunTicket | None = None) -> Any:
         assert step_id is not None and run_id is not None, "algorithm tasks are called through submit/map/__call__"
-        return run_algorithm_step(step_name, manifest, inputs, dict(parameters or {}), step_id, run_id)
+        return run_algorithm_step(step_name, manifest, inputs, dict(parameters or {}), step_id, run_id, ticket)
 
     run_algorithm.__name__ = run_algorithm.__qualname__ = step_name.replace("-", "_")
     run_algorithm.__algodock__ = _Algorithm(manifest, step_name, pull_policy, credentials)  # type: ignore[attr-defined]

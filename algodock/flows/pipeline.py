@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import contextvars
 import logging
 import shutil
 import tempfile
@@ -54,9 +53,7 @@ from algodock.flows.compose import (  # every step is an algorithm task, with th
     retry_options,
 )
 from algodock.flows.artifacts import publish_run_artifacts
-
-CANCEL_WATCH_SECONDS = 2.0
-
+from algodock.flows.watch import API_PROBE_SECONDS, RunWatch, run_watch, watch_run
 
 LISTENERS: list[Any] = []
 """Callables ``(record: StepRecord) -> None`` told of every step change (the CLI's live view)."""
@@ -68,65 +65,6 @@ def _notify(record: StepRecord) -> None:
             listener(record)
         except Exception:  # a broken view must not break the run
             pass
-
-
-API_PROBE_SECONDS = 1.0
-API_LOST_AFTER = 3
-"""Consecutive failed probes of the Prefect API's /health (one a second) after which the run
-goes on without Prefect: the steps' outcome is what counts, Prefect's record stays incomplete."""
-
-
-class RunWatch:
-    """What a caller sees of a run without asking Prefect: whether it finished, whether
-    Prefect's API went away, and which path (Prefect's task, or direct) runs each step."""
-
-    def __init__(self) -> None:
-        self.finished = threading.Event()
-        self.prefect_lost = threading.Event()
-        self.final: dict[str, StepRecord] = {}
-        self._claims: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, step_id: str, by: str) -> bool:
-        """True when ``by`` ("prefect" or "direct") runs ``step_id``: the first claim wins."""
-        with self._lock:
-            return self._claims.setdefault(step_id, by) == by
-
-
-_WATCHES: dict[str, RunWatch] = {}
-
-
-def run_watch(run_id: str) -> RunWatch:
-    """The :class:`RunWatch` of ``run_id`` in this process (created on first use)."""
-    return _WATCHES.setdefault(run_id, RunWatch())
-
-
-def _watch_api(watch: RunWatch, stop: threading.Event) -> None:
-    """Probe the Prefect API; set ``watch.prefect_lost`` when it stops answering at all.
-
-    Any HTTP answer counts as alive (a Cloud API may want auth for /health): only refused
-    connections and timeouts count as misses.
-    """
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        return  # an in-process API cannot go away without this process
-    misses = 0
-    with httpx.Client(timeout=2.0) as http:  # one client: building one (its TLS context) costs more than the probe
-        while not stop.wait(API_PROBE_SECONDS):
-            try:
-                http.get(url.rstrip("/") + "/health")
-                misses = 0
-            except httpx.HTTPError:
-                misses += 1
-            if misses >= API_LOST_AFTER:
-                logging.getLogger("algodock").warning(
-                    "the Prefect API at %s does not answer: the run goes on without it; Prefect's record of this run will be incomplete", url
-                )
-                watch.prefect_lost.set()
-                return
 
 
 class StepFailed(AlgorithmFailed):
@@ -182,23 +120,6 @@ def _engine_client(engine: Any) -> Any:
     from algodock.blocks import resolve_engine
 
     return resolve_engine(engine)
-
-
-def _watch_cancellation(flow_run_id: str, ctx: RunContext, stop: threading.Event, kill: Any = None) -> None:
-    """Cancelling a local run from the UI changes only its state; this makes it kill containers."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        while not stop.wait(CANCEL_WATCH_SECONDS):
-            try:
-                state = client.read_flow_run(flow_run_id).state
-            except Exception:
-                continue
-            if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                ctx.cancel.set()
-                ctx.pool.wake_all()
-                kill() if kill else kill_run_containers(ctx.client, ctx.run_id)  # kill: every host's (cluster mode)
-                return
 
 
 @flow(
@@ -259,10 +180,12 @@ def run_pipeline(
         check_concurrency_limit(concurrency_limit)
     held: RunLease | None = None
     """The lease as this flow's preparation took it (None: `algodock run` holds it), given back when the run is written."""
-    if prepared is not None and (prepared.capacity is not None or session is None):
+    if prepared is not None:  # the spec as `algodock run` loaded it; a cluster run's capacity is its biggest worker's
         pipeline = prepared.pipeline
-        cap = prepared.capacity or Capacity.from_engine(client)
-    else:  # a deployment or a call from Python; or a cluster run, whose capacity is its biggest worker's
+        cap = prepared.capacity or (session.largest_worker() if session else Capacity.from_engine(client))
+        if prepared.capacity is None:
+            pipeline.check_capacity(cap)
+    else:  # a deployment or a call from Python
         cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
         prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
         pipeline, held = prepared.pipeline, prepared.lease  # RunBusy names the holder
@@ -296,11 +219,7 @@ def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap:
     ctx = run.composed.ctx
     order = pipeline.topological_order()
     logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
-    stop_watch = threading.Event()
-    if flow_run_id:
-        # In copies of this context, so the watchers talk to the same Prefect API (settings set in code included).
-        for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch)), (_watch_api, (watch, stop_watch))):
-            threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
+    stop_watch = watch_run(flow_run_id, ctx, watch)
     try:
         with current_run(run):
             futures = _submit_steps(pipeline, order)
@@ -387,11 +306,8 @@ def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: st
         session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
                           images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
         logger.info("run %s of pipeline %s: %d steps on cluster %s, store %s", run_id, pipeline.spec.name, len(order), session.address, the_store.uri())
-        stop_watch = threading.Event()
         watch = run_watch(run_id)
-        if flow_run_id:
-            for target, args in ((_watch_cancellation, (flow_run_id, ctx, stop_watch, session.cancel_everywhere)), (_watch_api, (watch, stop_watch))):
-                threading.Thread(target=contextvars.copy_context().run, args=(target, *args), daemon=True).start()
+        stop_watch = watch_run(flow_run_id, ctx, watch, kill=session.cancel_everywhere)
         try:
             status = _schedule_on_cluster(ctx, pipeline, order, ledger, session)
         except BaseException:

@@ -30,10 +30,12 @@ class Ledger:
     LEDGER_MIN_INTERVAL = 0.5
     LEDGER_INTERVAL_PER_STEP = 0.01
 
-    def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None) -> None:
+    def __init__(self, doc: LineageDocument, store: Store, on_change: Any = None, writes: bool = True) -> None:
         self.doc = doc
         self.store = store
         self.on_change = on_change
+        self.writes = writes
+        """False: the records are kept here only (a step run away from its run's process: that process writes the document)."""
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._closing = False
@@ -106,6 +108,8 @@ class Ledger:
         }
 
     def _write(self, snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
+        if not self.writes:
+            return
         lineage, summary = snapshot or (self.doc.model_dump(mode="json"), self.summary())
         self.store.write_json(lineage_rel(self.doc.run_id), lineage)
         self.store.write_json(run_json_rel(self.doc.run_id), summary)

@@ -126,11 +126,17 @@ class ComposedRun:
         pipeline: Pipeline | None = None,
         step_credentials: dict[str, tuple[RegistryAuth, ...]] | None = None,
         on_change: Any = None,
+        guest: bool = False,
+        pool: ResourcePool | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.store = store
         self.run_id = run_id
         self.capacity = capacity
         self.require_digest = require_digest
+        self.guest = guest
+        """A step of the run in another process than the run's own (a Dask worker's): no lease,
+        no clean-up, no lineage written here; the run's process records what its steps return."""
         self.spec: Pipeline | None = pipeline
         """A pipeline spec's run: its steps are known up front (their ids, bindings and
         parameters are the spec's); None for a run composed call by call."""
@@ -140,7 +146,7 @@ class ComposedRun:
             store=store,
             run_id=run_id,
             client=client,
-            pool=ResourcePool(capacity),
+            pool=pool or ResourcePool(capacity),
             scratch=Path(tempfile.gettempdir()),  # the run's own folder is made by open(), after the clean-up
             use_cache=use_cache,
             flow_run_id=flow_run_id,
@@ -148,6 +154,7 @@ class ComposedRun:
             pull_policy=pull_policy,
             registry_credentials=registry_credentials,
             step_credentials=dict(step_credentials or {}),
+            **({"cancel": cancel} if cancel is not None else {}),
         )
         self.ledger = Ledger(
             LineageDocument(
@@ -161,6 +168,7 @@ class ComposedRun:
             ),
             store,
             on_change=on_change,
+            writes=not guest,
         )
         self._lease = RunLease(store, run_id)
         self._ids: dict[str, int] = {}
@@ -169,7 +177,11 @@ class ComposedRun:
         self._opened = False
 
     def open(self) -> ComposedRun:
-        self._lease.acquire()
+        if self.guest:
+            self.ctx.scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{self.run_id}-"))
+            self.ctx.cache = StoreCache(self.store, run_id=self.run_id)
+            return self
+        self._lease = self._lease.acquire()  # this process's hold, counted (`algodock run` may hold it already)
         self._opened = True
         try:
             recover_run(self.store, self.run_id, self.ctx.client)  # removes a dead writer's scratch folders too: make ours after

@@ -107,6 +107,18 @@ class Pipeline:
             pending.remove(ready)
         return order
 
+    def check_capacity(self, capacity: Capacity) -> None:
+        """Refuse the run (:class:`InvalidManifest`, a line per step) when a step's resource
+        request could never fit ``capacity``: the check a spec loaded without one (a cluster
+        run's, whose capacity is known only once its workers answer) is given later."""
+        errors = [
+            step_error(self.source, step_id, "resource_request", f"larger than the capacity ({', '.join(excess)}); it could never run")
+            for step_id, manifest in self.manifests.items()
+            if (excess := capacity.excess(manifest.container_parameters.resource_request))
+        ]
+        if errors:
+            raise InvalidManifest("\n".join(errors), errors=errors)
+
     def downstream(self, step_id: str) -> set[str]:
         """Every step that depends on ``step_id``, directly or not (what a failure skips)."""
         found: set[str] = set()
