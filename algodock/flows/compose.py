@@ -955,7 +955,7 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         else:
             externals = [os.fspath(v) for v in _unwrap(call["inputs"] or {}).values() if isinstance(_unwrap(v), (str, os.PathLike))]
         options = step_assets(run.composed.ctx, step_id, self.algorithm.manifest, externals)
-        # the name spelled out: a task run whose upstream failed (NotReady) is named before its parameters resolve
+        # spelled out: a pipeline step whose upstream failed (NotReady, its wait_for) is named before it resolves anything
         return self.with_options(task_run_name=step_id, **options)
 
     def _submit_step(self, run: RunHandle, call: dict[str, Any], wait_for: Any, kwargs: dict[str, Any]) -> Any:
