@@ -447,14 +447,10 @@ def test_a_step_materializes_its_outputs_as_assets_reading_its_external_inputs(t
 def test_cancelling_a_python_flow_from_the_ui_removes_its_containers(tmp_path, prefect_harness, docker_client, busybox_image):
     """The UI's Cancel button on a flow that calls algorithms: the running container dies within
     seconds, the step ends `cancelled`, its dependent never starts, the run is `cancelled`."""
-    import threading
-    import time
-
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
 
     from algodock.flows import algodock_run, algorithm
+    from tests.waiting import cancel_from_the_ui
 
     sleeper = write_manifest(tmp_path / "sleep.json", name="sleeper", image=busybox_image,
                              command=["sh", "-c", "echo started; sleep 300; mkdir -p /work/output/out"],
@@ -472,26 +468,7 @@ def test_cancelling_a_python_flow_from_the_ui_removes_its_containers(tmp_path, p
             first = slow.submit(inputs={})
             then.submit(inputs={"prev": first})
 
-    events = docker_client.events(decode=True, filters={"label": "io.algodock.run_id=ccancel1", "type": "container"})
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(state=cancellable(return_state=True)), daemon=True)
-    runner.start()
-    try:
-        for event in events:  # blocks until the container starts: no sleep
-            if event.get("status") == "start":
-                break
-        flow_run_id = json.loads((store / "runs/ccancel1/run.json").read_text())["flow_run_id"]
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
-        cancelled_at = time.monotonic()
-        for event in events:
-            if event.get("status") in ("die", "destroy"):
-                break
-        killed_after = time.monotonic() - cancelled_at
-    finally:
-        events.close()
-    runner.join(120)
-    assert not runner.is_alive()
+    killed_after = cancel_from_the_ui(docker_client, "ccancel1", store, lambda: cancellable(return_state=True))
     assert killed_after < 10, f"the container outlived the cancellation by {killed_after:.1f} s"
     summary = json.loads((store / "runs/ccancel1/run.json").read_text())
     by = {s["id"]: s for s in summary["steps"]}

@@ -217,43 +217,16 @@ def test_cli_run_json_and_bad_spec(tmp_path, prefect_harness, example_image):
 
 def test_cancelling_the_flow_run_kills_its_containers(tmp_path, prefect_harness, docker_client, busybox_image):
     """What the UI's Cancel button does: set the flow run to Cancelling; containers must die within seconds."""
-    import threading
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
-
     from algodock.flows.pipeline import run_pipeline
+    from tests.waiting import cancel_from_the_ui
 
     write_manifest(tmp_path / "sleep.json", name="sleeper", image=busybox_image, command=["sh", "-c", "echo started; sleep 300"],
                    container={"resource_request": {"cpu_millicore": 100, "memory_gb": 0.1}})
     (tmp_path / "p.yaml").write_text(
         'pipeline_version: "0.1"\nname: cancel\nsteps:\n  - {id: slow, manifest: sleep.json}\n  - {id: after, manifest: sleep.json, after: [slow]}\n'
     )
-    events = docker_client.events(decode=True, filters={"label": "io.algodock.run_id=cancel1", "type": "container"})
-    outcome: dict = {}
-    runner = threading.Thread(
-        target=lambda: outcome.update(state=run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="cancel1", no_cache=True, return_state=True)),
-        daemon=True,
-    )
-    runner.start()
-    try:
-        for event in events:  # blocks until the container starts: no sleep
-            if event.get("status") == "start":
-                break
-        summary = json.loads((tmp_path / "store/runs/cancel1/run.json").read_text())
-        flow_run_id = summary["flow_run_id"]
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
-        cancelled_at = time.monotonic()
-        for event in events:
-            if event.get("status") in ("die", "destroy"):
-                break
-        killed_after = time.monotonic() - cancelled_at
-    finally:
-        events.close()
-    runner.join(120)
-    assert not runner.is_alive()
+    killed_after = cancel_from_the_ui(docker_client, "cancel1", tmp_path / "store", lambda: run_pipeline(
+        spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="cancel1", no_cache=True, return_state=True))
     assert killed_after < 10, f"the container outlived the cancellation by {killed_after:.1f} s"
     summary = json.loads((tmp_path / "store/runs/cancel1/run.json").read_text())
     by = {s["id"]: s for s in summary["steps"]}
