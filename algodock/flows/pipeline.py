@@ -309,7 +309,7 @@ def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: st
         watch = run_watch(run_id)
         stop_watch = watch_run(flow_run_id, ctx, watch, kill=session.cancel_everywhere)
         try:
-            status = _schedule_on_cluster(ctx, pipeline, order, ledger, session)
+            status = _submit_to_cluster(ctx, pipeline, order, ledger, session)
         except BaseException:
             ctx.cancel.set()
             with contextlib.suppress(Exception):
@@ -349,7 +349,7 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
     return max(1, min(len(requests), fit + 1))
 
 
-def _schedule_on_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> str:
+def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> str:
     """Submit every step to the cluster at once, each with its upstream steps' futures as
     ``upstream``: Dask starts a step on a worker with room as soon as they are done (Prefect
     gives a dependent of a failure ``NotReady``); the records come back here to the ledger."""
