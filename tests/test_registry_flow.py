@@ -117,10 +117,10 @@ def test_a_registry_that_is_down_is_infrastructure_retried_then_reported(registr
     from algodock.flows import pipeline as flows_pipeline
     from algodock.runtime.images import RegistryAuth, resolve_image
 
-    from algodock.flows import compose
+    from algodock.flows import retries
 
-    monkeypatch.setattr(compose, "RETRY_DELAYS_SECONDS", [0.1])
-    monkeypatch.setattr(compose, "RETRY_JITTER_FACTOR", 0.0)
+    monkeypatch.setattr(retries, "RETRY_DELAYS_SECONDS", [0.1])
+    monkeypatch.setattr(retries, "RETRY_JITTER_FACTOR", 0.0)
     tag = uuid.uuid4().hex[:8]
     name = f"algo/down-{tag}"
     local = f"algodock-test/down-{tag}:1"
@@ -142,7 +142,7 @@ def test_a_registry_that_is_down_is_infrastructure_retried_then_reported(registr
     assert state.is_failed()
     [step] = json.loads((tmp_path / "store/runs/down1/lineage.json").read_text())["steps"]
     assert step["failure"]["kind"] == "infrastructure" and f"registry {registry.host}" in step["failure"]["message"], step["failure"]
-    assert step["attempts"] == compose.INFRA_RETRIES + 1 and step["started_at"] is None  # no container started
+    assert step["attempts"] == retries.INFRA_RETRIES + 1 and step["started_at"] is None  # no container started
 
 
 def test_algodock_pin_then_run_with_require_digest(registry: Registry, docker_client: Any, busybox_image: str, prefect_harness: Any, tmp_path: Path) -> None:
