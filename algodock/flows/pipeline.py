@@ -203,8 +203,9 @@ def run_pipeline(
 def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap: Capacity, auths: Any, no_cache: bool,
               flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
     """The run on this host: each step is an :func:`~algodock.flows.compose.algorithm` task,
-    submitted with its upstream steps' futures as inputs, as in any Python flow: Prefect waits
-    for them (the run graph's edges) and gives a dependent of a failure ``NotReady``."""
+    submitted at once, waiting for its upstream steps' futures as in any Python flow: Prefect
+    starts it when they completed (the run graph's edges) and gives a dependent of a failure
+    ``NotReady``; the tasks run in a pool of threads sized by the capacity (:func:`_threads`)."""
     from algodock.blocks import step_registry_auths
 
     logger = get_run_logger()
@@ -275,7 +276,7 @@ def _wait(futures: dict[str, Any], watch: RunWatch) -> bool:
         if watch.prefect_lost.is_set():
             return False
         _, pending = concurrent.futures.wait(pending, timeout=API_PROBE_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
-    return not watch.prefect_lost.is_set() or True
+    return not watch.prefect_lost.is_set()  # lost at the very end: the run is still written without Prefect
 
 
 def _threads(pipeline: Pipeline, workers: int) -> int:
