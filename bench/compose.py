@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _util import busybox_image, fmt_s, prefect_server, print_table, quick, run_flow, scratch_dir, verdict, write_manifest
+from _util import busybox_image, exit_status, fmt_s, prefect_server, print_table, quick, run_flow, scratch_dir, verdict, write_manifest
 from chain import _raw_chain
 
 from algodock.contract.manifest import INPUT_DIR
@@ -110,8 +110,8 @@ def main() -> int:
     print()
     print("all samples (s): " + "; ".join(f"{k} " + "/".join(f"{x:.2f}" for x in v) for k, v in walls.items()))
     ratio = per["python"] / per["pipeline"]
-    print(f"target: python flow per step <= {TARGET_RATIO}x the pipeline's -> {ratio:.2f}x: {verdict(ratio <= TARGET_RATIO)}")
-    return 0 if ratio <= TARGET_RATIO else 1
+    verdict("python flow per step / pipeline per step (best of each)", ratio, TARGET_RATIO)
+    return exit_status()
 
 
 if __name__ == "__main__":
