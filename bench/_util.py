@@ -441,5 +441,81 @@ class StepProfiler:
             print(f"outside the task bodies (Prefect task engine + scheduler), per step: {fmt_s(outside)}")
 
 
+# ---------------------------------------------------------------- counting API calls
+
+
+class ApiCalls:
+    """Counts every request to the Docker engine (``docker.APIClient.send``: the session every
+    docker SDK call goes through) and to the Prefect API (``httpx`` clients, sync and async), by
+    method and path (ids replaced by ``{id}``) and by the thread that made it. Pure counting:
+    each request is passed on untouched. ``with ApiCalls() as calls: ...``, then ``calls.counts``.
+    """
+
+    _ID = r"/(sha256:)?[0-9a-f]{64}|/algodock-[\w.-]+|/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """``(engine, "METHOD /path", thread group)`` -> requests; engine is ``docker`` or ``prefect``."""
+        self._lock = threading.Lock()
+        self._saved: list[tuple[Any, Any]] = []
+
+    def _count(self, engine: str, method: str, url: str) -> None:
+        import re
+        import threading
+
+        path = re.sub(r"^.*?/v1\.\d+", "", url.split("?", 1)[0]) if engine == "docker" else url.split("?", 1)[0].split("/api", 1)[-1]
+        path = re.sub(self._ID, "/{id}", path)
+        thread = threading.current_thread().name
+        group = "ahead" if thread.startswith("algodock-create-ahead") else "other"
+        with self._lock:
+            self.counts[(engine, f"{method} {path}", group)] += 1
+
+    def __enter__(self) -> ApiCalls:
+        import docker.api.client
+        import httpx
+
+        counter = self
+        api_send = docker.api.client.APIClient.send
+
+        def docker_send(session: Any, request: Any, **kwargs: Any) -> Any:
+            counter._count("docker", request.method, request.url)
+            return api_send(session, request, **kwargs)
+
+        sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+
+        def prefect_sync(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if "/api/" in str(request.url):
+                counter._count("prefect", request.method, str(request.url))
+            return sync_send(client, request, *args, **kwargs)
+
+        async def prefect_async(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if "/api/" in str(request.url):
+                counter._count("prefect", request.method, str(request.url))
+            return await async_send(client, request, *args, **kwargs)
+
+        self._saved = [(docker.api.client.APIClient, ("send", api_send)), (httpx.Client, ("send", sync_send)), (httpx.AsyncClient, ("send", async_send))]
+        docker.api.client.APIClient.send = docker_send  # type: ignore[method-assign]
+        httpx.Client.send = prefect_sync  # type: ignore[method-assign]
+        httpx.AsyncClient.send = prefect_async  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, (name, original) in self._saved:
+            setattr(owner, name, original)
+
+    def total(self, engine: str, group: str | None = None) -> int:
+        return sum(n for (e, _, g), n in self.counts.items() if e == engine and (group is None or g == group))
+
+    def by_call(self, engine: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (e, call, _), n in self.counts.items():
+            if e == engine:
+                out[call] = out.get(call, 0) + n
+        return out
+
+
 if __name__ == "__main__":
     print("bench/_util.py holds helpers for the other benches; nothing to run.")
