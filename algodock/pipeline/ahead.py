@@ -180,8 +180,9 @@ class CreatedAhead:
 
     # ---------------------------------------------------------------- events from execute_step
 
-    def container_starting(self, step_id: str) -> None:
-        """``step_id``'s container is about to start: create its dependents' containers that may start next."""
+    def container_started(self, step_id: str) -> None:
+        """``step_id``'s container runs: create its dependents' containers that may start next (not
+        before: a create beside the start slows the start on the engine)."""
         with self._lock:
             self._running.add(step_id)
             self._plan(step_id)

@@ -314,9 +314,11 @@ def _execute(
         held = True
         if around_container is not None:
             slot.enter_context(around_container())
+
+    def started() -> None:  # the container runs: the dependents that may start next get theirs meanwhile
         ahead = ctx.ahead()
-        if ahead is not None:  # the dependents that may start next get their containers while this one runs
-            ahead.container_starting(step_id)
+        if ahead is not None:
+            ahead.container_started(step_id)
 
     def release() -> None:  # as soon as the container exited, before its clean-up
         nonlocal held
@@ -343,6 +345,7 @@ def _execute(
             emit_limit=EMIT_LIMIT,
             work_dir=scratch / "work",
             before_start=acquire,
+            on_start=started,
             on_exit=release,
             flow_run_id=ctx.flow_run_id,
             ahead=reservation.take() if reservation is not None else None,

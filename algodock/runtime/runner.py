@@ -77,6 +77,7 @@ def run_step(
     work_dir: Path | None = None,
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
     descriptor_path: str = ALGO_INPUT_PATH,
     flow_run_id: str | None = None,
@@ -90,7 +91,8 @@ def run_step(
     ``failure`` of docs/contract.md §4 on the result, and the container is removed whatever happened.
 
     ``before_start`` is called once the container is created, just before it starts (a
-    resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
+    resource pool waits there, so creation overlaps other steps' runs); ``on_start`` once it
+    runs (the engine then creates the containers of the steps that may start next); ``on_exit`` as soon
     as it has exited, before the clean-up (the pool gets its resources back at once).
     ``on_log`` gets at most ``emit_lines`` lines (and ``emit_limit`` bytes), then one line
     naming ``log_location`` (default ``log_path``), where the whole log is kept.
@@ -153,6 +155,8 @@ def run_step(
             except Exception as exc:  # e.g. cancelled while waiting for resources
                 raise InfrastructureError(f"the step did not start: {exc}") from exc
         box.start(result, on_log=on_log, log_path=log_path, emit_limit=emit_limit, emit_lines=emit_lines, log_location=log_location)
+        if on_start is not None:
+            on_start()
         box.wait(result)
         if on_exit is not None:
             on_exit()
