@@ -231,3 +231,30 @@ def test_the_sweep_finds_a_container_created_ahead_after_its_process_was_killed(
     assert not exists(docker_client, ahead)
     assert any(name.startswith("algodock-down-") for name in removed), removed
     assert containers(docker_client, run_id, "up") == [], "the killed step's own container went with the same sweep"
+
+
+def test_a_container_created_with_another_configuration_is_not_adopted(tmp_path, docker_client, busybox_image) -> None:
+    """What a step would create now decides: a container made ahead with another environment
+    (say, a manifest edited meanwhile) is refused, and the step's owner removes it."""
+    from algodock.contract.manifest import parse_manifest
+    from algodock.runtime.engine import container_labels
+    from algodock.runtime.images import resolve_image
+
+    def box(env: dict[str, str]) -> StepContainer:
+        m = parse_manifest({"manifest_version": "0.1", "name": "m", "version": "1.0.0",
+                            "container_parameters": {"image": busybox_image, "command": ["true"], "env": env}, "outputs": []})
+        (tmp_path / "work" / "input").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "work" / "algo_input.json").touch()
+        (tmp_path / "out").mkdir(exist_ok=True)
+        return StepContainer(docker_client, m, resolve_image(docker_client, busybox_image), labels=container_labels("adopt", "s", 1),
+                             step_id="s", work=tmp_path / "work", output_dir=tmp_path / "out")
+
+    ahead = box({"MODE": "old"})
+    ahead.create()
+    try:
+        assert not box({"MODE": "new"}).adopt(ahead)
+        same = box({"MODE": "old"})
+        assert same.adopt(ahead) and same.container.id == ahead.container.id
+    finally:
+        ahead.discard()
+    assert not exists(docker_client, ahead.container.id)

@@ -142,9 +142,10 @@ class Reservation:
             return
         shutil.rmtree(self.paths.scratch, ignore_errors=True)
         shutil.rmtree(self.paths.output_dir, ignore_errors=True)
-        if self.paths.attempt_dir is not None:
-            with suppress(OSError):
-                self.paths.attempt_dir.rmdir()  # only when nothing else is in it
+        for folder in (self.paths.attempt_dir, self.paths.scratch.parent):  # each only when nothing else is in it
+            if folder is not None:
+                with suppress(OSError):
+                    folder.rmdir()
 
 
 _live: weakref.WeakSet[CreatedAhead] = weakref.WeakSet()
@@ -204,6 +205,9 @@ class CreatedAhead:
         with self._lock:
             self._seen.add(step_id)
             reservation = self._reserved.pop(step_id, None)
+            if reservation is not None and reservation in self._queue:  # not begun: the step creates its own, sooner
+                self._queue.remove(reservation)
+                reservation.created.set()
         if reservation is None:
             return None
         if reservation.attempt != attempt or self.ctx.cancel.is_set():
