@@ -119,17 +119,18 @@ class RunContext:
     _images: dict[tuple[str, str, tuple[str, ...]], ResolvedImage] = field(default_factory=dict)
     _image_locks: dict[tuple[str, str, tuple[str, ...]], threading.Lock] = field(default_factory=dict)
     _ahead: CreatedAhead | None = None
+    _ahead_lock: threading.Lock = field(default_factory=threading.Lock)  # not _lock: that one is held while an external input downloads
 
     def ahead(self) -> CreatedAhead | None:
         """The run's containers created ahead (None where the rule of :meth:`CreatedAhead.enabled` says no)."""
-        with self._lock:
+        with self._ahead_lock:
             if self._ahead is None and CreatedAhead.enabled(self):
                 self._ahead = CreatedAhead(self)
             return self._ahead
 
     def close(self) -> None:
         """The run ended: remove whatever was created ahead and not used."""
-        with self._lock:
+        with self._ahead_lock:
             ahead, self.create_ahead = self._ahead, False
         if ahead is not None:
             ahead.close()
@@ -140,8 +141,7 @@ class RunContext:
 
     def known_image(self, ref: str, policy: str | None = None, step_id: str | None = None) -> ResolvedImage | None:
         """``ref`` as :meth:`image` resolved it earlier in this run, else None (never asks anything)."""
-        with self._lock:
-            return self._images.get(self._image_key(ref, policy, step_id))
+        return self._images.get(self._image_key(ref, policy, step_id))  # one dict read: no lock (that one is held while an input downloads)
 
     def image(self, ref: str, policy: str | None = None, on_log: Callable[[str], None] | None = None, step_id: str | None = None) -> ResolvedImage:
         """``ref`` resolved once per run and pull policy: every step of the run uses the same image.
