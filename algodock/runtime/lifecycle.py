@@ -3,13 +3,19 @@
 :class:`StepContainer` holds everything one attempt's container needs and leaves behind, and
 goes through its phases in order: :meth:`~StepContainer.prepare` the sandbox configuration
 (labels, staging mounts), :meth:`~StepContainer.create`, :meth:`~StepContainer.stage` the work
-folder into it, :meth:`~StepContainer.start` (log pump, usage sampler, output watcher),
+folder into it, :meth:`~StepContainer.attach` its output stream and :meth:`~StepContainer.start`
+it (log pump, usage sampler, output watcher),
 :meth:`~StepContainer.wait` with its limits, :meth:`~StepContainer.check_exit` (how it ended:
 a failure kind or a clean exit), :meth:`~StepContainer.collect` its outputs, and
 :meth:`~StepContainer.remove` it, whatever happened before. Any phase may raise a
 :class:`~algodock.errors.StepFailure` (or an engine error);
 :func:`algodock.runtime.runner.run_step` composes the phases and turns every end into a
 failure kind of docs/contract.md §4.
+
+A container created ahead (:mod:`algodock.pipeline.ahead`: prepared, created and attached while
+the step's upstream steps run) is taken over with :meth:`~StepContainer.adopt` only when its
+configuration is exactly what :meth:`~StepContainer.create` would make now; one never used goes
+with :meth:`~StepContainer.discard`.
 """
 
 from __future__ import annotations
