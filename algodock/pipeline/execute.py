@@ -40,7 +40,7 @@ from pydantic import BaseModel
 from algodock.cache import StepCache, cache_key
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
-from algodock.pipeline.ahead import CreatedAhead, Reservation, StepPaths, step_paths, work_root
+from algodock.pipeline.ahead import CreatedAhead, Reservation, StepPaths, step_paths, work_root  # noqa: F401  (work_root: callers found it here)
 from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.handoff import check_outputs, parquet_files
