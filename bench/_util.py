@@ -285,6 +285,38 @@ def run_flow(spec: dict[str, Any], store: Path, run_id: str, capacity: str) -> F
     return FlowRun(summary, wall, called, returned)
 
 
+def run_engine(spec: dict[str, Any] | Path, store: Path, run_id: str, capacity: str, client: Any) -> float:
+    """Run a pipeline's steps one after another through the engine alone
+    (:func:`algodock.pipeline.execute.execute_step`, no Prefect, no cache); returns the wall seconds."""
+    import json
+
+    from algodock.pipeline import load_pipeline
+    from algodock.pipeline.capacity import Capacity, ResourcePool
+    from algodock.pipeline.execute import RunContext, execute_step
+    from algodock.store.backends import open_store
+
+    if isinstance(spec, dict):
+        path = store.parent / f"{run_id}.json"
+        path.write_text(json.dumps(spec))
+        spec = path
+    cap = Capacity.parse(capacity)
+    pipeline = load_pipeline(spec, capacity=cap)
+    scratch = Path(tempfile.mkdtemp(prefix=f"engine-{run_id}-", dir=store.parent))
+    t0 = time.perf_counter()
+    ctx = RunContext(pipeline=pipeline, store=open_store(str(store)), run_id=run_id, client=client, pool=ResourcePool(cap), scratch=scratch)
+    records: dict[str, Any] = {}
+    try:
+        for step_id in pipeline.topological_order():
+            records[step_id] = execute_step(ctx, step_id, {d: records[d] for d in pipeline.dependencies[step_id]})
+            if records[step_id].status != "succeeded":
+                sys.exit(f"bench: run {run_id}: step {step_id} failed: {records[step_id].failure}")
+    finally:
+        if hasattr(ctx, "close"):  # an older tree (ALGODOCK_BENCH_SRC) may not have it
+            ctx.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
 def step_times(summary: dict[str, Any]) -> list[tuple[str, datetime, datetime]]:
     """``(id, started_at, finished_at)`` of every step of a run summary that ran a container."""
     out = []
@@ -330,8 +362,8 @@ class StepProfiler:
 
     PHASES: list[tuple[str, str, str, int]] = [  # (label, module, attribute, depth)
         ("task submit (Prefect)", "prefect.tasks", "Task.submit", 0),
-        ("task body (run_step_task)", "algodock.flows.pipeline", "run_step_task.fn", 0),
-        ("execute_step", "algodock.flows.pipeline", "execute_step", 1),
+        ("task body (run_step_task)", "algodock.flows.pipeline", "_run_step", 0),
+        ("execute_step", "algodock.flows.compose", "execute_step", 1),
         ("bind_inputs", "algodock.pipeline.execute", "bind_inputs", 2),
         ("resolve_image", "algodock.pipeline.execute", "resolve_image", 2),
         ("cache lookup", "algodock.lineage.cache", "StoreCache.lookup", 2),
@@ -340,7 +372,7 @@ class StepProfiler:
         ("prepare_work_dir (staging)", "algodock.runtime.runner", "prepare_work_dir", 3),
         ("container create", "algodock.runtime.lifecycle", "_create", 3),
         ("pool acquire", "algodock.pipeline.capacity", "ResourcePool.acquire", 3),
-        ("container attach", "docker.models.containers", "Container.attach", 3),
+        ("container attach", "algodock.runtime.lifecycle", "StepContainer.attach", 3),
         ("container start", "docker.models.containers", "Container.start", 3),
         ("container wait", "algodock.runtime.lifecycle", "_wait", 3),
         ("container reload", "docker.models.containers", "Container.reload", 3),
@@ -348,8 +380,8 @@ class StepProfiler:
         ("container remove", "algodock.runtime.lifecycle", "remove_container", 3),
         ("store put_output", "algodock.store.backends", "LocalStore.put_output", 2),
         ("cache remember", "algodock.lineage.cache", "StoreCache.remember", 2),
-        ("ledger update", "algodock.flows.pipeline", "Ledger.update", 0),
-        ("ledger write", "algodock.flows.pipeline", "Ledger._write", 1),
+        ("ledger update", "algodock.lineage.ledger", "Ledger.update", 0),
+        ("ledger write", "algodock.lineage.ledger", "Ledger._write", 1),
     ]
 
     def __init__(self) -> None:
@@ -439,6 +471,82 @@ class StepProfiler:
             # (task-run creation, state changes, futures) and the flow's scheduler.
             outside = (max(b for _, b in bodies) - min(a for a, _ in submits) - sum(b - a for a, b in bodies)) / steps
             print(f"outside the task bodies (Prefect task engine + scheduler), per step: {fmt_s(outside)}")
+
+
+# ---------------------------------------------------------------- counting API calls
+
+
+class ApiCalls:
+    """Counts every request to the Docker engine (``docker.APIClient.send``: the session every
+    docker SDK call goes through) and to the Prefect API (``httpx`` clients, sync and async), by
+    method and path (ids replaced by ``{id}``) and by the thread that made it. Pure counting:
+    each request is passed on untouched. ``with ApiCalls() as calls: ...``, then ``calls.counts``.
+    """
+
+    _ID = r"/(sha256:)?[0-9a-f]{64}|/algodock-[\w.-]+|/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """``(engine, "METHOD /path", thread group)`` -> requests; engine is ``docker`` or ``prefect``."""
+        self._lock = threading.Lock()
+        self._saved: list[tuple[Any, Any]] = []
+
+    def _count(self, engine: str, method: str, url: str) -> None:
+        import re
+        import threading
+
+        path = re.sub(r"^.*?/v1\.\d+", "", url.split("?", 1)[0]) if engine == "docker" else url.split("?", 1)[0].split("/api", 1)[-1]
+        path = re.sub(self._ID, "/{id}", path)
+        thread = threading.current_thread().name
+        group = "ahead" if thread.startswith("algodock-create-ahead") else "other"
+        with self._lock:
+            self.counts[(engine, f"{method} {path}", group)] += 1
+
+    def __enter__(self) -> ApiCalls:
+        import docker.api.client
+        import httpx
+
+        counter = self
+        api_send = docker.api.client.APIClient.send
+
+        def docker_send(session: Any, request: Any, **kwargs: Any) -> Any:
+            counter._count("docker", request.method, request.url)
+            return api_send(session, request, **kwargs)
+
+        sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+
+        def prefect_sync(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if "/api/" in str(request.url):
+                counter._count("prefect", request.method, str(request.url))
+            return sync_send(client, request, *args, **kwargs)
+
+        async def prefect_async(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if "/api/" in str(request.url):
+                counter._count("prefect", request.method, str(request.url))
+            return await async_send(client, request, *args, **kwargs)
+
+        self._saved = [(docker.api.client.APIClient, ("send", api_send)), (httpx.Client, ("send", sync_send)), (httpx.AsyncClient, ("send", async_send))]
+        docker.api.client.APIClient.send = docker_send  # type: ignore[method-assign]
+        httpx.Client.send = prefect_sync  # type: ignore[method-assign]
+        httpx.AsyncClient.send = prefect_async  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, (name, original) in self._saved:
+            setattr(owner, name, original)
+
+    def total(self, engine: str, group: str | None = None) -> int:
+        return sum(n for (e, _, g), n in self.counts.items() if e == engine and (group is None or g == group))
+
+    def by_call(self, engine: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (e, call, _), n in self.counts.items():
+            if e == engine:
+                out[call] = out.get(call, 0) + n
+        return out
 
 
 if __name__ == "__main__":

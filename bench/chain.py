@@ -1,20 +1,30 @@
 """Marginal wall time per step of a linear chain: the flow against raw ``docker run``.
 
-Each step is a busybox ``cp`` of its input file to its output, in the full sandbox. The
-marginal cost of a step is ``(T(long chain) - T(short chain)) / (long - short)``, which
-cancels every per-run constant (flow-run creation, engine connection, the first image
-resolve). Measured in the same run:
+Each step is a busybox ``cp`` of its input file to its output (a no-op that still hands data
+on), in the full sandbox. The marginal cost of a step is ``(T(10 steps) - T(2 steps)) / 8``,
+which cancels every per-run constant (flow-run creation, engine connection, the first image
+resolve). Measured in the same run, in rounds whose order reverses from one to the next (raw
+in the middle, next to every arm); the figure is the median over the rounds of each arm's
+marginal over raw's in the same round (the ratio of the medians is printed beside it):
 
-* ``flow``: ``flows.pipeline.run_pipeline`` under Prefect's test harness (a local server),
-  a local store, ``no_cache=True``: every step a Prefect task, staged by hardlink, hashed,
-  committed, recorded in the lineage document;
+* ``flow``: ``flows.pipeline.run_pipeline`` under a local Prefect server, a local store,
+  ``no_cache=True``: every step a Prefect task, staged by hardlink, hashed, committed,
+  recorded in the lineage document; a dependent's container created while its upstream
+  runs (``algodock/pipeline/ahead.py``);
+* ``flow, ALGODOCK_CREATE_AHEAD=0``: the same without creating ahead (with ``--ab``);
+* ``engine``: the same steps through ``execute_step`` one after another in this process (no
+  Prefect; ``_util.run_engine``): the engine's share of a flow step (with ``--ab`` also
+  without creating ahead);
 * ``raw``: the same containers started one after another with ``docker run --rm`` and the
   exact sandbox flags of ``algodock.runtime.sandbox.container_config`` (each step's input folder
   is the previous step's output folder, mounted read-only).
 
-Target (issue 3, item 10): flow marginal <= 1.25x raw marginal.
+After the timed pairs, one counted pair of runs gives the Docker and Prefect API calls per
+step (``_util.ApiCalls``, marginal in the same way).
 
-    .venv/bin/python bench/chain.py [--quick] [--profile]
+Target (issue 17): flow marginal <= 0.95x raw marginal; the engine's too.
+
+    .venv/bin/python bench/chain.py [--quick] [--pairs N] [--ab] [--profile]
 
 ``--profile`` adds, for the long chain, where a step's time goes (``_util.StepProfiler``).
 """
@@ -31,6 +41,7 @@ import time
 from pathlib import Path
 
 from _util import (
+    ApiCalls,
     StepProfiler,
     busybox_image,
     exit_status,
@@ -38,6 +49,7 @@ from _util import (
     prefect_server,
     print_table,
     quick,
+    run_engine,
     run_flow,
     scratch_dir,
     step_times,
@@ -49,7 +61,8 @@ from algodock.contract.manifest import INPUT_DIR, load_manifest
 from algodock.runtime.engine import container_labels, docker_client
 from algodock.runtime.sandbox import UNPRIVILEGED_UID, container_config, docker_run_argv
 
-TARGET_RATIO = 1.25
+TARGET_RATIO = 0.95
+SHORT, LONG = 2, 10
 CAPACITY = "cpu_millicore=2000,memory_gb=8"
 COMMAND = ["cp", f"{INPUT_DIR}/data/out.binary", "/work/output/out.binary"]
 
@@ -92,11 +105,69 @@ def _raw_chain(n: int, root: Path, manifest_path: Path, image_id: str, seed_dir:
     return wall, each
 
 
+def _pairs() -> int:
+    args = sys.argv[1:]
+    if "--pairs" in args:
+        return int(args[args.index("--pairs") + 1])
+    return 2 if quick() else 5
+
+
+def _flow_marginal(root: Path, manifest: Path, seed: Path, tag: str, ahead: bool, profiler: StepProfiler | None = None) -> tuple[float, list[float]]:
+    """One flow pair (2 steps, then 10): its marginal wall per step, and its finish-to-finish step intervals."""
+    os.environ["ALGODOCK_CREATE_AHEAD"] = "1" if ahead else "0"
+    walls, steps = {}, []
+    for n in (SHORT, LONG):
+        if profiler is not None and n == LONG:
+            profiler.install()
+        summary, wall, _, _ = run_flow(_spec(n, manifest, seed), root / "store", f"chain{n}-{tag}-{os.getpid()}", CAPACITY)
+        if profiler is not None and n == LONG:
+            profiler.uninstall()
+        walls[n] = wall
+        ends = sorted(t[2] for t in step_times(summary))
+        steps += [(b - a).total_seconds() for a, b in zip(ends, ends[1:])]
+    return (walls[LONG] - walls[SHORT]) / (LONG - SHORT), steps
+
+
+def _engine_marginal(root: Path, manifest: Path, seed: Path, client: object, tag: str, ahead: bool) -> tuple[float, list[float]]:
+    os.environ["ALGODOCK_CREATE_AHEAD"] = "1" if ahead else "0"
+    walls = {n: run_engine(_spec(n, manifest, seed), root / "store", f"engine{n}-{tag}-{os.getpid()}", CAPACITY, client) for n in (SHORT, LONG)}
+    return (walls[LONG] - walls[SHORT]) / (LONG - SHORT), []
+
+
+def _raw_marginal(root: Path, manifest: Path, image_id: str, seed_dir: Path, tag: str) -> tuple[float, list[float]]:
+    walls, each = {}, []
+    for n in (SHORT, LONG):
+        walls[n], runs = _raw_chain(n, root, manifest, image_id, seed_dir, f"{n}-{tag}")
+        each += runs
+    return (walls[LONG] - walls[SHORT]) / (LONG - SHORT), each
+
+
+def _counted(root: Path, manifest: Path, seed: Path) -> dict[str, float]:
+    """Docker and Prefect API calls per flow step (created ahead), marginal over a 2- and a 10-step run."""
+    os.environ["ALGODOCK_CREATE_AHEAD"] = "1"
+    totals = {}
+    for n in (SHORT, LONG):
+        with ApiCalls() as calls:
+            run_flow(_spec(n, manifest, seed), root / "store", f"counted{n}-{os.getpid()}", CAPACITY)
+        totals[n] = calls
+    per_step = {}
+    for engine in ("docker", "prefect"):
+        for group in (None, "other"):
+            key = engine if group is None else f"{engine}, not created ahead"
+            per_step[key] = (totals[LONG].total(engine, group) - totals[SHORT].total(engine, group)) / (LONG - SHORT)
+    return per_step
+
+
 def main() -> int:
-    short, long_, reps = (4, 10, 1) if quick() else (8, 24, 2)
+    pairs = _pairs()
+    ab = "--ab" in sys.argv[1:]
     profile = "--profile" in sys.argv[1:]
     client = docker_client()
     image_id = busybox_image(client)
+    # raw in the middle: every arm runs next to it, and the order reverses from one pair to the next
+    arms = ["flow", *(["flow, ALGODOCK_CREATE_AHEAD=0"] if ab else []), "raw docker run --rm", "engine", *(["engine, ALGODOCK_CREATE_AHEAD=0"] if ab else [])]
+    marginals: dict[str, list[float]] = {a: [] for a in arms}
+    steps: dict[str, list[float]] = {a: [] for a in arms}
     with scratch_dir("chain") as root, prefect_server():
         seed_dir = root / "seed"
         seed_dir.mkdir()
@@ -111,64 +182,44 @@ def main() -> int:
         run_flow(_spec(2, manifest, seed), root / "store", f"warmup-{os.getpid()}", CAPACITY)
         _raw_chain(2, root, manifest, image_id, seed_dir, f"warmup-{os.getpid()}")
 
-        flow: dict[int, list[float]] = {short: [], long_: []}
-        raw: dict[int, list[float]] = {short: [], long_: []}
-        spans: dict[int, list[float]] = {short: [], long_: []}
-        flow_steps: list[float] = []  # finish-to-finish intervals of consecutive flow steps
-        raw_steps: list[float] = []  # each raw docker run
+        def measure(arm: str, rep: int) -> None:
+            if arm == "raw docker run --rm":
+                m, each = _raw_marginal(root, manifest, image_id, seed_dir, str(rep))
+            elif arm.startswith("engine"):
+                m, each = _engine_marginal(root, manifest, seed, client, f"{rep}{len(arm)}", arm == "engine")
+            else:
+                m, each = _flow_marginal(root, manifest, seed, f"{rep}{len(arm)}", arm == "flow")
+            marginals[arm].append(m)
+            steps[arm].extend(each)
+
+        for rep in range(pairs):
+            for arm in arms if rep % 2 == 0 else arms[::-1]:  # alternating which goes first
+                measure(arm, rep)
+        calls = _counted(root, manifest, seed)
         profiler = None
-        for rep in range(reps):
-            for n in (short, long_):  # interleaved, so drift affects both alike
+        if profile:
+            profiler = StepProfiler()
+            _flow_marginal(root, manifest, seed, "profile", True, profiler)
 
-                def flow_run() -> None:
-                    nonlocal profiler
-                    if profile and n == long_ and rep == reps - 1:
-                        profiler = StepProfiler().install()
-                    summary, wall, _, _ = run_flow(_spec(n, manifest, seed), root / "store", f"chain{n}-{rep}-{os.getpid()}", CAPACITY)
-                    if profiler is not None:
-                        profiler.uninstall()
-                    flow[n].append(wall)
-                    times = step_times(summary)
-                    spans[n].append((max(t[2] for t in times) - min(t[1] for t in times)).total_seconds())
-                    ends = sorted(t[2] for t in times)
-                    flow_steps.extend((b - a).total_seconds() for a, b in zip(ends, ends[1:]))
+    raw = statistics.median(marginals["raw docker run --rm"])
 
-                def raw_run() -> None:
-                    raw_wall, each = _raw_chain(n, root, manifest, image_id, seed_dir, f"{n}-{rep}")
-                    raw[n].append(raw_wall)
-                    raw_steps.extend(each)
+    def paired(arm: str) -> float:
+        """The median over the pairs of (the arm's marginal / raw's marginal in the same pair)."""
+        return statistics.median(a / r for a, r in zip(marginals[arm], marginals["raw docker run --rm"]))
 
-                for run in (flow_run, raw_run) if rep % 2 == 0 else (raw_run, flow_run):  # alternating which goes first
-                    run()
-
-    def marginal(d: dict[int, list[float]]) -> float:
-        return (min(d[long_]) - min(d[short])) / (long_ - short)
-
-    m_flow, m_raw, m_span = marginal(flow), marginal(raw), marginal(spans)
-    print(f"linear chains of {short} and {long_} busybox cp steps, best of {reps}; capacity {CAPACITY}")
+    print(f"linear chains of {SHORT} and {LONG} busybox cp steps, {pairs} pairs in alternating order; capacity {CAPACITY}")
     print()
-    rows = [
-        ["flow (run_pipeline wall)", fmt_s(min(flow[short])), fmt_s(min(flow[long_])), fmt_s(m_flow), f"{m_flow / m_raw:.2f}x"],
-        ["flow (first start..last finish)", fmt_s(min(spans[short])), fmt_s(min(spans[long_])), fmt_s(m_span), f"{m_span / m_raw:.2f}x"],
-        ["raw docker run --rm", fmt_s(min(raw[short])), fmt_s(min(raw[long_])), fmt_s(m_raw), "1.00x"],
-    ]
-    med_flow, med_raw = statistics.median(flow_steps), statistics.median(raw_steps)
-    print_table(["", f"{short} steps", f"{long_} steps", "marginal/step", "vs raw"], rows)
+    rows = [[arm, fmt_s(statistics.median(marginals[arm])), "/".join(f"{m * 1e3:.0f}" for m in marginals[arm]),
+             fmt_s(statistics.median(steps[arm])) if steps[arm] else "", f"{statistics.median(marginals[arm]) / raw:.2f}x", f"{paired(arm):.2f}x"] for arm in arms]
+    print_table(["", "marginal/step (median)", "each pair (ms)", "median step interval", "medians vs raw", "median of pair ratios"], rows)
     print()
-    print(f"all samples (s): flow {_fmt(flow)}; raw {_fmt(raw)}")
-    print(
-        f"medians per step (robust to bursts of load): flow finish-to-finish {fmt_s(med_flow)}, "
-        f"raw docker run {fmt_s(med_raw)}: {med_flow / med_raw:.2f}x"
-    )
+    print("API calls per flow step (marginal: (calls(10 steps) - calls(2 steps)) / 8): " + ", ".join(f"{k} {v:g}" for k, v in calls.items()))
     if profiler is not None:
         print()
-        profiler.report(long_, sequential=True)
-    verdict("flow marginal per step / raw docker run marginal per step (best of each)", m_flow / m_raw, TARGET_RATIO)
+        profiler.report(LONG, sequential=True)
+    verdict("flow marginal per step / raw docker run marginal per step (median of the pairs' ratios)", paired("flow"), TARGET_RATIO)
+    verdict("engine (execute_step, no Prefect) marginal per step / raw docker run marginal per step (median of the pairs' ratios)", paired("engine"), TARGET_RATIO)
     return exit_status()
-
-
-def _fmt(d: dict[int, list[float]]) -> str:
-    return ", ".join(f"{n}: " + "/".join(f"{x:.2f}" for x in v) for n, v in d.items())
 
 
 if __name__ == "__main__":

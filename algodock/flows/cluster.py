@@ -141,6 +141,7 @@ class RunPlugin(_worker_plugin_base()):  # type: ignore[misc]
                     cache=self.cache,
                     flow_run_id=self.flow_run_id,
                     observers=[OpenLineageObserver()],  # OpenLineage events from the host that ran the step
+                    create_ahead=False,  # a dependent may run on another worker: nothing is created ahead here
                     **self.images,
                 )
             return self._ctx

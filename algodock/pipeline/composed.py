@@ -270,6 +270,7 @@ class ComposedRun:
             self.ledger.finish(status)
             return status
         finally:
+            self.ctx.close()  # containers created ahead and not used
             if self._opened:
                 shutil.rmtree(self.ctx.scratch, ignore_errors=True)
             self._lease.release()

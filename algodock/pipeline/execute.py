@@ -30,7 +30,6 @@ import re
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from pydantic import BaseModel
 from algodock.cache import StepCache, cache_key
 from algodock.errors import InfrastructureError, InvalidInput, InvalidOutput, StepFailure
 from algodock.hashing import parquet_rows, sha256_path
+from algodock.pipeline.ahead import CreatedAhead, Reservation, StepPaths, step_paths, work_root  # noqa: F401  (work_root: callers found it here)
 from algodock.pipeline.capacity import Cancelled, ResourcePool
 from algodock.records import Failure, InputBinding, OutputRecord, ResolvedImage, StepRecord, record_from_result
 from algodock.runtime.handoff import check_outputs, parquet_files
@@ -113,8 +113,35 @@ class RunContext:
     """Credentials for the registries the images come from (else the engine client's docker config)."""
     step_credentials: dict[str, tuple[RegistryAuth, ...]] = field(default_factory=dict)
     """Credentials of single steps (their algorithm block's), used for their image before the run's own."""
+    create_ahead: bool = True
+    """Create a dependent step's container while its upstream steps run (:mod:`algodock.pipeline.ahead`);
+    off where the steps of a run execute in different processes (cluster mode)."""
     _images: dict[tuple[str, str, tuple[str, ...]], ResolvedImage] = field(default_factory=dict)
     _image_locks: dict[tuple[str, str, tuple[str, ...]], threading.Lock] = field(default_factory=dict)
+    _ahead: CreatedAhead | None = None
+    _ahead_lock: threading.Lock = field(default_factory=threading.Lock)  # not _lock: that one is held while an external input downloads
+
+    def ahead(self) -> CreatedAhead | None:
+        """The run's containers created ahead (None where the rule of :meth:`CreatedAhead.enabled` says no)."""
+        with self._ahead_lock:
+            if self._ahead is None and CreatedAhead.enabled(self):
+                self._ahead = CreatedAhead(self)
+            return self._ahead
+
+    def close(self) -> None:
+        """The run ended: remove whatever was created ahead and not used."""
+        with self._ahead_lock:
+            ahead, self.create_ahead = self._ahead, False
+        if ahead is not None:
+            ahead.close()
+
+    def _image_key(self, ref: str, policy: str | None, step_id: str | None) -> tuple[str, str, tuple[str, ...]]:
+        own = self.step_credentials.get(step_id or "", ())
+        return (ref, policy or self.pull_policy, tuple(c.source for c in own))  # other credentials may be refused: never share their answer
+
+    def known_image(self, ref: str, policy: str | None = None, step_id: str | None = None) -> ResolvedImage | None:
+        """``ref`` as :meth:`image` resolved it earlier in this run, else None (never asks anything)."""
+        return self._images.get(self._image_key(ref, policy, step_id))  # one dict read: no lock (that one is held while an input downloads)
 
     def image(self, ref: str, policy: str | None = None, on_log: Callable[[str], None] | None = None, step_id: str | None = None) -> ResolvedImage:
         """``ref`` resolved once per run and pull policy: every step of the run uses the same image.
@@ -123,7 +150,7 @@ class RunContext:
         :mod:`algodock.runtime.images`); a failure is not remembered, so a retry asks again.
         """
         own = self.step_credentials.get(step_id or "", ())
-        key = (ref, policy or self.pull_policy, tuple(c.source for c in own))  # other credentials may be refused: never share their answer
+        key = self._image_key(ref, policy, step_id)
         with self._lock:
             lock = self._image_locks.setdefault(key, threading.Lock())
         with lock:
@@ -218,29 +245,29 @@ def execute_step(
         attempts=attempt,
         task_run_id=task_run_id,
     )
-    attempt_id = new_attempt_id(attempt)
-    scratch = work_root(ctx) / f"{step_id}-{attempt_id}"
+    ahead = ctx.ahead()
+    reservation = ahead.claim(step_id, attempt) if ahead is not None else None
+    attempt_id = reservation.attempt_id if reservation is not None else new_attempt_id(attempt)
+    paths = reservation.paths if reservation is not None else step_paths(ctx, step_id, attempt_id)
+    scratch = paths.scratch
     scratch.mkdir(parents=True, exist_ok=True)
     _announce(ctx, "step_started", record, upstream)
     try:
-        record = _execute(ctx, step_id, upstream, record, scratch, attempt, attempt_id, on_log, around_container)
+        record = _execute(ctx, step_id, upstream, record, paths, attempt, attempt_id, on_log, around_container, reservation)
         return record
     except StepFailure as failure:
         record.status = "failed"
         record.failure = failure
         return record
     finally:
+        if reservation is not None:  # not used (a cache hit, a failure before the start): its container goes
+            reservation.discard()
+        if ahead is not None:
+            ahead.step_ended(step_id, record.status in ("succeeded", "cached"))
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             scratch.parent.rmdir()  # the run's work folder, once its last step is done
         _announce(ctx, "step_finished", record)
-
-
-def work_root(ctx: RunContext) -> Path:
-    """Where the steps of this run keep their work folders: on a local store, ``<store>/.work/<run_id>``
-    (the store's filesystem: staged inputs are hardlinks of stored outputs); else the run's scratch."""
-    local = ctx.store.local_path(WORK_DIR, ctx.run_id) if ctx.store.is_local else None
-    return local if local is not None else ctx.scratch
 
 
 def _execute(
@@ -248,13 +275,15 @@ def _execute(
     step_id: str,
     upstream: Mapping[str, StepRecord],
     record: StepRecord,
-    scratch: Path,
+    paths: StepPaths,
     attempt: int,
     attempt_id: str,
     on_log: Callable[[str], None] | None,
     around_container: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    reservation: Reservation | None = None,
 ) -> StepRecord:
     manifest = ctx.pipeline.manifests[step_id]
+    scratch = paths.scratch
     say = (lambda message: on_log(f"[algodock] {message}")) if on_log else None
     bindings = bind_inputs(ctx, step_id, upstream, scratch / "inputs")
     image = ctx.image(manifest.container_parameters.image, ctx.step_pull_policy(step_id), say, step_id)
@@ -270,12 +299,9 @@ def _execute(
         if committed is not None:
             return committed
 
-    attempt_dir = ctx.store.local_path(attempt_rel(ctx.run_id, step_id, attempt_id))
-    if attempt_dir is not None:  # local store: the container writes into the store itself
-        attempt_dir.mkdir(parents=True, exist_ok=True)
-        output_dir = attempt_dir / f".tmp-outputs-{uuid.uuid4().hex[:6]}"
-    else:
-        output_dir = scratch / "outputs"
+    if paths.attempt_dir is not None:  # local store: the container writes into the store itself
+        paths.attempt_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = paths.output_dir
     log_path = scratch / "container.log"
 
     rr = manifest.container_parameters.resource_request
@@ -288,6 +314,11 @@ def _execute(
         held = True
         if around_container is not None:
             slot.enter_context(around_container())
+
+    def started() -> None:  # the container runs: the dependents that may start next get theirs meanwhile
+        ahead = ctx.ahead()
+        if ahead is not None:
+            ahead.container_started(step_id)
 
     def release() -> None:  # as soon as the container exited, before its clean-up
         nonlocal held
@@ -314,8 +345,10 @@ def _execute(
             emit_limit=EMIT_LIMIT,
             work_dir=scratch / "work",
             before_start=acquire,
+            on_start=started,
             on_exit=release,
             flow_run_id=ctx.flow_run_id,
+            ahead=reservation.take() if reservation is not None else None,
         )
     except Cancelled as exc:
         raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc

@@ -3,18 +3,25 @@
 :class:`StepContainer` holds everything one attempt's container needs and leaves behind, and
 goes through its phases in order: :meth:`~StepContainer.prepare` the sandbox configuration
 (labels, staging mounts), :meth:`~StepContainer.create`, :meth:`~StepContainer.stage` the work
-folder into it, :meth:`~StepContainer.start` (log pump, usage sampler, output watcher),
+folder into it, :meth:`~StepContainer.attach` its output stream and :meth:`~StepContainer.start`
+it (log pump, usage sampler, output watcher),
 :meth:`~StepContainer.wait` with its limits, :meth:`~StepContainer.check_exit` (how it ended:
 a failure kind or a clean exit), :meth:`~StepContainer.collect` its outputs, and
 :meth:`~StepContainer.remove` it, whatever happened before. Any phase may raise a
 :class:`~algodock.errors.StepFailure` (or an engine error);
 :func:`algodock.runtime.runner.run_step` composes the phases and turns every end into a
 failure kind of docs/contract.md §4.
+
+A container created ahead (:mod:`algodock.pipeline.ahead`: prepared, created and attached while
+the step's upstream steps run) is taken over with :meth:`~StepContainer.adopt` only when its
+configuration is exactly what :meth:`~StepContainer.create` would make now; one never used goes
+with :meth:`~StepContainer.discard`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -36,7 +43,7 @@ from algodock.runtime.leftovers import REMOVE_ATTEMPTS, remove_container
 from algodock.runtime.limits import OutputLimits, OutputWatcher, measure
 from algodock.runtime.logs import EMIT_LINES, LogPump
 from algodock.runtime.outputs import collect_outputs, read_algo_output
-from algodock.runtime.sandbox import RunAs, container_config, lookup_user, run_as
+from algodock.runtime.sandbox import RunAs, container_config, create_container_args, lookup_user, run_as
 from algodock.runtime.usage import UsageSampler, fmt_bytes, output_totals
 from algodock.runtime.volumes import VolumeWorkspace, read_only_mounts, staging_mode
 
@@ -87,6 +94,8 @@ class StepContainer:
         cp = manifest.container_parameters
         self.limits = OutputLimits.of(cp.output_mb, cp.output_files)
         self.container: Container | None = None
+        self.config: dict[str, Any] | None = None  # what the container was created with (its name aside)
+        self.stream: Any = None  # the attach stream, opened before the start
         self.names: list[str] = []  # every container name asked for, created or maybe created
         self.who: RunAs | None = None
         self.workspace: VolumeWorkspace | None = None
@@ -109,10 +118,32 @@ class StepContainer:
 
     def create(self) -> str:
         """Create the container (as a non-root uid, see :func:`_create`); returns its id."""
-        self.container, self.who = _create(
+        self.container, self.who, self.config = _create(
             self.client, self.manifest, self.image, self.work, self.output_dir, self.labels, self.step_id, self.mounts, self.names, self.descriptor_path
         )
         return self.container.id
+
+    def planned_config(self, user: str) -> dict[str, Any]:
+        """The configuration :meth:`create` gives the container when it runs as ``user`` (its name aside)."""
+        return _without_name(container_config(
+            self.manifest.container_parameters, image_id=self.image.id, user=user, work_dir=self.work, output_dir=self.output_dir,
+            labels=self.labels, mounts=self.mounts, descriptor_path=self.descriptor_path,
+        ))
+
+    def adopt(self, ahead: StepContainer) -> bool:
+        """Take over ``ahead``'s container (created ahead, not started) if it is exactly the one
+        :meth:`create` would make now: same image id, command, environment, limits, labels,
+        mounts and user. False leaves ``ahead`` to its owner (who removes it)."""
+        if ahead.container is None or ahead.who is None or ahead.config is None or ahead.workspace is not None or self.workspace is not None:
+            return False
+        if ahead.config != self.planned_config(ahead.who.user):
+            return False
+        self.container, self.who, self.config, self.names, self.stream = ahead.container, ahead.who, ahead.config, ahead.names, ahead.stream
+        return True
+
+    def attach(self) -> None:
+        """Open the container's output stream (before the start: no line is missed)."""
+        self.stream = self._created().attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
 
     def stage(self) -> None:
         """Put the work folder where the container sees it, and give it its output folder."""
@@ -134,8 +165,9 @@ class StepContainer:
     ) -> None:
         """Attach the log pump, start the container, then its usage sampler and output watcher."""
         container = self._created()
-        stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
-        self.pump = LogPump(stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit, emit_lines=emit_lines, log_location=log_location)
+        if self.stream is None:
+            self.attach()
+        self.pump = LogPump(self.stream, on_line=on_log, log_path=log_path, emit_limit=emit_limit, emit_lines=emit_lines, log_location=log_location)
         result.started_at = _now()
         self.started = time.time()
         self.pump.start()
@@ -229,14 +261,25 @@ class StepContainer:
                 result.usage = self.sampler.stop()
             except Exception as exc:  # accounting must never turn a step into a traceback
                 log.warning("could not stop the usage sampler: %s", exc)
+        self._remove_made()
+        if self.pump is not None:
+            self.pump.join(5)
+
+    def discard(self) -> None:
+        """Remove a container that never started (one created ahead and not used); never raises."""
+        if self.stream is not None and self.pump is None:
+            with contextlib.suppress(Exception):
+                self.stream.close()
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Every container and volume made for this attempt, through the one removal routine."""
         targets = [self.container.id] if self.container is not None else []
         targets += [n for n in self.names if self.container is None or n != self.container.name]
         for target in targets:
             remove_container(self.client, target, attempts=REMOVE_ATTEMPTS)
         if self.workspace is not None:
             self.workspace.remove()
-        if self.pump is not None:
-            self.pump.join(5)
 
     def _created(self) -> Container:
         assert self.container is not None, "create first"
@@ -281,8 +324,8 @@ def _create(
     mounts: list | None,
     names: list[str],
     descriptor_path: str = ALGO_INPUT_PATH,
-) -> tuple[Container, RunAs]:
-    """Create the container as a non-root uid, by number.
+) -> tuple[Container, RunAs, dict[str, Any]]:
+    """Create the container as a non-root uid, by number; returns it, who it runs as and its configuration.
 
     A named ``USER`` is resolved with the image's own ``/etc/passwd`` (read from a container
     created as the unprivileged uid) and the step then runs as that ``uid:gid``: the engine
@@ -292,6 +335,7 @@ def _create(
     out after the engine made the container still leaves something to remove.
     """
     who = run_as(image.user)
+    made: dict[str, Any] = {}
 
     def create(user: str) -> Container:
         name = f"algodock-{step_id}-{uuid.uuid4().hex[:10]}"
@@ -307,17 +351,24 @@ def _create(
             mounts=mounts,
             descriptor_path=descriptor_path,
         )
-        return client.containers.create(**cfg)
+        made.clear()
+        made.update(_without_name(cfg))
+        created = client.api.create_container(**create_container_args(client.api, cfg))
+        return client.containers.prepare_model({"Id": created["Id"], "Name": f"/{name}"})  # no inspect: the id and name are all a step needs
 
     if who.uid is not None:
-        return create(who.user), who
+        return create(who.user), who, made
     unprivileged = run_as("0")
     container = create(unprivileged.user)
     named = lookup_user(_read_passwd(container), image.user)
     if named is None:  # unknown, or a name for uid 0
-        return container, unprivileged
+        return container, unprivileged, made
     remove_container(client, container.id, attempts=REMOVE_ATTEMPTS)
-    return create(named.user), named
+    return create(named.user), named, made
+
+
+def _without_name(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in cfg.items() if key != "name"}
 
 
 class _CappedArchive:

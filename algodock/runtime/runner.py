@@ -77,11 +77,13 @@ def run_step(
     work_dir: Path | None = None,
     parameters_resolved: bool = False,
     before_start: Callable[[], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
     descriptor_path: str = ALGO_INPUT_PATH,
     flow_run_id: str | None = None,
     pull_policy: str | None = None,
     registry_credentials: Iterable[RegistryAuth] = (),
+    ahead: StepContainer | None = None,
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
@@ -89,7 +91,8 @@ def run_step(
     ``failure`` of docs/contract.md §4 on the result, and the container is removed whatever happened.
 
     ``before_start`` is called once the container is created, just before it starts (a
-    resource pool waits there, so creation overlaps other steps' runs); ``on_exit`` as soon
+    resource pool waits there, so creation overlaps other steps' runs); ``on_start`` once it
+    runs (the engine then creates the containers of the steps that may start next); ``on_exit`` as soon
     as it has exited, before the clean-up (the pool gets its resources back at once).
     ``on_log`` gets at most ``emit_lines`` lines (and ``emit_limit`` bytes), then one line
     naming ``log_location`` (default ``log_path``), where the whole log is kept.
@@ -100,6 +103,9 @@ def run_step(
     that cancelling the flow run finds its containers.
     ``pull_policy`` and ``registry_credentials``: how the image is resolved when ``image`` is
     not given (see :func:`algodock.runtime.images.resolve_image`); the pull's progress goes to ``on_log``.
+    ``ahead``: a container created ahead for this attempt (:mod:`algodock.pipeline.ahead`), now
+    owned by this call: used when it is exactly the container this call would create, else
+    removed; either way it never outlives the step.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -135,8 +141,13 @@ def run_step(
             client, manifest, resolved, labels=container_labels(run_id, step_id, attempt, flow_run_id=flow_run_id), step_id=step_id,
             work=work, output_dir=output_dir, descriptor_path=descriptor_path, watch_output=WATCH_OUTPUT,
         )
-        box.prepare()
-        result.container_id = box.create()
+        if ahead is not None and box.adopt(ahead):
+            result.container_id = box.container.id  # type: ignore[union-attr]
+        else:
+            ahead = _discarded(ahead)
+            box.prepare()
+            result.container_id = box.create()
+        ahead = None
         box.stage()
         if before_start is not None:
             try:
@@ -144,6 +155,8 @@ def run_step(
             except Exception as exc:  # e.g. cancelled while waiting for resources
                 raise InfrastructureError(f"the step did not start: {exc}") from exc
         box.start(result, on_log=on_log, log_path=log_path, emit_limit=emit_limit, emit_lines=emit_lines, log_location=log_location)
+        if on_start is not None:
+            on_start()
         box.wait(result)
         if on_exit is not None:
             on_exit()
@@ -155,6 +168,8 @@ def run_step(
     except Exception as exc:
         result.failure = _as_failure(exc, box is not None and box.reading_outputs)
     finally:
+        if ahead is not None:  # the step ended before its container was made
+            ahead.discard()
         if box is not None:
             box.remove(result)
         if work is not None and work_dir is None:
@@ -164,6 +179,13 @@ def run_step(
         result.status = "failed"
         result.outputs = []
     return result
+
+
+def _discarded(ahead: StepContainer | None) -> None:
+    """Remove a created-ahead container this step will not use; always None."""
+    if ahead is not None:
+        ahead.discard()
+    return None
 
 
 def _as_failure(exc: Exception, reading_outputs: bool) -> StepFailure:

@@ -151,6 +151,22 @@ def container_config(
     return config
 
 
+CREATE_KEYS = ("image", "command", "user", "environment", "labels", "name", "detach")
+"""The keys of a :func:`container_config` that go to the container's config; the rest make its host config."""
+
+
+def create_container_args(api: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for the low-level ``APIClient.create_container`` of ``cfg`` (a :func:`container_config`).
+
+    The SDK's high-level ``containers.create`` makes the same split and then inspects the new
+    container to return a model; a step needs only its id, so it creates through the
+    low-level client and saves that engine call.
+    """
+    create = {key: cfg[key] for key in CREATE_KEYS if key in cfg}
+    create["host_config"] = api.create_host_config(**{key: value for key, value in cfg.items() if key not in CREATE_KEYS})
+    return create
+
+
 def docker_run_argv(cfg: dict[str, Any], *, remove: bool = True) -> list[str]:
     """The ``docker run`` command line equivalent to ``cfg`` (a :func:`container_config`).
 

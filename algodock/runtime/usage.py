@@ -35,6 +35,11 @@ log = logging.getLogger("algodock.runtime.usage")
 
 CGROUP_ROOT = Path(os.environ.get("ALGODOCK_CGROUP_ROOT", "/sys/fs/cgroup"))
 SAMPLE_INTERVAL = float(os.environ.get("ALGODOCK_USAGE_INTERVAL", "0.02"))
+PID_LOOKUP_DELAY = 0.25
+"""When a container's cgroup is not at the engine's usual places, how long the sampler waits for the
+step's own wait to end before asking the engine for the pid (a short container has often exited:
+then no engine call is made). The CPU total and, on cgroup v1 and v2 from Linux 5.19, the memory
+peak are kept by the kernel, so starting later loses nothing there."""
 
 
 @dataclass(frozen=True)
@@ -183,11 +188,18 @@ class UsageSampler:
     def _run(self, client: docker.DockerClient, container_id: str, use_cgroup: bool) -> None:
         files = container_cgroup_files(container_id) if use_cgroup else None
         if use_cgroup and files is None:
+            # Not at the usual places: the container may have exited already (a short one often
+            # has); give its wait a moment to say so before asking the engine for its pid.
+            if self._stop.wait(PID_LOOKUP_DELAY):
+                return  # the container has exited and been waited for: nothing left to sample
             try:
-                pid = int((client.api.inspect_container(container_id).get("State") or {}).get("Pid") or 0)
+                state = client.api.inspect_container(container_id).get("State") or {}
             except Exception as exc:  # an engine hiccup must not fail the step: usage is then unknown
                 log.debug("usage: cannot inspect %s: %s", container_id, exc)
-                pid = 0
+                state = {"Running": True}
+            if not state.get("Running", True):
+                return  # it exited before its first sample: its stats would only be zeros
+            pid = int(state.get("Pid") or 0)
             files = cgroup_files(pid) if pid else None
         if files is not None:
             self.source = f"cgroup-v{files.version}"
