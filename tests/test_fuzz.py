@@ -21,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
+from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
 from algodock.contract.documents import TOO_DEEP
 from algodock.contract.manifest import AlgoOutput, Manifest, load_manifest, parse_manifest
@@ -80,6 +82,9 @@ def _schema(name: str) -> dict[str, Any]:
     schema = _local(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
     schema.pop("$id", None)  # a urn: id would become the base of the local "#/$defs/…" references
     return schema
+
+
+PIPELINE_SCHEMA = Draft202012Validator(_schema("pipeline"))
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -279,9 +284,29 @@ def test_any_json_value_as_a_pipeline(manifest_dir: Path, doc: Any) -> None:
 
 
 @settings(suppress_health_check=list(HealthCheck))
-@given(doc=from_schema(PipelineSpec.model_json_schema()))
-def test_documents_the_pipeline_schema_allows(manifest_dir: Path, doc: dict[str, Any]) -> None:
+@given(doc=from_schema(_schema("pipeline")))
+def test_documents_the_pipeline_schema_allows_are_specs(manifest_dir: Path, doc: dict[str, Any]) -> None:
+    """schemas/pipeline.schema.json and the model agree one way: what the schema accepts parses;
+    building it (which reads manifests and checks references) fails only with a clear error."""
+    PipelineSpec.model_validate(doc)
     _build(doc, manifest_dir)
+
+
+BLOCK_PIPELINE: dict[str, Any] = {**VALID_PIPELINE, "steps": [{"id": "a", "block": "fuzz-block", "inputs": {"data": "inputs.data"}}]}
+
+
+@settings(suppress_health_check=list(HealthCheck))
+@given(doc=mutated(VALID_PIPELINE) | mutated(BLOCK_PIPELINE))
+def test_a_spec_the_model_refuses_the_pipeline_schema_refuses(doc: dict[str, Any]) -> None:
+    """... and the other way: a spec PipelineSpec refuses is refused by the schema too (an editor
+    never passes a spec algodock refuses), and one it accepts is accepted."""
+    try:
+        PipelineSpec.model_validate(doc)
+        refused = False
+    except ValidationError:
+        refused = True
+    errors = [e.message for e in PIPELINE_SCHEMA.iter_errors(doc)]
+    assert refused == bool(errors), f"model refuses: {refused}; schema: {errors or 'accepts'}; {doc}"
 
 
 # ---------------------------------------------------------------- algo_output.json
