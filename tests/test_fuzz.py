@@ -41,7 +41,17 @@ settings.register_profile(
 settings.register_profile(
     "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+SCHEMA_EXAMPLES = min(settings.default.max_examples, 1000)
+"""Examples of a test whose documents hypothesis-jsonschema generates from an exported schema:
+0.1-0.4 s each (the pipeline schema the slowest), so the fuzz profile's 5000 would run for
+up to half an hour per test; 1000 keep ``make fuzz`` to minutes, ``ci`` keeps its 60."""
+
+schema_generated = pytest.mark.timeout(1800 if PROFILE == "fuzz" else 600)
+"""Their per-test timeout: pyproject's 600 s is for ``make test``; 1000 generated documents on a
+loaded machine can take longer, and a fuzz run that stops at a timeout has shown nothing."""
 
 VALID_MANIFEST: dict[str, Any] = {
     "manifest_version": "0.1",
@@ -173,7 +183,8 @@ def _within_the_rules_beyond_the_schema(doc: dict[str, Any], parameters: dict[st
     return doc
 
 
-@settings(suppress_health_check=list(HealthCheck))
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
 @given(from_schema(_schema("manifest")), st.sampled_from(SCHEMA_SAMPLES))
 def test_documents_the_manifest_schema_allows_are_manifests(doc: dict[str, Any], parameters: dict[str, Any]) -> None:
     """schemas/manifest.schema.json and the model agree: what the schema accepts parses (an editor
@@ -283,7 +294,8 @@ def test_any_json_value_as_a_pipeline(manifest_dir: Path, doc: Any) -> None:
     _build(doc, manifest_dir)
 
 
-@settings(suppress_health_check=list(HealthCheck))
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
 @given(doc=from_schema(_schema("pipeline")))
 def test_documents_the_pipeline_schema_allows_are_specs(manifest_dir: Path, doc: dict[str, Any]) -> None:
     """schemas/pipeline.schema.json and the model agree one way: what the schema accepts parses;
@@ -333,7 +345,8 @@ def test_any_json_as_algo_output(tmp_path_factory: pytest.TempPathFactory, doc: 
     _read(tmp_path_factory.mktemp("o"), json.dumps(doc).encode())
 
 
-@settings(suppress_health_check=list(HealthCheck))
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
 @given(doc=from_schema(_schema("algo_output")))
 def test_documents_the_algo_output_schema_allows_are_read(tmp_path_factory: pytest.TempPathFactory, doc: Any) -> None:
     """schemas/algo_output.schema.json and the model agree: what the schema accepts is read, never invalid_output."""
