@@ -44,13 +44,13 @@ settings.register_profile(
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
-SCHEMA_EXAMPLES = min(settings.default.max_examples, 1000)
+SCHEMA_EXAMPLES = min(settings.default.max_examples, 500)
 """Examples of a test whose documents hypothesis-jsonschema generates from an exported schema:
-0.1-0.4 s each (the pipeline schema the slowest), so the fuzz profile's 5000 would run for
-up to half an hour per test; 1000 keep ``make fuzz`` to minutes, ``ci`` keeps its 60."""
+0.1-1 s each (the pipeline schema the slowest; 1000 took 17 min on a loaded machine), so the
+fuzz profile's 5000 would run for hours; 500 keep ``make fuzz`` to about 20 min, ``ci`` keeps its 60."""
 
 schema_generated = pytest.mark.timeout(1800 if PROFILE == "fuzz" else 600)
-"""Their per-test timeout: pyproject's 600 s is for ``make test``; 1000 generated documents on a
+"""Their per-test timeout: pyproject's 600 s is for ``make test``; 500 generated documents on a
 loaded machine can take longer, and a fuzz run that stops at a timeout has shown nothing."""
 
 VALID_MANIFEST: dict[str, Any] = {
@@ -311,14 +311,12 @@ BLOCK_PIPELINE: dict[str, Any] = {**VALID_PIPELINE, "steps": [{"id": "a", "block
 @given(doc=mutated(VALID_PIPELINE) | mutated(BLOCK_PIPELINE))
 def test_a_spec_the_model_refuses_the_pipeline_schema_refuses(doc: dict[str, Any]) -> None:
     """... and the other way: a spec PipelineSpec refuses is refused by the schema too (an editor
-    never passes a spec algodock refuses), and one it accepts is accepted."""
+    never passes a spec algodock refuses). Not the converse: the model reads YAML leniently
+    (``retries: "2"`` or ``retries: false`` pass as numbers) where the schema states the type."""
     try:
         PipelineSpec.model_validate(doc)
-        refused = False
-    except ValidationError:
-        refused = True
-    errors = [e.message for e in PIPELINE_SCHEMA.iter_errors(doc)]
-    assert refused == bool(errors), f"model refuses: {refused}; schema: {errors or 'accepts'}; {doc}"
+    except ValidationError as exc:
+        assert list(PIPELINE_SCHEMA.iter_errors(doc)), f"the model refuses ({exc.errors()[0]['msg']}), the schema accepts: {doc}"
 
 
 # ---------------------------------------------------------------- algo_output.json
