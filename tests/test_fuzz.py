@@ -21,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
+from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
 from algodock.contract.documents import TOO_DEEP
 from algodock.contract.manifest import AlgoOutput, Manifest, load_manifest, parse_manifest
@@ -39,7 +41,17 @@ settings.register_profile(
 settings.register_profile(
     "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+SCHEMA_EXAMPLES = min(settings.default.max_examples, 500)
+"""Examples of a test whose documents hypothesis-jsonschema generates from an exported schema:
+0.1-1 s each (the pipeline schema the slowest; 1000 took 17 min on a loaded machine), so the
+fuzz profile's 5000 would run for hours; 500 keep ``make fuzz`` to about 20 min, ``ci`` keeps its 60."""
+
+schema_generated = pytest.mark.timeout(1800 if PROFILE == "fuzz" else 600)
+"""Their per-test timeout: pyproject's 600 s is for ``make test``; 500 generated documents on a
+loaded machine can take longer, and a fuzz run that stops at a timeout has shown nothing."""
 
 VALID_MANIFEST: dict[str, Any] = {
     "manifest_version": "0.1",
@@ -80,6 +92,9 @@ def _schema(name: str) -> dict[str, Any]:
     schema = _local(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
     schema.pop("$id", None)  # a urn: id would become the base of the local "#/$defs/…" references
     return schema
+
+
+PIPELINE_SCHEMA = Draft202012Validator(_schema("pipeline"))
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -168,7 +183,8 @@ def _within_the_rules_beyond_the_schema(doc: dict[str, Any], parameters: dict[st
     return doc
 
 
-@settings(suppress_health_check=list(HealthCheck))
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
 @given(from_schema(_schema("manifest")), st.sampled_from(SCHEMA_SAMPLES))
 def test_documents_the_manifest_schema_allows_are_manifests(doc: dict[str, Any], parameters: dict[str, Any]) -> None:
     """schemas/manifest.schema.json and the model agree: what the schema accepts parses (an editor
@@ -278,10 +294,29 @@ def test_any_json_value_as_a_pipeline(manifest_dir: Path, doc: Any) -> None:
     _build(doc, manifest_dir)
 
 
-@settings(suppress_health_check=list(HealthCheck))
-@given(doc=from_schema(PipelineSpec.model_json_schema()))
-def test_documents_the_pipeline_schema_allows(manifest_dir: Path, doc: dict[str, Any]) -> None:
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
+@given(doc=from_schema(_schema("pipeline")))
+def test_documents_the_pipeline_schema_allows_are_specs(manifest_dir: Path, doc: dict[str, Any]) -> None:
+    """schemas/pipeline.schema.json and the model agree one way: what the schema accepts parses;
+    building it (which reads manifests and checks references) fails only with a clear error."""
+    PipelineSpec.model_validate(doc)
     _build(doc, manifest_dir)
+
+
+BLOCK_PIPELINE: dict[str, Any] = {**VALID_PIPELINE, "steps": [{"id": "a", "block": "fuzz-block", "inputs": {"data": "inputs.data"}}]}
+
+
+@settings(suppress_health_check=list(HealthCheck))
+@given(doc=mutated(VALID_PIPELINE) | mutated(BLOCK_PIPELINE))
+def test_a_spec_the_model_refuses_the_pipeline_schema_refuses(doc: dict[str, Any]) -> None:
+    """... and the other way: a spec PipelineSpec refuses is refused by the schema too (an editor
+    never passes a spec algodock refuses). Not the converse: the model reads YAML leniently
+    (``retries: "2"`` or ``retries: false`` pass as numbers) where the schema states the type."""
+    try:
+        PipelineSpec.model_validate(doc)
+    except ValidationError as exc:
+        assert list(PIPELINE_SCHEMA.iter_errors(doc)), f"the model refuses ({exc.errors()[0]['msg']}), the schema accepts: {doc}"
 
 
 # ---------------------------------------------------------------- algo_output.json
@@ -308,7 +343,8 @@ def test_any_json_as_algo_output(tmp_path_factory: pytest.TempPathFactory, doc: 
     _read(tmp_path_factory.mktemp("o"), json.dumps(doc).encode())
 
 
-@settings(suppress_health_check=list(HealthCheck))
+@schema_generated
+@settings(max_examples=SCHEMA_EXAMPLES, suppress_health_check=list(HealthCheck))
 @given(doc=from_schema(_schema("algo_output")))
 def test_documents_the_algo_output_schema_allows_are_read(tmp_path_factory: pytest.TempPathFactory, doc: Any) -> None:
     """schemas/algo_output.schema.json and the model agree: what the schema accepts is read, never invalid_output."""

@@ -692,3 +692,38 @@ def test_the_output_watcher_asks_for_the_containers_pid_only_once_an_output_near
     (tmp_path / "nearing" / "a.csv").write_bytes(b"x" * 300_000)  # over 1 MiB / 4, under 1 MiB
     watch(tmp_path / "nearing")
     assert asked == ["nearing"]
+
+
+def test_a_walk_that_waited_for_a_core_does_not_stretch_the_output_watchers_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher rests 40 x what its walk cost in CPU. On a loaded host a walk of a tiny folder
+    can take tens of ms of wall time waiting for a core; charged as cost, that made the watcher
+    rest for seconds while a writer went far past the limit. Here every walk waits 50 ms (a
+    sleep standing for a busy machine) while a host writer adds 1 MiB every 10 ms up to
+    100 MiB: the watcher must stop it near its 20 MiB limit, not after all of it."""
+    import threading
+    import time
+
+    from algodock.runtime import limits
+
+    real_measure = limits.measure
+
+    def slow_measure(root: Path, stop_at: limits.OutputLimits | None = None) -> limits.Usage:
+        time.sleep(0.05)  # waiting for a core: wall time, no CPU
+        return real_measure(root, stop_at)
+
+    monkeypatch.setattr(limits, "measure", slow_measure)
+    folder = tmp_path / "output"
+    folder.mkdir()
+    stop = threading.Event()
+    watcher = limits.OutputWatcher(folder, limits.OutputLimits.of(20, 100), kill=stop.set).start()
+    chunk = b"\0" * limits.MIB
+    with open(folder / "big", "wb") as fh:
+        for _ in range(100):
+            if stop.wait(0.01):  # the pace of the writer; set when the watcher "kills" it
+                break
+            fh.write(chunk)
+            fh.flush()
+    watcher.stop()
+    written = (folder / "big").stat().st_size // limits.MIB
+    assert watcher.failure is not None, f"never stopped; {written} MiB written"
+    assert written < 40, f"stopped only after {written} MiB (limit 20 MiB): the watcher rested as if each walk had cost 50 ms of CPU"

@@ -402,6 +402,48 @@ def test_stalled_s3_upload_is_retried_without_rerunning_the_container(tmp_path, 
     assert out["uri"].startswith("s3://stall/st/runs/stall/steps/make/attempts/")
 
 
+def test_a_stalled_store_fails_a_cache_pin_and_a_json_record_within_the_op_timeout(moto_process, monkeypatch) -> None:
+    """A cache hit pins the files it reuses (a JSON record written, then gc's plan read) with
+    no retrying() around it: each of S3Store's JSON reads and writes is bounded on its own by
+    ALGODOCK_STORE_OP_TIMEOUT, so a stalled endpoint fails the pin as ``infrastructure``
+    instead of holding the step for ever (s3fs's request timeout does not end a stalled PUT)."""
+    from algodock.errors import InfrastructureError
+    from algodock.store.backends import S3Store
+    from algodock.store.gc import pin
+
+    endpoint, moto = moto_process
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "ALGODOCK_STORE_TIMEOUT": "1", "ALGODOCK_STORE_OP_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(k, v)
+    s3_filesystem().mkdir("pins")
+    store = S3Store("s3://pins/st")
+    store.write_json("runs/r/x.json", {"a": 1})
+    assert pin(store, "r2", ["runs/r/x.json"]) is True  # answers while the endpoint does
+    outcomes: dict[str, BaseException | None] = {}
+
+    def attempt(name: str, op: Any) -> None:
+        try:
+            op()
+            outcomes[name] = None
+        except BaseException as exc:  # the outcome is the assertion
+            outcomes[name] = exc
+
+    moto.send_signal(signal.SIGSTOP)  # connections are accepted, nothing answers
+    try:
+        ops = {"pin": lambda: pin(store, "r3", ["runs/r/x.json"]), "write_json": lambda: store.write_json("runs/r/y.json", {}), "read_json": lambda: store.read_json("runs/r/x.json")}
+        threads = [threading.Thread(target=attempt, args=(name, op), daemon=True) for name, op in ops.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)  # the bound is 2 s: 60 is "never answered"
+        assert not any(t.is_alive() for t in threads), f"still waiting on the stalled store after 60 s: {sorted(set(ops) - set(outcomes))}"
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    for name, exc in outcomes.items():
+        assert isinstance(exc, InfrastructureError), f"{name}: {exc!r}"
+        assert "s3://pins/st/" in str(exc), f"{name}: {exc}"
+
+
 def test_a_store_that_stays_down_fails_the_step_and_the_retry_commits_the_kept_outputs(tmp_path, image, moto_process, docker_client, monkeypatch) -> None:
     """Attempt 1: the container succeeds, the store stays down past its retries: the step fails as
     ``infrastructure`` naming the store, the outputs and log are kept on local disk. Attempt 2 (what

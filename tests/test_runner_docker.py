@@ -905,14 +905,39 @@ def test_writing_3_gb_with_output_mb_100_is_stopped_as_disk_limit(docker_client:
     assert "output_mb=100" in run.message
     assert "wrote-it-all" not in run.lines, "stopped while it ran"
     print(f"\noutput_mb=100: the host held at most {most / MB:.0f} MiB (slack {max(0, most - 100 * MB) / MB:.0f} MiB)")
-    # README ("Output limits"): a writer at page-cache speed is stopped within its limit plus what
-    # it writes while the kill lands (seen in this test on a loaded engine: 102-335 MiB;
-    # bench/output_limit.py measures the slack on its own). Over 100: the sampler saw the folder
-    # past the limit, so the lower bound shows the sampler works; the upper one, a third of what
-    # the writer writes unstopped, fails when the watcher does not stop it (all 3000 MiB).
-    assert 100 * MB < most < 1000 * MB, f"the host held {most / MB:.0f} MiB; the README promises under 1000 MiB"
+    # README ("Output limits"): a writer at page-cache speed (GB/s) is stopped within its limit plus
+    # what it writes while the watcher looks and kills (bench/output_limit.py measures it alone;
+    # here, on a loaded machine, 100-180 MiB were seen). Over 100: the sampler saw the folder past
+    # the limit, so the lower bound shows the sampler works; the upper one fails when the watcher
+    # rests too long or the kill lands late (before the fix a loaded engine saw 335 MiB here).
+    assert 100 * MB < most <= 200 * MB, f"the host held {most / MB:.0f} MiB; the README promises at most 2 x output_mb"
     assert run.result.outputs == []
     assert_gone(docker_client, run.result)
+
+
+def test_the_output_watcher_kills_every_process_of_the_container_from_this_host(docker_client: Any, busybox_image: str, tmp_path: Path) -> None:
+    """The disk-limit kill does not wait for the engine: the watcher finds the container's cgroup
+    on this host (no engine call) and SIGKILLs its processes. Here the engine's kill does nothing
+    and no pid is given: only the host kill can stop the container, whose writer goes past
+    10 MiB and then sleeps (without the host kill it would wait 600 s)."""
+    from algodock.runtime.limits import OutputLimits, OutputWatcher
+
+    folder = tmp_path / "output"
+    folder.mkdir()
+    container = docker_client.containers.create(
+        busybox_image, ["sh", "-c", "dd if=/dev/zero of=/out/big bs=1M count=30 2>/dev/null; sleep 600 & wait"],
+        volumes={str(folder): {"bind": "/out", "mode": "rw"}}, network_mode="none", labels=container_labels("host-kill", "host-kill", 1),
+    )
+    engine_kills: list[str] = []
+    watcher = OutputWatcher(folder, OutputLimits.of(10, 100), kill=lambda: engine_kills.append("kill"), container_id=container.id).start()
+    try:
+        container.start()
+        status = container.wait(timeout=60)["StatusCode"]
+    finally:
+        watcher.stop()
+        container.remove(force=True)
+    assert watcher.failure is not None and engine_kills == ["kill"]
+    assert status == 137, f"exit status {status}: not killed by SIGKILL"
 
 
 def test_too_many_files_is_disk_limit(docker_client: Any, busybox_image: str, out: Path) -> None:

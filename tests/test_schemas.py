@@ -142,3 +142,49 @@ def test_manifest_schema_knows_contract_0_2() -> None:
     for bad in ({"timeout_seconds": 604801}, {"output_mb": 0}, {"output_files": 0}, {"shm_mb": -1}):
         doc = {**GOOD, "container_parameters": {**GOOD["container_parameters"], **bad}}
         assert list(v.iter_errors(doc)), f"schema accepted {bad}"
+
+
+PIPELINE = {
+    "pipeline_version": "0.1",
+    "name": "daily",
+    "inputs": {"pings": "s3://raw/pings/"},
+    "steps": [
+        {"id": "visits", "manifest": "m.json", "inputs": {"pings": "inputs.pings"}},
+        {"id": "stats", "block": "dwell-stats", "inputs": {"visits": "visits.visits"}, "after": ["visits"]},
+    ],
+}
+
+
+def _step(**changed: object) -> dict[str, object]:
+    """PIPELINE with its first step changed (a value of None removes the key)."""
+    step = {k: v for k, v in {**PIPELINE["steps"][0], **changed}.items() if v is not None}  # type: ignore[dict-item]
+    return {**PIPELINE, "steps": [step, PIPELINE["steps"][1]]}
+
+
+def test_pipeline_schema_refuses_what_the_model_refuses() -> None:
+    """An editor checking a spec against schemas/pipeline.schema.json must not pass one
+    PipelineSpec refuses: input names (the pipeline's and a step's) and exactly one of
+    manifest or block per step are in the schema too."""
+    from pydantic import ValidationError
+
+    from algodock.pipeline.spec import PipelineSpec
+
+    v = _validator("pipeline.schema.json")
+    assert list(v.iter_errors(PIPELINE)) == []
+    PipelineSpec.model_validate(PIPELINE)  # the model agrees
+    block_with_null_manifest = _step(manifest=None, block="visits")
+    block_with_null_manifest["steps"][0]["manifest"] = None  # type: ignore[index]
+    assert list(v.iter_errors(block_with_null_manifest)) == []  # null is "not given", for both
+    PipelineSpec.model_validate(block_with_null_manifest)
+    bad_cases = {
+        "pipeline input named Pings": {**PIPELINE, "inputs": {"Pings": "s3://raw/pings/"}},
+        "pipeline input named 'a b'": {**PIPELINE, "inputs": {"a b": "x/"}},
+        "step input named -x": _step(inputs={"-x": "inputs.pings"}),
+        "both manifest and block": _step(block="visits"),
+        "neither manifest nor block": _step(manifest=None),
+        "block null, manifest missing": _step(manifest=None, block=None) | {"steps": [{"id": "visits", "block": None}]},
+    }
+    for what, doc in bad_cases.items():
+        with pytest.raises(ValidationError):
+            PipelineSpec.model_validate(doc)
+        assert list(v.iter_errors(doc)), f"the schema accepted a spec with {what}"

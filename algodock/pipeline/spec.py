@@ -48,13 +48,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ONLY_NAMES = {"additionalProperties": False}
+"""Said in the exported JSON Schema of a ``dict[Name, …]``: its keys are names (pydantic checks
+them against ``Name``'s pattern; the schema's ``patternProperties`` alone would let any other key through)."""
+
+ONE_ALGORITHM = {
+    "oneOf": [
+        {"required": ["manifest"], "properties": {"manifest": {"type": "string"}}},
+        {"required": ["block"], "properties": {"block": {"type": "string"}}},
+    ]
+}
+"""``StepSpec._one_algorithm`` said in the exported JSON Schema: exactly one of manifest or block (null counts as not given)."""
+
+
 class StepSpec(_Strict):
     """One step: an algorithm (a manifest file or an algorithm block), its inputs and parameters."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_ALGORITHM)
 
     id: Name = Field(description="Unique step id; also the Prefect task name.")
     manifest: str | None = Field(None, description="Manifest file, relative to the spec file.", examples=["../examples/device-visits/manifest.json"])
     block: str | None = Field(None, description="Name of a saved algorithm block (instead of manifest).")
-    inputs: dict[Name, str] = Field(default_factory=dict, description="Input slot -> inputs.<name> or <step>.<output>.", examples=[{"pings": "inputs.pings"}])
+    inputs: dict[Name, str] = Field(
+        default_factory=dict, description="Input slot -> inputs.<name> or <step>.<output>.", examples=[{"pings": "inputs.pings"}], json_schema_extra=ONLY_NAMES
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="config.parameters; validated by the manifest's schema.")
     retries: int = Field(0, ge=0, description="Retries after exit_code, timeout or oom failures (infrastructure failures always retry).")
     after: list[Name] = Field(default_factory=list, description="Steps that must finish first, without data passing.")
@@ -88,7 +105,12 @@ class PipelineSpec(_Strict):
     pipeline_version: Literal["0.1"]
     name: Name
     description: str = ""
-    inputs: dict[Name, str] = Field(default_factory=dict, description="External inputs: local path (relative to the spec file), file:// or s3:// URI.", examples=[{"pings": "s3://raw/pings/2026-11-27/"}])
+    inputs: dict[Name, str] = Field(
+        default_factory=dict,
+        description="External inputs: local path (relative to the spec file), file:// or s3:// URI.",
+        examples=[{"pings": "s3://raw/pings/2026-11-27/"}],
+        json_schema_extra=ONLY_NAMES,
+    )
     steps: list[StepSpec] = Field(min_length=1)
     policy: PolicySpec | None = Field(None, description="The image policy (digest pinning, allowed registries).")
 

@@ -171,12 +171,12 @@ class StepContainer:
         result.started_at = _now()
         self.started = time.time()
         self.pump.start()
-        _start(container, self.manifest.container_parameters.resource_request.gpu)
-        self.sampler = UsageSampler.start(self.client, container)
-        if self.workspace is None and self.watch_output:  # the output folder is on this host: watch it while the container runs
+        if self.workspace is None and self.watch_output:  # on this host: watched from before the start, which a loaded engine confirms only after 100s of MiB were written
             self.watcher = OutputWatcher(
                 self.output_dir, self.limits, kill=container.kill, host_pid=_host_pid(self.client, container.id), container_id=container.id
             ).start()
+        _start(container, self.manifest.container_parameters.resource_request.gpu)
+        self.sampler = UsageSampler.start(self.client, container)
 
     def wait(self, result: StepRecord) -> None:
         """Wait for the exit (killing it past ``timeout_seconds``); record the end and the usage."""
@@ -255,7 +255,9 @@ class StepContainer:
         result.outputs = [record_schema(o) for o in outputs]
 
     def remove(self, result: StepRecord) -> None:
-        """Whatever happened: stop sampling, remove every container and volume made; never raises (the engine may be gone)."""
+        """Whatever happened: stop sampling and watching, remove every container and volume made; never raises (the engine may be gone)."""
+        if self.watcher is not None:  # the start failed before the wait could stop it
+            self.watcher.stop()
         if self.sampler is not None and result.usage is None:  # the wait itself failed: stop sampling anyway
             try:
                 result.usage = self.sampler.stop()

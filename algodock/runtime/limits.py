@@ -2,26 +2,30 @@
 
 Mechanism: a watcher thread walks the bind-mounted output folder with :func:`os.scandir`
 (no symlink followed) and adds up every entry's size and count; when either is over the
-manifest's limit it kills the container at once and the step fails with ``disk_limit``. The
-kill is a SIGKILL of the container's init straight from this host when the engine is local
-(its pid, looked up once in the background, checked against ``/proc/<pid>/cgroup`` just
-before), then the engine's own kill.
+manifest's limit it kills the container at once and the step fails with ``disk_limit``. It
+starts before the container does (a loaded engine confirms a start only after a fast writer
+wrote hundreds of MiB). The kill is a SIGKILL, straight from this host, of every process in
+the container's cgroup (found on this host at the engine's usual places, no engine call);
+when this host does not show that cgroup, of the container's init (its pid asked from the
+engine once, in a thread of its own, when an output nears a limit); then the engine's own kill.
 A file counts with the larger of its apparent size and its allocated blocks, so a sparse
 file cannot pass for small (it would be read, hashed and uploaded at its apparent size).
 
-Cost and slack: a walk of ``n`` entries costs about ``n`` microseconds; the watcher rests
-``RATIO`` = 40 times as long as its last walk took (at least ``MIN_INTERVAL`` = 10 ms, at
-most ``MAX_INTERVAL`` = 2 s), so it never takes more than about 1/``RATIO`` (2.5 %) of one
-core; a small tree (a walk of tens of microseconds) is looked at every 10 ms.
-While the output grows, the watcher also wakes after half the time the growth it saw needs
-to reach a limit (never sooner than ``FAST_INTERVAL`` = 5 ms, nor sooner than ``RATIO`` x
-its walk), so it looks more often exactly when a limit comes near.
+Cost: a walk of ``n`` entries costs about ``n`` microseconds of CPU; the watcher rests
+``RATIO`` = 40 times the CPU its last walk took (at least ``MIN_INTERVAL`` = 10 ms, at most
+``MAX_INTERVAL`` = 2 s), so it never takes more than about 1/``RATIO`` (2.5 %) of one core; a
+small tree (a walk of tens of microseconds) is looked at every 10 ms. CPU, not wall time: on a
+loaded host a walk of a tiny folder can wait tens of ms for a core, and charged as cost that
+wait made the watcher rest for a second while a writer went hundreds of MiB past the limit.
+While the output grows, the watcher also wakes after half the time the fastest growth it has
+seen needs to reach a limit (never sooner than ``FAST_INTERVAL`` = 2 ms, nor sooner than
+``RATIO`` x its walk's CPU), so it looks more often exactly when a limit comes near.
 Slack: the bytes an algorithm can write past ``output_mb`` before it is stopped are what it
-writes in the last interval plus the kill (a SIGKILL from this host takes microseconds; the
-engine's kill, an API call, tens of ms on a loaded engine): for a small tree at 1-4 GB/s into
-the page cache, 10-20 ms of writing, i.e. tens of MB (measured 1-36 MiB over a 100 MiB
-limit by the bench, up to 235 MiB in the loaded test suite, where the kill lands later); more for a tree so large that one walk takes long (a 100,000-entry tree walks in
-~0.1-0.3 s, so it is looked at every few seconds). bench/output_limit.py measures it.
+writes between the last two looks plus the late wake-ups of a loaded host (a SIGKILL from
+this host takes microseconds): for a small tree at 1-4 GB/s into the page cache, a few ms of
+writing, i.e. a few MiB to tens of MiB (bench/output_limit.py measures it; the test suite
+holds it under 2 x ``output_mb`` on a loaded machine); more for a tree so large that one
+walk takes long (a 100,000-entry tree walks in ~0.1-0.3 s, so it is looked at every few seconds).
 After the container exited, :func:`measure` walks the folder once more, so a step can never
 end over its limits unnoticed, whatever it wrote in its last interval.
 
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from algodock.errors import DiskLimitFailure
+from algodock.runtime.usage import CGROUP_ROOT, CONTAINER_CGROUPS
 
 log = logging.getLogger("algodock.runtime.limits")
 
@@ -50,7 +55,7 @@ MIB = 1024 * 1024
 MIN_INTERVAL = 0.01
 MAX_INTERVAL = 2.0
 RATIO = 40.0
-FAST_INTERVAL = 0.005
+FAST_INTERVAL = 0.002
 """The shortest rest, taken only while the output grows towards a limit."""
 
 
@@ -133,55 +138,83 @@ class OutputWatcher:
         self._kill = kill
         self._host_pid = host_pid
         self._container_id = container_id
+        self._procs: Path | None = None
         self._pid: int | None = None
+        self._resolver: threading.Thread | None = None
         self._stop = threading.Event()
         self.failure: DiskLimitFailure | None = None
         """Set when the watcher stopped the container."""
         self.walks = 0
+        self._pace = [0.0, 0.0]  # the fastest growth seen, bytes and entries a second
         self._thread = threading.Thread(target=self._run, name="algodock-output-limit", daemon=True)
 
     def start(self) -> OutputWatcher:
+        """Start walking; may be called before the container starts (its cgroup is looked up later)."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(MAX_INTERVAL + 5)
+        if self._resolver is not None:
+            self._resolver.join(5)
 
     def _kill_on_host(self) -> None:
-        """SIGKILL the container's init from this host: faster than the engine's kill (an API call),
-        so less is written after the limit. Only when /proc shows that pid still in the container's
-        cgroup (a local engine; no pid reused since); the engine's kill follows anyway."""
-        pid, cid = self._pid, self._container_id
-        if not pid or not cid:
-            return
-        try:
-            if cid in Path(f"/proc/{pid}/cgroup").read_text():
+        """SIGKILL the container's processes from this host: faster than the engine's kill (an API
+        call, tens to hundreds of ms on a loaded engine), so less is written after the limit.
+        Every process of the container's cgroup when this host sees it (the writer stops at once,
+        not only once its init has died); else its init, when ``/proc`` shows that pid still in
+        the container's cgroup (no pid reused since). The engine's kill follows anyway."""
+        procs = self._procs or (container_procs(self._container_id) if self._container_id else None)
+        pids = _cgroup_pids(procs) if procs is not None else []
+        if not pids and self._pid and self._container_id and _in_cgroup_of(self._pid, self._container_id):
+            pids = [self._pid]
+        for pid in pids:
+            try:
                 os.kill(pid, signal.SIGKILL)
-        except OSError as exc:  # gone, or not ours to signal (not root)
-            log.debug("host kill of pid %s: %s", pid, exc)
+            except OSError as exc:  # gone, or not ours to signal (not root)
+                log.debug("host kill of pid %s: %s", pid, exc)
 
     def _nearing(self, usage: Usage) -> bool:
-        """Past a quarter of a limit: time to learn the pid a kill would signal (an engine call
-        that most steps, whose outputs stay small, never need)."""
+        """Past a quarter of a limit: time to learn what a kill would signal (an engine call when
+        this host does not show the container's cgroup, which most steps never need)."""
         return usage.bytes * 4 >= self.limits.max_bytes or usage.entries * 4 >= self.limits.max_entries
 
-    def _interval(self, took: float, usage: Usage, before: Usage | None, dt: float) -> float:
-        """Rest ``RATIO`` x the walk, but wake sooner when the growth seen would reach a limit first."""
-        rest = min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * took))
-        if before is not None and dt > 0:
-            for now, then, limit in ((usage.bytes, before.bytes, self.limits.max_bytes), (usage.entries, before.entries, self.limits.max_entries)):
-                if now > then:  # growing: half the time it needs to reach the limit at this pace
-                    eta = (limit - now) / ((now - then) / dt)
-                    rest = min(rest, max(RATIO * took, FAST_INTERVAL, eta / 2))
+    def _prepare_kill(self) -> None:
+        """Find the container's cgroup on this host; failing that, ask the engine for its init pid,
+        once, in a thread of its own: a busy engine answers in hundreds of ms, and the watcher must
+        keep walking meanwhile."""
+        self._procs = container_procs(self._container_id) if self._container_id else None
+        resolve, self._host_pid = self._host_pid, None
+        if self._procs is not None or resolve is None:
+            return
+
+        def ask() -> None:
+            try:
+                self._pid = resolve()
+            except Exception as exc:  # the engine is busy or gone: the engine's kill still works
+                log.debug("no host pid for the container: %s", exc)
+
+        self._resolver = threading.Thread(target=ask, name="algodock-output-limit-pid", daemon=True)
+        self._resolver.start()
+
+    def _interval(self, cost: float, usage: Usage, before: Usage, dt: float) -> float:
+        """Rest ``RATIO`` x the walk's CPU cost, but wake sooner when the growth seen would reach a limit first."""
+        rest = min(MAX_INTERVAL, max(MIN_INTERVAL, RATIO * cost))
+        if dt > 0:
+            for i, (now, then, limit) in enumerate(((usage.bytes, before.bytes, self.limits.max_bytes), (usage.entries, before.entries, self.limits.max_entries))):
+                if now > then:  # growing: half the time it needs to reach the limit at the fastest pace seen (writers come in bursts)
+                    self._pace[i] = max(self._pace[i], (now - then) / dt)
+                    eta = (limit - now) / self._pace[i]
+                    rest = min(rest, max(RATIO * cost, FAST_INTERVAL, eta / 2))
         return rest
 
     def _run(self) -> None:
-        before: Usage | None = None
-        last = time.monotonic()
+        before, last = Usage(0, 0), time.monotonic()  # the folder starts empty: the first walk already sees a pace
         while not self._stop.is_set():
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.thread_time()
             usage = measure(self.root, self.limits)
+            cost = time.thread_time() - cpu0  # CPU, not wall: time spent waiting for a core is not the walk's cost
             self.walks += 1
             try:
                 self.limits.check(usage)
@@ -193,16 +226,38 @@ class OutputWatcher:
                 except Exception as exc:  # already exited, or the engine is gone: the final walk still fails the step
                     log.debug("kill on disk_limit: %s", exc)
                 return
-            took = time.monotonic() - t0
-            if self._host_pid is not None and self._nearing(usage):  # once, off the step's critical path
-                resolve, self._host_pid = self._host_pid, None
-                try:
-                    self._pid = resolve()
-                except Exception as exc:  # the engine is busy or gone: the engine's kill still works
-                    log.debug("no host pid for the container: %s", exc)
-            rest = self._interval(took, usage, before, t0 - last)
+            if self._procs is None and self._host_pid is not None and self._nearing(usage):
+                self._prepare_kill()
+            rest = self._interval(cost, usage, before, t0 - last)
             before, last = usage, t0
             self._stop.wait(rest)
 
 
-__all__ = ["OutputLimits", "OutputWatcher", "Usage", "measure"]
+def container_procs(container_id: str) -> Path | None:
+    """The ``cgroup.procs`` file of a container's cgroup on this host, at the engine's usual
+    places (cgroup v2, or v1's ``pids``/``memory`` hierarchies; cgroupfs or systemd driver),
+    found without asking the engine; None when this host does not see it (a remote engine)."""
+    for pattern in CONTAINER_CGROUPS:
+        rel = pattern.format(id=container_id)
+        for hierarchy in ("", "pids", "memory"):
+            procs = CGROUP_ROOT / hierarchy / rel / "cgroup.procs"
+            if procs.is_file():
+                return procs
+    return None
+
+
+def _cgroup_pids(procs: Path) -> list[int]:
+    try:
+        return [int(line) for line in procs.read_text().split()]
+    except (OSError, ValueError):  # the cgroup is gone: the container has exited
+        return []
+
+
+def _in_cgroup_of(pid: int, container_id: str) -> bool:
+    try:
+        return container_id in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+
+
+__all__ = ["OutputLimits", "OutputWatcher", "Usage", "container_procs", "measure"]

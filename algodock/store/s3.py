@@ -21,7 +21,7 @@ from algodock.errors import InfrastructureError, InvalidInput
 from algodock.hashing import folder_digest, list_files
 from algodock.store.base import Store, StoredFile
 from algodock.store.layout import MARKER_SUFFIX, _hidden, _s3_path
-from algodock.store.transfer import Fetched, _download, _etag, _infra, _put_all_hashed, fetch_input, s3_filesystem
+from algodock.store.transfer import Fetched, _bounded, _download, _etag, _infra, _put_all_hashed, fetch_input, op_timeout, s3_filesystem
 
 if TYPE_CHECKING:
     import s3fs
@@ -49,18 +49,31 @@ class S3Store(Store):
         return f"s3://{self._key(*parts)}"
 
     def write_json(self, rel: str, obj: Any) -> None:
-        with _infra(f"cannot write {self.uri(rel)}"):
-            try:
-                self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode())
-            except FileNotFoundError as exc:
-                raise InfrastructureError(f"cannot write {self.uri(rel)}: does the bucket exist? ({exc})") from exc
+        """One PUT, abandoned after :func:`op_timeout` (an ``InfrastructureError``): callers that
+        must not give up at once wrap it in :func:`retrying`; none waits for ever."""
+        body = json.dumps(obj, indent=2, default=str).encode()
+
+        def put() -> None:
+            with _infra(f"cannot write {self.uri(rel)}"):
+                try:
+                    self.fs.pipe_file(self._key(rel), body)
+                except FileNotFoundError as exc:
+                    raise InfrastructureError(f"cannot write {self.uri(rel)}: does the bucket exist? ({exc})") from exc
+
+        _bounded(put, op_timeout(), f"cannot write {self.uri(rel)}")
 
     def read_json(self, rel: str) -> Any | None:
-        with _infra(f"cannot read {self.uri(rel)}"):
-            try:
-                return json.loads(self.fs.cat_file(self._key(rel)))
-            except FileNotFoundError:
-                return None
+        """One GET, bounded like :meth:`write_json`."""
+
+        def get() -> Any | None:
+            with _infra(f"cannot read {self.uri(rel)}"):
+                try:
+                    return self.fs.cat_file(self._key(rel))
+                except FileNotFoundError:
+                    return None
+
+        data = _bounded(get, op_timeout(), f"cannot read {self.uri(rel)}")
+        return None if data is None else json.loads(data)
 
     def exists(self, rel: str) -> bool:
         with _infra(f"cannot look at {self.uri(rel)}"):

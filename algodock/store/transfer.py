@@ -37,7 +37,7 @@ from algodock.store.layout import _OLD, _s3_path, _tmp_beside, local_path_of
 if TYPE_CHECKING:
     import s3fs
 
-__all__ = ["Fetched", "fetch_input", "fetch_uri", "retrying", "s3_filesystem", "store_timeout"]
+__all__ = ["Fetched", "fetch_input", "fetch_uri", "op_timeout", "retrying", "s3_filesystem", "store_timeout"]
 
 log = logging.getLogger("algodock.store")
 T = TypeVar("T")
@@ -77,6 +77,13 @@ def store_timeout() -> float:
     return float(os.environ.get("ALGODOCK_STORE_TIMEOUT", "60"))
 
 
+def op_timeout() -> float:
+    """Seconds one store operation (a try: requests and s3fs's own retries) may take before it is
+    abandoned (``ALGODOCK_STORE_OP_TIMEOUT``, default 4x :func:`store_timeout`): the request timeout
+    alone does not end a stalled PUT."""
+    return float(os.environ.get("ALGODOCK_STORE_OP_TIMEOUT", str(4 * store_timeout())))
+
+
 def retrying(op: Callable[[], T], what: str, *, attempts: int | None = None, timeout: float | None = None, backoff: float | None = None, on_retry: Callable[[str], None] | None = None) -> T:
     """Run the store operation ``op`` until it succeeds, at most ``attempts`` times.
 
@@ -88,7 +95,7 @@ def retrying(op: Callable[[], T], what: str, *, attempts: int | None = None, tim
     ``ALGODOCK_STORE_OP_TIMEOUT`` (4× the request timeout), ``ALGODOCK_STORE_BACKOFF`` (1 s).
     """
     attempts = attempts or int(os.environ.get("ALGODOCK_STORE_ATTEMPTS", "5"))
-    timeout = timeout or float(os.environ.get("ALGODOCK_STORE_OP_TIMEOUT", str(4 * store_timeout())))
+    timeout = timeout or op_timeout()
     backoff = backoff if backoff is not None else float(os.environ.get("ALGODOCK_STORE_BACKOFF", "1"))
     last: BaseException | None = None
     for n in range(1, attempts + 1):
