@@ -83,6 +83,17 @@ def _api_calls(path: Path, since: float, until: float) -> Counter[str]:
     return calls
 
 
+def _probe_this_process(path: Path) -> None:
+    """Log this process's Prefect API requests to ``path`` (the probe the workers load through ``PYTHONPATH``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_api_probe", REPO / "bench/_probe/sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._install(str(path))
+
+
 def _route(route: str) -> str:
     """``task_runs/<uuid>/set_state`` -> ``task_runs/{id}/set_state``."""
     return "/".join("{id}" if len(p) == 36 and p.count("-") == 4 else p for p in route.split("/"))
@@ -101,6 +112,8 @@ def main() -> int:
     second = _engine([BENCH_BUSYBOX])
     tmp = Path(tempfile.mkdtemp(prefix="algodock-bench-cluster-"))
     probe = tmp / "api-calls.log"
+    flow_probe = tmp / "flow-api-calls.log"
+    _probe_this_process(flow_probe)
     procs: list[subprocess.Popen] = []
     results: dict[str, list[tuple[float, Counter[str]]]] = {"A+B": [], "A": []}
     timeline: list[dict[str, Any]] = []
@@ -163,7 +176,8 @@ def main() -> int:
                     lineage = json.loads((tmp / "store/runs" / run_id / "lineage.json").read_text())
                     timeline = _timeline(address, lineage)
                     calls = _api_calls(probe, t0, t1)
-                    calls_per_step = {k: v / args.steps for k, v in calls.items()}
+                    calls_per_step = {f"workers: {k}": v / args.steps for k, v in calls.items()}
+                    calls_per_step.update({f"flow: {k}": v / args.steps for k, v in _api_calls(flow_probe, t0, t1).items()})
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -175,7 +189,8 @@ def main() -> int:
         subprocess.run(["bash", str(REPO / "scripts/extra-engine.sh"), "stop", ENGINE], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _print_timeline(timeline)
-    print("\nPrefect API calls per step from the workers (HTTP requests to the API; state changes and asset events travel as events over one websocket):")
+    print("\nPrefect API calls per step of the first A+B run, from the workers and from the flow (HTTP requests to the API;"
+          " task-run states and asset events travel as events over a websocket):")
     print_table(["request", "per step"], [[k, f"{v:g}"] for k, v in sorted(calls_per_step.items(), key=lambda kv: -kv[1])] + [["total", f"{sum(calls_per_step.values()):g}"]])
     waves = -(-args.steps // (args.a_millicores // 1000))
     print(f"\n{args.steps} steps of {args.seconds:g} s at 1000 millicores; A {args.a_millicores} millicores, B {args.b_millicores}")

@@ -332,8 +332,9 @@ WORKERS_REFRESH_SECONDS = 1.0
 
 
 class Placement:
-    """Which worker has room for a step now: each worker's resources less the requests of the
-    steps this run placed there and that have not ended (pure bookkeeping, no Dask).
+    """Which worker has room for a step now (pure bookkeeping, no Dask): each worker's resources
+    less what the scheduler counts as taken there (the steps of every run it assigned to it),
+    less the requests of the steps this run sent there that the scheduler has not assigned yet.
 
     A step goes to the worker with the most free ``cpu_millicore`` among those where every
     resource it asks for fits (then the most free memory, then the address), so the first
@@ -349,16 +350,23 @@ class Placement:
 
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
+        self.used: dict[str, dict[str, float]] = {}
         self.placed: dict[str, tuple[str, dict[str, float]]] = {}
+        self.seen: set[str] = set()
 
-    def update(self, workers: dict[str, dict[str, float]]) -> None:
-        """The workers now in the cluster and their resources (steps placed on one that left stay counted nowhere)."""
+    def update(self, workers: dict[str, dict[str, float]], used: dict[str, dict[str, float]] | None = None, seen: Any = ()) -> None:
+        """The workers now in the cluster and their resources; ``used``: what the scheduler counts
+        as taken on each; ``seen``: this run's steps the scheduler has assigned (counted in ``used``)."""
         self.workers = {addr: dict(res) for addr, res in workers.items()}
+        self.used = {addr: dict(res) for addr, res in (used or {}).items()}
+        self.seen = set(seen) & set(self.placed)
 
     def free(self, worker: str) -> dict[str, float]:
         left = dict(self.workers.get(worker, {}))
-        for where, request in self.placed.values():
-            if where == worker:
+        for name, amount in self.used.get(worker, {}).items():
+            left[name] = left.get(name, 0) - amount
+        for step, (where, request) in self.placed.items():
+            if where == worker and step not in self.seen:
                 for name, amount in request.items():
                     left[name] = left.get(name, 0) - amount
         return left
@@ -379,6 +387,14 @@ class Placement:
     def release(self, step_id: str) -> None:
         """``step_id`` ended: its worker has its room back."""
         self.placed.pop(step_id, None)
+        self.seen.discard(step_id)
+
+    def orphans(self) -> list[str]:
+        """The steps placed on workers that left (no longer counted: Dask runs them where it can)."""
+        lost = [step for step, (where, _) in self.placed.items() if where not in self.workers]
+        for step in lost:
+            self.release(step)
+        return lost
 
 
 class _QueuedStep:
@@ -427,6 +443,7 @@ class ClusterSession:
         self.returned: dict[str, float] = {}
         self.placement = Placement()
         self._queue: list[_QueuedStep] = []
+        self._keys: dict[str, str] = {}
         self._changed = threading.Condition()
         self._look = True
         self._stopping = False
@@ -515,20 +532,25 @@ class ClusterSession:
         while True:
             with self._changed:
                 while not self._stopping and not (self._queue and self._look):
-                    self._changed.wait(WORKERS_REFRESH_SECONDS if self._queue else None)
-                    if self._queue and time.monotonic() - refreshed >= WORKERS_REFRESH_SECONDS:
-                        break  # a worker may have joined: look again
+                    busy = bool(self._queue or self.placement.placed)
+                    self._changed.wait(WORKERS_REFRESH_SECONDS if busy else None)
+                    if busy and time.monotonic() - refreshed >= WORKERS_REFRESH_SECONDS:
+                        break  # a worker may have joined or left: look again
                 if self._stopping:
                     return
                 self._look = False
-            if time.monotonic() - refreshed >= WORKERS_REFRESH_SECONDS or not self.placement.workers:
-                try:
-                    workers = {a: r for a, r in self.workers().items() if "cpu_millicore" in r}
-                    refreshed = time.monotonic()
-                    with self._changed:
-                        self.placement.update(workers)
-                except Exception as exc:  # the scheduler is away: keep what we knew
-                    log.warning("cluster: could not list the workers: %s", exc)
+            try:
+                with self._changed:
+                    keys = {self._keys[step]: step for step in self.placement.placed if step in self._keys}
+                workers, used, seen = self.client.run_on_scheduler(_cluster_view, list(keys))
+                refreshed = time.monotonic()
+                with self._changed:
+                    self.placement.update(workers, used, {keys[k] for k in seen})
+                    lost = self.placement.orphans()
+                if lost:  # Dask would hold them for their worker: any worker with the resources may run them now
+                    self.client.run_on_scheduler(_unpin, [self._keys[s] for s in lost if s in self._keys])
+            except Exception as exc:  # the scheduler is away: keep what we knew
+                log.warning("cluster: could not read the workers' resources from the scheduler: %s", exc)
             with self._changed:
                 for step in list(self._queue):
                     where = self.placement.place(step.step_id, step.resources)
@@ -560,8 +582,10 @@ class ClusterSession:
         dependencies = {k: collect_task_run_inputs_sync(v, future_cls=Future) for k, v in parameters.items()}
         task_run_id = uuid.UUID(step.task_run_id)
         assets = AssetContext.from_task_and_inputs(task=step.task_fn, task_run_id=task_run_id, task_inputs=dependencies, copy_to_child_ctx=True).serialize()
+        key = f"{step.step_id}-{task_run_id}"
+        self._keys[step.step_id] = key
         wrapped = Client.submit(self.client, run_step_task, self.run_id, step.task_fn, task_run_id, parameters, dependencies, assets,
-                                key=f"{step.step_id}-{task_run_id}", pure=False, resources=step.resources, workers=[worker], allow_other_workers=True)
+                                key=key, pure=False, resources=step.resources, workers=[worker], allow_other_workers=True)
 
         def finished(_f: Any) -> None:
             self.returned[step.step_id] = time.time()
@@ -580,6 +604,31 @@ class ClusterSession:
 
         assert self.run_id is not None
         return _broadcast(self.client, cancel_run_here, self.run_id)
+
+
+def _cluster_view(keys: list[str], dask_scheduler: Any = None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]:
+    """On the scheduler (``client.run_on_scheduler``): each algodock worker's resources, what is
+    taken of them (the tasks assigned there, of every run), and which of ``keys`` are counted so."""
+    workers = {addr: dict(ws.resources) for addr, ws in dask_scheduler.workers.items() if "cpu_millicore" in ws.resources}
+    used = {addr: dict(dask_scheduler.workers[addr].used_resources) for addr in workers}
+    seen = [k for k in keys if k in dask_scheduler.tasks and (dask_scheduler.tasks[k].processing_on is not None or dask_scheduler.tasks[k].state in ("memory", "erred", "released"))]
+    return workers, used, seen
+
+
+def _unpin(keys: list[str], dask_scheduler: Any = None) -> list[str]:
+    """On the scheduler (``client.run_on_scheduler``): drop the preferred worker of ``keys``, whose
+    worker left, and send those waiting for a worker to any worker with their resources.
+
+    A loose worker restriction alone is not enough: Dask re-runs a lost task on another worker,
+    but holds it (``no-worker``) when none is up at that moment, and a worker that joins later
+    takes only the tasks that named it.
+    """
+    tasks = [dask_scheduler.tasks[k] for k in keys if k in dask_scheduler.tasks]
+    dask_scheduler.set_restrictions({ts.key: None for ts in tasks})
+    stuck = {ts.key: "processing" for ts in tasks if ts.state == "no-worker"}
+    if stuck:
+        dask_scheduler.transitions(stuck, stimulus_id=f"algodock-unpin-{time.time()}")
+    return list(stuck)
 
 
 def _params(fn: Any) -> set[str]:
