@@ -2,14 +2,15 @@
 
 ``run_pipeline(..., cluster="tcp://scheduler:8786")`` (``algodock run --cluster``) opens a
 :class:`ClusterSession`: a ``prefect_dask.DaskTaskRunner(address=...)`` started inside the
-flow run (so the flow parameter works from a deployment too). Each step is submitted to it
-as the task :func:`run_cluster_step` with its resource request as Dask resources
-(``cpu_millicore``, ``memory_gb``, ``gpu``), so the scheduler places it only on a worker with
-room; Docker still sets the hard limits on the container.
+flow run (so the flow parameter works from a deployment too). Each step waits in the session
+until a worker has room for its resource request (:class:`Placement`, from what the scheduler
+has assigned), then goes to Dask as the task :func:`run_cluster_step` preferring that worker,
+with its request as Dask resources (``cpu_millicore``, ``memory_gb``, ``gpu``); Docker still
+sets the hard limits on the container.
 
 What the steps of a run share (the pipeline, the store, the cache's view of an earlier
-attempt) travels once per worker as a Dask worker plugin (:class:`RunPlugin`), not with every
-step. On the worker a step runs against that worker's own engine (:mod:`algodock.worker`),
+attempt, the flow run's Prefect context) travels once per worker as a Dask worker plugin
+(:class:`RunPlugin`), not with every step. On the worker a step runs against that worker's own engine (:mod:`algodock.worker`),
 stages its inputs from the shared store onto the worker's disk, and records which engine it
 ran on. Every attempt claims a number in the store (``runs/<run>/cluster/<step>/<n>.json``)
 before it starts, so an attempt lost with its worker, and Dask's re-run of it elsewhere, are
