@@ -289,12 +289,12 @@ def run_cluster_step(run_id: str, step_id: str, upstream: dict[str, StepRecord])
         record.failure.message = f"cancelled: the flow run was cancelled while the step ran ({record.failure.message})"
     record.engine = engine.identity
     timeline = {"dask_key": str(worker.get_current_task()), "task_started": began, "claimed": claimed, "executed": _now()}
-    ctx.store.write_json(
-        f"{_attempts_rel(run_id, step_id)}/{attempt}.json",
-        {**claim, "status": record.status, "finished_at": datetime.now(timezone.utc).isoformat(), "failure": record.failure.model_dump() if record.failure else None,
-         "timeline": timeline},
-    )
-    record.attempt_history = _attempt_history(ctx.store, run_id, step_id)
+    final = {**claim, "status": record.status, "finished_at": datetime.now(timezone.utc).isoformat(), "failure": record.failure.model_dump() if record.failure else None,
+             "timeline": timeline}
+    ctx.store.write_json(f"{_attempts_rel(run_id, step_id)}/{attempt}.json", final)
+    # A first attempt is the whole history: no listing and reading back (two store round trips
+    # before the step's task ends and its worker takes the next step)
+    record.attempt_history = _attempt_history(ctx.store, run_id, step_id) if attempt > 1 else [final]
     if record.status == "failed":
         assert record.failure is not None
         logger.error("step %s failed (%s): %s", step_id, record.failure.kind, record.failure.message)
