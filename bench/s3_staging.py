@@ -12,8 +12,9 @@ downloaded in rounds by each of these, alternating which goes first (A B, B A, .
 The upload of a step's output folder is timed the same way: ``S3Store.put_output`` (data,
 then the commit marker) against ``fs.put(folder, prefix, recursive=True)``.
 
-Target, each direction: ours / s3fs (medians) <= 1.5 (ours also hashes the bytes as they
-stream, and commits: a temporary folder renamed into place, a conditional commit marker).
+Targets, ours / s3fs (medians): download <= 1.05 (ours also hashes the bytes as they stream,
+in a thread beside the network reads, and puts the folder in place by one rename); upload
+<= 1.5 (ours also hashes each file while it goes up, and writes a conditional commit marker).
 
     .venv/bin/python bench/s3_staging.py [--quick]
 """
@@ -33,7 +34,8 @@ from pathlib import Path
 from _util import best_and_median, exit_status, fmt_s, print_table, quick, scratch_dir, timed, verdict
 
 MB = 1024 * 1024
-TARGET = 1.5
+DOWNLOAD_TARGET = 1.05
+UPLOAD_TARGET = 1.5
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -55,7 +57,7 @@ def _tree_bytes(path: Path) -> int:
 
 
 def main() -> int:
-    nparts, part_mb, reps = (8, 4, 3) if quick() else (16, 8, 5)
+    nparts, part_mb, reps = (8, 4, 3) if quick() else (16, 8, 9)
     total = nparts * part_mb * MB
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -117,8 +119,8 @@ def _run(endpoint: str, nparts: int, part_mb: int, reps: int, total: int) -> int
 
     print()
     print_table(["direction", "ours", "best", "median", "rate", "s3fs", "best", "median", "ours/s3fs (median)"], rows)
-    verdict("download: fetch_uri / s3fs get (medians)", download, TARGET)
-    verdict("upload: S3Store.put_output / s3fs put (medians)", upload, TARGET)
+    verdict("download: fetch_uri / s3fs get (medians)", download, DOWNLOAD_TARGET)
+    verdict("upload: S3Store.put_output / s3fs put (medians)", upload, UPLOAD_TARGET)
     return exit_status()
 
 

@@ -332,3 +332,63 @@ def test_cancelling_the_flow_run_kills_containers_on_every_host(tmp_path, cluste
     assert summary["status"] == "cancelled"
     ran = [s for s in summary["steps"] if s["status"] == "failed" and s["failure"]]
     assert len(ran) == 4 and all("cancelled" in s["failure"]["message"] for s in ran), summary["steps"]
+
+
+def test_placement_takes_the_worker_with_the_most_room_and_forgets_a_lost_one():
+    from algodock.flows.cluster import Placement
+
+    p = Placement()
+    p.update({"a": {"cpu_millicore": 4000, "memory_gb": 2}, "b": {"cpu_millicore": 2000, "memory_gb": 4}})
+    assert p.place("big", {"cpu_millicore": 500, "memory_gb": 3}) == "b"  # only b has the memory
+    assert [p.place(f"s{i}", {"cpu_millicore": 1000}) for i in range(5)] == ["a", "a", "a", "b", "a"]
+    assert p.place("s5", {"cpu_millicore": 1000}) is None  # b has 500 left, a none: it waits
+    p.release("s0")
+    assert p.place("s5", {"cpu_millicore": 1000}) == "a"
+    p.update({"b": {"cpu_millicore": 2000, "memory_gb": 4}})  # a left
+    assert sorted(p.orphans()) == ["s1", "s2", "s4", "s5"] and p.free("b")["cpu_millicore"] == 500
+    # what the scheduler counts as taken (another run's steps too) is not free; a step it counts is not charged twice
+    p.update({"b": {"cpu_millicore": 2000, "memory_gb": 4}}, used={"b": {"cpu_millicore": 1500, "memory_gb": 3}}, seen={"big", "s3"})
+    assert p.free("b")["cpu_millicore"] == 500 and p.place("s6", {"cpu_millicore": 1000}) is None
+
+
+def test_steps_wait_on_the_flow_side_until_a_worker_has_room_and_fill_both(tmp_path, cluster, engine_ids, busybox_image):
+    """Six 1000-millicore steps on two workers of 2000: the first four fill both workers at once,
+    never more than two on one (Dask alone places every step as it arrives, by its threads, and
+    may queue three behind one worker while the other idles); each attempt records when its
+    task started, claimed and ended."""
+    from datetime import datetime
+
+    from algodock.flows.pipeline import run_pipeline
+
+    _sleeper(tmp_path, busybox_image, "one", 2, cpu=1000)
+    steps = "".join(f"  - {{id: s{i}, manifest: one.json}}\n" for i in range(6))
+    (tmp_path / "p.yaml").write_text(f'pipeline_version: "0.1"\nname: fill\nsteps:\n{steps}')
+    run_id = f"fill-{uuid.uuid4().hex[:8]}"
+    _wait(lambda: not _busy(cluster.address), 120, "the steps of earlier tests to end on the workers")
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/fill", run_id=run_id, no_cache=True, cluster=cluster.address, return_state=True)
+    assert state.is_completed(), state.message
+    got = _summary(run_id, "s3://cluster/fill")
+    steps_ = got["lineage"]["steps"]
+    by_engine: dict[str, list] = {}
+    for s in steps_:
+        by_engine.setdefault(s["engine"]["id"], []).append((datetime.fromisoformat(s["started_at"]), datetime.fromisoformat(s["finished_at"])))
+    assert len(by_engine) == 2 and all(len(v) >= 2 for v in by_engine.values()), {k[:8]: len(v) for k, v in by_engine.items()}
+    for spans in by_engine.values():  # never more than the worker's 2000 millicores at once
+        assert _most_at_once(spans) <= 2
+    assert _most_at_once([span for spans in by_engine.values() for span in spans]) == 4  # both workers full at once
+    for s in steps_:
+        timeline = s["attempt_history"][-1]["timeline"]
+        times = [datetime.fromisoformat(timeline[k]) for k in ("task_started", "claimed", "executed")]
+        assert times == sorted(times) and timeline["dask_key"].startswith(f"{s['id']}-")
+        assert times[1] <= datetime.fromisoformat(s["started_at"]) and datetime.fromisoformat(s["finished_at"]) <= times[2]
+
+
+def _busy(address: str) -> bool:
+    from distributed import Client
+
+    with Client(address, timeout="10s") as c:
+        return any(c.processing().values())
+
+
+def _most_at_once(spans: list) -> int:
+    return max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)

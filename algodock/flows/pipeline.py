@@ -351,9 +351,10 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
 
 
 def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> str:
-    """Submit every step to the cluster at once, each with its upstream steps' futures as
-    ``upstream``: Dask starts a step on a worker with room as soon as they are done (Prefect
-    gives a dependent of a failure ``NotReady``); the records come back here to the ledger."""
+    """Submit every step to the cluster session at once, each with its upstream steps' submissions
+    as ``upstream``: the session sends a step to a worker with room once they ended, with their
+    records, and never sends one whose upstream did not succeed (``skipped``); the records come
+    back here to the ledger."""
     from algodock.flows import cluster as cluster_mode
 
     futures: dict[str, Any] = {}
@@ -377,10 +378,14 @@ def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], le
 
 def _cluster_record(step_id: str, future: Any) -> StepRecord:
     """The record a step's task on the cluster returned, raised (``StepFailed``), or ``skipped`` when it never ran."""
+    from algodock.flows.cluster import UpstreamNotDone
+
     try:
         value = future.result(raise_on_failure=True)
     except StepFailed as exc:
         return exc.record
+    except UpstreamNotDone:  # never sent: a step it depends on did not succeed
+        return StepRecord(id=step_id, status="skipped")
     except BaseException as exc:
         state = getattr(future, "state", None)
         if state is not None and (state.is_pending() or state.is_cancelled()):  # NotReady: an upstream step did not succeed

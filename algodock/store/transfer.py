@@ -219,24 +219,31 @@ def fetch_input(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None, *, ex
     fs = fs or s3_filesystem()
     path = _s3_path(uri)
     with _infra(f"cannot download {uri}"):
+        # One listing tells a prefix of parts (the usual input) from a single object: no info call first.
         try:
-            info = fs.info(path)
+            found = fs.find(path, detail=True)
+        except FileNotFoundError:
+            found = {}
+        rels = sorted(
+            key[len(path) + 1 :]
+            for key, meta in found.items()
+            if meta.get("type") != "directory" and not key.endswith("/") and key.startswith(path + "/")
+        )
+        if rels:
+            return _download(fs, path, rels, True, dest, expected_sha256=expected_sha256)
+        try:
+            info = found.get(path) or fs.info(path)
         except FileNotFoundError:
             raise InvalidInput(f"{uri}: no such S3 object or prefix") from None
-        if info["type"] == "directory":
-            found = fs.find(path, detail=True)
-            rels = sorted(
-                key[len(path) + 1 :]
-                for key, meta in found.items()
-                if meta.get("type") != "directory" and not key.endswith("/") and key.startswith(path + "/")
-            )
-        else:
-            rels = []
-        return _download(fs, path, rels, info["type"] == "directory", dest, expected_sha256=expected_sha256)
+        return _download(fs, path, [], info["type"] == "directory", dest, expected_sha256=expected_sha256)
 
 
 async def _get_hashed(fs: s3fs.S3FileSystem, key: str, local: str) -> tuple[str, int]:
-    """Stream one object to ``local``, hashing each chunk as it arrives; returns (sha256, size)."""
+    """Stream one object to ``local``, hashing each chunk as it arrives; returns (sha256, size).
+
+    Each chunk is hashed in a thread (hashlib releases the GIL), so the event loop goes on
+    reading the other downloads meanwhile instead of waiting for the hash between reads.
+    """
     bucket, name, version = fs.split_path(key)
     extra = {"VersionId": version} if version else {}
     resp = await fs._call_s3("get_object", Bucket=bucket, Key=name, **extra, **fs.req_kw)
@@ -246,7 +253,7 @@ async def _get_hashed(fs: s3fs.S3FileSystem, key: str, local: str) -> tuple[str,
     try:
         with open(local, "wb") as fh:
             while chunk := await body.read(_CHUNK):
-                h.update(chunk)
+                await asyncio.to_thread(h.update, chunk)
                 fh.write(chunk)
                 size += len(chunk)
     finally:
@@ -361,10 +368,10 @@ def _put_all_hashed(fs: s3fs.S3FileSystem, pairs: list[tuple[Path, str]]) -> lis
         async with gate:
             fd = _open_regular(local)
             try:
-                measured = await asyncio.to_thread(_hash_fd, fd)
                 content_type = mimetypes.guess_type(local.name)[0]
                 extra = {"ContentType": content_type} if content_type else {}
-                await fs._put_file(f"/proc/self/fd/{fd}", key, **extra)
+                # hashed in a thread while the same descriptor's bytes go up, not before
+                measured, _ = await asyncio.gather(asyncio.to_thread(_hash_fd, fd), fs._put_file(f"/proc/self/fd/{fd}", key, **extra))
                 return measured
             finally:
                 os.close(fd)
