@@ -392,3 +392,33 @@ def _busy(address: str) -> bool:
 
 def _most_at_once(spans: list) -> int:
     return max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+
+
+def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tmp_path, cluster, busybox_image):
+    """Every step is submitted at once: `b` starts after `a` ended (reading its output), and `c`,
+    downstream of the failing `f`, is never sent to a worker (`skipped`, no container)."""
+    from algodock.flows.pipeline import run_pipeline
+    from tests.conftest import write_manifest
+
+    small = {"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}}
+    write_manifest(tmp_path / "a.json", name="a", image=BUSYBOX_IMAGE, container=small,
+                   command=["sh", "-c", "sleep 1; mkdir -p /work/output/out; echo from-a > /work/output/out/x.txt"],
+                   outputs=[{"name": "out", "format": "binary", "multiple": True}])
+    write_manifest(tmp_path / "b.json", name="b", image=BUSYBOX_IMAGE, container=small,
+                   command=["sh", "-c", "mkdir -p /work/output/out; cat /work/input/prev/x.txt > /work/output/out/y.txt"],
+                   inputs=[{"name": "prev", "format": "binary", "multiple": True}], outputs=[{"name": "out", "format": "binary", "multiple": True}])
+    write_manifest(tmp_path / "f.json", name="f", image=BUSYBOX_IMAGE, container=small, command=["sh", "-c", "exit 3"],
+                   outputs=[{"name": "out", "format": "binary", "multiple": True}])
+    (tmp_path / "p.yaml").write_text(
+        'pipeline_version: "0.1"\nname: deps\nsteps:\n'
+        "  - {id: a, manifest: a.json}\n  - {id: f, manifest: f.json}\n"
+        "  - {id: b, manifest: b.json, inputs: {prev: a.out}}\n  - {id: c, manifest: b.json, inputs: {prev: f.out}}\n"
+    )
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/deps", run_id="deps1", no_cache=True,
+                         cluster=cluster.address, return_state=True)
+    assert state.is_failed()
+    lineage = {s["id"]: s for s in _summary("deps1", "s3://cluster/deps")["lineage"]["steps"]}
+    assert lineage["a"]["status"] == "succeeded" and lineage["b"]["status"] == "succeeded"
+    assert lineage["b"]["started_at"] >= lineage["a"]["finished_at"], "b started before its upstream ended"
+    assert lineage["f"]["status"] == "failed" and lineage["f"]["failure"]["kind"] == "exit_code"
+    assert lineage["c"]["status"] == "skipped" and lineage["c"]["started_at"] is None
