@@ -398,7 +398,6 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
     """Every step is submitted at once: `b` starts after `a` ended (reading its output), and `c`,
     downstream of the failing `f`, is never sent to a worker (`skipped`, no container)."""
     from algodock.flows.pipeline import run_pipeline
-    from tests.conftest import write_manifest
 
     small = {"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}}
     write_manifest(tmp_path / "a.json", name="a", image=BUSYBOX_IMAGE, container=small,
