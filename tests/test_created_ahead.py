@@ -257,3 +257,31 @@ def test_a_container_created_with_another_configuration_is_not_adopted(tmp_path,
     finally:
         ahead.discard()
     assert not exists(docker_client, ahead.container.id)
+
+
+def test_a_step_with_a_typed_hand_off_is_never_created_ahead(tmp_path, docker_client, busybox_image) -> None:
+    """The hand-off check may refuse a typed consumer's inputs, and then its container must never
+    have existed: while ``up`` runs, its untyped dependent is created ahead and its typed one is not
+    (both are planned in the same pass, when ``up``'s container starts)."""
+    run_id = f"ahead-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "p"
+    folder.mkdir()
+    write_manifest(folder / "up.json", name="up", image=busybox_image, command=["sh", "-c", UP.format(k=1, code=3)],
+                   outputs=[{"name": "out", "format": "binary"}, {"name": "table", "format": "parquet"}])
+    write_manifest(folder / "down.json", name="down", image=busybox_image, command=["true"],
+                   inputs=[{"name": "data", "format": "binary"}], container={"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}})
+    write_manifest(folder / "typed.json", name="typed", image=busybox_image, command=["true"], manifest_version="0.3",
+                   inputs=[{"name": "rows", "format": "parquet", "schema": {"columns": [{"name": "x", "type": "int64"}]}}],
+                   container={"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}})
+    steps = [{"id": "up", "manifest": "up.json"}, {"id": "down", "manifest": "down.json", "inputs": {"data": "up.out"}},
+             {"id": "typed", "manifest": "typed.json", "inputs": {"rows": "up.table"}}]
+    (folder / "pipeline.json").write_text(json.dumps({"pipeline_version": "0.1", "name": "typed", "steps": steps}))
+    store = tmp_path / "store"
+    ctx = context(folder / "pipeline.json", store, docker_client, run_id)
+    result: dict[str, Any] = {}
+    t = run_up(ctx, result)
+    ahead_of_down(docker_client, run_id)
+    assert containers(docker_client, run_id, "typed") == [], "a typed consumer's container was created ahead"
+    release(store, run_id)
+    t.join(120)
+    assert containers(docker_client, run_id, "typed") == []

@@ -249,7 +249,7 @@ class CreatedAhead:
                 continue
             if not all(u in self._running or self._ended.get(u) for u in ups) or not any(u in self._running for u in ups):
                 continue  # an upstream has not started, or none runs any more (the step starts now anyway)
-            if not self._room_for(dependent):
+            if not self._room_for(dependent) or self._typed_hand_off(dependent):
                 continue
             self._seen.add(dependent)
             attempt_id = new_attempt_id(1)
@@ -259,6 +259,19 @@ class CreatedAhead:
         if self._queue and (self._thread is None or not self._thread.is_alive()):
             self._thread = threading.Thread(target=self._work, name="algodock-create-ahead", daemon=True)
             self._thread.start()
+
+    def _typed_hand_off(self, step_id: str) -> bool:
+        """A slot of ``step_id``, or an upstream output it reads, declares a schema: the hand-off
+        check may refuse its inputs, and then its container must never have existed
+        (docs/contract.md, typed slots), so none is created ahead."""
+        pipeline = self.ctx.pipeline
+        if any(slot.schema_ is not None for slot in pipeline.manifests[step_id].inputs):
+            return True
+        for ref in pipeline.bindings.get(step_id, {}).values():
+            if ref.kind == "step" and ref.name in pipeline.manifests:
+                if any(o.schema_ is not None for o in pipeline.manifests[ref.name].outputs if o.name == ref.output):
+                    return True
+        return False
 
     def _room_for(self, step_id: str) -> bool:
         """The requests of the containers created ahead, this one's included, fit the run's capacity."""
