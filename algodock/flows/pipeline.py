@@ -333,10 +333,11 @@ def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: st
 
 
 def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
-    """Threads for the step tasks: as many steps as the capacity can run at once, plus one.
+    """How many steps run at once: as many as the capacity can hold, plus one (the threads
+    that run containers, see :func:`_threads`; also the pool of the run's end without Prefect).
 
     The most steps that fit together is found by packing the smallest requests first; the
-    extra thread stages the next step's inputs (or serves a cache hit) while the capacity is
+    extra one stages the next step's inputs (or serves a cache hit) while the capacity is
     full. Never more than the number of steps, never less than one.
     """
     requests = sorted(
