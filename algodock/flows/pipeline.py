@@ -17,11 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import shutil
-import tempfile
 import threading
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -29,16 +25,15 @@ from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from algodock.cache import StoreCache
-from algodock.lineage.openlineage import OpenLineageObserver
-from algodock.pipeline.capacity import Capacity, ResourcePool
+from algodock.pipeline.capacity import Capacity
 from algodock.runtime.leftovers import kill_run_containers
+from algodock.pipeline.composed import ComposedRun
 from algodock.pipeline.direct import finish_directly
-from algodock.pipeline.execute import RunContext, recover_run
+from algodock.pipeline.execute import RunContext
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline
 from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
-from algodock.records import Failure, LineageDocument, StepRecord
+from algodock.records import Failure, StepRecord
 from algodock.lineage.ledger import Ledger
 from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
@@ -190,10 +185,9 @@ def run_pipeline(
         prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
         pipeline, held = prepared.pipeline, prepared.lease  # RunBusy names the holder
     auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
-    if session is not None:
-        lease = held or RunLease(the_store, run_id).acquire()  # this flow's own hold of the lease the command took
-        return _run_on_cluster(session, pipeline, the_store, run_id, cap, lease, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
     try:
+        if session is not None:
+            return _run_on_cluster(session, pipeline, the_store, run_id, cap, auths, no_cache, flow_run_id, pull_policy)
         return _run_here(pipeline, the_store, run_id, client, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
     finally:
         if held is not None:
@@ -248,11 +242,7 @@ def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap:
         stop_watch.set()
     watch.finished.set()
     runner.__exit__(None, None, None)
-    summary = run.composed.ledger.summary()
-    if status != "succeeded":
-        failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
-        return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)
-    return summary
+    return _outcome(run_id, status, run.composed.ledger.summary())
 
 
 def _submit_steps(pipeline: Pipeline, order: list[str]) -> dict[str, Any]:
@@ -287,45 +277,46 @@ def _threads(pipeline: Pipeline, workers: int) -> int:
     return max(1, min(len(pipeline.steps), workers + waiting, 256))
 
 
-def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, lease: RunLease, auths: Any, no_cache: bool,
-                    flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
-    """The run on a Dask cluster (see algodock.flows.cluster)."""
+def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, auths: Any, no_cache: bool,
+                    flow_run_id: str | None, pull_policy: Any) -> Any:
+    """The run on a Dask cluster (see algodock.flows.cluster): the same spec run as on one host
+    (lease, clean-up, cache, lineage), its steps sent to the workers' engines."""
     from algodock.blocks import step_registry_auths
 
     logger = get_run_logger()
     try:
-        recover_run(the_store, run_id, None)  # .tmp-* and work folders of a dead earlier writer
-        scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{run_id}-"))
-        ctx = RunContext(pipeline=pipeline, store=the_store, run_id=run_id, client=None, pool=ResourcePool(cap), scratch=scratch, use_cache=not no_cache, flow_run_id=flow_run_id, observers=[OpenLineageObserver()],
-                         pull_policy=pull_policy, registry_credentials=auths, step_credentials=step_registry_auths(pipeline))
-        ctx.cache = StoreCache(the_store, run_id=run_id)  # reads an earlier attempt's lineage before the Ledger rewrites it
-        order = pipeline.topological_order()
-        doc = LineageDocument(run_id=run_id, pipeline=pipeline.spec.name, spec_sha256=pipeline.spec_sha256, flow_run_id=flow_run_id,
-                              started_at=datetime.now(timezone.utc), store=the_store.uri(), steps=[StepRecord(id=s) for s in order])
-        ledger = Ledger(doc, the_store, on_change=_notify)
-        ledger.start()
+        composed = ComposedRun(
+            the_store, run_id, None, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
+            registry_credentials=auths, pipeline=pipeline, step_credentials=step_registry_auths(pipeline), on_change=_notify,
+        ).open()
+        ctx = composed.ctx
         session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
                           images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
+        order = pipeline.topological_order()
         logger.info("run %s of pipeline %s: %d steps on cluster %s, store %s", run_id, pipeline.spec.name, len(order), session.address, the_store.uri())
         watch = run_watch(run_id)
         stop_watch = watch_run(flow_run_id, ctx, watch, kill=session.cancel_everywhere)
         try:
-            status = _submit_to_cluster(ctx, pipeline, order, ledger, session)
+            _submit_to_cluster(ctx, pipeline, order, composed.ledger, session)
         except BaseException:
             ctx.cancel.set()
             with contextlib.suppress(Exception):
                 session.cancel_everywhere()
+            with contextlib.suppress(Exception):
+                composed.finish()
             raise
         finally:
             stop_watch.set()
-            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         session.__exit__(None, None, None)
-    ledger.finish(status)
-    lease.release()
+    status = composed.finish()  # writes the run, gives the lease back
     watch.finished.set()
-    publish_run_artifacts(ledger.doc, pipeline)
-    summary = ledger.summary()
+    publish_run_artifacts(composed.ledger.doc, pipeline)
+    return _outcome(run_id, status, composed.ledger.summary())
+
+
+def _outcome(run_id: str, status: str, summary: dict[str, Any]) -> Any:
+    """What the flow returns: the run's summary, in a ``Failed`` state naming the failed steps unless it succeeded."""
     if status != "succeeded":
         failed = [s["id"] for s in summary["steps"] if s["status"] == "failed"]
         return Failed(message=f"run {run_id}: steps failed: {', '.join(failed) or 'cancelled'}", data=summary)
@@ -351,7 +342,7 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
     return max(1, min(len(requests), fit + 1))
 
 
-def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> str:
+def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> None:
     """Submit every step to the cluster session at once, each with its upstream steps' submissions
     as ``upstream``: the session sends a step to a worker with room once they ended, with their
     records, and never sends one whose upstream did not succeed (``skipped``); the records come
@@ -372,9 +363,6 @@ def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], le
         for f in done_now:
             step_id = waiting[f]
             ledger.update(_cluster_record(step_id, futures[step_id]))
-    if ctx.cancel.is_set():
-        return "cancelled"
-    return "succeeded" if all(r.status in ("succeeded", "cached") for r in ledger.doc.steps) else "failed"
 
 
 def _cluster_record(step_id: str, future: Any) -> StepRecord:
