@@ -99,14 +99,23 @@ def output_asset_keys(ctx: RunContext, step_id: str, manifest: Any = None) -> di
     return keys
 
 
+def spec_externals(pipeline: Any, step_id: str) -> list[str]:
+    """The external inputs (URIs, paths) a step of a spec reads, as its bindings name them."""
+    return [pipeline.inputs.get(ref.name, "") for ref in pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
+
+
+def asset_deps(externals: list[str]) -> list[str]:
+    """The asset keys of the external inputs that can be assets, sorted, each once."""
+    return sorted({k for k in (asset_key(u) for u in externals if u) if k})
+
+
 def step_assets(ctx: RunContext, step_id: str, manifest: Any, externals: list[str]) -> dict[str, Any]:
     """The ``assets`` and ``asset_deps`` task options of a step: the outputs it materializes
     and the external inputs (URIs, paths) it reads; empty when it has no output that can be an asset."""
     outputs = sorted(set(output_asset_keys(ctx, step_id, manifest).values()))
     if not outputs:
         return {}
-    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
-    return {"assets": outputs, "asset_deps": deps or None}
+    return {"assets": outputs, "asset_deps": asset_deps(externals) or None}
 
 
 def materializing(fn: Any, ctx: RunContext, step_id: str, **options: Any) -> Any:
@@ -120,8 +129,7 @@ def materializing(fn: Any, ctx: RunContext, step_id: str, **options: Any) -> Any
     from prefect import task
     from prefect.assets import materialize
 
-    externals = [ctx.pipeline.inputs.get(ref.name, "") for ref in ctx.pipeline.bindings.get(step_id, {}).values() if ref.kind == "input"]
-    deps = sorted({k for k in (asset_key(u) for u in externals if u) if k})
+    deps = asset_deps(spec_externals(ctx.pipeline, step_id))
     if deps:
         options["asset_deps"] = deps
     outputs = sorted(set(output_asset_keys(ctx, step_id).values()))

@@ -2,8 +2,7 @@
 the call is made (:func:`check_call`, before any container: every error names the algorithm,
 the step and the field); in the task run its values are bound to the step's slots (tables
 stored, upstream results read) and the step runs through the engine's
-:func:`~algodock.pipeline.execute.execute_step` (:func:`execute_in_task`, shared with the
-cluster's step task)."""
+:func:`~algodock.pipeline.execute.execute_step` (:func:`execute_in_task`)."""
 
 from __future__ import annotations
 
@@ -27,8 +26,6 @@ from algodock.store.layout import local_path_of
 from algodock.store.transfer import fetch_input
 from algodock.flows.results import AlgorithmFailed, InvalidCall, OutputRef, StepResult
 from algodock.flows.runs import OPEN_RUNS, RunHandle, RunTicket, Planned, guest_run
-
-
 
 
 def _where(algorithm: str, step_id: str, field_name: str) -> str:

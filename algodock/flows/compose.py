@@ -57,7 +57,6 @@ from algodock.flows.runs import (
 )
 
 
-
 @dataclass(frozen=True)
 class _Algorithm:
     manifest: Manifest
@@ -120,13 +119,12 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
     def _for_step(self, run: RunHandle, call: dict[str, Any]) -> AlgorithmTask:
         """This task as the step's: its task run named by the step id, its assets the outputs it
         materializes, its asset dependencies the external inputs it reads."""
-        from algodock.flows.artifacts import step_assets
+        from algodock.flows.artifacts import spec_externals, step_assets
 
         step_id = call["step_id"]
         spec = run.composed.spec
         if spec is not None and step_id in spec.steps:
-            bindings = spec.bindings[step_id]
-            externals = [spec.inputs.get(ref.name, "") for ref in bindings.values() if ref.kind == "input"]
+            externals = spec_externals(spec, step_id)
         else:
             externals = [os.fspath(v) for v in unwrap(call["inputs"] or {}).values() if isinstance(unwrap(v), (str, os.PathLike))]
         options = step_assets(run.composed.ctx, step_id, self.algorithm.manifest, externals)

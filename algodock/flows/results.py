@@ -13,8 +13,6 @@ from algodock.records import OutputRecord, StepRecord, Usage
 from algodock.store.layout import local_path_of
 
 
-
-
 class AlgorithmFailed(Exception):
     """An algorithm step failed: ``kind`` is one of the contract's failure kinds.
 

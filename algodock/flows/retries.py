@@ -7,10 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
-
-
-
 INFRA_RETRIES = 2
 """How often an ``infrastructure`` failure is retried, whatever the step says."""
 USER_RETRY_KINDS = {"exit_code", "timeout", "oom"}
@@ -33,7 +29,6 @@ def retry_condition(max_user_retries: int) -> Any:
         return kind in USER_RETRY_KINDS and task_run.run_count <= max_user_retries
 
     return should_retry
-
 
 
 def retry_options(user_retries: int) -> dict[str, Any]:

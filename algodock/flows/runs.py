@@ -120,7 +120,7 @@ def guest_run(ticket: RunTicket) -> RunHandle:
             client = docker_client()
             pool, cancel = None, None
         composed = ComposedRun(
-            open_store(ticket.store), ticket.run_id, client, Capacity.from_engine(client) if pool is None else Capacity(cpu_millicore=1, memory_gb=1),
+            open_store(ticket.store), ticket.run_id, client, Capacity.from_engine(client) if pool is None else pool.capacity,
             use_cache=ticket.use_cache, flow_run_id=ticket.flow_run_id, pull_policy=ticket.run_pull_policy,
             registry_credentials=ticket.registry_credentials, guest=True, pool=pool, cancel=cancel,
         ).open()
