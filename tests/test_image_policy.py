@@ -84,15 +84,26 @@ def test_references() -> None:
 
 
 def test_cluster_workers_get_the_runs_pull_policy_and_credentials(tmp_path: Path) -> None:
-    import cloudpickle  # what Dask sends a worker plugin with
+    """A spec step sent to a Dask worker carries, in its call's ticket, the run's pull policy and
+    credentials and its own pull policy (the worker resolves its image as the run's host would)."""
+    import cloudpickle  # what Dask sends a task's arguments with
 
-    from algodock.flows.cluster import RunPlugin
+    from algodock.flows.compose import algorithm
+    from algodock.flows.runs import open_spec_run
+    from algodock.pipeline.capacity import Capacity
     from algodock.runtime.images import RegistryAuth
+    from algodock.store.backends import open_store
 
-    spec = _spec(tmp_path, "steps:\n  - {id: a, manifest: algo.json, pull_policy: never}\n")
+    pipeline = load_pipeline(_spec(tmp_path, "steps:\n  - {id: a, manifest: algo.json, pull_policy: never}\n"))
     auth = RegistryAuth.of(REG, "ci", "s3cret-pw", "credentials block 'team'")
-    images = {"pull_policy": "always", "registry_credentials": (auth,), "step_credentials": {}}
-    plugin = cloudpickle.loads(cloudpickle.dumps(RunPlugin("r1", load_pipeline(spec), "/store", None, True, None, RuntimeError, images)))
-    assert plugin.images["pull_policy"] == "always" and plugin.pipeline.pull_policies == {"a": "never"}
-    [carried] = plugin.images["registry_credentials"]
+    run = open_spec_run(pipeline, open_store(str(tmp_path / "store")), "r1", None, Capacity(cpu_millicore=1000, memory_gb=1), use_cache=True,
+                        flow_run_id=None, pull_policy="always", registry_credentials=(auth,), step_credentials={}, concurrency_limit=None,
+                        runner=None, watch=None)
+    try:
+        call = algorithm(pipeline.steps["a"].manifest, name="a")._call(run, {}, None, "a")
+    finally:
+        run.close()
+    ticket = cloudpickle.loads(cloudpickle.dumps(call["ticket"]))
+    assert (ticket.run_pull_policy, ticket.pull_policy) == ("always", "never")
+    [carried] = ticket.registry_credentials
     assert carried.password.get_secret_value() == "s3cret-pw" and "s3cret-pw" not in repr(carried)

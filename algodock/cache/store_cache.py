@@ -196,6 +196,15 @@ class StoreCache:
     def __repr__(self) -> str:
         return f"StoreCache({self.store!r}, run_id={self.run_id!r})"
 
+    def earlier(self, step_id: str) -> StepRecord | None:
+        """What an earlier attempt of this run left for ``step_id`` (reusable when its key matches)."""
+        return self._earlier.get(step_id)
+
+    def remember_earlier(self, record: StepRecord) -> None:
+        """``record`` is what an earlier attempt of the run left: in another process than the run's
+        (a Dask worker's), the run's own view, read before the run rewrote its document."""
+        self._earlier[record.id] = record
+
     def _earlier_attempt(self, run_id: str) -> dict[str, StepRecord]:
         """Finished steps of an earlier attempt of this run (read now, before the run rewrites its document)."""
         raw = self.store.read_json(lineage_rel(run_id))

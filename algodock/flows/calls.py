@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect.states import Cancelled
 from algodock.contract.manifest import Manifest
 from algodock.contract.params import resolve_parameters
 from algodock.errors import InvalidInput, StepFailure
+from algodock.pipeline.attempts import ClaimedAttempt
 from algodock.pipeline.composed import put_combined, put_table
 from algodock.pipeline.execute import execute_step
 from algodock.pipeline.spec import Ref
@@ -232,12 +234,15 @@ def execute_in_task(
     *,
     record: Any,
     concurrency_limit: str | None = None,
+    claimed: ClaimedAttempt | None = None,
 ) -> TaskStep:
     """The one way a step runs inside a Prefect task, an algorithm call's or a pipeline step's:
     the engine's :func:`~algodock.pipeline.execute.execute_step` with the task run's attempt,
     its logs sent to Prefect in batches, the Prefect concurrency slot held only while the
     container runs; the record (engine named) is handed to ``record(r)`` before anything is
-    raised or returned."""
+    raised or returned. ``claimed``: the attempt a step on a Dask worker claimed in the store
+    (its number, instead of the task run's count; its end written there, the step's
+    ``attempt_history`` read back)."""
     from prefect import get_run_logger
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import task_run
@@ -251,7 +256,7 @@ def execute_in_task(
             ctx,
             step_id,
             upstream,
-            attempt=int(task_run.run_count or 1),
+            attempt=claimed.n if claimed is not None else int(task_run.run_count or 1),
             on_log=on_log,
             task_run_id=this_run,
             around_container=(lambda: concurrency(concurrency_limit, occupy=1, strict=True)) if concurrency_limit else None,
@@ -261,6 +266,8 @@ def execute_in_task(
     if cancelled:
         assert done.failure is not None
         done.failure.message = f"cancelled: the flow run was cancelled while the step ran ({done.failure.message})"
+    if claimed is not None:
+        done.attempt_history = claimed.end(done)
     record(done)
     if done.status == "failed":
         assert done.failure is not None
@@ -277,10 +284,13 @@ def execute_in_task(
 def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, Any], parameters: dict[str, Any], step_id: str, run_id: str, ticket: RunTicket | None = None) -> Any:
     """The body of an algorithm task: bind the resolved inputs, run the step (:func:`execute_in_task`),
     return its :class:`StepResult` (a ``Cached`` state when no container ran) or raise :class:`AlgorithmFailed`."""
+    began = datetime.now(timezone.utc).isoformat()
     run = OPEN_RUNS.get(run_id)
     if run is None and ticket is not None:  # the step runs in another process than its run (a Dask worker)
         run = guest_run(ticket)
         run.composed.image_options(step_id, ticket.pull_policy, ticket.credentials)
+        if ticket.earlier is not None:  # what an earlier attempt of the run left (a resumed run id)
+            run.composed.ctx.cache.remember_earlier(ticket.earlier)
     if run is None or run.composed.finished:
         raise AlgorithmFailed("infrastructure", step_id, f"run {run_id} is not open in this process (its algodock_run block has ended)")
     from algodock.flows.artifacts import add_output_metadata, cached_state
@@ -299,14 +309,15 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
         ended(StepRecord(id=step_id, status="skipped"))
         return Cancelled(message=f"step {step_id} did not start: the flow run was cancelled")
     planned = run.planned(step_id) or Planned(algorithm, manifest)
-    try:
-        bindings, upstream, tables = _bind(run, step_id, planned, inputs)
-    except StepFailure as exc:
-        failed = StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc)
-        ended(failed)
-        raise AlgorithmFailed(exc.kind, step_id, exc.message, record=failed) from None
-    if run.composed.spec is not None and step_id in run.composed.spec.steps:  # its bindings are the spec's; its upstream futures were its wait_for
-        upstream = run.composed.upstream_of(step_id)
+    if run.composed.spec is not None and step_id in run.composed.spec.steps:  # its bindings are the spec's; its upstream steps' records are the run's
+        bindings, upstream, tables = {}, run.composed.upstream_of(step_id), {}
+    else:
+        try:
+            bindings, upstream, tables = _bind(run, step_id, planned, inputs)
+        except StepFailure as exc:
+            failed = StepRecord(id=step_id, status="failed", algorithm=manifest.name, failure=exc)
+            ended(failed)
+            raise AlgorithmFailed(exc.kind, step_id, exc.message, record=failed) from None
     run.composed.add_step(step_id, manifest, parameters, bindings)
     ledger.update(StepRecord(id=step_id, status="running", algorithm=manifest.name))
 
@@ -317,7 +328,7 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
                 inp.produced_by_task_run = made["task_run_id"]
         ended(done)
 
-    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=run.concurrency_limit)
+    step = execute_in_task(ctx, step_id, upstream, record=record, concurrency_limit=run.concurrency_limit, claimed=_claim_on_worker(run, step_id, began))
     done = step.record
     if done.status == "failed":
         assert done.failure is not None
@@ -326,3 +337,18 @@ def run_algorithm_step(algorithm: str, manifest: Manifest, inputs: Mapping[str, 
         return cached_state(done, run_id, data=StepResult.of(done, run_id, status="cached"))
     add_output_metadata(done, ctx)
     return StepResult.of(done, run_id)
+
+
+def _claim_on_worker(run: RunHandle, step_id: str, began: str) -> ClaimedAttempt | None:
+    """On a Dask worker, the attempt this run of the step claims in the store (see
+    :mod:`algodock.pipeline.attempts`); None in the run's own process."""
+    if not run.composed.guest:
+        return None
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask worker's task
+        return None
+    engine = engine_identity_of(run.composed.ctx.client) or {}
+    return ClaimedAttempt.claim(run.composed.store, run.run_id, step_id, engine, worker.address, began, str(worker.get_current_task()))

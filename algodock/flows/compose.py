@@ -103,7 +103,8 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         if spec is not None and step_id in spec.steps:  # a step of the run's spec: validated when the spec was loaded
             assert step_id is not None
             run.plan(step_id, Planned(algo.name, algo.manifest))
-            return {"inputs": inputs, "parameters": spec.parameters[step_id], "step_id": step_id, "run_id": run.run_id, "ticket": run.ticket(self.pull_policy, algo.credentials)}
+            ticket = run.ticket(step_id, self.pull_policy or spec.pull_policies.get(step_id), run.composed.ctx.step_credentials.get(step_id, algo.credentials))
+            return {"inputs": inputs, "parameters": spec.parameters[step_id], "step_id": step_id, "run_id": run.run_id, "ticket": ticket}
         label = run.composed.peek_step_id(algo.name, step_id)
         try:
             run.composed.check_fits(algo.manifest, f"algorithm {algo.name}, step {label}")
@@ -114,7 +115,7 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         step_id = run.composed.step_id(algo.name, step_id)
         run.composed.image_options(step_id, self.pull_policy, algo.credentials)
         run.plan(step_id, Planned(algo.name, algo.manifest, sources))
-        return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id, "ticket": run.ticket(self.pull_policy, algo.credentials)}
+        return {"inputs": inputs, "parameters": resolved, "step_id": step_id, "run_id": run.run_id, "ticket": run.ticket(step_id, self.pull_policy, algo.credentials)}
 
     def _for_step(self, run: RunHandle, call: dict[str, Any]) -> AlgorithmTask:
         """This task as the step's: its task run named by the step id, its assets the outputs it
@@ -199,7 +200,7 @@ def _dask_resources(manifest: Manifest) -> Iterator[None]:
         return
     import dask
 
-    from algodock.flows.cluster import step_resources
+    from algodock.pipeline.placement import step_resources
 
     with dask.annotate(resources=step_resources(manifest.container_parameters.resource_request)):
         yield

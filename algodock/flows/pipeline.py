@@ -24,30 +24,26 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from algodock.pipeline.capacity import Capacity
 from algodock.runtime.leftovers import kill_run_containers
-from algodock.pipeline.composed import ComposedRun
 from algodock.pipeline.direct import finish_directly
-from algodock.pipeline.execute import RunContext
 from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline
 from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
-from algodock.records import Failure, StepRecord
-from algodock.lineage.ledger import Ledger
+from algodock.records import StepRecord
 from algodock.blocks import DockerHost, DockerRegistryCredentials, StoreBlock
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PullPolicy
 from algodock.flows.compose import (  # every step is an algorithm task, with the one retry policy and run naming
-    AlgorithmFailed,
     algorithm,
     check_concurrency_limit,
     current_run,
     default_run_id,
     forget_run,
     open_spec_run,
-    retry_options,
 )
-from algodock.flows.artifacts import publish_run_artifacts
+from algodock.flows.results import output
 from algodock.flows.watch import API_PROBE_SECONDS, RunWatch, run_watch, watch_run
 
 LISTENERS: list[Any] = []
@@ -60,24 +56,6 @@ def _notify(record: StepRecord) -> None:
             listener(record)
         except Exception:  # a broken view must not break the run
             pass
-
-
-class StepFailed(AlgorithmFailed):
-    """Raised by a pipeline step's task so that Prefect records the failure (and may retry it):
-    an :class:`~algodock.flows.compose.AlgorithmFailed` carrying the step's record.
-
-    ``cancelled``: the flow run was cancelled while the step waited or ran; its kind is then
-    ``cancelled`` (never retried), whatever the container's own failure was.
-    """
-
-    def __init__(self, record: StepRecord, cancelled: bool = False) -> None:
-        failure = record.failure or Failure(kind="infrastructure", message="unknown failure")
-        super().__init__("cancelled" if cancelled else failure.kind, record.id, failure.message, record.log_tail)
-        self.record = record
-        self.cancelled = cancelled
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled back from a Dask worker (cluster mode)
-        return (type(self), (self.record, self.cancelled))
 
 
 def _block_manifest(name: str) -> Any:
@@ -246,16 +224,22 @@ def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap:
 
 
 def _submit_steps(pipeline: Pipeline, order: list[str]) -> dict[str, Any]:
-    """Submit every step as an algorithm task, in dependency order, waiting for the futures of
-    the steps it depends on (``wait_for``: the run graph's edges; the inputs are the spec's
-    bindings, read from the upstream records). Waiting, not resolving, lets Prefect name a
-    step's task run before it finds an upstream failed (``NotReady``)."""
+    """Submit every step as an algorithm task, in dependency order, waiting for the futures of the
+    steps it depends on (``wait_for``: the run graph's edges), its inputs the spec's: an external
+    location, or ``output(future, name)`` of an upstream step. As in any Python flow, a step starts
+    when its upstream steps completed, and a dependent of a failure ends ``NotReady`` without a
+    container. The inputs are quoted: on the run's host the step reads its upstream records from
+    the run, and Prefect names a task run before it finds an upstream failed only when it waits,
+    not when it resolves; a step sent to another process gets them resolved by its task runner.
+    """
     futures: dict[str, Any] = {}
     for step_id in order:
         step = pipeline.steps[step_id]
         task = algorithm(step.manifest, name=step_id, retries=step.retries)
+        inputs = {slot: pipeline.inputs[ref.name] if ref.kind == "input" else output(futures[ref.name], ref.output)
+                  for slot, ref in pipeline.bindings[step_id].items()}
         upstream = [futures[d] for d in sorted(step.dependencies)]
-        futures[step_id] = task.submit(inputs={}, step_id=step_id, wait_for=upstream or None)
+        futures[step_id] = task.submit(inputs=quote(inputs), step_id=step_id, wait_for=upstream or None)
     return futures
 
 
@@ -280,39 +264,42 @@ def _threads(pipeline: Pipeline, workers: int) -> int:
 def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, auths: Any, no_cache: bool,
                     flow_run_id: str | None, pull_policy: Any) -> Any:
     """The run on a Dask cluster (see algodock.flows.cluster): the same spec run as on one host
-    (lease, clean-up, cache, lineage), its steps sent to the workers' engines."""
+    (lease, clean-up, cache, lineage) and the same algorithm tasks, submitted to the cluster
+    session, which sends each to a worker with room once its upstream steps ended."""
     from algodock.blocks import step_registry_auths
 
     logger = get_run_logger()
+    watch = run_watch(run_id)
     try:
-        composed = ComposedRun(
-            the_store, run_id, None, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
-            registry_credentials=auths, pipeline=pipeline, step_credentials=step_registry_auths(pipeline), on_change=_notify,
-        ).open()
-        ctx = composed.ctx
-        session.start_run(run_id, pipeline, the_store, ctx.cache, not no_cache, flow_run_id, StepFailed,
-                          images={"pull_policy": ctx.pull_policy, "registry_credentials": ctx.registry_credentials, "step_credentials": ctx.step_credentials})
+        run = open_spec_run(
+            pipeline, the_store, run_id, None, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
+            registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=None,
+            runner=session, watch=None, on_change=_notify,
+        )
+        session.start_run(run_id)
         order = pipeline.topological_order()
         logger.info("run %s of pipeline %s: %d steps on cluster %s, store %s", run_id, pipeline.spec.name, len(order), session.address, the_store.uri())
-        watch = run_watch(run_id)
-        stop_watch = watch_run(flow_run_id, ctx, watch, kill=session.cancel_everywhere)
+        stop_watch = watch_run(flow_run_id, run.composed.ctx, watch, kill=session.cancel_everywhere)
         try:
-            _submit_to_cluster(ctx, pipeline, order, composed.ledger, session)
+            with current_run(run):
+                futures = _submit_steps(pipeline, order)
+            for future in futures.values():  # each step's record reaches the lineage as it ends
+                future.wrapped_future.add_done_callback(lambda _f, future=future: run.settle_one(future))
+            status = run.close()  # writes the run, publishes its artifacts, gives the lease back
         except BaseException:
-            ctx.cancel.set()
+            run.composed.ctx.cancel.set()
             with contextlib.suppress(Exception):
                 session.cancel_everywhere()
             with contextlib.suppress(Exception):
-                composed.finish()
+                forget_run(run)
+                run.composed.finish()
             raise
         finally:
             stop_watch.set()
     finally:
         session.__exit__(None, None, None)
-    status = composed.finish()  # writes the run, gives the lease back
     watch.finished.set()
-    publish_run_artifacts(composed.ledger.doc, pipeline)
-    return _outcome(run_id, status, composed.ledger.summary())
+    return _outcome(run_id, status, run.composed.ledger.summary())
 
 
 def _outcome(run_id: str, status: str, summary: dict[str, Any]) -> Any:
@@ -340,49 +327,6 @@ def max_workers(pipeline: Pipeline, capacity: Capacity) -> int:
             break
         cpu, mem, fit = cpu - c, mem - m, fit + 1
     return max(1, min(len(requests), fit + 1))
-
-
-def _submit_to_cluster(ctx: RunContext, pipeline: Pipeline, order: list[str], ledger: Ledger, session: Any) -> None:
-    """Submit every step to the cluster session at once, each with its upstream steps' submissions
-    as ``upstream``: the session sends a step to a worker with room once they ended, with their
-    records, and never sends one whose upstream did not succeed (``skipped``); the records come
-    back here to the ledger."""
-    from algodock.flows import cluster as cluster_mode
-
-    futures: dict[str, Any] = {}
-    waiting: dict[concurrent.futures.Future[Any], str] = {}
-    for step_id in order:
-        step = pipeline.steps[step_id]
-        task_fn = cluster_mode.step_task(ctx, step_id, name=step_id, task_run_name=step_id, **retry_options(step.retries))
-        upstream = {d: futures[d] for d in sorted(step.dependencies)}
-        futures[step_id], done = session.submit(task_fn, step_id, upstream, step.manifest.container_parameters.resource_request)
-        waiting[done] = step_id
-    pending = set(waiting)
-    while pending:
-        done_now, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        for f in done_now:
-            step_id = waiting[f]
-            ledger.update(_cluster_record(step_id, futures[step_id]))
-
-
-def _cluster_record(step_id: str, future: Any) -> StepRecord:
-    """The record a step's task on the cluster returned, raised (``StepFailed``), or ``skipped`` when it never ran."""
-    from algodock.flows.cluster import UpstreamNotDone
-
-    try:
-        value = future.result(raise_on_failure=True)
-    except StepFailed as exc:
-        return exc.record
-    except UpstreamNotDone:  # never sent: a step it depends on did not succeed
-        return StepRecord(id=step_id, status="skipped")
-    except BaseException as exc:
-        state = getattr(future, "state", None)
-        if state is not None and (state.is_pending() or state.is_cancelled()):  # NotReady: an upstream step did not succeed
-            return StepRecord(id=step_id, status="skipped")
-        return StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}"))
-    if isinstance(value, StepRecord):
-        return value
-    return StepRecord(id=step_id, status="skipped")
 
 
 def run_with_watchdog(on_prefect_lost: Any, **params: Any) -> Any:

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from algodock.contract.manifest import Manifest
 from algodock.pipeline.capacity import Capacity
 from algodock.pipeline.composed import ComposedRun
 from algodock.pipeline.validate import Pipeline
+from algodock.records import StepRecord
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, RegistryAuth
 from algodock.flows.watch import watch_run
 from algodock.flows.results import AlgorithmFailed, InvalidCall, StepResult
@@ -94,6 +96,8 @@ class RunTicket:
     """The step's own (None: the run's)."""
     credentials: tuple[RegistryAuth, ...]
     """The credentials of the step's algorithm block."""
+    earlier: StepRecord | None = None
+    """What an earlier attempt of the run left for the step (a resumed run id), as the run read it."""
 
 
 _GUESTS: dict[str, RunHandle] = {}
@@ -127,6 +131,15 @@ def guest_run(ticket: RunTicket) -> RunHandle:
         run = RunHandle(composed, ticket.concurrency_limit)
         _GUESTS[ticket.run_id] = run
         return run
+
+
+def forget_guest(run_id: str) -> None:
+    """This process runs no more steps of ``run_id`` (its run ended): its part of the run goes."""
+    with _LOCK:
+        run = _GUESTS.pop(run_id, None)
+    if run is not None:
+        run.composed.ctx.close()
+        shutil.rmtree(run.composed.ctx.scratch, ignore_errors=True)
 
 
 class RunHandle:
@@ -167,29 +180,35 @@ class RunHandle:
         planned = self._planned.get(step_id) if step_id else None
         return planned.manifest if planned else None
 
-    def ticket(self, pull_policy: str | None, credentials: tuple[RegistryAuth, ...]) -> RunTicket:
-        """What a step of this run needs to run in another process (see :func:`guest_run`)."""
+    def ticket(self, step_id: str, pull_policy: str | None, credentials: tuple[RegistryAuth, ...]) -> RunTicket:
+        """What step ``step_id`` of this run needs to run in another process (see :func:`guest_run`)."""
         ctx = self.composed.ctx
+        earlier = ctx.cache.earlier(step_id) if ctx.cache is not None else None
         return RunTicket(self.run_id, self.store, ctx.use_cache, ctx.flow_run_id, ctx.pull_policy, ctx.registry_credentials,
-                         self.concurrency_limit, pull_policy, credentials)
+                         self.concurrency_limit, pull_policy, credentials, earlier)
 
     def settle(self) -> None:
         """Record the steps that ran in another process (a Dask worker's): their task returned
         (or raised) the record the lineage keeps; a step that never ran stays for ``skipped``."""
-        ledger = self.composed.ledger
         for future in list(self._futures):
-            step_id = self._by_task_run.get(str(future.task_run_id))
+            self.settle_one(future)
+
+    def settle_one(self, future: PrefectFuture[Any]) -> None:
+        """Record what the ended step of ``future`` returned or raised, unless its record is already final."""
+        ledger = self.composed.ledger
+        step_id = self._by_task_run.get(str(future.task_run_id))
+        with self._lock:
             known = ledger.record(step_id) if step_id else None
             if step_id is None or (known is not None and known.status not in ("pending", "running")):
-                continue
+                return
             try:
                 value = future.result(raise_on_failure=True)
             except AlgorithmFailed as exc:
                 if exc.record is not None:
                     ledger.update(exc.record)
-                continue
+                return
             except Exception:
-                continue
+                return
             if isinstance(value, StepResult) and value.record is not None:
                 ledger.update(value.record)
 

@@ -154,6 +154,7 @@ class ComposedRun:
             pull_policy=pull_policy,
             registry_credentials=registry_credentials,
             step_credentials=dict(step_credentials or {}),
+            create_ahead=not guest,  # a guest sees one step at a time; its dependents may run on another host
             **({"cancel": cancel} if cancel is not None else {}),
         )
         self.ledger = Ledger(
