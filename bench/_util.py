@@ -362,8 +362,8 @@ class StepProfiler:
 
     PHASES: list[tuple[str, str, str, int]] = [  # (label, module, attribute, depth)
         ("task submit (Prefect)", "prefect.tasks", "Task.submit", 0),
-        ("task body (run_step_task)", "algodock.flows.pipeline", "_run_step", 0),
-        ("execute_step", "algodock.flows.compose", "execute_step", 1),
+        ("task body (run_algorithm_step)", "algodock.flows.compose", "run_algorithm_step", 0),
+        ("execute_step", "algodock.flows.calls", "execute_step", 1),
         ("bind_inputs", "algodock.pipeline.execute", "bind_inputs", 2),
         ("resolve_image", "algodock.pipeline.execute", "resolve_image", 2),
         ("cache lookup", "algodock.lineage.cache", "StoreCache.lookup", 2),
@@ -465,7 +465,7 @@ class StepProfiler:
         for key, samples in sorted(self.api.items(), key=lambda kv: -sum(kv[1])):
             rows.append([f"API {key}", fmt_s(sum(samples) / steps), f"{len(samples) / steps:g}"])
         print_table(["phase", "per step", "calls/step"], rows)
-        submits, bodies = self.spans.get("task submit (Prefect)"), self.spans.get("task body (run_step_task)")
+        submits, bodies = self.spans.get("task submit (Prefect)"), self.spans.get("task body (run_algorithm_step)")
         if sequential and submits and bodies:
             # One step at a time: whatever is outside the task bodies is the Prefect engine
             # (task-run creation, state changes, futures) and the flow's scheduler.

@@ -23,7 +23,7 @@ class CountingStore(LocalStore):
 
 
 def test_the_lineage_of_a_1000_step_run_is_written_in_batches_not_on_every_change(tmp_path):
-    from algodock.flows.pipeline import Ledger
+    from algodock.lineage.ledger import Ledger
 
     n = 1000
     store = CountingStore(tmp_path / "store")

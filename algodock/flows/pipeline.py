@@ -165,7 +165,7 @@ def run_pipeline(
     auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
     try:
         if session is not None:
-            return _run_on_cluster(session, pipeline, the_store, run_id, cap, auths, no_cache, flow_run_id, pull_policy)
+            return _run_on_cluster(session, pipeline, the_store, run_id, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
         return _run_here(pipeline, the_store, run_id, client, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
     finally:
         if held is not None:
@@ -262,7 +262,7 @@ def _threads(pipeline: Pipeline, workers: int) -> int:
 
 
 def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, auths: Any, no_cache: bool,
-                    flow_run_id: str | None, pull_policy: Any) -> Any:
+                    flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
     """The run on a Dask cluster (see algodock.flows.cluster): the same spec run as on one host
     (lease, clean-up, cache, lineage) and the same algorithm tasks, submitted to the cluster
     session, which sends each to a worker with room once its upstream steps ended."""
@@ -273,7 +273,7 @@ def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: st
     try:
         run = open_spec_run(
             pipeline, the_store, run_id, None, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
-            registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=None,
+            registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=concurrency_limit,
             runner=session, watch=None, on_change=_notify,
         )
         session.start_run(run_id)
