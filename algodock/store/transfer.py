@@ -241,8 +241,8 @@ def fetch_input(uri: str, dest: Path, fs: s3fs.S3FileSystem | None = None, *, ex
 async def _get_hashed(fs: s3fs.S3FileSystem, key: str, local: str) -> tuple[str, int]:
     """Stream one object to ``local``, hashing each chunk as it arrives; returns (sha256, size).
 
-    Each chunk is hashed in a thread (hashlib releases the GIL), so the event loop goes on
-    reading the other downloads meanwhile instead of waiting for the hash between reads.
+    Each chunk is hashed and written in a thread (hashlib releases the GIL) while the next one
+    is read: the event loop only reads, and no stream waits for a hash between its reads.
     """
     bucket, name, version = fs.split_path(key)
     extra = {"VersionId": version} if version else {}
@@ -250,12 +250,24 @@ async def _get_hashed(fs: s3fs.S3FileSystem, key: str, local: str) -> tuple[str,
     body = resp["Body"]
     h = hashlib.sha256()
     size = 0
+    loop = asyncio.get_running_loop()
     try:
         with open(local, "wb") as fh:
-            while chunk := await body.read(_CHUNK):
-                await asyncio.to_thread(h.update, chunk)
+
+            def take(chunk: bytes) -> None:
+                h.update(chunk)
                 fh.write(chunk)
-                size += len(chunk)
+
+            taking: asyncio.Future[None] | None = None
+            try:
+                while chunk := await body.read(_CHUNK):
+                    if taking is not None:
+                        await taking  # in order: the previous chunk is hashed and written first
+                    taking = loop.run_in_executor(None, take, chunk)
+                    size += len(chunk)
+            finally:
+                if taking is not None:  # never close the file under a write
+                    await taking
     finally:
         body.close()
     return h.hexdigest(), size
