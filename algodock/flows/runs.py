@@ -25,13 +25,16 @@ from algodock.contract.manifest import Manifest
 from algodock.pipeline.capacity import Capacity
 from algodock.pipeline.composed import ComposedRun
 from algodock.pipeline.validate import Pipeline
-from algodock.records import StepRecord
+from algodock.records import Failure, StepRecord
 from algodock.runtime.images import DEFAULT_PULL_POLICY, PULL_POLICIES, RegistryAuth
+from algodock.flows import heartbeats
 from algodock.flows.watch import watch_run
 from algodock.flows.results import AlgorithmFailed, InvalidCall, StepResult
 
 
 log = logging.getLogger("algodock.flows.runs")
+
+heartbeats.install()  # a flow run that runs algorithms ends when its work ends, not at the next second
 
 
 DEFAULT_STORE = "./.algodock/store"
@@ -133,6 +136,16 @@ def guest_run(ticket: RunTicket) -> RunHandle:
         return run
 
 
+def _never_ran(future: PrefectFuture[Any], exc: Exception) -> bool:
+    """The step of ``future`` never started: an upstream step did not succeed (``NotReady``, or
+    never sent to a worker) or the run was cancelled first; its record is then ``skipped``."""
+    from prefect.exceptions import CancelledRun, UnfinishedRun
+
+    from algodock.pipeline.placement import UpstreamNotDone
+
+    return isinstance(exc, (UpstreamNotDone, CancelledRun, UnfinishedRun))
+
+
 def forget_guest(run_id: str) -> None:
     """This process runs no more steps of ``run_id`` (its run ended): its part of the run goes."""
     with _LOCK:
@@ -207,7 +220,9 @@ class RunHandle:
                 if exc.record is not None:
                     ledger.update(exc.record)
                 return
-            except Exception:
+            except Exception as exc:
+                if not _never_ran(future, exc) and not self.composed.ctx.cancel.is_set():  # its task itself failed (a worker lost for good)
+                    ledger.update(StepRecord(id=step_id, status="failed", failure=Failure(kind="infrastructure", message=f"{type(exc).__name__}: {exc}")))
                 return
             if isinstance(value, StepResult) and value.record is not None:
                 ledger.update(value.record)
