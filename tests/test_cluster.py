@@ -424,3 +424,10 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
     assert lineage["b"]["started_at"] >= lineage["a"]["finished_at"], "b started before its upstream ended"
     assert lineage["f"]["status"] == "failed" and lineage["f"]["failure"]["kind"] == "exit_code"
     assert lineage["c"]["status"] == "skipped" and lineage["c"]["started_at"] is None
+    # the same algorithm tasks as on one host: the run graph has the edge a -> b, and each task
+    # run records the attempt the worker claimed
+    from tests.test_flow import _task_runs, _upstream_ids
+
+    runs = _task_runs(str(state.state_details.flow_run_id))
+    assert _upstream_ids(runs["b"]) == {str(runs["a"].id)}
+    assert lineage["b"]["task_run_id"] == str(runs["b"].id) and lineage["b"]["attempt_history"][0]["attempt"] == 1

@@ -298,7 +298,7 @@ class ClusterSession:
         # resolved and unquoted: Dask rebuilds a quote() (a namedtuple) as a plain tuple on the worker
         inputs = visit_collection(future.parameters["inputs"], lambda v: v.result() if isinstance(v, ClusterFuture) else v, return_data=True, remove_annotations=True)
         parameters = {**future.parameters, "inputs": inputs}
-        dependencies = {"wait_for": [TaskRunResult(id=u.task_run_id) for u in future.upstream]} if future.upstream else {}  # the graph's edges, as on one host
+        dependencies = {"inputs": [TaskRunResult(id=u.task_run_id) for u in future.upstream]} if future.upstream else {}  # the graph's edges (a key of the parameters, as Prefect requires)
         assets = AssetContext.from_task_and_inputs(task=future.task, task_run_id=future.task_run_id, task_inputs=dependencies, copy_to_child_ctx=True).serialize()
         step.key = f"{step.step_id}-{future.task_run_id}"
         wrapped = Client.submit(self.client, run_step_task, self.run_id, future.task, future.task_run_id, parameters, dependencies, assets,
