@@ -285,6 +285,8 @@ def test_a_worker_killed_mid_step_the_step_reruns_on_the_other_and_its_container
     cluster.start_worker(where)
     _wait(lambda: not _containers(lost, run_id), 30, "the returning worker to sweep the lost attempt's container")
     assert not list(Path(tempfile.gettempdir()).glob(f"algodock-worker-{dead}.*")), "a starting worker removes a dead one's scratch folder"
+    # the steps' own scratch folders (their staged inputs) were inside their worker's: none is left
+    assert not list(Path(tempfile.gettempdir()).glob(f"algodock-{run_id}-*"))
 
 
 def test_a_worker_sweeps_only_the_scratch_of_dead_workers(tmp_path):

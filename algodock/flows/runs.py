@@ -122,14 +122,14 @@ def guest_run(ticket: RunTicket) -> RunHandle:
             from algodock.worker import current_engine
 
             engine = current_engine()
-            client, pool, cancel = engine.client, engine.pool, engine.cancel_event(ticket.run_id)
+            client, pool, cancel, scratch = engine.client, engine.pool, engine.cancel_event(ticket.run_id), engine.scratch
         except Exception:  # a plain Dask worker (a LocalCluster): the engine of this host
             client = docker_client()
-            pool, cancel = None, None
+            pool, cancel, scratch = None, None, None
         composed = ComposedRun(
             open_store(ticket.store), ticket.run_id, client, Capacity.from_engine(client) if pool is None else pool.capacity,
             use_cache=ticket.use_cache, flow_run_id=ticket.flow_run_id, pull_policy=ticket.run_pull_policy,
-            registry_credentials=ticket.registry_credentials, guest=True, pool=pool, cancel=cancel,
+            registry_credentials=ticket.registry_credentials, guest=True, pool=pool, cancel=cancel, scratch_root=scratch,
         ).open()
         run = RunHandle(composed, ticket.concurrency_limit)
         _GUESTS[ticket.run_id] = run

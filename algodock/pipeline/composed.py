@@ -129,8 +129,12 @@ class ComposedRun:
         guest: bool = False,
         pool: ResourcePool | None = None,
         cancel: threading.Event | None = None,
+        scratch_root: Path | None = None,
     ) -> None:
         self.store = store
+        self.scratch_root = scratch_root
+        """Where the run's scratch folder is made (default: the system's temporary folder); an
+        ``algodock worker``'s own folder for a guest there, swept if the worker dies."""
         self.run_id = run_id
         self.capacity = capacity
         self.require_digest = require_digest
@@ -179,7 +183,7 @@ class ComposedRun:
 
     def open(self) -> ComposedRun:
         if self.guest:
-            self.ctx.scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{self.run_id}-"))
+            self.ctx.scratch = Path(tempfile.mkdtemp(prefix=f"algodock-{self.run_id}-", dir=self.scratch_root))
             self.ctx.cache = StoreCache(self.store, run_id=self.run_id)
             return self
         self._lease = self._lease.acquire()  # this process's hold, counted (`algodock run` may hold it already)
