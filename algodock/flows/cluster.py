@@ -220,8 +220,13 @@ class ClusterSession:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The run is over: nothing more is sent (what was never sent is skipped), the run's worker
+        plugin is removed from the workers, the connection closed (again: nothing more)."""
         if self.dispatcher is not None:
-            self.dispatcher.stop()  # what was never sent: the run is over
+            self.dispatcher.stop()
         try:
             if self.run_id:
                 with contextlib.suppress(Exception):

@@ -29,7 +29,6 @@ from prefect.utilities.annotations import quote
 from algodock.pipeline.capacity import Capacity
 from algodock.runtime.leftovers import kill_run_containers
 from algodock.pipeline.direct import finish_directly
-from algodock.store.lease import RunLease
 from algodock.pipeline import Pipeline
 from algodock.pipeline.prepare import check_shared_store, prepare_run, take_prepared
 from algodock.records import StepRecord
@@ -138,88 +137,97 @@ def run_pipeline(
     from algodock.blocks import registry_auths, resolve_store
 
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    session = None
     the_store = resolve_store(store)
     run_id = run_id or default_run_id(flow_run_id)
     prepared = take_prepared(the_store, run_id, spec)  # `algodock run` prepared it: not again
-    if cluster:
-        from algodock.flows.cluster import ClusterSession
+    with contextlib.ExitStack() as stack:
+        session = None
+        if cluster:
+            from algodock.flows.cluster import ClusterSession
 
-        if prepared is None:  # refuse a host-local store before anything starts
-            check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
-        session = ClusterSession(cluster).__enter__()
-    client = _engine_client(engine) if session is None else None
-    if concurrency_limit:  # before the run is taken: nothing to give back when it is missing
-        check_concurrency_limit(concurrency_limit)
-    held: RunLease | None = None
-    """The lease as this flow's preparation took it (None: `algodock run` holds it), given back when the run is written."""
-    if prepared is not None:  # the spec as `algodock run` loaded it; a cluster run's capacity is its biggest worker's
-        pipeline = prepared.pipeline
-        cap = prepared.capacity or (session.largest_worker() if session else Capacity.from_engine(client))
-        if prepared.capacity is None:
-            pipeline.check_capacity(cap)
-    else:  # a deployment or a call from Python
-        cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
-        prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
-        pipeline, held = prepared.pipeline, prepared.lease  # RunBusy names the holder
-    auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
-    try:
-        if session is not None:
-            return _run_on_cluster(session, pipeline, the_store, run_id, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
-        return _run_here(pipeline, the_store, run_id, client, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit)
-    finally:
-        if held is not None:
-            held.release()
+            if prepared is None:  # refuse a host-local store before anything starts
+                check_shared_store(store if isinstance(store, str) or store is None else getattr(store, "uri", None), shared_store)
+            session = stack.enter_context(ClusterSession(cluster))
+        client = _engine_client(engine) if session is None else None
+        if concurrency_limit:  # before the run is taken: nothing to give back when it is missing
+            check_concurrency_limit(concurrency_limit)
+        if prepared is not None:  # the spec as `algodock run` loaded it; a cluster run's capacity is its biggest worker's
+            pipeline = prepared.pipeline
+            cap = prepared.capacity or (session.largest_worker() if session else Capacity.from_engine(client))
+            if prepared.capacity is None:
+                pipeline.check_capacity(cap)
+        else:  # a deployment or a call from Python
+            cap = Capacity.parse(capacity) if capacity else (session.largest_worker() if session else Capacity.from_engine(client))
+            prepared = prepare_run(spec, store=the_store, run_id=run_id, overrides=overrides, capacity=cap, resolve_block=_block_manifest, require_digest=require_digest)
+            stack.callback(prepared.lease.release)  # this flow's preparation took the lease (`algodock run` holds its own): given back when the run is written
+        auths = registry_auths(registry_credentials)  # an unknown block name fails here, before any container
+        return _run(prepared.pipeline, the_store, run_id, cap, auths, no_cache, flow_run_id, pull_policy, concurrency_limit, client=client, session=session)
 
 
-def _run_here(pipeline: Pipeline, the_store: Any, run_id: str, client: Any, cap: Capacity, auths: Any, no_cache: bool,
-              flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
-    """The run on this host: each step is an :func:`~algodock.flows.compose.algorithm` task,
-    submitted at once, waiting for its upstream steps' futures as in any Python flow: Prefect
-    starts it when they completed (the run graph's edges) and gives a dependent of a failure
-    ``NotReady``; the tasks run in a pool of threads sized by the capacity (:func:`_threads`)."""
+def _run(pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, auths: Any, no_cache: bool, flow_run_id: str | None,
+         pull_policy: Any, concurrency_limit: str | None, *, client: Any, session: Any) -> Any:
+    """The run: each step is an :func:`~algodock.flows.compose.algorithm` task, submitted at once,
+    waiting for its upstream steps' futures as in any Python flow: Prefect starts it when they
+    completed (the run graph's edges) and gives a dependent of a failure ``NotReady``.
+
+    On this host (``client``, its engine) the tasks run in a pool of threads sized by the
+    capacity (:func:`_threads`); on a cluster (``session``, see algodock.flows.cluster) they go
+    to the run's cluster session, which sends each to a worker with room once its upstream steps
+    ended, and each step's record comes back to the lineage as it ends.
+    """
     from algodock.blocks import step_registry_auths
 
     logger = get_run_logger()
-    workers = max_workers(pipeline, cap)
     watch = run_watch(run_id)
-    runner = ThreadPoolTaskRunner(max_workers=_threads(pipeline, workers)).__enter__()
-    run = open_spec_run(
-        pipeline, the_store, run_id, client, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
-        registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=concurrency_limit,
-        runner=runner, watch=watch, on_change=_notify,
-    )
-    ctx = run.composed.ctx
-    order = pipeline.topological_order()
-    logger.info("run %s of pipeline %s: %d steps, capacity %s (up to %d at once), store %s", run_id, pipeline.spec.name, len(order), cap, workers, the_store.uri())
-    stop_watch = watch_run(flow_run_id, ctx, watch)
+    if session is None:
+        workers = max_workers(pipeline, cap)
+        runner, kill, where = ThreadPoolTaskRunner(max_workers=_threads(pipeline, workers)).__enter__(), None, f"capacity {cap} (up to {workers} at once)"
+    else:
+        runner, kill, where = session, session.cancel_everywhere, f"cluster {session.address}"
     try:
-        with current_run(run):
-            futures = _submit_steps(pipeline, order)
-        if not _wait(futures, watch):  # Prefect's API went away: the run ends without it
-            finish_directly(ctx, run.composed.ledger, watch.final, lambda s: watch.claim(s, "direct"), workers)
-            forget_run(run)
-            status = run.composed.finish()
-            watch.finished.set()
-            logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
-            return run.composed.ledger.summary()
-        status = run.close()  # writes the run, publishes its artifacts, gives the lease back
-    except BaseException:
-        # The process is being ended (a worker's SIGTERM on cancellation arrives here as an
-        # exception, before Prefect could run any hook) or the flow crashed: no container of
-        # this run may outlive it.
-        run.cancel()
-        if flow_run_id:
+        run = open_spec_run(
+            pipeline, the_store, run_id, client, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
+            registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=concurrency_limit,
+            runner=runner, watch=watch, on_change=_notify,
+        )
+        if session is not None:
+            session.start_run(run_id)
+        ctx = run.composed.ctx
+        order = pipeline.topological_order()
+        logger.info("run %s of pipeline %s: %d steps, %s, store %s", run_id, pipeline.spec.name, len(order), where, the_store.uri())
+        stop_watch = watch_run(flow_run_id, ctx, watch, kill=kill)
+        try:
+            with current_run(run):
+                futures = _submit_steps(pipeline, order)
+            for future in futures.values():  # a step in another process: its record reaches the lineage as it ends
+                future.wrapped_future.add_done_callback(lambda _f, future=future: run.settle_one(future))
+            if not _wait(futures, watch) and session is None:  # Prefect's API went away: the run ends without it
+                finish_directly(ctx, run.composed.ledger, watch.final, lambda s: watch.claim(s, "direct"), workers)
+                forget_run(run)
+                status = run.composed.finish()
+                watch.finished.set()
+                logger.warning("run %s %s without the Prefect API: its record there is incomplete", run_id, status)
+                return run.composed.ledger.summary()
+            status = run.close()  # writes the run, publishes its artifacts, gives the lease back
+        except BaseException:
+            # The process is being ended (a worker's SIGTERM on cancellation arrives here as an
+            # exception, before Prefect could run any hook) or the flow crashed: no container of
+            # this run may outlive it, on any host.
+            run.cancel()
             with contextlib.suppress(Exception):
-                kill_run_containers(client, flow_run_id=flow_run_id)
-        with contextlib.suppress(Exception):
-            forget_run(run)
-            run.composed.finish()
-        raise
+                kill() if kill else (flow_run_id and kill_run_containers(client, flow_run_id=flow_run_id))
+            with contextlib.suppress(Exception):
+                forget_run(run)
+                run.composed.finish()
+            raise
+        finally:
+            stop_watch.set()
     finally:
-        stop_watch.set()
+        if session is not None:  # before the lease is given back: nothing of the run is sent after
+            session.close()
     watch.finished.set()
-    runner.__exit__(None, None, None)
+    if session is None:  # only now: its threads all ended (not after a failure or without the API, where one may hang)
+        runner.__exit__(None, None, None)
     return _outcome(run_id, status, run.composed.ledger.summary())
 
 
@@ -259,47 +267,6 @@ def _threads(pipeline: Pipeline, workers: int) -> int:
     a thread never waits for a step with none), and ``workers`` run containers; at most 256."""
     waiting = sum(1 for s in pipeline.steps.values() if s.dependencies)
     return max(1, min(len(pipeline.steps), workers + waiting, 256))
-
-
-def _run_on_cluster(session: Any, pipeline: Pipeline, the_store: Any, run_id: str, cap: Capacity, auths: Any, no_cache: bool,
-                    flow_run_id: str | None, pull_policy: Any, concurrency_limit: str | None) -> Any:
-    """The run on a Dask cluster (see algodock.flows.cluster): the same spec run as on one host
-    (lease, clean-up, cache, lineage) and the same algorithm tasks, submitted to the cluster
-    session, which sends each to a worker with room once its upstream steps ended."""
-    from algodock.blocks import step_registry_auths
-
-    logger = get_run_logger()
-    watch = run_watch(run_id)
-    try:
-        run = open_spec_run(
-            pipeline, the_store, run_id, None, cap, use_cache=not no_cache, flow_run_id=flow_run_id, pull_policy=pull_policy,
-            registry_credentials=auths, step_credentials=step_registry_auths(pipeline), concurrency_limit=concurrency_limit,
-            runner=session, watch=None, on_change=_notify,
-        )
-        session.start_run(run_id)
-        order = pipeline.topological_order()
-        logger.info("run %s of pipeline %s: %d steps on cluster %s, store %s", run_id, pipeline.spec.name, len(order), session.address, the_store.uri())
-        stop_watch = watch_run(flow_run_id, run.composed.ctx, watch, kill=session.cancel_everywhere)
-        try:
-            with current_run(run):
-                futures = _submit_steps(pipeline, order)
-            for future in futures.values():  # each step's record reaches the lineage as it ends
-                future.wrapped_future.add_done_callback(lambda _f, future=future: run.settle_one(future))
-            status = run.close()  # writes the run, publishes its artifacts, gives the lease back
-        except BaseException:
-            run.composed.ctx.cancel.set()
-            with contextlib.suppress(Exception):
-                session.cancel_everywhere()
-            with contextlib.suppress(Exception):
-                forget_run(run)
-                run.composed.finish()
-            raise
-        finally:
-            stop_watch.set()
-    finally:
-        session.__exit__(None, None, None)
-    watch.finished.set()
-    return _outcome(run_id, status, run.composed.ledger.summary())
 
 
 def _outcome(run_id: str, status: str, summary: dict[str, Any]) -> Any:
