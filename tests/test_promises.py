@@ -106,8 +106,11 @@ def stderr_lines(proc: subprocess.Popen) -> tuple[list[tuple[float, str]], threa
 
     def read() -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append((time.monotonic(), line))
+        try:
+            for line in proc.stderr:
+                lines.append((time.monotonic(), line))
+        except ValueError:  # the test closed the pipe when it was done with the process
+            pass
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
