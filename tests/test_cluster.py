@@ -433,3 +433,28 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
     runs = _task_runs(str(state.state_details.flow_run_id))
     assert _upstream_ids(runs["b"]) == {str(runs["a"].id)}
     assert lineage["b"]["task_run_id"] == str(runs["b"].id) and lineage["b"]["attempt_history"][0]["attempt"] == 1
+
+
+def test_a_run_refused_before_it_starts_leaves_no_connection_to_the_cluster(tmp_path, cluster, busybox_image):
+    """Another host holds the run's lease: the run is refused (RunBusy) before any step, and the
+    flow's connection to the cluster is closed with it (it stayed open before)."""
+    from distributed import Client
+
+    from algodock.flows.pipeline import run_pipeline
+    from algodock.store.backends import open_store
+    from algodock.store.layout import lease_rel
+    from algodock.store.lease import RunBusy
+    from tests.test_promises import foreign_lease
+
+    _sleeper(tmp_path, busybox_image, "s", 0)
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: busy\nsteps:\n  - {id: a, manifest: s.json}\n')
+    run_id = f"busy-{uuid.uuid4().hex[:8]}"
+    open_store("s3://cluster/busy").create_json(lease_rel(run_id), {**foreign_lease(expires_in=300), "run_id": run_id})
+    with Client(cluster.address, timeout="10s") as watcher:
+        def clients() -> int:
+            return watcher.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients))
+
+        before = clients()
+        with pytest.raises(RunBusy):
+            run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/busy", run_id=run_id, cluster=cluster.address)
+        assert clients() == before
