@@ -153,7 +153,9 @@ def test_a_failure_raises_algorithm_failed_and_its_dependent_is_not_ready(tmp_pa
     assert by["scale"]["status"] == "failed" and by["scale"]["failure"]["kind"] == "exit_code"
     assert by["scale"]["attempts"] == 1  # exit_code is not retried without retries=
     assert by["merge"]["status"] == "skipped" and by["merge"]["started_at"] is None  # no container
-    assert _task_runs(flow_run_id)["scale"].state.is_failed()
+    runs = _task_runs(flow_run_id)
+    assert runs["scale"].state.is_failed()
+    assert runs["merge"].state.name == "NotReady"  # named by its step id, as a pipeline's step is
 
 
 def test_bad_input_is_refused_at_submit_naming_algorithm_step_and_field(tmp_path, prefect_harness, example_image):

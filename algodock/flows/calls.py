@@ -34,11 +34,26 @@ def _where(algorithm: str, step_id: str, field_name: str) -> str:
     return f"algorithm {algorithm}, step {step_id}: {field_name}"
 
 
+class Deferred:
+    """An algorithm call's inputs as its task receives them when they hold futures (not under a
+    ``DaskTaskRunner``, whose futures only Dask can read): Prefect does not look inside (the
+    futures are the call's ``wait_for``, so Prefect names the task run before it finds an upstream
+    failed); the task's body reads the futures' results (:func:`_bind`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Deferred, (self.value,))
+
+
 def unwrap(value: Any) -> Any:
     from prefect.utilities.annotations import BaseAnnotation
 
-    while isinstance(value, BaseAnnotation):
-        value = value.unwrap()
+    while isinstance(value, (BaseAnnotation, Deferred)):
+        value = value.value if isinstance(value, Deferred) else value.unwrap()
     return value
 
 
@@ -158,8 +173,11 @@ def engine_identity_of(client: Any) -> dict[str, str] | None:
 
 
 def _bind(run: RunHandle, step_id: str, planned: Planned, inputs: Mapping[str, Any]) -> tuple[dict[str, Ref | str], dict[str, StepRecord], dict[str, dict[str, Any]]]:
-    """Resolved input values -> the step's bindings, its upstream records, and what each table came from."""
+    """Input values (futures read here when they were deferred) -> the step's bindings, its
+    upstream records, and what each table came from."""
     import pyarrow as pa
+
+    inputs = unwrap(inputs)
 
     bindings: dict[str, Ref | str] = {}
     upstream: dict[str, StepRecord] = {}
@@ -171,6 +189,8 @@ def _bind(run: RunHandle, step_id: str, planned: Planned, inputs: Mapping[str, A
         name = None
         if isinstance(value, OutputRef):
             value, name = unwrap(value.source), value.name
+        if isinstance(value, PrefectFuture):  # an upstream task's future, waited for (``wait_for``): it completed
+            value = unwrap(value.result())
         if isinstance(value, StepResult):
             assert value.record is not None
             out = _pick_output(list(value.outputs), slot, name, where, f"step {value.step_id}")

@@ -32,12 +32,13 @@ from typing import Any
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import MaterializingTask
+from prefect.utilities.annotations import quote
 
 from algodock.contract.manifest import Manifest, load_manifest
 from algodock.errors import InvalidInput
 from algodock.runtime.images import RegistryAuth
 from algodock.flows.artifacts import MATERIALIZED_BY
-from algodock.flows.calls import unwrap, check_call, execute_in_task, run_algorithm_step
+from algodock.flows.calls import Deferred, unwrap, check_call, execute_in_task, run_algorithm_step
 from algodock.flows.results import AlgorithmFailed, InvalidCall, OutputRef, StepResult, output
 from algodock.flows.retries import retry_options
 from algodock.flows.runs import (
@@ -134,6 +135,10 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
 
     def _submit_step(self, run: RunHandle, call: dict[str, Any], wait_for: Any, kwargs: dict[str, Any]) -> Any:
         task = self._for_step(run, call)
+        upstream = _futures_in(call["inputs"]) if not _under_dask() else []
+        if upstream:  # waited for, then read by the task's body: Prefect names the task run (its step id) before it finds one failed
+            call = {**call, "inputs": Deferred(call["inputs"])}
+            wait_for = [*(wait_for or []), *upstream]
         with _dask_resources(self.algorithm.manifest):
             if run.runner is not None and not kwargs:
                 future = run.runner.submit(task, parameters=call, wait_for=wait_for)
@@ -184,18 +189,41 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
             one.close()
 
 
+def _futures_in(inputs: Any) -> list[Any]:
+    """The Prefect futures anywhere in an algorithm call's ``inputs`` (not inside a ``quote``), once each."""
+    from prefect.futures import PrefectFuture
+    from prefect.utilities.collections import StopVisiting, visit_collection
+
+    found: dict[int, Any] = {}
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, (quote, Deferred)):
+            raise StopVisiting
+        if isinstance(value, PrefectFuture):
+            found.setdefault(id(value), value)
+        return value
+
+    visit_collection(inputs, visit, return_data=False)
+    return list(found.values())
+
+
 def _run_for_call() -> RunHandle | None:
     return CURRENT_RUN.get() or implicit_run()
+
+
+def _under_dask() -> bool:
+    """The current flow runs its tasks with a ``DaskTaskRunner`` (its futures are read by Dask, not in a task's body)."""
+    from prefect.context import FlowRunContext
+
+    flow_ctx = FlowRunContext.get()
+    runner = getattr(flow_ctx, "task_runner", None) if flow_ctx is not None else None
+    return runner is not None and type(runner).__name__ == "DaskTaskRunner"
 
 
 @contextlib.contextmanager
 def _dask_resources(manifest: Manifest) -> Iterator[None]:
     """Under a ``DaskTaskRunner``, the step's resource request as Dask resources (as ``run --cluster`` places steps)."""
-    from prefect.context import FlowRunContext
-
-    flow_ctx = FlowRunContext.get()
-    runner = getattr(flow_ctx, "task_runner", None) if flow_ctx is not None else None
-    if runner is None or type(runner).__name__ != "DaskTaskRunner":
+    if not _under_dask():
         yield
         return
     import dask
