@@ -135,10 +135,10 @@ class EnginePlugin:
         return kill_run_containers(self.client, run_id)
 
     def forget_run(self, run_id: str) -> None:
-        """Drop what this worker kept for ``run_id`` (its scratch folder and cancel event)."""
+        """Drop what this worker kept for ``run_id`` (its cancel event; the run's steps here made
+        their scratch folder inside :attr:`scratch` and remove it when the run ends)."""
         with self._lock:
             self._cancelled.pop(run_id, None)
-        shutil.rmtree(self.scratch / run_id, ignore_errors=True)
 
 
 def current_engine(dask_worker: Any = None) -> EnginePlugin:

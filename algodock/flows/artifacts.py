@@ -6,8 +6,8 @@
   the UI renders: each step (linked to its task run) with what it reads, and each output
   with its location, size, rows and sha256. The DAG itself is Prefect's run graph: every
   step's task run names its upstream task runs in ``task_inputs``.
-* Asset materializations come from the step tasks themselves: :func:`materializing` makes a
-  step's task a ``prefect.assets.materialize`` task of its outputs (on this host or on a Dask
+* Asset materializations come from the step tasks themselves: :func:`step_assets` gives a
+  step's algorithm task its outputs as the assets it materializes (on this host or on a Dask
   worker), :func:`add_output_metadata` puts each output's sha256, rows, image id and real URI on
   its event; :func:`asset_key` names an output or input as an asset.
 
@@ -116,26 +116,6 @@ def step_assets(ctx: RunContext, step_id: str, manifest: Any, externals: list[st
     if not outputs:
         return {}
     return {"assets": outputs, "asset_deps": asset_deps(externals) or None}
-
-
-def materializing(fn: Any, ctx: RunContext, step_id: str, **options: Any) -> Any:
-    """``fn`` as the Prefect task of ``step_id``: a materializing task
-    (``prefect.assets.materialize``) of the step's outputs, with the external inputs it reads as
-    asset dependencies; a plain task when the step has no output that can be an asset.
-
-    The asset keys are where the outputs will be stored (``file://…`` or ``s3://…``); the
-    upstream assets come from the upstream tasks' own materializations through ``task_inputs``.
-    """
-    from prefect import task
-    from prefect.assets import materialize
-
-    deps = asset_deps(spec_externals(ctx.pipeline, step_id))
-    if deps:
-        options["asset_deps"] = deps
-    outputs = sorted(set(output_asset_keys(ctx, step_id).values()))
-    if outputs:
-        return materialize(*outputs, by=MATERIALIZED_BY, **options)(fn)
-    return task(fn, **options)
 
 
 def add_output_metadata(record: StepRecord, ctx: RunContext) -> None:
@@ -275,4 +255,4 @@ def publish_run_artifacts(doc: LineageDocument, pipeline: Pipeline | None = None
         log.warning("could not create the artifacts of run %s: %s", doc.run_id, exc)
 
 
-__all__ = ["add_output_metadata", "artifact_key", "asset_key", "cached_state", "materializing", "output_asset_keys", "publish_run_artifacts", "run_markdown", "steps_table"]
+__all__ = ["add_output_metadata", "artifact_key", "asset_key", "cached_state", "output_asset_keys", "publish_run_artifacts", "run_markdown", "steps_table"]

@@ -45,9 +45,6 @@ class Deferred:
     def __init__(self, value: Any) -> None:
         self.value = value
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Deferred, (self.value,))
-
 
 def unwrap(value: Any) -> Any:
     from prefect.utilities.annotations import BaseAnnotation

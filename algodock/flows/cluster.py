@@ -268,14 +268,15 @@ class ClusterSession:
 
     def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None) -> ClusterFuture:
         """Hold an algorithm task's call (``parameters``) until the steps it waits for ended (the
-        futures this method returned, in ``wait_for`` or in its inputs) and a worker has room for
-        its resource request; then send it there (see :class:`~algodock.pipeline.placement.Dispatcher`).
+        futures this method returned, in ``wait_for``: a pipeline step names every step it depends
+        on there) and a worker has room for its resource request; then send it there (see
+        :class:`~algodock.pipeline.placement.Dispatcher`).
 
         A step whose upstream did not succeed is never sent: its future raises
         :class:`~algodock.pipeline.placement.UpstreamNotDone` (the lineage says ``skipped``).
         """
         assert self.dispatcher is not None, "start_run first"
-        upstream = _futures_in([parameters["inputs"], wait_for])
+        upstream = list(wait_for or [])
         request = task.algorithm.manifest.container_parameters.resource_request
         future = ClusterFuture(task, parameters, upstream, step_resources(request))
         self._futures[future.step.step_id] = future
@@ -327,21 +328,6 @@ class ClusterSession:
         if self.dispatcher is not None:
             self.dispatcher.stop()
         return _broadcast(self.client, cancel_run_here, self.run_id)
-
-
-def _futures_in(values: Any) -> list[ClusterFuture]:
-    """The :class:`ClusterFuture` objects anywhere in ``values`` (an algorithm call's inputs, its ``wait_for``), once each."""
-    from prefect.utilities.collections import visit_collection
-
-    found: dict[int, ClusterFuture] = {}
-
-    def visit(v: Any) -> Any:
-        if isinstance(v, ClusterFuture):
-            found[id(v)] = v
-        return v
-
-    visit_collection(values, visit, return_data=False)
-    return list(found.values())
 
 
 def _params(fn: Any) -> set[str]:
