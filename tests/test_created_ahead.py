@@ -285,3 +285,49 @@ def test_a_step_with_a_typed_hand_off_is_never_created_ahead(tmp_path, docker_cl
     release(store, run_id)
     t.join(120)
     assert containers(docker_client, run_id, "typed") == []
+
+
+def test_every_step_of_a_chain_gets_its_container_created_while_the_one_before_runs(tmp_path, docker_client, busybox_image, monkeypatch) -> None:
+    """``up -> mid -> down``: ``mid`` runs in the container created ahead for it, and ``down``'s is
+    created as soon as ``mid``'s starts, though the background thread already waits (holding
+    ``mid``'s until then) with a long pause between its looks at the cancel event. It used to wake
+    only at that pause's end, so in a chain of short steps every other step created its own."""
+    from algodock.pipeline import ahead as ahead_module
+    from algodock.pipeline.execute import execute_step
+
+    monkeypatch.setattr(ahead_module, "CANCEL_CHECK_SECONDS", 120)
+    run_id = f"ahead-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "p"
+    chain(folder, busybox_image)
+    write_manifest(
+        folder / "mid.json", name="mid", image=busybox_image,
+        command=["sh", "-c", "while [ ! -e /work/output/go ]; do sleep 0.02; done; rm /work/output/go; cp /work/input/data/* /work/output/out.binary"],
+        inputs=[{"name": "data", "format": "binary"}], outputs=[{"name": "out", "format": "binary"}],
+        container={"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}},
+    )
+    steps = [{"id": "up", "manifest": "up.json"}, {"id": "mid", "manifest": "mid.json", "inputs": {"data": "up.out"}},
+             {"id": "down", "manifest": "down.json", "inputs": {"data": "mid.out"}}]
+    (folder / "pipeline.json").write_text(json.dumps({"pipeline_version": "0.1", "name": "chain3", "steps": steps}))
+    store = tmp_path / "store"
+    ctx = context(folder / "pipeline.json", store, docker_client, run_id)
+    try:
+        result: dict[str, Any] = {}
+        t = run_up(ctx, result)
+        mid_ahead = poll("mid's container created ahead", lambda: containers(docker_client, run_id, "mid"))
+        release(store, run_id)
+        t.join(120)
+        assert result["up"].status == "succeeded", result["up"].failure
+        t = threading.Thread(target=lambda: result.update(mid=execute_step(ctx, "mid", {"up": result["up"]})), daemon=True)
+        t.start()
+        down_ahead = poll("down's container created ahead while mid runs", lambda: containers(docker_client, run_id, "down"), deadline=30)
+        out = poll("mid's output folder", lambda: list((store / "runs" / run_id / "steps" / "mid" / "attempts").glob("*/.tmp-outputs-*")))
+        (out[0] / "go").write_text("")
+        t.join(120)
+        assert result["mid"].status == "succeeded", result["mid"].failure
+        assert result["mid"].container_id == mid_ahead[0]
+        down = execute_step(ctx, "down", {"mid": result["mid"]})
+        assert down.status == "succeeded", down.failure
+        assert down.container_id == down_ahead[0], "down must start the container created for it while mid ran"
+    finally:
+        ctx.cancel.set()
+        ctx.close()

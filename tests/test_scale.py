@@ -16,10 +16,10 @@ class CountingStore(LocalStore):
         super().__init__(root)
         self.written: dict[str, int] = {}
 
-    def write_json(self, rel, obj) -> None:
+    def write_json(self, rel, obj, *, durable=True) -> None:
         name = rel.rsplit("/", 1)[-1]
         self.written[name] = self.written.get(name, 0) + len(json.dumps(obj))
-        super().write_json(rel, obj)
+        super().write_json(rel, obj, durable=durable)
 
 
 def test_the_lineage_of_a_1000_step_run_is_written_in_batches_not_on_every_change(tmp_path):

@@ -281,7 +281,7 @@ class StoreCache:
         rel = keys_rel(self.run_id, record.id)
         body = {"key": record.cache_key, "use_cache": use, "image": record.image, "document": document}
         try:  # one bounded try: a store that stalls must not hold the step (the document is a courtesy)
-            retrying(lambda: self.store.write_json(rel, body), f"keeping the cache key document {rel}", attempts=1)
+            retrying(lambda: self.store.write_json(rel, body, durable=False), f"keeping the cache key document {rel}", attempts=1)
         except Exception as exc:
             log.warning("step %s: could not keep its cache key document: %s", record.id, exc)
 

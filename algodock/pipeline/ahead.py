@@ -169,6 +169,7 @@ class CreatedAhead:
         self._reserved: dict[str, Reservation] = {}
         self._queue: deque[Reservation] = deque()
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # set when there is something to create (or the run ended)
         self._closed = False
         self._dependents: dict[str, list[str]] = {}
         self._known = -1
@@ -222,6 +223,7 @@ class CreatedAhead:
             self._closed = True
             left = list(self._reserved.values())
             self._reserved.clear()
+        self._wake.set()
         for reservation in left:
             reservation.discard()
 
@@ -256,9 +258,11 @@ class CreatedAhead:
             reservation = Reservation(dependent, 1, attempt_id, step_paths(self.ctx, dependent, attempt_id))
             self._reserved[dependent] = reservation
             self._queue.append(reservation)
-        if self._queue and (self._thread is None or not self._thread.is_alive()):
-            self._thread = threading.Thread(target=self._work, name="algodock-create-ahead", daemon=True)
-            self._thread.start()
+        if self._queue:
+            self._wake.set()  # a thread waiting beside the containers it holds creates this one now
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="algodock-create-ahead", daemon=True)
+                self._thread.start()
 
     def _typed_hand_off(self, step_id: str) -> bool:
         """A slot of ``step_id``, or an upstream output it reads, declares a schema: the hand-off
@@ -285,15 +289,17 @@ class CreatedAhead:
 
     def _work(self) -> None:
         while True:
+            self._wake.clear()  # before looking at the queue: a reservation queued after the look sets it again
             with self._lock:
                 reservation = self._queue.popleft() if self._queue else None
-                holding = bool(self._reserved)
+                if reservation is None and not self._reserved:
+                    self._thread = None  # nothing to create or watch: the next reservation starts a new thread
+                    return
             if reservation is not None:
                 self._create(reservation)
                 continue
-            if not holding:
-                return  # nothing to create or watch: a later event starts a new thread
-            if self.ctx.cancel.wait(CANCEL_CHECK_SECONDS):
+            self._wake.wait(CANCEL_CHECK_SECONDS)  # woken by a reservation to create; looks at the cancel event meanwhile
+            if self.ctx.cancel.is_set():
                 self.close()
                 return
 

@@ -41,8 +41,11 @@ class Store(ABC):
         return None
 
     @abstractmethod
-    def write_json(self, rel: str, obj: Any) -> None:
-        """Write a JSON record atomically: readers see the old record or the new one, never half."""
+    def write_json(self, rel: str, obj: Any, *, durable: bool = True) -> None:
+        """Write a JSON record atomically: readers see the old record or the new one, never half.
+
+        ``durable=False``: a courtesy record (a step's cache key document) that need not survive
+        a crash of this host, so a local store does not wait for the disk (an fsync, 2 ms of a step)."""
 
     @abstractmethod
     def read_json(self, rel: str) -> Any | None:

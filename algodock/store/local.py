@@ -44,15 +44,16 @@ class LocalStore(Store):
     def uri(self, *parts: str) -> str:
         return str(self.local_path(*parts))
 
-    def write_json(self, rel: str, obj: Any) -> None:
+    def write_json(self, rel: str, obj: Any, *, durable: bool = True) -> None:
         dest = self.local_path(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_beside(dest)
         try:
             with open(tmp, "w") as fh:
                 json.dump(obj, fh, indent=2, default=str)
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ class S3Store(Store):
     def uri(self, *parts: str) -> str:
         return f"s3://{self._key(*parts)}"
 
-    def write_json(self, rel: str, obj: Any) -> None:
+    def write_json(self, rel: str, obj: Any, *, durable: bool = True) -> None:
         """One PUT, abandoned after :func:`op_timeout` (an ``InfrastructureError``): callers that
         must not give up at once wrap it in :func:`retrying`; none waits for ever."""
         body = json.dumps(obj, indent=2, default=str).encode()
