@@ -52,10 +52,10 @@ def _count_lineage_bytes() -> None:
     for cls in (backends.LocalStore, backends.S3Store):
         original = cls.write_json
 
-        def counted(self, rel, obj, _original=original):  # type: ignore[no-untyped-def]
+        def counted(self, rel, obj, _original=original, **kwargs):  # type: ignore[no-untyped-def]
             name = rel.rsplit("/", 1)[-1]
             WRITTEN[name] = WRITTEN.get(name, 0) + len(json.dumps(obj).encode())
-            return _original(self, rel, obj)
+            return _original(self, rel, obj, **kwargs)
 
         cls.write_json = counted  # type: ignore[method-assign]
 

@@ -148,7 +148,8 @@ def test_a_created_ahead_container_is_the_one_that_starts_and_is_sandboxed_as_on
     assert what_started == created_at_start
     assert what_started["HostConfig.NetworkMode"] == "none" and what_started["HostConfig.CapDrop"] == ["ALL"]
     assert "MODE=copy" in what_started["Config.Env"] and what_started["Config.Labels"][f"{LABEL}.step_id"] == "down"
-    assert not exists(docker_client, ahead), "removed after the step, as any container"
+    ctx.close()  # the run ends: it waits for the removals of its steps' exited containers
+    assert not exists(docker_client, ahead), "removed by the end of the run, as any container"
     assert (store / "runs" / run_id).is_dir() and not list((store / ".work").glob(f"{run_id}/*"))
 
 

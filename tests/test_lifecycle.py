@@ -28,7 +28,7 @@ def _box(client: Any, image: str, tmp_path: Path, script: str) -> tuple[StepCont
     })
     run_id = f"phases-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(parents=True)
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     prepare_work_dir(work, m, {}, {})
     box = StepContainer(client, m, resolve_image(client, image), labels=container_labels(run_id, "s", 1), step_id="s", work=work, output_dir=out)
@@ -64,3 +64,49 @@ def test_the_phases_in_order_record_the_exit_and_a_failure_kind(docker_client, b
     assert result.exit_code == 3 and result.log_tail == ["bye"]
     box.remove(result)
     assert _state(docker_client, run_id) == []
+
+
+def test_remove_hands_an_exited_container_to_later_and_removes_one_that_never_ran_at_once(docker_client, busybox_image, tmp_path) -> None:
+    """A run's removal thread (``later``) takes only a container that has exited; one that was
+    never started (or may still run) is removed before ``remove`` returns."""
+    handed: list[Any] = []
+    box, result, run_id = _box(docker_client, busybox_image, tmp_path / "a", "exit 0")
+    box.prepare()
+    box.create()
+    box.remove(result, later=handed.append)
+    assert handed == [] and _state(docker_client, run_id) == [], "never started: removed at once"
+
+    box, result, run_id = _box(docker_client, busybox_image, tmp_path / "b", "exit 0")
+    box.prepare()
+    box.create()
+    box.stage()
+    box.start(result)
+    box.wait(result)
+    box.check_exit(result)
+    box.remove(result, later=handed.append)
+    assert len(handed) == 1 and _state(docker_client, run_id) == ["exited"], "exited: its removal waits for later"
+    handed[0]()
+    assert _state(docker_client, run_id) == []
+
+
+def test_a_run_waits_for_the_removals_it_was_handed_when_it_closes(tmp_path) -> None:
+    """``RunContext.remove_later`` returns at once; ``close`` returns only once every removal ran;
+    after it a removal runs in the caller (nothing is left waiting for a closed run)."""
+    import threading
+
+    from algodock.pipeline.capacity import Capacity, ResourcePool
+    from algodock.pipeline.execute import RunContext
+
+    ctx = RunContext(pipeline=None, store=None, run_id="r", client=None, pool=ResourcePool(Capacity(1000, 1)), scratch=tmp_path)  # type: ignore[arg-type]
+    gate, done = threading.Event(), []
+    ctx.remove_later(lambda: (gate.wait(30), done.append("slow")))
+    assert done == [], "handed to the run's removal thread, not run by the step"
+    closing = threading.Thread(target=ctx.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive(), "close must wait for the removal"
+    gate.set()
+    closing.join(30)
+    assert done == ["slow"]
+    ctx.remove_later(lambda: done.append("after"))
+    assert done == ["slow", "after"]

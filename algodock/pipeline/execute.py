@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -120,6 +121,8 @@ class RunContext:
     _image_locks: dict[tuple[str, str, tuple[str, ...]], threading.Lock] = field(default_factory=dict)
     _ahead: CreatedAhead | None = None
     _ahead_lock: threading.Lock = field(default_factory=threading.Lock)  # not _lock: that one is held while an external input downloads
+    _removals: ThreadPoolExecutor | None = None
+    _closed: bool = False
 
     def ahead(self) -> CreatedAhead | None:
         """The run's containers created ahead (None where the rule of :meth:`CreatedAhead.enabled` says no)."""
@@ -128,12 +131,27 @@ class RunContext:
                 self._ahead = CreatedAhead(self)
             return self._ahead
 
+    def remove_later(self, removal: Callable[[], None]) -> None:
+        """Remove a step's exited container off the step's path, in the run's removal thread (the
+        next step starts meanwhile); :meth:`close` waits for every removal, so none outlives the
+        run (nor this process: the thread is joined at exit; a killed process leaves them to the sweep)."""
+        with self._ahead_lock:
+            if not self._closed:
+                if self._removals is None:
+                    self._removals = ThreadPoolExecutor(1, thread_name_prefix="algodock-remove")
+                self._removals.submit(removal)
+                return
+        removal()  # the run has ended: nothing is left waiting for it
+
     def close(self) -> None:
-        """The run ended: remove whatever was created ahead and not used."""
+        """The run ended: remove whatever was created ahead and not used; wait for the removals of exited containers."""
         with self._ahead_lock:
             ahead, self.create_ahead = self._ahead, False
+            removals, self._closed = self._removals, True
         if ahead is not None:
             ahead.close()
+        if removals is not None:
+            removals.shutdown(wait=True)
 
     def _image_key(self, ref: str, policy: str | None, step_id: str | None) -> tuple[str, str, tuple[str, ...]]:
         own = self.step_credentials.get(step_id or "", ())
@@ -349,6 +367,7 @@ def _execute(
             on_exit=release,
             flow_run_id=ctx.flow_run_id,
             ahead=reservation.take() if reservation is not None else None,
+            remove_later=ctx.remove_later,
         )
     except Cancelled as exc:
         raise InfrastructureError(f"the run was cancelled before step {step_id!r} started") from exc

@@ -254,8 +254,13 @@ class StepContainer:
         check_outputs(self.manifest, outputs)  # invalid_output: the files stay for the post-mortem
         result.outputs = [record_schema(o) for o in outputs]
 
-    def remove(self, result: StepRecord) -> None:
-        """Whatever happened: stop sampling and watching, remove every container and volume made; never raises (the engine may be gone)."""
+    def remove(self, result: StepRecord, *, later: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Whatever happened: stop sampling and watching, remove every container and volume made; never raises (the engine may be gone).
+
+        ``later`` takes the removal instead (see :func:`~algodock.runtime.runner.run_step`) only
+        when the container has exited and nothing of it is read any more (bind staging): one that
+        may still run, or whose volumes hold what is read back, is removed now.
+        """
         if self.watcher is not None:  # the start failed before the wait could stop it
             self.watcher.stop()
         if self.sampler is not None and result.usage is None:  # the wait itself failed: stop sampling anyway
@@ -263,7 +268,10 @@ class StepContainer:
                 result.usage = self.sampler.stop()
             except Exception as exc:  # accounting must never turn a step into a traceback
                 log.warning("could not stop the usage sampler: %s", exc)
-        self._remove_made()
+        if later is not None and self.status is not None and self.workspace is None:
+            later(self._remove_made)
+        else:
+            self._remove_made()
         if self.pump is not None:
             self.pump.join(5)
 

@@ -84,6 +84,7 @@ def run_step(
     pull_policy: str | None = None,
     registry_credentials: Iterable[RegistryAuth] = (),
     ahead: StepContainer | None = None,
+    remove_later: Callable[[Callable[[], None]], None] | None = None,
 ) -> StepRecord:
     """Run ``manifest``'s container on ``inputs`` with ``parameters``; outputs land in ``output_dir``.
 
@@ -106,6 +107,9 @@ def run_step(
     ``ahead``: a container created ahead for this attempt (:mod:`algodock.pipeline.ahead`), now
     owned by this call: used when it is exactly the container this call would create, else
     removed; either way it never outlives the step.
+    ``remove_later``: takes the removal of the container once it has exited (a run's removal
+    thread, which the run waits for at its end), so the step does not wait for it; a container
+    that may still run is removed before this returns, as is every container without it.
     """
     cp = manifest.container_parameters
     step_id = step_id or manifest.name
@@ -171,7 +175,7 @@ def run_step(
         if ahead is not None:  # the step ended before its container was made
             ahead.discard()
         if box is not None:
-            box.remove(result)
+            box.remove(result, later=remove_later)
         if work is not None and work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
         result.finished_at = result.finished_at or _now()
