@@ -353,3 +353,22 @@ def test_retrying_bounds_a_stalled_operation_and_backs_off() -> None:
         retrying(always_fails, "uploading y", attempts=3, timeout=1, backoff=0.01)
     with pytest.raises(FileExistsError):  # a refused overwrite is an answer, not a fault: never retried
         retrying(lambda: (_ for _ in ()).throw(FileExistsError("x")), "z", attempts=3, timeout=1, backoff=0.01)
+
+
+@pytest.mark.parametrize("obj", [
+    {"run_id": "r", "steps": [{"id": "a", "outputs": [{"uri": "file:///x", "sha256": "0" * 64}]}, {"id": "b", "when": "2026-12-03"}], "empty": [], "meta": {"k": [1, 2]}},
+    {}, [1, {"a": None}], {1: "a key that is not a string"}, "text",
+])
+def test_a_store_record_is_the_json_it_always_was_one_field_and_one_list_item_a_line(tmp_path, obj) -> None:
+    """``encode_json`` (the C encoder, not ``indent=2``'s pure-Python one) reads back as the same
+    JSON; a lineage document is one step a line, so it stays readable without a formatter."""
+    from algodock.store.base import encode_json
+
+    data = encode_json(obj)
+    assert json.loads(data) == json.loads(json.dumps(obj, default=str))
+    store = LocalStore(tmp_path / "store")
+    store.write_json("runs/r/doc.json", obj)
+    assert store.read_json("runs/r/doc.json") == json.loads(data)
+    if isinstance(obj, dict) and "steps" in obj:
+        lines = data.decode().splitlines()
+        assert [json.loads(line.rstrip(","))["id"] for line in lines if line.startswith("    {")] == ["a", "b"], lines

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from algodock.store.base import Store, StoredFile
+from algodock.store.base import Store, StoredFile, encode_json
 from algodock.store.layout import _LOCK, DEFAULT_STORE, _hidden, _tmp_beside
 from algodock.store.transfer import _link_or_copy_file, _remove, _replace
 
@@ -49,8 +49,8 @@ class LocalStore(Store):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_beside(dest)
         try:
-            with open(tmp, "w") as fh:
-                json.dump(obj, fh, indent=2, default=str)
+            with open(tmp, "wb") as fh:
+                fh.write(encode_json(obj))
                 if durable:
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -79,7 +79,7 @@ class LocalStore(Store):
     def create_json(self, rel: str, obj: Any) -> str:
         dest = self.local_path(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(obj, indent=2, default=str).encode()
+        data = encode_json(obj)
         tmp = _tmp_beside(dest)
         try:
             with open(tmp, "wb") as fh:
@@ -101,7 +101,7 @@ class LocalStore(Store):
     def replace_json(self, rel: str, obj: Any, version: str) -> str:
         dest = self.local_path(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(obj, indent=2, default=str).encode()
+        data = encode_json(obj)
         # Compare-and-swap under an exclusive lock of a file beside the record (released by the
         # kernel if this process dies); create_json needs no lock, it only writes where nothing is.
         with open(dest.with_name(f"{_LOCK}{dest.name}"), "a") as lock:

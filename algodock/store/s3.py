@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from algodock.errors import InfrastructureError, InvalidInput
 from algodock.hashing import folder_digest, list_files
-from algodock.store.base import Store, StoredFile
+from algodock.store.base import Store, StoredFile, encode_json
 from algodock.store.layout import MARKER_SUFFIX, _hidden, _s3_path
 from algodock.store.transfer import Fetched, _bounded, _download, _etag, _infra, _put_all_hashed, fetch_input, op_timeout, s3_filesystem
 
@@ -51,7 +51,7 @@ class S3Store(Store):
     def write_json(self, rel: str, obj: Any, *, durable: bool = True) -> None:
         """One PUT, abandoned after :func:`op_timeout` (an ``InfrastructureError``): callers that
         must not give up at once wrap it in :func:`retrying`; none waits for ever."""
-        body = json.dumps(obj, indent=2, default=str).encode()
+        body = encode_json(obj)
 
         def put() -> None:
             with _infra(f"cannot write {self.uri(rel)}"):
@@ -93,7 +93,7 @@ class S3Store(Store):
 
     def create_json(self, rel: str, obj: Any) -> str:
         with _infra(f"cannot write {self.uri(rel)}"):
-            out = self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode(), mode="create")  # If-None-Match: *
+            out = self.fs.pipe_file(self._key(rel), encode_json(obj), mode="create")  # If-None-Match: *
         return _etag(out)
 
     def read_json_versioned(self, rel: str) -> tuple[Any | None, str | None]:
@@ -110,7 +110,7 @@ class S3Store(Store):
     def replace_json(self, rel: str, obj: Any, version: str) -> str:
         try:
             with _infra(f"cannot write {self.uri(rel)}"):
-                out = self.fs.pipe_file(self._key(rel), json.dumps(obj, indent=2, default=str).encode(), IfMatch=version)
+                out = self.fs.pipe_file(self._key(rel), encode_json(obj), IfMatch=version)
         except InfrastructureError as exc:
             cause = exc.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EINVAL or "PreconditionFailed" in str(exc) or "412" in str(exc):
@@ -169,7 +169,7 @@ class S3Store(Store):
                 "committed_at": datetime.now(timezone.utc).isoformat(),
             }
             try:
-                self.fs.pipe_file(marker, json.dumps(record, indent=2).encode(), mode="create")  # If-None-Match: *
+                self.fs.pipe_file(marker, encode_json(record), mode="create")  # If-None-Match: *
             except FileExistsError:
                 # An earlier try of this same upload may have committed before its answer was lost.
                 if not self._same_commit(marker, src, rels, files):
