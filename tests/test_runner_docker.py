@@ -1074,6 +1074,7 @@ def test_one_client_reuses_its_connections_across_steps_but_never_an_attach_stre
             assert run.lines == ["hello"]
             assert_gone(client, run.result)
         shared = client.api.adapters["http+docker://"].pools.get(SHARED_POOL)
-        assert shared.num_requests >= 24 * 7 and shared.num_connections <= 24, (shared.num_requests, shared.num_connections)
+        # each step asks create, attach, start, wait, inspect and remove through the shared pool
+        assert shared.num_requests >= 24 * 6 and shared.num_connections <= 24, (shared.num_requests, shared.num_connections)
     finally:
         client.close()
