@@ -727,3 +727,40 @@ def test_a_walk_that_waited_for_a_core_does_not_stretch_the_output_watchers_rest
     written = (folder / "big").stat().st_size // limits.MIB
     assert watcher.failure is not None, f"never stopped; {written} MiB written"
     assert written < 40, f"stopped only after {written} MiB (limit 20 MiB): the watcher rested as if each walk had cost 50 ms of CPU"
+
+
+def test_the_output_watcher_waits_for_the_first_entry_without_walking_then_walks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's output folder starts empty and nothing is written below it before an entry
+    appears in it: the watcher waits for that entry (inotify), without a walk, where it walked
+    every 10 ms; then it walks and stops a writer past the limit as before. stop() wakes a
+    watcher still waiting at once. Without inotify the walks start at once."""
+    import threading
+    import time
+
+    from algodock.errors import DiskLimitFailure
+    from algodock.runtime import limits
+    from tests.waiting import poll
+
+    folder = tmp_path / "output"
+    folder.mkdir()
+    stopped = threading.Event()
+    watcher = limits.OutputWatcher(folder, limits.OutputLimits.of(1, 100), kill=stopped.set).start()
+    watcher._thread.join(0.3)  # long enough for 30 walks at 10 ms
+    assert watcher._thread.is_alive() and watcher.walks == 0, f"{watcher.walks} walks of an empty folder"
+    (folder / "big").write_bytes(b"\0" * (2 * limits.MIB))
+    poll("the watcher to stop the writer past 1 MiB", stopped.is_set, deadline=30)
+    watcher.stop()
+    assert watcher.walks >= 1 and isinstance(watcher.failure, DiskLimitFailure)
+
+    (tmp_path / "empty").mkdir()
+    idle = limits.OutputWatcher(tmp_path / "empty", limits.OutputLimits.of(1, 100), kill=lambda: None).start()
+    began = time.monotonic()
+    idle.stop()
+    assert not idle._thread.is_alive() and time.monotonic() - began < limits.MAX_INTERVAL, "stop() must wake a watcher waiting for its first entry"
+    assert idle.walks == 0
+
+    monkeypatch.setattr(limits, "_watch_entries", lambda folder: None)  # no inotify here
+    (tmp_path / "plain").mkdir()
+    plain = limits.OutputWatcher(tmp_path / "plain", limits.OutputLimits.of(1, 100), kill=lambda: None).start()
+    poll("walks of an empty folder without inotify", lambda: plain.walks >= 2, deadline=30)
+    plain.stop()
