@@ -63,9 +63,9 @@ MIN_INTERVAL = 0.01
 MAX_INTERVAL = 2.0
 RATIO = 40.0
 FAST_INTERVAL = 0.002
-_IN_MOVED_TO, _IN_CREATE = 0x80, 0x100
-_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, 0o2000000
 """The shortest rest, taken only while the output grows towards a limit."""
+_IN_MOVED_TO, _IN_CREATE = 0x80, 0x100  # inotify(7): an entry moved into, or created in, the watched folder
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, 0o2000000
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,12 @@ class OutputWatcher:
         """Set when the watcher stopped the container."""
         self.walks = 0
         self._pace = [0.0, 0.0]  # the fastest growth seen, bytes and entries a second
-        self._wake_r, self._wake_w = os.pipe()  # stop() wakes a watcher waiting for the first entry
+        self._wake_r = self._wake_w = -1  # a pipe from start() on: stop() wakes a watcher waiting for the first entry
         self._thread = threading.Thread(target=self._run, name="algodock-output-limit", daemon=True)
 
     def start(self) -> OutputWatcher:
         """Start walking; may be called before the container starts (its cgroup is looked up later)."""
+        self._wake_r, self._wake_w = os.pipe()
         self._thread.start()
         return self
 
@@ -167,7 +168,7 @@ class OutputWatcher:
         self._stop.set()
         try:
             os.write(self._wake_w, b"x")
-        except OSError:  # stopped before
+        except OSError:  # stopped before, or never started
             pass
         self._thread.join(MAX_INTERVAL + 5)
         if self._resolver is not None:

@@ -14,8 +14,7 @@ from typing import Any, NamedTuple
 from algodock.contract.manifest import safe_relative
 from algodock.store.transfer import Fetched, fetch_input
 
-__all__ = ["Store", "StoredFile"]
-
+__all__ = ["Store", "StoredFile", "encode_json"]
 
 
 def encode_json(obj: Any) -> bytes:
