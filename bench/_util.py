@@ -251,6 +251,25 @@ def prefect_server() -> Iterator[str]:
         log.close()
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid() -> int:
+    """The Prefect server this process started (its child running `prefect server start`)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == os.getpid() and b"server" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except (OSError, ValueError):
+                continue
+    raise SystemExit("bench: cannot find the Prefect server's process")
+
+
 class FlowRun(NamedTuple):
     """One timed run of the pipeline flow."""
 

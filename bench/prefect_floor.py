@@ -9,7 +9,7 @@ started as a user starts it (``prefect server start`` on 127.0.0.1), in two shap
 
 For each shape, the marginal per task of ``--large`` tasks over ``--small`` (which cancels the
 flow run's own costs): the wall, the CPU of this process (the flow's, Prefect's client) and the
-CPU of the server's processes (it records each task run's three states, sent as events). The
+CPU of the server's process (it records each task run's three states, sent as events). The
 Prefect layer of algodock is imported first, so a flow run ends when its body does
 (``algodock/flows/heartbeats.py``), not at the next whole second.
 
@@ -25,43 +25,19 @@ from __future__ import annotations
 import _util  # noqa: F401  (environment and sys.path first)
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
-from _util import exit_status, prefect_server, print_table
-
-
-def _server_cpu() -> float:
-    """User + system CPU seconds of the Prefect server's processes (``prefect server start`` and its children), from ``/proc``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs: dict[int, tuple[int, float, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmdline)
-    server = {pid for pid, (_, _, cmdline) in procs.items() if "prefect server start" in cmdline}
-    grew = True
-    while grew:  # and their children, to any depth
-        more = {pid for pid, (ppid, _, _) in procs.items() if ppid in server} - server
-        server |= more
-        grew = bool(more)
-    return sum(procs[pid][1] for pid in server)
+from _util import exit_status, prefect_server, print_table, process_cpu, server_pid
 
 
-def _settled_server_cpu() -> float:
+def _settled_server_cpu(server: int) -> float:
     """The server's CPU once it stopped working (no change over 0.5 s): the events of the run
     just ended are recorded after the flow returns, and must count for that run."""
-    before = _server_cpu()
+    before = process_cpu(server)
     while True:
         time.sleep(0.5)  # polling the server's CPU until it stops moving, not synchronising on time
-        now = _server_cpu()
+        now = process_cpu(server)
         if now - before < 0.005:
             return now
         before = now
@@ -95,16 +71,17 @@ def main() -> int:
             for future in [noop.submit(i) for i in range(n)]:
                 future.result()
 
+        server = server_pid()  # `prefect server start` is one process: its CPU is the server's
         chain(2)  # warm-up: the flows are registered, imports settle
         fan_out(2)
         rows = []
         for name, shape in (("chain", chain), ("fan-out", fan_out)):
             seen: dict[int, list[tuple[float, float, float]]] = {}
             for n in (args.small, args.large, args.small, args.large):
-                server, cpu, t0 = _settled_server_cpu(), time.process_time(), time.perf_counter()
+                busy, cpu, t0 = _settled_server_cpu(server), time.process_time(), time.perf_counter()
                 shape(n)
                 wall = time.perf_counter() - t0
-                seen.setdefault(n, []).append((wall, time.process_time() - cpu, _settled_server_cpu() - server))
+                seen.setdefault(n, []).append((wall, time.process_time() - cpu, _settled_server_cpu(server) - busy))
             per = [
                 statistics.median(b[k] for b in seen[args.large]) - statistics.median(a[k] for a in seen[args.small])
                 for k in range(3)

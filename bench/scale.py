@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _util import busybox_image, exit_status, fmt_s, prefect_server, print_table, raw_argvs, run_flow, scratch_dir, step_times, verdict, write_manifest
+from _util import busybox_image, exit_status, fmt_s, prefect_server, print_table, process_cpu, raw_argvs, run_flow, scratch_dir, server_pid, step_times, verdict, write_manifest
 
 from algodock.runtime.engine import docker_client
 
@@ -64,25 +64,6 @@ def _machine_cpu() -> float:
     """CPU seconds the whole machine has been busy (``/proc/stat``: all but idle and iowait)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _server_pid() -> int:
-    """The Prefect server this process started (its child running `prefect server start`)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == os.getpid() and b"server" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except (OSError, ValueError):
-                continue
-    raise SystemExit("bench: cannot find the Prefect server's process")
 
 
 def _rss_mb() -> float:
@@ -125,11 +106,11 @@ class Cpu(NamedTuple):
 
 def _measured(fn, server: int) -> tuple[Any, Cpu]:  # type: ignore[no-untyped-def]
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    m0, s0 = _machine_cpu(), _process_cpu(server)
+    m0, s0 = _machine_cpu(), process_cpu(server)
     value = fn()
     me2, kids2 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     ours = (me2.ru_utime + me2.ru_stime - me.ru_utime - me.ru_stime) + (kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime)
-    return value, Cpu(_machine_cpu() - m0, ours, _process_cpu(server) - s0)
+    return value, Cpu(_machine_cpu() - m0, ours, process_cpu(server) - s0)
 
 
 def _spec(manifest: Path, n: int) -> dict:
@@ -165,7 +146,7 @@ def main() -> int:
         # both orders (raw, flow, flow, raw, ...) so a drift of the machine's speed cancels out.
         fan: list[tuple[float, float]] = []
         cpu: dict[str, list[Cpu]] = {"flow": [], "raw": []}
-        server = _server_pid()
+        server = server_pid()
 
         def raw_run(pair: int) -> float:
             wall, used = _measured(lambda: _raw(root, manifest, image_id, args.fanout, args.slots, f"raw{pair}"), server)
