@@ -42,6 +42,7 @@ read back after the exit (see :func:`algodock.runtime.runner.run_step`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import select
@@ -279,20 +280,21 @@ class OutputWatcher:
             self._stop.wait(rest)
 
 
-_libc: list[ctypes.CDLL | None] = []
+@functools.cache
+def _inotify_libc() -> ctypes.CDLL | None:
+    """The C library, where it has inotify (Linux); None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1  # not Linux: no such symbol
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _watch_entries(folder: Path) -> int | None:
     """An inotify descriptor told of every entry created in or moved into ``folder`` (not below
     it); None where the kernel offers none (not Linux, the instance limit reached)."""
-    if not _libc:
-        try:
-            libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-            libc.inotify_init1  # type: ignore[union-attr]  # not Linux: no such symbol
-        except (OSError, AttributeError):
-            libc = None
-        _libc.append(libc)
-    libc = _libc[0]
+    libc = _inotify_libc()
     if libc is None:
         return None
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)

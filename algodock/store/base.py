@@ -37,6 +37,7 @@ def encode_json(obj: Any) -> bytes:
             fields.append(f"  {name}: {json.dumps(value, default=str)}")
     return ("{\n" + ",\n".join(fields) + "\n}\n" if fields else "{}\n").encode()
 
+
 class StoredFile(NamedTuple):
     """One file of a store, as a listing sees it."""
 
