@@ -9,16 +9,18 @@ ENGINE2=${ENGINE2:-e2}
 
 say() { echo "cluster-down: $*" >&2; }
 
-stop_pid() {
+source scripts/pids.sh
+
+stop_pid() {  # only the very process cluster-up.sh started: a recorded pid may name another one now
     local f=$DIR/$1.pid
     [ -f "$f" ] || return 0
-    local pid; pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
+    local pid
+    if pid=$(recorded_pid "$f"); then
         say "stopping $1 (pid $pid)"
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
         local deadline=$(( SECONDS + 30 ))
-        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL -- "-$pid" 2>/dev/null
+        while recorded_pid "$f" >/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+        recorded_pid "$f" >/dev/null && kill -KILL -- "-$pid" 2>/dev/null
     fi
     rm -f "$f"
 }

@@ -37,13 +37,13 @@ wait_for() {  # wait_for WHAT COMMAND...: poll with a deadline
     done
 }
 
-alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
+source scripts/pids.sh
 
-background() {  # background NAME COMMAND...: start once, remember its pid
-    local name=$1; shift
-    if alive "$name"; then say "$name already runs (pid $(cat "$DIR/$name.pid"))"; return; fi
+background() {  # background NAME COMMAND...: start once, remember its pid (and start time)
+    local name=$1 pid; shift
+    if pid=$(recorded_pid "$DIR/$name.pid"); then say "$name already runs (pid $pid)"; return; fi
     setsid nohup "$@" >"$DIR/$name.log" 2>&1 </dev/null &
-    echo $! >"$DIR/$name.pid"
+    record_pid "$DIR/$name.pid" $!
 }
 
 # ---- Postgres

@@ -7,8 +7,10 @@
 #   running engine);
 # - otherwise installs docker.io (Debian) when `dockerd` is missing, removes a stale
 #   /var/run/docker.pid left by a killed dockerd ("pid file found ... Is docker already
-#   running?"), starts dockerd in the background (setsid + nohup, log in
-#   $ALGODOCK_DOCKERD_LOG) and waits up to $ALGODOCK_DOCKERD_WAIT seconds for it;
+#   running?") and a stale pidfile of its containerd (both may name another process after a
+#   machine restart), starts dockerd in the background (setsid + nohup, log in
+#   $ALGODOCK_DOCKERD_LOG) and waits up to $ALGODOCK_DOCKERD_WAIT seconds for it; a second
+#   engine's dockerd (scripts/extra-engine.sh: a pidfile of its own) is not taken for it;
 # - also installs busybox-static (/bin/busybox, used by tests to build tiny FROM scratch
 #   images) and debootstrap (offline base image, see ensure-base-image.sh) when missing.
 #
@@ -18,6 +20,7 @@ set -euo pipefail
 LOG=${ALGODOCK_DOCKERD_LOG:-/var/log/algodock-dockerd.log}
 WAIT=${ALGODOCK_DOCKERD_WAIT:-60}
 PIDFILE=${ALGODOCK_DOCKERD_PIDFILE:-/var/run/docker.pid}
+EXEC_ROOT=${ALGODOCK_DOCKERD_EXEC_ROOT:-/var/run/docker}  # dockerd's default; its containerd's pidfile is below it
 DOCKERD=${ALGODOCK_DOCKERD:-dockerd}
 
 say() { echo "ensure-docker: $*" >&2; }
@@ -78,22 +81,58 @@ if ! command -v docker >/dev/null 2>&1; then
     exit 1
 fi
 
-# A live pid file or process means dockerd is already starting (another script, a
-# previous run): then just wait for it. A pid file whose pid is dead is stale: a killed
-# dockerd leaves it behind and the next one refuses to start ("pid file found").
+# pidfile_of PID: the pidfile the dockerd PID was started with (--pidfile/-p, else dockerd's
+# default), so the main engine's daemon is told from a second engine's (scripts/extra-engine.sh).
+pidfile_of() {
+    local arg next="" file=/var/run/docker.pid
+    while IFS= read -r -d '' arg; do
+        if [ -n "$next" ]; then file=$arg; next=""; continue; fi
+        case $arg in
+            --pidfile|-p) next=1 ;;
+            --pidfile=*) file=${arg#--pidfile=} ;;
+        esac
+    done <"/proc/$1/cmdline"
+    echo "$file"
+}
+# main_daemon PID: PID is a live (not zombie) dockerd that writes $PIDFILE. After a machine
+# restart, the pid a killed dockerd's pidfile names may belong to any other process.
+main_daemon() {
+    case $1 in ''|*[!0-9]*) return 1 ;; esac
+    [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$(basename "$DOCKERD")" ] \
+        && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] \
+        && [ "$(pidfile_of "$1" 2>/dev/null)" = "$PIDFILE" ]
+}
+
+# A live main daemon (named by the pidfile, or one starting that has not written it yet) means
+# dockerd is already starting (another script, a previous run): then just wait for it. A pidfile
+# naming anything else is stale: a killed dockerd leaves it behind, and the next one refuses to
+# start over it ("pid file found"). So is the pidfile of the daemon's own containerd: dockerd
+# takes a live pid in it for its containerd and gives up waiting for it to answer.
 oldpid=""
 if [ -f "$PIDFILE" ]; then
     oldpid=$(tr -dc '0-9' <"$PIDFILE" || true)
-    if [ -z "$oldpid" ] || ! kill -0 "$oldpid" 2>/dev/null \
-        || [ "$(cat "/proc/$oldpid/comm" 2>/dev/null)" != "$(basename "$DOCKERD")" ]; then
-        say "removing stale $PIDFILE (pid '${oldpid}' is not a live $(basename "$DOCKERD"))"
+    if ! main_daemon "$oldpid"; then
+        say "removing stale $PIDFILE (pid '${oldpid}' is not a live $(basename "$DOCKERD") of this pidfile)"
         as_root rm -f "$PIDFILE"
         oldpid=""
     fi
 fi
-if [ -n "$oldpid" ] || pgrep -x "$(basename "$DOCKERD")" >/dev/null 2>&1; then
-    say "dockerd is running but does not answer yet; waiting up to ${WAIT}s"
+if [ -z "$oldpid" ]; then
+    for pid in $(pgrep -x "$(basename "$DOCKERD")" 2>/dev/null || true); do
+        if main_daemon "$pid"; then oldpid=$pid; break; fi
+    done
+fi
+if [ -n "$oldpid" ]; then
+    say "dockerd (pid $oldpid) is running but does not answer yet; waiting up to ${WAIT}s"
 else
+    cpidfile=$EXEC_ROOT/containerd/containerd.pid
+    if [ -f "$cpidfile" ]; then
+        cpid=$(tr -dc '0-9' <"$cpidfile" || true)
+        if [ -z "$cpid" ] || ! tr '\0' ' ' <"/proc/$cpid/cmdline" 2>/dev/null | grep -qF -- "$EXEC_ROOT/containerd/containerd.toml"; then
+            say "removing stale $cpidfile (pid '${cpid}' is not this engine's containerd)"
+            as_root rm -f "$cpidfile"
+        fi
+    fi
     as_root mkdir -p "$(dirname "$LOG")"
     say "starting $DOCKERD (log: $LOG)"
     # setsid + nohup: the daemon must outlive this shell, make, and CI's process group.

@@ -34,10 +34,21 @@ pidfile=$exec_root/docker.pid
 bridge=adk-$name
 net=${ALGODOCK_ENGINE_NET:-$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 250 + 2 ))}
 
-# Running, and not a zombie: a killed daemon whose parent is gone may never be reaped here, and
-# dockerd refuses to start while the pid in its pidfile still has a /proc entry.
-running() { [[ -r /proc/$1/stat ]] && [[ $(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1) != Z ]]; }
-alive() { [[ -f $pidfile ]] && running "$(cat "$pidfile")"; }
+cpidfile=$exec_root/containerd/containerd.pid
+
+# runs PID TEXT: PID runs, is not a zombie, and its command line holds TEXT. Not a zombie: a
+# killed daemon whose parent is gone may never be reaped here, and dockerd refuses to start while
+# the pid in its pidfile has a live /proc entry. Holds TEXT: after a machine restart the pid a
+# crashed engine's pidfile names may belong to another process, which must be neither waited for
+# nor signalled (dockerd takes a live pid in containerd.pid for its containerd and times out).
+runs() {
+  [[ $1 =~ ^[0-9]+$ && -r /proc/$1/stat ]] && [[ $(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1) != Z ]] \
+    && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
+}
+daemon_pid() { cat "$pidfile" 2>/dev/null || true; }
+containerd_pid() { cat "$cpidfile" 2>/dev/null || true; }
+alive() { runs "$(daemon_pid)" "$pidfile"; }  # this engine's dockerd: started with --pidfile $pidfile
+containerd_alive() { runs "$(containerd_pid)" "$exec_root/containerd/containerd.toml"; }
 answers() { DOCKER_HOST=unix://$sock docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
 start() {
@@ -50,9 +61,8 @@ start() {
   else
     if [[ -f $pidfile ]] && ! alive; then rm -f "$pidfile"; fi  # stale: dockerd refuses to start over it
     # The managed containerd dies with a killed dockerd (parent-death signal); a pidfile naming
-    # its dead (or zombie) pid makes the next dockerd wait for it until it gives up.
-    cpid=$exec_root/containerd/containerd.pid
-    if [[ -f $cpid ]] && ! running "$(cat "$cpid")"; then rm -f "$cpid"; fi
+    # a pid that is not it makes the next dockerd wait for it until it gives up.
+    if [[ -f $cpidfile ]] && ! containerd_alive; then rm -f "$cpidfile"; fi
     if ! ip link show "$bridge" >/dev/null 2>&1; then
       ip link add "$bridge" type bridge
       ip addr add "172.30.$net.1/24" dev "$bridge"
@@ -96,10 +106,10 @@ start() {
 stop() {
   if [[ ${1:-} == --kill ]]; then
     if alive; then
-      pid=$(cat "$pidfile")
+      pid=$(daemon_pid)
       kill -KILL "$pid"
       deadline=$(( $(date +%s) + 30 ))
-      while running "$pid"; do
+      while runs "$pid" "$pidfile"; do
         (( $(date +%s) <= deadline )) || die "dockerd $pid for $name did not die"
         sleep 0.05
       done
@@ -108,20 +118,17 @@ stop() {
     return 0
   fi
   if alive; then
-    pid=$(cat "$pidfile")
+    pid=$(daemon_pid)
     kill -TERM "$pid"
     deadline=$(( $(date +%s) + 40 ))
-    while running "$pid"; do
+    while runs "$pid" "$pidfile"; do
       if (( $(date +%s) > deadline )); then kill -KILL "$pid" 2>/dev/null || true; break; fi
       sleep 0.2
     done
   fi
   rm -f "$pidfile"
   # A managed containerd outlives a killed dockerd: stop it with its engine.
-  cpid=$exec_root/containerd/containerd.pid
-  if [[ -f $cpid ]] && running "$(cat "$cpid")"; then
-    kill -TERM "$(cat "$cpid")" 2>/dev/null || true
-  fi
+  if containerd_alive; then kill -TERM "$(containerd_pid)" 2>/dev/null || true; fi
   if ip link show "$bridge" >/dev/null 2>&1; then ip link del "$bridge"; fi
   # dockerd mounts its data-root on itself, and a crashed engine leaves container layers and
   # network namespaces mounted: unmount what is left under this engine's folders, deepest first.

@@ -141,3 +141,30 @@ def test_the_script_refuses_a_bad_name_and_prints_its_env() -> None:
     bad = subprocess.run(["bash", str(SCRIPT), "start", "Bad_Name"], capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "NAME must be" in bad.stderr
     assert _engine("env", "abc").strip() == "DOCKER_HOST=unix:///run/algodock-engines/abc/docker.sock"
+
+
+def test_a_crashed_engine_comes_back_over_pidfiles_whose_pids_now_name_another_process(extra_engine: str) -> None:
+    """A machine restart hands pids out again: the pidfiles a crashed engine left (its daemon's, its
+    containerd's) may name a live process that is not that engine's. ``start`` brings the engine back
+    anyway, and neither ``start`` nor ``stop`` signals that process."""
+    other = subprocess.Popen(["sleep", "600"])
+    run = Path("/run/algodock-engines") / NAME
+    try:
+        for pidfiles in (["containerd/containerd.pid"], ["docker.pid"]):
+            _engine("stop", NAME, "--kill")
+            _until("the engine is down", lambda: not _answers(extra_engine), 30)
+            for name in pidfiles:
+                (run / name).write_text(str(other.pid))  # as the daemons write them: no newline
+            _engine("start", NAME)
+            assert _answers(extra_engine), pidfiles
+            assert other.poll() is None, f"start signalled pid {other.pid}, named by {pidfiles}"
+        _engine("stop", NAME, "--kill")
+        for name in ("docker.pid", "containerd/containerd.pid"):
+            (run / name).write_text(str(other.pid))  # as the daemons write them: no newline
+        _engine("stop", NAME)
+        assert other.poll() is None, f"stop signalled pid {other.pid}, named by both pidfiles"
+        _engine("start", NAME)
+        assert _answers(extra_engine)
+    finally:
+        other.kill()
+        other.wait(10)
