@@ -27,7 +27,7 @@ stop_pid() {  # only the very process cluster-up.sh started: a recorded pid may 
 
 for name in "worker-main" "worker-$ENGINE2" scheduler prefect s3; do stop_pid "$name"; done
 PGBIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -n1)" 2>/dev/null || true)
-if [ -n "$PGBIN" ] && [ -f "$DIR/pg/postmaster.pid" ]; then
+if [ -n "$PGBIN" ] && postgres_runs "$DIR/pg"; then
     say "stopping Postgres"
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >&2 || true
 fi

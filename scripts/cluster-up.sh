@@ -55,7 +55,7 @@ if [ ! -f "$PGDATA/PG_VERSION" ]; then
     chmod 700 "$PGDATA"
     runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA" -U prefect -A trust >"$DIR/initdb.log" 2>&1 || die "initdb failed (see $DIR/initdb.log)"
 fi
-if ! runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
+if ! postgres_runs "$PGDATA"; then
     rm -f "$PGDATA/postmaster.pid"
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$PGDATA/server.log" -w -t "$WAIT" \
         -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$PGDATA -c max_connections=200" start >&2

@@ -11,3 +11,12 @@ recorded_pid() {  # recorded_pid FILE: print the pid FILE records, if that very 
     [ -f "$1" ] && read -r pid at <"$1" || true
     [ -n "$pid" ] && [ -n "$at" ] && [ "$(started_at "$pid")" = "$at" ] && echo "$pid"
 }
+
+# postgres_runs DATA: the postmaster.pid in DATA names a live postgres. `pg_ctl status` and `pg_ctl
+# stop` take any live pid there for the server: after a restart, stop would signal another process.
+postgres_runs() {
+    local pid
+    pid=$(head -n1 "$1/postmaster.pid" 2>/dev/null) || return 1
+    case $pid in ''|*[!0-9]*) return 1 ;; esac
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ]
+}

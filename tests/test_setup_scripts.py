@@ -10,6 +10,7 @@ cluster-down`` signals. (``scripts/extra-engine.sh``: ``tests/test_engine_restar
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -126,3 +127,23 @@ def test_a_recorded_pid_counts_only_while_that_very_process_runs(tmp_path: Path,
     server.wait(10)
     record.write_text(f"{pid} {started}\n")
     assert _pids(f'recorded_pid "{record}"') == ""
+
+
+def test_postgres_counts_as_running_only_when_its_pidfile_names_a_postgres(tmp_path: Path, processes: list[int]) -> None:
+    """``make cluster`` starts its Postgres unless it runs, and ``make cluster-down`` stops it only
+    then: ``pg_ctl`` alone takes any live pid in postmaster.pid for the server."""
+    data = tmp_path / "pg"
+    data.mkdir()
+    shutil.copy("/bin/sleep", tmp_path / "postgres")  # a process named postgres
+    server = subprocess.Popen([str(tmp_path / "postgres"), "600"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    processes.extend([server.pid, other.pid])
+
+    def runs() -> bool:
+        return _pids(f'postgres_runs "{data}" && echo yes') == "yes"
+
+    assert not runs()  # no postmaster.pid
+    (data / "postmaster.pid").write_text(f"{other.pid}\n{data}\n")
+    assert not runs()
+    (data / "postmaster.pid").write_text(f"{server.pid}\n{data}\n")
+    assert runs()
