@@ -21,6 +21,20 @@ REPO = Path(__file__).resolve().parents[1]
 BUSYBOX_IMAGE = "algodock-test/busybox:1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    from tests import loopback
+
+    loopback.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import loopback
+
+    if loopback.refused:
+        print("\nBinds off loopback, refused (tests listen on 127.0.0.1 only):\n  " + "\n  ".join(loopback.refused))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def _need_engine(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but {reason}; the Docker tests must run in CI (`make engine`)", pytrace=False)

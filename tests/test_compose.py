@@ -335,7 +335,10 @@ def test_a_flow_under_the_dask_task_runner(tmp_path, prefect_harness, example_im
     from algodock.flows import algodock_run, algorithm
 
     scale = algorithm(_manifests(tmp_path)["scale"])
-    runner = DaskTaskRunner(cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": 2, "resources": {"cpu_millicore": 1000, "memory_gb": 2}})
+    # In process, the cluster's only sockets are its scheduler's and its worker's HTTP servers: on
+    # loopback (by default 0.0.0.0:8787 and 0.0.0.0 on a free port).
+    runner = DaskTaskRunner(cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": 2, "dashboard_address": "127.0.0.1:0",
+                                            "worker_dashboard_address": "127.0.0.1:0", "resources": {"cpu_millicore": 1000, "memory_gb": 2}})
 
     @flow(task_runner=runner)
     def on_dask():
@@ -490,7 +493,8 @@ def test_a_flow_on_a_dask_cluster_of_worker_processes_records_its_steps(tmp_path
 
     scale = algorithm(_manifests(tmp_path)["scale"])
     runner = DaskTaskRunner(cluster_kwargs={"processes": True, "n_workers": 1, "threads_per_worker": 2, "host": "127.0.0.1",
-                                            "dashboard_address": None, "resources": {"cpu_millicore": 1000, "memory_gb": 2}})
+                                            "dashboard_address": "127.0.0.1:0",  # None still serves HTTP, on 8787
+                                            "resources": {"cpu_millicore": 1000, "memory_gb": 2}})
     store = tmp_path / "store"
 
     @flow(task_runner=runner)
