@@ -31,6 +31,7 @@ from algodock.hashing import list_files, sha256_file
 from algodock.records import InputBinding, StepRecord
 from algodock.runtime.runner import run_step
 from tests.conftest import build_image, unmet
+from tests.loopback import bind_outside_loopback
 
 pytestmark = pytest.mark.docker
 
@@ -167,10 +168,13 @@ SCRATCH_MB = 8
 
 
 class Listener:
-    """A TCP server on every host address, counting connections (none may come from the sandbox)."""
+    """A TCP server on the host's address on the Docker bridge (``gateway``), counting connections
+    (none may come from the sandbox; the control with a network reaches it there)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("0.0.0.0", 0))
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        bind_outside_loopback(self.sock, (host, 0), why="the network probe's target: what a container with a network would reach")
+        self.sock.listen()
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -194,19 +198,19 @@ class Listener:
 
 
 @pytest.fixture(scope="module")
-def listener() -> Iterator[Listener]:
-    server = Listener()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def gateway(docker_client: Any, busybox_image: str) -> str:
     """The host's address as a container on the default bridge network sees it."""
     route = docker_client.containers.run(busybox_image, ["sh", "-c", "ip route | awk '/^default/ {print $3}'"], network_mode="bridge", remove=True)
     address = route.decode().strip()
     assert address, "no default route on the bridge network"
     return address
+
+
+@pytest.fixture(scope="module")
+def listener(gateway: str) -> Iterator[Listener]:
+    server = Listener(gateway)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
