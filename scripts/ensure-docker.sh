@@ -23,6 +23,8 @@ PIDFILE=${ALGODOCK_DOCKERD_PIDFILE:-/var/run/docker.pid}
 EXEC_ROOT=${ALGODOCK_DOCKERD_EXEC_ROOT:-/var/run/docker}  # dockerd's default; its containerd's pidfile is below it
 DOCKERD=${ALGODOCK_DOCKERD:-dockerd}
 
+source "$(dirname "$0")/pids.sh"  # pid_runs: is a pidfile's pid still that daemon
+
 say() { echo "ensure-docker: $*" >&2; }
 
 engine_answers() {
@@ -97,9 +99,8 @@ pidfile_of() {
 # main_daemon PID: PID is a live (not zombie) dockerd that writes $PIDFILE. After a machine
 # restart, the pid a killed dockerd's pidfile names may belong to any other process.
 main_daemon() {
-    case $1 in ''|*[!0-9]*) return 1 ;; esac
-    [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$(basename "$DOCKERD")" ] \
-        && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] \
+    pid_runs "$1" \
+        && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$(basename "$DOCKERD")" ] \
         && [ "$(pidfile_of "$1" 2>/dev/null)" = "$PIDFILE" ]
 }
 
@@ -128,7 +129,7 @@ else
     cpidfile=$EXEC_ROOT/containerd/containerd.pid
     if [ -f "$cpidfile" ]; then
         cpid=$(tr -dc '0-9' <"$cpidfile" || true)
-        if [ -z "$cpid" ] || ! tr '\0' ' ' <"/proc/$cpid/cmdline" 2>/dev/null | grep -qF -- "$EXEC_ROOT/containerd/containerd.toml"; then
+        if ! pid_runs "$cpid" "$EXEC_ROOT/containerd/containerd.toml"; then
             say "removing stale $cpidfile (pid '${cpid}' is not this engine's containerd)"
             as_root rm -f "$cpidfile"
         fi

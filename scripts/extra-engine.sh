@@ -36,19 +36,13 @@ net=${ALGODOCK_ENGINE_NET:-$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 
 
 cpidfile=$exec_root/containerd/containerd.pid
 
-# runs PID TEXT: PID runs, is not a zombie, and its command line holds TEXT. Not a zombie: a
-# killed daemon whose parent is gone may never be reaped here, and dockerd refuses to start while
-# the pid in its pidfile has a live /proc entry. Holds TEXT: after a machine restart the pid a
-# crashed engine's pidfile names may belong to another process, which must be neither waited for
-# nor signalled (dockerd takes a live pid in containerd.pid for its containerd and times out).
-runs() {
-  [[ $1 =~ ^[0-9]+$ && -r /proc/$1/stat ]] && [[ $(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1) != Z ]] \
-    && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
-}
+# The pidfiles a crashed engine left may name other processes now (pid_runs: scripts/pids.sh);
+# dockerd takes a live pid in containerd.pid for its containerd and times out waiting for it.
+source "$(dirname "$0")/pids.sh"
 daemon_pid() { cat "$pidfile" 2>/dev/null || true; }
 containerd_pid() { cat "$cpidfile" 2>/dev/null || true; }
-alive() { runs "$(daemon_pid)" "$pidfile"; }  # this engine's dockerd: started with --pidfile $pidfile
-containerd_alive() { runs "$(containerd_pid)" "$exec_root/containerd/containerd.toml"; }
+alive() { pid_runs "$(daemon_pid)" "$pidfile"; }  # this engine's dockerd: started with --pidfile $pidfile
+containerd_alive() { pid_runs "$(containerd_pid)" "$exec_root/containerd/containerd.toml"; }
 answers() { DOCKER_HOST=unix://$sock docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
 start() {
@@ -109,7 +103,7 @@ stop() {
       pid=$(daemon_pid)
       kill -KILL "$pid"
       deadline=$(( $(date +%s) + 30 ))
-      while runs "$pid" "$pidfile"; do
+      while pid_runs "$pid" "$pidfile"; do
         (( $(date +%s) <= deadline )) || die "dockerd $pid for $name did not die"
         sleep 0.05
       done
@@ -121,7 +115,7 @@ stop() {
     pid=$(daemon_pid)
     kill -TERM "$pid"
     deadline=$(( $(date +%s) + 40 ))
-    while runs "$pid" "$pidfile"; do
+    while pid_runs "$pid" "$pidfile"; do
       if (( $(date +%s) > deadline )); then kill -KILL "$pid" 2>/dev/null || true; break; fi
       sleep 0.2
     done

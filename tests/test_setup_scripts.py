@@ -4,11 +4,12 @@
 during the tests, so the script is pointed at a socket nothing listens on and at a stand-in
 ``dockerd`` (a shell script of that name, which records its pid and sleeps); no real daemon is
 started or signalled. ``scripts/pids.sh``: the pids ``make cluster`` records and ``make
-cluster-down`` signals. (``scripts/extra-engine.sh``: ``tests/test_engine_restart.py``.)
+cluster-down`` signals, and ``pid_runs`` the other scripts use. (``scripts/extra-engine.sh``: ``tests/test_engine_restart.py``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,11 +40,9 @@ def processes() -> Iterator[list[int]]:
     pids: list[int] = []
     yield pids
     for pid in pids:
-        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-            try:
-                kill()
-            except (ProcessLookupError, PermissionError):
-                pass
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
 
 
 def _ensure(tmp_path: Path, daemon: Path) -> subprocess.CompletedProcess[str]:
