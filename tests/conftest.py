@@ -18,6 +18,7 @@ from tests.s3server import bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 BUSYBOX_IMAGE = "algodock-test/busybox:1"
+RECORDER_FLUSH_SECONDS = 1  # how often the session's Prefect server records task runs (see prefect_harness)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -122,10 +123,21 @@ def registry(docker_client, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """One Prefect test server for the whole session (it takes seconds to start)."""
+    """One Prefect test server for the whole session (it takes seconds to start).
+
+    The server records task runs and their states from the events the task engine sends, so
+    they may trail a flow run's end (seen once in CI, under load). Here its recorder writes them
+    once a second instead of as each arrives: a test that reads task runs without waiting for
+    them (:func:`tests.waiting.settled_task_runs`) fails every time, not once in many runs."""
+    from prefect.settings import (
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL,
+        temporary_settings,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    recorder_lags = {PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 100_000, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL: RECORDER_FLUSH_SECONDS}
+    with temporary_settings(updates=recorder_lags), prefect_test_harness(server_startup_timeout=120):
         yield
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, write_manifest
+from tests.waiting import settled_task_runs
 from tests.test_flow import PY_IMAGE, _manifests, example_image  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect]
@@ -26,16 +27,6 @@ EXAMPLES = REPO / "examples"
 
 def _numbers(n: int = 100, start: int = 1) -> pa.Table:
     return pa.table({"x": list(range(start, start + n))})
-
-
-def _task_runs(flow_run_id: str) -> dict[str, object]:
-    """The flow run's task runs by name."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
 
 
 def _upstream_ids(task_run: object) -> set[str]:
@@ -84,7 +75,7 @@ def test_a_mixed_flow_hands_tables_in_and_out_and_the_graph_has_the_edges(tmp_pa
     by = {s["id"]: s for s in lineage["steps"]}
     assert set(by) == {"scale", "square", "merge"} and all(s["status"] == "succeeded" for s in by.values())
     assert {i["name"]: i["produced_by"] for i in by["merge"]["inputs"]} == {"a": "scale", "b": "square"}
-    runs = _task_runs(flow_run_id)
+    runs = settled_task_runs(flow_run_id, 5)
     [numbers_run] = [r for name, r in runs.items() if name.startswith("make_numbers")]
     [table_in] = by["scale"]["inputs"]
     assert table_in["produced_by_task_run"] == str(numbers_run.id)
@@ -118,7 +109,7 @@ def test_a_second_run_is_cached_naming_the_run_reused(tmp_path, prefect_harness,
     assert first.status == "succeeded" and second.status == "cached"
     assert second.outputs["scaled"].sha256 == first.outputs["scaled"].sha256
     assert second.read("scaled").column("x").to_pylist() == [3 * x for x in range(1, 101)]
-    state = _task_runs(flow_run_id)["scale"].state
+    state = settled_task_runs(flow_run_id, 1)["scale"].state
     assert state.name == "Cached" and state.is_completed() and "c1" in state.message
     step = _lineage(store, "c2")["steps"][0]
     assert step["status"] == "cached" and step["cached_from"] == "c1" and step["usage"] is None
@@ -153,7 +144,7 @@ def test_a_failure_raises_algorithm_failed_and_its_dependent_is_not_ready(tmp_pa
     assert by["scale"]["status"] == "failed" and by["scale"]["failure"]["kind"] == "exit_code"
     assert by["scale"]["attempts"] == 1  # exit_code is not retried without retries=
     assert by["merge"]["status"] == "skipped" and by["merge"]["started_at"] is None  # no container
-    runs = _task_runs(flow_run_id)
+    runs = settled_task_runs(flow_run_id, 3)
     assert runs["scale"].state.is_failed()
     assert runs["merge"].state.name == "NotReady"  # named by its step id, as a pipeline's step is
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, write_manifest
+from tests.waiting import settled_task_runs
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect]
 
@@ -310,16 +311,6 @@ def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, pre
         run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="gcl2", concurrency_limit="nope")
 
 
-def _task_runs(flow_run_id: str) -> dict:
-    """The flow run's task runs by name, read back through Prefect's client."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
-
-
 def _upstream_ids(task_run) -> set[str]:
     return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
 
@@ -332,7 +323,7 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
     store = tmp_path / "store"
     state = run_pipeline(spec=str(spec), store=str(store), run_id="graph1", return_state=True)
     assert state.is_completed(), state.message
-    runs = _task_runs(str(state.state_details.flow_run_id))
+    runs = settled_task_runs(state.state_details.flow_run_id, 3)
     assert set(runs) == {"double", "square", "merge"}
     assert _upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
     assert _upstream_ids(runs["double"]) == set() and _upstream_ids(runs["square"]) == set()
@@ -340,7 +331,7 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
 
     state = run_pipeline(spec=str(spec), store=str(store), run_id="graph2", return_state=True)
     assert state.is_completed(), state.message
-    runs = _task_runs(str(state.state_details.flow_run_id))
+    runs = settled_task_runs(state.state_details.flow_run_id, 3)
     for name, run in runs.items():
         assert run.state.is_completed() and run.state.name == "Cached", (name, run.state)
         assert "run graph1" in run.state.message, run.state.message
@@ -355,7 +346,7 @@ def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, 
     spec = _spec(tmp_path, str(_numbers(tmp_path / "numbers")), factor=-1)
     state = run_pipeline(spec=str(spec), store=str(tmp_path / "store"), run_id="skip1", no_cache=True, return_state=True)
     assert state.is_failed()
-    runs = _task_runs(str(state.state_details.flow_run_id))
+    runs = settled_task_runs(state.state_details.flow_run_id, 3)
     assert runs["double"].state.is_failed() and runs["square"].state.is_completed()
     merge = runs["merge"]
     assert merge.state.name == "NotReady" and str(runs["double"].id) in merge.state.message

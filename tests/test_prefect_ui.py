@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import write_manifest
 from tests.prefect_server import start_deployment, deploy_pipeline, wait_for
+from tests.waiting import settled_task_runs
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server, pytest.mark.browser]
 
@@ -43,18 +44,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
         b.close()
-
-
-def _latest_task_runs(flow_run_id) -> dict:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    latest: dict = {}
-    for r in sorted(runs, key=lambda r: r.created):
-        latest[r.name] = r
-    return latest
 
 
 def _upstream(task_run) -> set[str]:
@@ -89,7 +78,7 @@ def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, 
     with get_client(sync_client=True) as client:
         first = wait_for(lambda: (s := client.read_flow_run(flow_run.id).state) and s.is_final() and s, timeout=240, what="the first attempt to end")
     assert first.is_failed(), first
-    runs = _latest_task_runs(flow_run.id)
+    runs = settled_task_runs(flow_run.id, 3)
     assert runs["make"].state.is_completed() and runs["check"].state.is_failed() and runs["last"].state.name == "NotReady"
     first_make_id = str(runs["make"].id)
 
@@ -123,7 +112,7 @@ def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, 
     by = {s["id"]: s for s in json.loads((run_dir / "lineage.json").read_text())["steps"]}
     assert (by["make"]["status"], by["check"]["status"], by["last"]["status"]) == ("succeeded",) * 3
     assert by["make"]["task_run_id"] == first_make_id  # kept from the first attempt: no container ran
-    runs = _latest_task_runs(flow_run.id)
+    runs = settled_task_runs(flow_run.id, 3, created_after=first.timestamp)  # the retry's own task runs
     assert runs["make"].state.name == "Cached" and first_make_id in runs["make"].state.message
     assert runs["check"].state.name == "Completed" and runs["last"].state.name == "Completed"
     assert _upstream(runs["check"]) == {str(runs["make"].id)}

@@ -1,4 +1,5 @@
-"""Waiting on a condition in tests: poll it until it holds, fail naming what was awaited; a run cancelled from the UI, timed."""
+"""Waiting on a condition in tests: poll it until it holds, fail naming what was awaited; a flow run's task runs as the
+server recorded them; a run cancelled from the UI, timed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,36 @@ def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: flo
             return value
         time.sleep(every)  # polling interval, not synchronization: the state decides
     pytest.fail(f"timed out after {deadline:g} s waiting for {what}" + (f"; seen:\n{seen()[-4000:]}" if seen else ""))
+
+
+def settled_task_runs(flow_run_id: Any, count: int, *, created_after: Any = None, deadline: float = 60.0) -> dict[str, Any]:
+    """The flow run's task runs by name (the newest of a name wins), once ``count`` of them (created
+    after ``created_after``, when given) are recorded in the state they ended in.
+
+    The server records task runs and their states from the events the task engine sends, so right
+    after a flow run returns they may trail it: a task run not there yet, or read with no state or
+    Running. A dependent of a failure ends ``NotReady``, a Pending state that is not final."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def ended(run: Any) -> bool:
+        return run.state is not None and (run.state.is_final() or run.state.name == "NotReady")
+
+    def recorded() -> list[Any]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[str(flow_run_id)])))
+        return [r for r in runs if created_after is None or r.created > created_after]
+
+    def settled() -> dict[str, Any] | None:
+        runs = recorded()
+        if len(runs) < count or not all(ended(r) for r in runs):
+            return None
+        return {r.name: r for r in sorted(runs, key=lambda r: r.created)}
+
+    def seen() -> str:
+        return "\n".join(f"{r.name}: {r.state and r.state.name}" for r in recorded())
+
+    return poll(f"{count} task runs of flow run {flow_run_id} to be recorded ended", settled, deadline=deadline, every=0.1, seen=seen)
 
 
 def cancel_from_the_ui(docker_client, run_id: str, store: Path, run: Callable[[], Any]) -> float:
