@@ -402,7 +402,8 @@ def _most_at_once(spans: list) -> int:
 
 def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tmp_path, cluster, busybox_image):
     """Every step is submitted at once: `b` starts after `a` ended (reading its output), and `c`,
-    downstream of the failing `f`, is never sent to a worker (`skipped`, no container)."""
+    downstream of the failing `f`, and `d`, downstream of `c`, are never sent to a worker
+    (`skipped`, no container; ``NotReady`` in Prefect)."""
     from algodock.flows.pipeline import run_pipeline
 
     small = {"resource_request": {"cpu_millicore": 500, "memory_gb": 0.25}}
@@ -418,6 +419,7 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
         'pipeline_version: "0.1"\nname: deps\nsteps:\n'
         "  - {id: a, manifest: a.json}\n  - {id: f, manifest: f.json}\n"
         "  - {id: b, manifest: b.json, inputs: {prev: a.out}}\n  - {id: c, manifest: b.json, inputs: {prev: f.out}}\n"
+        "  - {id: d, manifest: b.json, inputs: {prev: c.out}}\n"
     )
     state = run_pipeline(spec=str(tmp_path / "p.yaml"), store="s3://cluster/deps", run_id="deps1", no_cache=True,
                          cluster=cluster.address, return_state=True)
@@ -426,13 +428,19 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
     assert lineage["a"]["status"] == "succeeded" and lineage["b"]["status"] == "succeeded"
     assert lineage["b"]["started_at"] >= lineage["a"]["finished_at"], "b started before its upstream ended"
     assert lineage["f"]["status"] == "failed" and lineage["f"]["failure"]["kind"] == "exit_code"
-    assert lineage["c"]["status"] == "skipped" and lineage["c"]["started_at"] is None
+    assert all(lineage[s]["status"] == "skipped" and lineage[s]["started_at"] is None for s in "cd")
     # the same algorithm tasks as on one host: the run graph has the edge a -> b, and each task
-    # run records the attempt the worker claimed
+    # run records the attempt the worker claimed; c and d, never sent, end NotReady naming the
+    # step that did not succeed, as a dependent of a failure does on one host (they were missing
+    # from the Prefect UI)
     from tests.test_flow import _upstream_ids
 
-    runs = settled_task_runs(state.state_details.flow_run_id, 3)  # a, f, b: c never became a task run
+    runs = settled_task_runs(state.state_details.flow_run_id, 5)
     assert _upstream_ids(runs["b"]) == {str(runs["a"].id)}
+    assert runs["f"].state.is_failed()
+    for skipped, failed in (("c", "f"), ("d", "c")):
+        assert runs[skipped].state.name == "NotReady" and runs[skipped].start_time is None, runs[skipped].state
+        assert str(runs[failed].id) in runs[skipped].state.message and _upstream_ids(runs[skipped]) == {str(runs[failed].id)}
     assert lineage["b"]["task_run_id"] == str(runs["b"].id) and lineage["b"]["attempt_history"][0]["attempt"] == 1
 
 

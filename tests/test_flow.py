@@ -340,6 +340,24 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
     assert [s["status"] for s in summary["steps"]] == ["cached"] * 3
 
 
+def test_steps_that_share_no_data_have_no_edge_in_the_run_graph(tmp_path, prefect_harness, busybox_image):
+    """Four independent steps, two at a time: a step that starts after another ended has no edge
+    to it. Prefect draws an edge to a task whose result holds an object passed to this one; every
+    step's result holds the run's id, passed to every step (edges seen here, and once in CI)."""
+    from algodock.flows.pipeline import run_pipeline
+
+    write_manifest(tmp_path / "s.json", name="s", image=busybox_image, container={"resource_request": {"cpu_millicore": 500, "memory_gb": 0.1}},
+                   command=["sh", "-c", "mkdir -p /work/output/out; echo x > /work/output/out/x.txt"],
+                   outputs=[{"name": "out", "format": "binary", "multiple": True}])
+    (tmp_path / "p.yaml").write_text('pipeline_version: "0.1"\nname: apart\nsteps:\n' + "".join(f"  - {{id: s{i}, manifest: s.json}}\n" for i in range(4)))
+    state = run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="apart1", no_cache=True,
+                         capacity="cpu_millicore=1000,memory_gb=4", return_state=True)
+    assert state.is_completed(), state.message
+    runs = settled_task_runs(state.state_details.flow_run_id, 4)
+    edges = {name: {key: [str(i.id) for i in inputs] for key, inputs in run.task_inputs.items() if inputs} for name, run in runs.items()}
+    assert edges == {f"s{i}": {} for i in range(4)}
+
+
 def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, example_image):
     from algodock.flows.pipeline import run_pipeline
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -29,7 +30,8 @@ import uuid
 from typing import Any
 
 from algodock.errors import InfrastructureError
-from algodock.pipeline.placement import Dispatcher, QueuedStep, step_resources
+from algodock.flows.calls import unwrap
+from algodock.pipeline.placement import Dispatcher, QueuedStep, UpstreamNotDone, step_resources
 
 log = logging.getLogger("algodock.cluster")
 
@@ -174,7 +176,7 @@ class ClusterFuture:
     def __init__(self, task: Any, parameters: dict[str, Any], upstream: list[ClusterFuture], resources: dict[str, float]) -> None:
         self.task, self.parameters, self.upstream = task, parameters, upstream
         self.task_run_id = uuid.uuid4()
-        self.step = QueuedStep(parameters["step_id"], resources, [u.step for u in upstream])
+        self.step = QueuedStep(unwrap(parameters["step_id"]), resources, [u.step for u in upstream])
         self.wrapped_future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._dask: Any = None
         self._error: BaseException | None = None
@@ -210,6 +212,9 @@ class ClusterSession:
         self.returned: dict[str, float] = {}
         self._futures: dict[str, ClusterFuture] = {}
         self.dispatcher: Dispatcher | None = None
+        self._not_ready: concurrent.futures.ThreadPoolExecutor | None = None
+        """Records the task runs of the steps never sent (one thread: a skipped step before its dependents)."""
+        self._flow_context: contextvars.Context | None = None
 
     def __enter__(self) -> ClusterSession:
         try:
@@ -227,6 +232,8 @@ class ClusterSession:
         plugin is removed from the workers, the connection closed (again: nothing more)."""
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        if self._not_ready is not None:
+            self._not_ready.shutdown(wait=True)
         try:
             if self.run_id:
                 with contextlib.suppress(Exception):
@@ -263,6 +270,8 @@ class ClusterSession:
 
         self.run_id = run_id
         self.client.register_plugin(RunPlugin(run_id, prefect_context=serialize_context()), name=plugin_name(run_id))
+        self._flow_context = contextvars.copy_context()
+        self._not_ready = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="algodock-cluster-not-ready")
         self.dispatcher = Dispatcher(self.client, self._send, self._skip)
         self.dispatcher.start()
 
@@ -285,7 +294,23 @@ class ClusterSession:
         return future
 
     def _skip(self, step: QueuedStep, error: BaseException) -> None:
-        self._futures[step.step_id]._ended(error)
+        """``step`` will never be sent. When a step it waits for did not succeed, its task run
+        is recorded first (``NotReady``, see :func:`record_not_ready`), off the dispatcher's thread."""
+        future = self._futures[step.step_id]
+        if not (isinstance(error, UpstreamNotDone) and error.upstream and self._not_ready and self._flow_context):
+            future._ended(error)
+            return
+        failed, context = self._futures[error.upstream], self._flow_context
+
+        def record() -> None:
+            try:
+                context.copy().run(record_not_ready, future, failed)
+            except Exception as exc:  # the step is skipped all the same; only its task run is missing
+                log.warning("step %s: could not record its NotReady task run: %s", step.step_id, exc)
+            finally:
+                future._ended(error)
+
+        self._not_ready.submit(record)
 
     def _send(self, step: QueuedStep, worker: str) -> None:
         """Submit ``step``'s task to Dask, preferring ``worker``, its upstream futures replaced by their results.
@@ -303,7 +328,7 @@ class ClusterSession:
         future = self._futures[step.step_id]
         # resolved and unquoted: Dask rebuilds a quote() (a namedtuple) as a plain tuple on the worker
         inputs = visit_collection(future.parameters["inputs"], lambda v: v.result() if isinstance(v, ClusterFuture) else v, return_data=True, remove_annotations=True)
-        parameters = {**future.parameters, "inputs": inputs}
+        parameters = {**{key: unwrap(value) for key, value in future.parameters.items()}, "inputs": inputs}  # the graph's edges are the dependencies below
         dependencies = {"inputs": [TaskRunResult(id=u.task_run_id) for u in future.upstream]} if future.upstream else {}  # the graph's edges (a key of the parameters, as Prefect requires)
         assets = AssetContext.from_task_and_inputs(task=future.task, task_run_id=future.task_run_id, task_inputs=dependencies, copy_to_child_ctx=True).serialize()
         step.key = f"{step.step_id}-{future.task_run_id}"
@@ -328,6 +353,20 @@ class ClusterSession:
         if self.dispatcher is not None:
             self.dispatcher.stop()
         return _broadcast(self.client, cancel_run_here, self.run_id)
+
+
+def record_not_ready(future: ClusterFuture, failed: ClusterFuture) -> None:
+    """The task run of ``future``'s step, never sent because ``failed``'s step did not succeed:
+    Prefect's own engine, on the flow's side, ends it ``NotReady`` naming that task run, with the
+    run graph's edges, as it does for a dependent of a failure on one host (its body never runs)."""
+    from prefect.client.schemas.objects import StateDetails, TaskRunResult
+    from prefect.states import Failed
+    from prefect.task_engine import run_task_sync
+
+    not_done = Failed(state_details=StateDetails(task_run_id=failed.task_run_id))
+    dependencies = {"inputs": [TaskRunResult(id=u.task_run_id) for u in future.upstream]}
+    run_task_sync(future.task, task_run_id=future.task_run_id, parameters=future.parameters, wait_for=[not_done],
+                  return_type="state", dependencies=dependencies)
 
 
 def _params(fn: Any) -> set[str]:

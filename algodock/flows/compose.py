@@ -141,9 +141,9 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
             wait_for = [*(wait_for or []), *upstream]
         with _dask_resources(self.algorithm.manifest):
             if run.runner is not None and not kwargs:
-                future = run.runner.submit(task, parameters=call, wait_for=wait_for)
+                future = run.runner.submit(task, parameters=_tracked_by_inputs(call), wait_for=wait_for)
             else:
-                future = Task.submit(task, **call, wait_for=wait_for, **kwargs)
+                future = Task.submit(task, **_tracked_by_inputs(call), wait_for=wait_for, **kwargs)
         run.track(call["step_id"], future)
         return future
 
@@ -180,13 +180,28 @@ class AlgorithmTask(MaterializingTask):  # type: ignore[type-arg]
         run = _run_for_call()
         if run is not None:
             call = self._call(run, inputs, parameters, step_id)
-            return Task.__call__(self._for_step(run, call), **call, **kwargs)
+            return Task.__call__(self._for_step(run, call), **_tracked_by_inputs(call), **kwargs)
         one = open_run(None, None, None, True, None, None, self.algorithm.name)  # outside any flow: a one-step run
         try:
             call = self._call(one, inputs, parameters, step_id)
-            return Task.__call__(self._for_step(one, call), **call, **kwargs)
+            return Task.__call__(self._for_step(one, call), **_tracked_by_inputs(call), **kwargs)
         finally:
             one.close()
+
+
+UNTRACKED = ("parameters", "step_id", "run_id", "ticket")
+"""An algorithm call's arguments that carry no data from other tasks (see :func:`_tracked_by_inputs`)."""
+
+
+def _tracked_by_inputs(call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` as the task's arguments, all but its inputs quoted: Prefect draws an edge in the
+    run graph to any task whose result holds an object passed to another task (by identity), and
+    every step's result holds the run's id, which every step is passed. Unquoted, a step would
+    depend on whichever step ended last before it started. The task's body gets them unquoted.
+    Not under a ``DaskTaskRunner``: Dask rebuilds a quote (a namedtuple) as a plain tuple."""
+    if _under_dask():
+        return call
+    return {**call, **{key: quote(call[key]) for key in UNTRACKED}}
 
 
 def _futures_in(inputs: Any) -> list[Any]:

@@ -102,6 +102,11 @@ class Placement:
 class UpstreamNotDone(Exception):
     """A step was never sent: a step it depends on did not succeed (its record says ``skipped``)."""
 
+    def __init__(self, message: str, upstream: str | None = None) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        """The step it depends on that did not succeed; None when the run ended before it was placed."""
+
 
 class QueuedStep:
     """A step held by the :class:`Dispatcher`: its resources, the steps it waits for, and
@@ -206,7 +211,7 @@ class Dispatcher:
                 failed = step.failed_upstream()
                 if failed is not None:  # its dependents may now be decided too
                     self._queue.remove(step)
-                    self._fail(step, UpstreamNotDone(f"step {step.step_id} did not run: step {failed} did not succeed"))
+                    self._fail(step, UpstreamNotDone(f"step {step.step_id} did not run: step {failed} did not succeed", upstream=failed))
                     self._look = True
                     continue
                 where = self.placement.place(step.step_id, step.resources)
