@@ -100,10 +100,16 @@ def run_up(ctx: Any, result: dict[str, Any]) -> threading.Thread:
 
 
 def ahead_of_down(client: Any, run_id: str) -> str:
-    """The id of ``down``'s container, created while ``up`` is held."""
-    found = poll("down's container created ahead", lambda: containers(client, run_id, "down"))
-    assert len(found) == 1, f"one container created ahead, found {found}"
-    return found[0]
+    """The id of ``down``'s container, created while ``up`` is held, once the engine answers for
+    it: dockerd lists a container a moment before it can inspect it (an inspect then says "No
+    such container", seen under load)."""
+
+    def created() -> str | None:
+        found = containers(client, run_id, "down")
+        assert len(found) <= 1, f"one container created ahead, found {found}"
+        return found[0] if found and exists(client, found[0]) else None
+
+    return poll("down's container created ahead", created)
 
 
 def sandbox(client: Any, container_id: str, paths: tuple[str, str]) -> dict[str, Any]:
