@@ -191,6 +191,13 @@ class ClusterFuture:
             raise self._error
         return self._dask.result(timeout=timeout, raise_on_failure=raise_on_failure)
 
+    def edges(self) -> dict[str, list[Any]]:
+        """Its upstream steps' task runs as Prefect's task inputs: the run graph's edges (under a
+        key of the task's parameters, as Prefect requires)."""
+        from prefect.client.schemas.objects import TaskRunResult
+
+        return {"inputs": [TaskRunResult(id=u.task_run_id) for u in self.upstream]} if self.upstream else {}
+
     def _ended(self, error: BaseException | None = None) -> None:
         self._error = error
         self.wrapped_future.done() or self.wrapped_future.set_result(None)
@@ -212,9 +219,10 @@ class ClusterSession:
         self.returned: dict[str, float] = {}
         self._futures: dict[str, ClusterFuture] = {}
         self.dispatcher: Dispatcher | None = None
-        self._not_ready: concurrent.futures.ThreadPoolExecutor | None = None
-        """Records the task runs of the steps never sent (one thread: a skipped step before its dependents)."""
-        self._flow_context: contextvars.Context | None = None
+        self._not_ready = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="algodock-cluster-not-ready")
+        """Records the task runs of the steps never sent (one thread, started at the first: a skipped step before its dependents)."""
+        self._flow_context = contextvars.copy_context()
+        """The flow run's context (the session is opened inside it), where those task runs are recorded."""
 
     def __enter__(self) -> ClusterSession:
         try:
@@ -232,8 +240,7 @@ class ClusterSession:
         plugin is removed from the workers, the connection closed (again: nothing more)."""
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        if self._not_ready is not None:
-            self._not_ready.shutdown(wait=True)
+        self._not_ready.shutdown(wait=True)
         try:
             if self.run_id:
                 with contextlib.suppress(Exception):
@@ -270,8 +277,6 @@ class ClusterSession:
 
         self.run_id = run_id
         self.client.register_plugin(RunPlugin(run_id, prefect_context=serialize_context()), name=plugin_name(run_id))
-        self._flow_context = contextvars.copy_context()
-        self._not_ready = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="algodock-cluster-not-ready")
         self.dispatcher = Dispatcher(self.client, self._send, self._skip)
         self.dispatcher.start()
 
@@ -297,7 +302,7 @@ class ClusterSession:
         """``step`` will never be sent. When a step it waits for did not succeed, its task run
         is recorded first (``NotReady``, see :func:`record_not_ready`), off the dispatcher's thread."""
         future = self._futures[step.step_id]
-        if not (isinstance(error, UpstreamNotDone) and error.upstream and self._not_ready and self._flow_context):
+        if not (isinstance(error, UpstreamNotDone) and error.upstream):
             future._ended(error)
             return
         failed, context = self._futures[error.upstream], self._flow_context
@@ -320,7 +325,6 @@ class ClusterSession:
         under a key of its own (no hashing of the task and its parameters).
         """
         from distributed import Client
-        from prefect.client.schemas.objects import TaskRunResult
         from prefect.context import AssetContext
         from prefect.utilities.collections import visit_collection
         from prefect_dask.task_runners import PrefectDaskFuture
@@ -329,7 +333,7 @@ class ClusterSession:
         # resolved and unquoted: Dask rebuilds a quote() (a namedtuple) as a plain tuple on the worker
         inputs = visit_collection(future.parameters["inputs"], lambda v: v.result() if isinstance(v, ClusterFuture) else v, return_data=True, remove_annotations=True)
         parameters = {**{key: unwrap(value) for key, value in future.parameters.items()}, "inputs": inputs}  # the graph's edges are the dependencies below
-        dependencies = {"inputs": [TaskRunResult(id=u.task_run_id) for u in future.upstream]} if future.upstream else {}  # the graph's edges (a key of the parameters, as Prefect requires)
+        dependencies = future.edges()
         assets = AssetContext.from_task_and_inputs(task=future.task, task_run_id=future.task_run_id, task_inputs=dependencies, copy_to_child_ctx=True).serialize()
         step.key = f"{step.step_id}-{future.task_run_id}"
         wrapped = Client.submit(self.client, run_step_task, self.run_id, future.task, future.task_run_id, parameters, dependencies, assets,
@@ -359,14 +363,13 @@ def record_not_ready(future: ClusterFuture, failed: ClusterFuture) -> None:
     """The task run of ``future``'s step, never sent because ``failed``'s step did not succeed:
     Prefect's own engine, on the flow's side, ends it ``NotReady`` naming that task run, with the
     run graph's edges, as it does for a dependent of a failure on one host (its body never runs)."""
-    from prefect.client.schemas.objects import StateDetails, TaskRunResult
+    from prefect.client.schemas.objects import StateDetails
     from prefect.states import Failed
     from prefect.task_engine import run_task_sync
 
     not_done = Failed(state_details=StateDetails(task_run_id=failed.task_run_id))
-    dependencies = {"inputs": [TaskRunResult(id=u.task_run_id) for u in future.upstream]}
     run_task_sync(future.task, task_run_id=future.task_run_id, parameters=future.parameters, wait_for=[not_done],
-                  return_type="state", dependencies=dependencies)
+                  return_type="state", dependencies=future.edges())
 
 
 def _params(fn: Any) -> set[str]:
