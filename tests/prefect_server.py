@@ -149,12 +149,7 @@ def off_loop(fn):
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds (:func:`tests.waiting.poll`)."""
+    from tests.waiting import poll
+
+    return poll(what, predicate, deadline=timeout, every=interval)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BUSYBOX_IMAGE, REPO, write_manifest
-from tests.waiting import settled_task_runs
+from tests.waiting import settled_task_runs, upstream_ids
 
 pytestmark = [pytest.mark.docker, pytest.mark.s3, pytest.mark.prefect]
 
@@ -433,14 +433,12 @@ def test_a_step_waits_for_its_upstream_and_a_failures_dependent_is_never_sent(tm
     # run records the attempt the worker claimed; c and d, never sent, end NotReady naming the
     # step that did not succeed, as a dependent of a failure does on one host (they were missing
     # from the Prefect UI)
-    from tests.test_flow import _upstream_ids
-
     runs = settled_task_runs(state.state_details.flow_run_id, 5)
-    assert _upstream_ids(runs["b"]) == {str(runs["a"].id)}
+    assert upstream_ids(runs["b"]) == {str(runs["a"].id)}
     assert runs["f"].state.is_failed()
     for skipped, failed in (("c", "f"), ("d", "c")):
         assert runs[skipped].state.name == "NotReady" and runs[skipped].start_time is None, runs[skipped].state
-        assert str(runs[failed].id) in runs[skipped].state.message and _upstream_ids(runs[skipped]) == {str(runs[failed].id)}
+        assert str(runs[failed].id) in runs[skipped].state.message and upstream_ids(runs[skipped]) == {str(runs[failed].id)}
     assert lineage["b"]["task_run_id"] == str(runs["b"].id) and lineage["b"]["attempt_history"][0]["attempt"] == 1
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, write_manifest
-from tests.waiting import settled_task_runs
+from tests.waiting import settled_task_runs, upstream_ids
 from tests.test_flow import PY_IMAGE, _manifests, example_image  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect]
@@ -27,10 +27,6 @@ EXAMPLES = REPO / "examples"
 
 def _numbers(n: int = 100, start: int = 1) -> pa.Table:
     return pa.table({"x": list(range(start, start + n))})
-
-
-def _upstream_ids(task_run: object) -> set[str]:
-    return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}  # type: ignore[attr-defined]
 
 
 def _lineage(store: Path, run_id: str) -> dict:
@@ -83,10 +79,10 @@ def test_a_mixed_flow_hands_tables_in_and_out_and_the_graph_has_the_edges(tmp_pa
     assert json.loads((store / "runs/mix1/run.json").read_text())["status"] == "succeeded"
 
     # The run graph's edges are Prefect's own task_inputs, Python tasks included.
-    assert _upstream_ids(runs["scale"]) == {str(numbers_run.id)}
-    assert _upstream_ids(runs["merge"]) == {str(runs["scale"].id), str(runs["square"].id)}
+    assert upstream_ids(runs["scale"]) == {str(numbers_run.id)}
+    assert upstream_ids(runs["merge"]) == {str(runs["scale"].id), str(runs["square"].id)}
     [total_run] = [r for name, r in runs.items() if name.startswith("total")]
-    assert _upstream_ids(total_run) == {str(runs["merge"].id)}
+    assert upstream_ids(total_run) == {str(runs["merge"].id)}
 
 
 def test_a_second_run_is_cached_naming_the_run_reused(tmp_path, prefect_harness, example_image):

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, write_manifest
-from tests.waiting import settled_task_runs
+from tests.waiting import settled_task_runs, upstream_ids
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect]
 
@@ -315,10 +315,6 @@ def test_a_prefect_global_concurrency_limit_is_shared_by_the_steps(tmp_path, pre
         run_pipeline(spec=str(tmp_path / "p.yaml"), store=str(tmp_path / "store"), run_id="gcl2", concurrency_limit="nope")
 
 
-def _upstream_ids(task_run) -> set[str]:
-    return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
-
-
 def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, prefect_harness, example_image):
     """Prefect's run graph draws the edges from task_inputs; a rerun on the same store is all Cached."""
     from algodock.flows.pipeline import run_pipeline
@@ -329,8 +325,8 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
     assert state.is_completed(), state.message
     runs = settled_task_runs(state.state_details.flow_run_id, 3)
     assert set(runs) == {"double", "square", "merge"}
-    assert _upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
-    assert _upstream_ids(runs["double"]) == set() and _upstream_ids(runs["square"]) == set()
+    assert upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
+    assert upstream_ids(runs["double"]) == set() and upstream_ids(runs["square"]) == set()
     assert all(r.state.name == "Completed" for r in runs.values())
 
     state = run_pipeline(spec=str(spec), store=str(store), run_id="graph2", return_state=True)
@@ -339,7 +335,7 @@ def test_the_run_graph_has_the_dag_edges_and_a_second_run_is_cached(tmp_path, pr
     for name, run in runs.items():
         assert run.state.is_completed() and run.state.name == "Cached", (name, run.state)
         assert "run graph1" in run.state.message, run.state.message
-    assert _upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
+    assert upstream_ids(runs["merge"]) == {str(runs["double"].id), str(runs["square"].id)}
     summary = state.result()
     assert [s["status"] for s in summary["steps"]] == ["cached"] * 3
 
@@ -373,7 +369,7 @@ def test_a_skipped_dependent_is_not_ready_in_prefect(tmp_path, prefect_harness, 
     merge = runs["merge"]
     assert merge.state.name == "NotReady" and str(runs["double"].id) in merge.state.message
     assert merge.start_time is None  # never ran
-    assert _upstream_ids(merge) == {str(runs["double"].id), str(runs["square"].id)}
+    assert upstream_ids(merge) == {str(runs["double"].id), str(runs["square"].id)}
 
 
 def test_max_workers_follows_the_capacity(tmp_path):

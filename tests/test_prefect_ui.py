@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import write_manifest
 from tests.prefect_server import start_deployment, deploy_pipeline, wait_for
-from tests.waiting import settled_task_runs
+from tests.waiting import settled_task_runs, upstream_ids
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server, pytest.mark.browser]
 
@@ -44,10 +44,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
         b.close()
-
-
-def _upstream(task_run) -> set[str]:
-    return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
 
 
 def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, process_worker, docker_client, busybox_image, browser):
@@ -115,5 +111,5 @@ def test_retry_from_the_ui_reruns_only_what_failed(tmp_path, on_prefect_server, 
     runs = settled_task_runs(flow_run.id, 3, created_after=first.timestamp)  # the retry's own task runs
     assert runs["make"].state.name == "Cached" and first_make_id in runs["make"].state.message
     assert runs["check"].state.name == "Completed" and runs["last"].state.name == "Completed"
-    assert _upstream(runs["check"]) == {str(runs["make"].id)}
-    assert _upstream(runs["last"]) == {str(runs["check"].id)}
+    assert upstream_ids(runs["check"]) == {str(runs["make"].id)}
+    assert upstream_ids(runs["last"]) == {str(runs["check"].id)}

@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import write_manifest
 from tests.pg_server import Postgres, PostgresPrefectServer, pg_bin
 from tests.prefect_server import ProcessWorker, off_loop, quiet_env, stop_group, wait_for
+from tests.waiting import settled_task_runs, upstream_ids
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect, pytest.mark.server]
 
@@ -113,28 +114,14 @@ def _start_runs(spec: Path, server: PostgresPrefectServer, prefix: str, n: int) 
     return [CliRun(spec, spec.parent / "store", f"{prefix}-{i}", env) for i in range(n)]
 
 
-def _task_runs_done(client: Any, flow_run_id: Any) -> dict[str, Any] | None:
-    """The flow run's task runs by name, once all of :data:`STEPS` are recorded Completed (the
-    server records task-run states from events, so they may trail the flow run's end)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    by_name = {r.name: r for r in runs}
-    if sorted(by_name) != sorted(STEPS) or len(runs) != len(STEPS):
-        return None
-    if not all(r.state and r.state.is_completed() for r in runs):
-        return None
-    return by_name
-
-
 def _assert_completed_with_tasks(client: Any, flow_run_id: Any) -> None:
     """The flow run is Completed; its three task runs are Completed, and left and right name make as upstream."""
     flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.state and flow_run.state.is_completed(), (flow_run_id, flow_run.state)
-    tasks = wait_for(lambda: _task_runs_done(client, flow_run_id), timeout=60, what=f"the task runs of flow run {flow_run_id} to be Completed")
+    tasks = settled_task_runs(flow_run_id, len(STEPS))  # the server records task runs from events: they may trail the flow run's end
+    assert sorted(tasks) == sorted(STEPS) and all(t.state.is_completed() for t in tasks.values()), {n: t.state for n, t in tasks.items()}
     for side in ("left", "right"):
-        upstream = {str(i.id) for inputs in tasks[side].task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
-        assert upstream == {str(tasks["make"].id)}, (side, tasks[side].task_inputs)
+        assert upstream_ids(tasks[side]) == {str(tasks["make"].id)}, (side, tasks[side].task_inputs)
 
 
 def _rows_in_postgres(postgres: Postgres, table: str, column: str, ids: list[str]) -> int:

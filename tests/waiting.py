@@ -23,8 +23,9 @@ def poll(what: str, check: Callable[[], Any], deadline: float = 60.0, every: flo
 
 
 def settled_task_runs(flow_run_id: Any, count: int, *, created_after: Any = None, deadline: float = 60.0) -> dict[str, Any]:
-    """The flow run's task runs by name (the newest of a name wins), once ``count`` of them (created
-    after ``created_after``, when given) are recorded in the state they ended in.
+    """The flow run's task runs by name (the newest of a name wins), once its ``count`` task runs
+    (created after ``created_after``, when given) are recorded in the state they ended in; more
+    than ``count`` fails at once.
 
     The server records task runs and their states from the events the task engine sends, so right
     after a flow run returns they may trail it: a task run not there yet, or read with no state or
@@ -42,6 +43,7 @@ def settled_task_runs(flow_run_id: Any, count: int, *, created_after: Any = None
 
     def settled() -> dict[str, Any] | None:
         runs = recorded()
+        assert len(runs) <= count, f"flow run {flow_run_id}: {len(runs)} task runs, expected {count}: {sorted(r.name for r in runs)}"
         if len(runs) < count or not all(ended(r) for r in runs):
             return None
         return {r.name: r for r in sorted(runs, key=lambda r: r.created)}
@@ -50,6 +52,11 @@ def settled_task_runs(flow_run_id: Any, count: int, *, created_after: Any = None
         return "\n".join(f"{r.name}: {r.state and r.state.name}" for r in recorded())
 
     return poll(f"{count} task runs of flow run {flow_run_id} to be recorded ended", settled, deadline=deadline, every=0.1, seen=seen)
+
+
+def upstream_ids(task_run: Any) -> set[str]:
+    """The ids of the task runs ``task_run`` depends on in Prefect's run graph (its ``task_inputs``)."""
+    return {str(i.id) for inputs in task_run.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"}
 
 
 def cancel_from_the_ui(docker_client, run_id: str, store: Path, run: Callable[[], Any]) -> float:
